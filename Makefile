@@ -1,0 +1,21 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs (CPU torch pinned; see README).
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" "triton==3.6.0" "numpy<2.4"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+.PHONY: demo test gpu-bench
+demo: $(STAMP)
+	$(PY) -m compiler demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+gpu-bench:
+	PYTHONPATH=. python benchmarks/run_all.py

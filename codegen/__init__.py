@@ -1,0 +1,1 @@
+"""Codegen: Jinja templates rendered into Triton source, one template per kernel family."""

@@ -1,0 +1,251 @@
+"""FlashAttention-2 forward: kernel specialisation, rendering, launch configs, PyTorch reference.
+
+One Triton kernel is rendered per AttentionSpec (head dims, mask kind, causal) from
+codegen/templates/attention.py.jinja. Each program keeps a tile of BLOCK_M query rows resident
+and streams BLOCK_N-key blocks of K and V through an online softmax (FlashAttention-2, Alg. 1),
+with scores kept in base 2 so that every exponential is an exp2:
+
+    m = -inf, l = 0, acc = 0                            per query row, fp32
+    for each KV block, skipping blocks wholly past the causal diagonal:
+        t   = (q k^T) * scale * log2(e), masks applied  base-2 scores
+        m'  = max(m, rowmax(t));  p = 2^(t - m')
+        l   = l * 2^(m - m') + rowsum(p);  acc = acc * 2^(m - m') + p v;  m = m'
+    out = acc / l                                       0 / 0 = NaN where no key is visible
+
+This module holds what the compiler and runtime need around the generated kernel: the spec and
+its name, the renderer, launch configurations (a heuristic default and the autotuning space), the
+admission check `unsupported_reason`, and `attention_reference`, the same semantics in plain
+PyTorch. The reference and the generated `launch` share one docstring (the reference's) and the
+argument helpers `score_shape` and `broadcast_mask`.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from codegen.render import render
+
+MASK_KINDS = ("none", "bool", "additive")
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = math.log2(math.e)
+FP32_MAX = torch.finfo(torch.float32).max
+
+# Shared memory a config may plan for: the default config must fit an A100 (164 KB per block,
+# less headroom); autotuning candidates only need to fit the largest GPU, an H100 (227 KB).
+DEFAULT_SMEM_BUDGET = 160 * 1024
+CANDIDATE_SMEM_BUDGET = 227 * 1024
+
+_MASK_NAMES = {("bool", True): "boolmask", ("bool", False): "fillmask", ("additive", True): "addmask"}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one rendered kernel is specialised for; everything else is a launch argument.
+
+    head_dim:       D, the head dim of q and k (1..256)
+    value_dim:      Dv, the head dim of v and out (1..256)
+    mask:           "none", "bool" (kept scores vs fill_value) or "additive" (added to scores)
+    mask_keep_when: bool masks only: True keeps a score where the mask is True (SDPA's
+                    convention), False keeps it where the mask is False (masked_fill's)
+    causal:         key j is visible to query i only when j <= i + causal_offset
+    """
+
+    head_dim: int
+    value_dim: int
+    mask: str = "none"
+    mask_keep_when: bool = True
+    causal: bool = False
+
+    def __post_init__(self):
+        for field in ("head_dim", "value_dim"):
+            value = getattr(self, field)
+            if not 1 <= value <= MAX_HEAD_DIM:
+                raise ValueError(f"AttentionSpec.{field} must be in 1..{MAX_HEAD_DIM}, got {value}")
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"AttentionSpec.mask must be one of {MASK_KINDS}, got {self.mask!r}")
+        if self.mask != "bool":
+            # The polarity means nothing without a bool mask: one canonical spec per kernel.
+            object.__setattr__(self, "mask_keep_when", True)
+
+
+def block_dim(n: int) -> int:
+    """`n` padded to the power of two >= 16 that a tile dimension (and tl.dot) needs."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def kernel_name(spec: AttentionSpec) -> str:
+    """A short descriptive name, e.g. attention_d64_causal_boolmask, attention_d128_dv64."""
+    parts = ["attention", f"d{spec.head_dim}"]
+    if spec.value_dim != spec.head_dim:
+        parts.append(f"dv{spec.value_dim}")
+    if spec.causal:
+        parts.append("causal")
+    if spec.mask != "none":
+        parts.append(_MASK_NAMES[spec.mask, spec.mask_keep_when])
+    return "_".join(parts)
+
+
+def render_attention(spec: AttentionSpec) -> str:
+    """Python source of a module holding the kernel for `spec` and its `launch`."""
+    return render(
+        "attention.py.jinja",
+        name=kernel_name(spec),
+        spec=spec,
+        block_d=block_dim(spec.head_dim),
+        block_dv=block_dim(spec.value_dim),
+        shapes_doc=inspect.getdoc(attention_reference),
+    )
+
+
+def to_base2(value: float) -> float:
+    """`value` * log2(e), saturated at +-FP32_MAX so that a finite value stays finite in fp32.
+
+    finfo(float32).min * log2(e) would overflow to -inf and turn a row filled with it (uniform
+    weights in eager PyTorch) into a NaN row. A saturated value still gets zero weight next to
+    any ordinary score, and a row made of it alone still gets uniform weights. Infinities stay.
+    """
+    if math.isinf(value):
+        return value
+    return max(-FP32_MAX, min(FP32_MAX, value * LOG2E))
+
+
+def _smem_bytes(spec: AttentionSpec, block_m: int, block_n: int, num_stages: int, itemsize: int) -> int:
+    """Shared memory of the Q tile plus `num_stages` buffered K and V blocks."""
+    d, dv = block_dim(spec.head_dim), block_dim(spec.value_dim)
+    return itemsize * (block_m * d + num_stages * block_n * (d + dv))
+
+
+def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: int = 2) -> dict:
+    """A launch configuration that runs well untuned; `itemsize` is q's element size in bytes.
+
+    Short queries (decode) get BLOCK_M 16; head dims above 128 get smaller tiles; num_stages is
+    the deepest K/V pipeline (3, 2, then 1) that fits DEFAULT_SMEM_BUDGET.
+    """
+    widest = max(block_dim(spec.head_dim), block_dim(spec.value_dim))
+    if q_len <= 16:
+        block_m = 16
+    elif q_len <= 64 or widest > 128:
+        block_m = 64
+    else:
+        block_m = 128
+    block_n = min(64 if widest <= 128 else 32, block_dim(kv_len))
+    num_warps = 8 if block_m == 128 and widest >= 128 else 4
+    fitting = [s for s in (3, 2) if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
+    num_stages = fitting[0] if fitting else 1
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def config_space(spec: AttentionSpec) -> list[dict]:
+    """Autotuning candidates: BLOCK_M {64,128} x BLOCK_N {32,64,128} x stages {2,3,4} x warps {4,8},
+    less those whose fp16 K/V pipeline cannot fit CANDIDATE_SMEM_BUDGET."""
+    return [
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+        for block_m, block_n, num_stages, num_warps in itertools.product((64, 128), (32, 64, 128), (2, 3, 4), (4, 8))
+        if _smem_bytes(spec, block_m, block_n, num_stages, itemsize=2) <= CANDIDATE_SMEM_BUDGET
+    ]
+
+
+def score_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, q_heads, q_len, kv_len): the shape of the score matrix and of a broadcast mask."""
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def broadcast_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """`mask` as a view of `shape`: broadcast dims get stride 0 and nothing is copied."""
+    return None if mask is None else mask.expand(shape)
+
+
+def unsupported_reason(q, k, v, mask=None) -> str | None:
+    """Why the kernel cannot take these operands, in words for report(); None when it can."""
+    named = {"q": q, "k": k, "v": v}
+    for name, tensor in named.items():
+        if tensor.dim() != 4:
+            return f"{name} has {tensor.dim()} dims, expected 4 (batch, heads, seq, head_dim)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not float16, bfloat16 or float32"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    devices = {tensor.device for tensor in (q, k, v, mask) if tensor is not None}
+    if len(devices) > 1:
+        return f"operands are on different devices ({', '.join(sorted(map(str, devices)))})"
+    return _shape_reason(q, k, v) or _mask_reason(mask, score_shape(q, k))
+
+
+def _shape_reason(q, k, v) -> str | None:
+    (batch, q_heads, _, head_dim), (k_batch, kv_heads, kv_len, k_dim) = q.shape, k.shape
+    v_batch, v_heads, v_len, value_dim = v.shape
+    if not batch == k_batch == v_batch:
+        return f"batch sizes differ (q {batch}, k {k_batch}, v {v_batch})"
+    if v_heads != kv_heads or v_len != kv_len:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in heads or length"
+    if k_dim != head_dim:
+        return f"q and k head dims differ ({head_dim} vs {k_dim})"
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return "an operand is empty"
+    if max(head_dim, value_dim) > MAX_HEAD_DIM:
+        return f"head dim {max(head_dim, value_dim)} > {MAX_HEAD_DIM}"
+    if q_heads % kv_heads:
+        return f"{q_heads} query heads are not a multiple of {kv_heads} kv heads"
+    return None
+
+
+def _mask_reason(mask, shape: tuple[int, ...]) -> str | None:
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        return f"mask dtype {mask.dtype} is neither bool nor floating point"
+    broadcastable = mask.dim() <= 4 and all(m in (1, s) for m, s in zip(reversed(mask.shape), reversed(shape)))
+    if not broadcastable:
+        return f"mask {tuple(mask.shape)} does not broadcast to (batch, q_heads, q_len, kv_len) {shape}"
+    return None
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    mask_keep_when: bool = True,
+    fill_value: float = float("-inf"),
+    causal: bool = False,
+    causal_offset: int = 0,
+) -> torch.Tensor:
+    """out = softmax(masked(scale * q @ k^T)) @ v, per batch and query head.
+
+    attention_reference computes it in plain PyTorch (tests, CPU fallback); launch runs the fused
+    kernel of one AttentionSpec, which fixes the mask kind, mask_keep_when and causal, into out.
+
+        q     (batch, q_heads, q_len, head_dim)      any strides
+        k     (batch, kv_heads, kv_len, head_dim)    q_heads % kv_heads == 0: query head h reads
+        v     (batch, kv_heads, kv_len, value_dim)   kv head h // (q_heads // kv_heads) (GQA/MQA)
+        mask  broadcastable to (batch, q_heads, q_len, kv_len), or None
+        out   (batch, q_heads, q_len, value_dim)     launch: preallocated, any float dtype
+
+    Scores s = (q . k) * scale are computed in fp32 (fp64 for fp64 inputs). A bool mask keeps s
+    where mask == mask_keep_when and replaces it with fill_value elsewhere (masked_fill: fill
+    -inf gives a fully masked row NaN, a finite fill gives it uniform weights); a float mask is
+    added to s. causal: key j is visible to query i iff j <= i + causal_offset (0 aligns top-left
+    like SDPA's is_causal, kv_len - q_len bottom-right like flash-attn); invisible scores are
+    -inf, applied after the mask. Rows whose scores are all -inf come out NaN, as in eager
+    softmax. The softmax weights are cast to v's dtype before the product with v.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    mask = broadcast_mask(mask, scores.shape)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(mask != mask_keep_when, fill_value)
+    elif mask is not None:
+        scores = scores + mask.to(scores.dtype)
+    if causal:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(causal_offset)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)

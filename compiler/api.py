@@ -1,0 +1,77 @@
+"""Public API: `compile(model)` and `warmup(model, inputs)`.
+
+    cm = compiler.compile(model)   # an nn.Module; same outputs as model(...)
+    y = cm(x)                      # first call per shape captures, matches, generates, loads
+    cm.kernels                     # [Kernel(name, pattern, source, path, config, replaced)]
+    print(cm.report())             # matched ops, near-misses and run-time fallbacks
+
+Capture goes through TorchDynamo (`torch.compile` with our backend and static shapes), so
+Python control flow and Hugging Face models work, graph breaks run eagerly between the
+captured graphs, and a new input shape recompiles under Dynamo's guards.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from compiler.backend import Backend
+from compiler.report import Report
+from runtime import knobs
+from runtime.dispatch import Kernel
+
+
+class CompiledModule(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, fullgraph: bool = False, strict: bool = False):
+        super().__init__()
+        self.model = model
+        self._report = Report()
+        self._backend = Backend(self._report, strict=strict)
+        self._compiled = model if knobs.disabled() else torch.compile(
+            model, backend=self._backend, dynamic=False, fullgraph=fullgraph)
+
+    def forward(self, *args, **kwargs):
+        return self._compiled(*args, **kwargs)
+
+    @property
+    def kernels(self) -> list[Kernel]:
+        unique: dict[str, Kernel] = {}
+        for op in self._report.ops:
+            for kernel in op.kernels.values():
+                unique.setdefault(kernel.path, kernel)
+        return list(unique.values())
+
+    def report(self) -> str:
+        return self._report.render()
+
+    @property
+    def patterns(self) -> list[str]:
+        """The pattern of every fused op, in the order they were fused."""
+        return [entry.pattern for entry in self._report.fused]
+
+
+def compile(model: torch.nn.Module, *, fullgraph: bool = False, strict: bool = False) -> CompiledModule:
+    """Compile `model` with flashfx. `strict=True` raises instead of leaving a graph to PyTorch."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compiler.compile expects an nn.Module, got {type(model).__name__}")
+    return CompiledModule(model, fullgraph=fullgraph, strict=strict)
+
+
+def warmup(model: torch.nn.Module, inputs: Iterable, *, progress: bool = True) -> CompiledModule:
+    """Compile `model` and run it once per input (a tensor, a tuple of args or a dict of kwargs).
+
+    Each distinct shape is captured, matched and its kernels generated and loaded now, so
+    later calls with those shapes start warm.
+    """
+    compiled = model if isinstance(model, CompiledModule) else compile(model)
+    inputs = list(inputs)
+    with torch.no_grad():
+        for example in tqdm(inputs, desc="flashfx warmup", disable=not progress):
+            if isinstance(example, dict):
+                compiled(**example)
+            elif isinstance(example, (tuple, list)):
+                compiled(*example)
+            else:
+                compiled(example)
+    return compiled

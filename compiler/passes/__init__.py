@@ -1,0 +1,36 @@
+"""Compiler passes, one file per pattern family, run in order by compiler.pipeline.
+
+Each pass is a function `run(graph, context)` that rewrites matched subgraphs of the IR
+into fused-op nodes and records what it fused and what it nearly fused in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from compiler.report import Fused, NearMiss, Report
+from ir.graph import Graph, Node
+
+
+@dataclass
+class PassContext:
+    graph_index: int
+    report: Report
+    pinned: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def fuse(self, graph: Graph, anchor: Node, op, inputs: list[str], replaced: list[str], detail: str) -> Node:
+        """Replace `anchor` (the last node of a match) by a call to the fused op module `op`."""
+        name = graph.fresh_name(op.pattern)
+        op.label = name
+        fused = Node(name=name, op=op.pattern, inputs=inputs, attrs={"module": op},
+                     type=anchor.type, value=anchor.value, order=anchor.order)
+        graph.add(fused)
+        graph.replace_uses(anchor.name, name)
+        self.report.fused.append(Fused(self.graph_index, op.pattern, name, detail, tuple(replaced)))
+        self.report.ops.append(op)
+        return fused
+
+    def near_miss(self, pattern: str, anchor: Node, node: str, reason: str) -> None:
+        self.report.near_misses.append(NearMiss(self.graph_index, pattern, anchor.name, node, reason))
+

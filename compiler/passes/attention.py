@@ -1,0 +1,326 @@
+"""Attention pass (FlashAttention-2): softmax(Q K^T * s + mask) V becomes one fused kernel.
+
+Recognised (after ir.canonicalize folded the spellings):
+
+    out = matmul(cast?(softmax(scores, dim=-1)), V)                  naive attention
+    scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
+             casts, scales (mul/div by a scalar or a constant 0-d tensor),
+             at most one mask: scores + bias | where(m, fill, scores) | masked_fill
+    out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
+
+K and V may come through repeat_kv (GQA/MQA); the kernel reads the shared heads directly.
+Masks that do not depend on the model's inputs are evaluated at compile time: a causal
+mask (top-left or bottom-right aligned) becomes block skipping, an all-pass mask
+disappears, anything else stays a mask tensor. Masked values at or below MASKED_OUT
+(-inf, finfo.min, -1e9...) drop a score exactly: its exp underflows to zero.
+Anything else is left to PyTorch and reported as a near-miss naming the node that broke it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from compiler.passes import PassContext
+from ir import consteval
+from ir.graph import Graph, Node
+from ir.pattern import Any, Op, Skip, match
+from runtime.attention import AttentionLayout, AttentionOp, MaskForm
+
+PATTERN = "attention"
+MASKED_OUT = -6.0e4
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention_reference(q, k, v, scale: float, bias: torch.Tensor | None = None):
+    """Scaled dot-product attention, Vaswani et al. (2017) eq. 1: softmax(Q K^T * s + bias) V."""
+    scores = q @ k.transpose(-1, -2) * scale
+    return torch.softmax(scores if bias is None else scores + bias, dim=-1) @ v
+
+
+PROBABILITIES = Skip({"cast", "identity"}, Op("softmax", Any("scores"), bind="softmax",
+                                  where=lambda n: n.attrs["dim"] == n.type.rank - 1,
+                                  why="softmax is not over the last (key) dimension"))
+NAIVE_ATTENTION = Op("matmul", PROBABILITIES, Any("value"), bind="output")
+
+
+class NoMatch(Exception):
+    def __init__(self, node: Node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+@dataclass
+class MaskOp:
+    """One mask found between QK^T and softmax."""
+
+    kind: str  # "additive" | "bool"
+    tensor: Node
+    keep_when: bool = True
+    fill_value: float = -math.inf
+    multiplier: float = 1.0
+
+
+@dataclass
+class Scores:
+    qk: Node
+    scale: float
+    mask: MaskOp | None
+    nodes: list[str]
+
+
+def run(graph: Graph, context: PassContext) -> None:
+    for node in list(graph):
+        if node.name not in graph:
+            continue
+        try:
+            if node.op == "sdpa":
+                _fuse_sdpa(graph, node, context)
+            elif node.op == "matmul":
+                _fuse_naive(graph, node, context)
+        except NoMatch as miss:
+            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+
+
+# -- naive attention -------------------------------------------------------------------
+def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
+    found = match(NAIVE_ATTENTION, graph, node)
+    if not found:
+        if graph.node(found.node).op == "softmax":
+            raise NoMatch(graph.node(found.node), found.reason)
+        _explain_probabilities(graph, node)
+        return
+    scores = _parse_scores(graph, found["scores"], context, multiplier=1.0, mask=None, nodes=[])
+    replaced = scores.nodes[::-1] + _probability_chain(graph, node, found["softmax"])
+    _check_private(graph, replaced)
+    query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
+    key, key_transposed = _untranspose(graph, key_t)
+    _fuse(graph, node, context, query, key, found["value"], scores.scale, scores.mask,
+          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced)
+
+
+def _probability_chain(graph, output: Node, softmax: Node) -> list[str]:
+    """softmax, the casts/copies after it, and the output matmul, in dataflow order."""
+    chain = [output.name]
+    current = graph.node(output.inputs[0])
+    while current is not softmax:
+        chain.append(current.name)
+        current = graph.node(current.inputs[0])
+    return [softmax.name] + chain[::-1]
+
+
+def _check_private(graph, replaced: list[str]) -> None:
+    """Intermediates (scores, probabilities) must not be read outside the pattern."""
+    inside = set(replaced)
+    for name in replaced[:-1]:
+        outside = [user.name for user in graph.users(name) if user.name not in inside]
+        if outside:
+            raise NoMatch(graph.node(name), f"intermediate is also read by {outside[0]} (e.g. returned attention weights)")
+
+
+def _explain_probabilities(graph: Graph, node: Node) -> None:
+    """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
+    current = graph.node(node.inputs[0])
+    while current.op in ("cast", "identity", "dropout", "mul") and current.inputs:
+        blocker = current if current.op not in ("cast", "identity") else None
+        current = graph.node(current.inputs[0])
+        if current.op == "softmax" and blocker is not None:
+            reason = ("dropout is active (training mode)" if blocker.op == "dropout"
+                      else "probabilities are rescaled after softmax")
+            raise NoMatch(blocker, reason)
+
+
+def _parse_scores(graph, node: Node, context, multiplier: float, mask: MaskOp | None, nodes: list[str]) -> Scores:
+    """Walk from the softmax input down to QK^T, collecting scales and at most one mask."""
+    nodes = nodes + [node.name]
+    if node.op == "matmul":
+        return Scores(node, multiplier, mask, nodes)
+    if node.op in ("cast", "identity"):
+        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes)
+    if node.op in ("mul", "div"):
+        scores, factor = _scale_operands(graph, node, context)
+        return _parse_scores(graph, scores, context, multiplier * factor, mask, nodes)
+    if node.op in ("add", "where"):
+        if mask is not None:
+            raise NoMatch(node, "more than one mask between QK^T and softmax")
+        return _parse_masked(graph, node, context, multiplier, nodes)
+    raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
+
+
+def _scale_operands(graph, node: Node, context) -> tuple[Node, float]:
+    scalar = node.attrs.get("scalar")
+    if scalar is not None and len(node.inputs) == 1:
+        if node.op == "div" and node.attrs["scalar_first"]:
+            raise NoMatch(node, "scores divide a scalar")
+        return graph.node(node.inputs[0]), (1.0 / scalar if node.op == "div" else float(scalar))
+    if len(node.inputs) == 2:
+        first, second = (graph.node(name) for name in node.inputs)
+        candidates = [(second, first)] if node.op == "div" else [(first, second), (second, first)]
+        for scores, factor_node in candidates:
+            factor = _constant_scalar(graph, factor_node, context)
+            if factor is not None:
+                return scores, (1.0 / factor if node.op == "div" else factor)
+    raise NoMatch(node, f"scores {node.op} by a tensor that is not a compile-time scalar")
+
+
+def _constant_scalar(graph, node: Node, context) -> float | None:
+    if node.type is None or node.type.static_shape() is None or math.prod(node.type.static_shape()) != 1:
+        return None
+    value = consteval.evaluate(graph, node, {})
+    return None if value is None else float(value.reshape(()).item())
+
+
+def _parse_masked(graph, node: Node, context, multiplier: float, nodes: list[str]) -> Scores:
+    failure: NoMatch | None = None
+    for scores_name, mask in _mask_readings(graph, node, context, multiplier):
+        try:
+            return _parse_scores(graph, graph.node(scores_name), context, multiplier, mask, nodes)
+        except NoMatch as miss:
+            failure = failure or miss
+    raise failure or NoMatch(node, f"{node.op} is not a mask the kernel supports")
+
+
+def _mask_readings(graph, node: Node, context, multiplier: float):
+    """Each (scores input, MaskOp) way to read `node` as a mask applied to scores."""
+    if multiplier <= 0:
+        raise NoMatch(node, "mask followed by a non-positive scale")
+    if node.op == "add" and len(node.inputs) == 2:
+        for scores, bias in (node.inputs, node.inputs[::-1]):
+            bias_node = graph.node(bias)
+            if bias_node.type is not None and bias_node.type.dtype.is_floating_point:
+                yield scores, MaskOp("additive", bias_node, multiplier=multiplier)
+        return
+    if node.op == "where":
+        then_scalar, else_scalar = node.attrs["then_scalar"], node.attrs["else_scalar"]
+        condition = graph.node(node.inputs[0])
+        if condition.type.dtype != torch.bool or len(node.inputs) != 2:
+            raise NoMatch(node, "where/masked_fill with a non-bool condition or two tensor branches")
+        fill = then_scalar if then_scalar is not None else else_scalar
+        keep_when = then_scalar is None
+        yield node.inputs[1], MaskOp("bool", condition, keep_when, float(fill) * multiplier)
+        return
+    raise NoMatch(node, f"{node.op} with a scalar is not a mask")
+
+
+def _untranspose(graph, key_t: Node) -> tuple[Node, bool]:
+    """K from K^T when K^T is a transpose of the last two dims; else keep K^T, transposed at run time."""
+    perm = key_t.attrs.get("perm") if key_t.op == "permute" else None
+    if perm is not None and len(perm) >= 2:
+        swapped = tuple(range(len(perm) - 2)) + (len(perm) - 1, len(perm) - 2)
+        if perm == swapped:
+            return graph.node(key_t.inputs[0]), False
+    return key_t, True
+
+
+# -- F.scaled_dot_product_attention ---------------------------------------------------
+def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
+    attrs = node.attrs
+    if attrs["dropout_p"]:
+        raise NoMatch(node, f"dropout_p={attrs['dropout_p']} (the kernel has no dropout)")
+    if attrs["is_causal"] and attrs["has_mask"]:
+        raise NoMatch(node, "is_causal together with attn_mask")
+    query, key, value = (graph.node(name) for name in node.inputs[:3])
+    scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(int(query.type.shape[-1]))
+    mask = None
+    if attrs["has_mask"]:
+        tensor = graph.node(node.inputs[3])
+        mask = MaskOp("bool", tensor) if tensor.type.dtype == torch.bool else MaskOp("additive", tensor)
+    _fuse(graph, node, context, query, key, value, float(scale), mask,
+          key_transposed=False, causal="top_left" if attrs["is_causal"] else None,
+          empty_rows_zero=True, replaced=[node.name])
+
+
+# -- shared ------------------------------------------------------------------------------
+def _fuse(graph, anchor: Node, context, query, key, value, scale, mask: MaskOp | None, *,
+          key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str]) -> None:
+    key, value = _strip_repeat_kv(graph, key, value)
+    _check_operands(anchor, query, key, value, key_transposed)
+    static_form, tensor_form, extra_inputs, guards = _mask_forms(graph, anchor, context, query, key, mask,
+                                                                 key_transposed, causal, empty_rows_zero)
+    layout = AttentionLayout(key_transposed=key_transposed, rank=query.type.rank, out_dtype=anchor.type.dtype)
+    op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
+                     guards=[context.pinned[name] for name in guards])
+    op.prepare(query.value, key.value, value.value)
+    detail = (static_form or tensor_form).describe()
+    if static_form is not None and tensor_form is not None:
+        detail += f" while buffers {', '.join(guards)} are unchanged, else {tensor_form.describe()}"
+    context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
+
+
+def _strip_repeat_kv(graph, key: Node, value: Node) -> tuple[Node, Node]:
+    if key.op == "repeat_kv" and value.op == "repeat_kv" and key.attrs["repeats"] == value.attrs["repeats"]:
+        return graph.node(key.inputs[0]), graph.node(value.inputs[0])
+    return key, value
+
+
+def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_transposed: bool) -> None:
+    for name, node in (("query", query), ("key", key), ("value", value)):
+        if node.type is None or not 2 <= node.type.rank <= 4:
+            raise NoMatch(node, f"{name} must be a tensor of rank 2 to 4")
+        if node.type.dtype not in KERNEL_DTYPES:
+            raise NoMatch(node, f"{name} dtype {node.type.dtype} is not supported by the kernel (fp16/bf16/fp32)")
+    if len({query.type.dtype, key.type.dtype, value.type.dtype}) != 1:
+        raise NoMatch(anchor, "query, key and value have different dtypes")
+    if len({query.type.rank, key.type.rank, value.type.rank}) != 1:
+        raise NoMatch(anchor, "query, key and value have different ranks")
+    k_shape = list(key.type.shape)
+    if key_transposed:
+        k_shape[-1], k_shape[-2] = k_shape[-2], k_shape[-1]
+    q_shape, v_shape = query.type.shape, value.type.shape
+    if q_shape[-1] != k_shape[-1] or k_shape[-2] != v_shape[-2]:
+        raise NoMatch(anchor, "head dims of query/key or lengths of key/value differ")
+    if q_shape[:-3] != tuple(k_shape[:-3]) or tuple(k_shape[:-2]) != v_shape[:-2]:
+        raise NoMatch(anchor, "batch dims of query, key and value differ (broadcast matmul)")
+    if query.type.rank >= 3:
+        heads_q, heads_kv = q_shape[-3], k_shape[-3]
+        if (heads_q % heads_kv) != 0:
+            raise NoMatch(anchor, f"{heads_q} query heads are not a multiple of {heads_kv} kv heads")
+
+
+def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_transposed, causal, empty_rows_zero):
+    """(static_form, tensor_form, extra fused-op inputs, guard placeholders) for this mask."""
+    base = dict(causal=causal, empty_rows_zero=empty_rows_zero)
+    if mask is None:
+        return MaskForm(**base), None, [], []
+    tensor_form = MaskForm(kind=mask.kind, keep_when=mask.keep_when, fill_value=mask.fill_value,
+                           multiplier=mask.multiplier, **base)
+    value = consteval.evaluate(graph, mask.tensor, context.pinned)
+    if value is None:
+        return None, tensor_form, [mask.tensor.name], []
+    lq = int(query.type.shape[-2])
+    lk = int(key.type.shape[-1] if key_transposed else key.type.shape[-2])
+    alignment = _classify(value, mask, lq, lk)
+    if alignment is None:
+        return None, tensor_form, [mask.tensor.name], []
+    static_form = MaskForm(causal=None if alignment == "none" else alignment, empty_rows_zero=empty_rows_zero)
+    guards = consteval.pinned_dependencies(graph, mask.tensor, context.pinned)
+    if not guards:
+        return static_form, None, [], []
+    return static_form, tensor_form, [mask.tensor.name] + guards, guards
+
+
+def _classify(value: torch.Tensor, mask: MaskOp, lq: int, lk: int) -> str | None:
+    """"none", "top_left" or "bottom_right" when the mask is that exactly; None otherwise."""
+    if mask.kind == "additive":
+        dropped = value <= MASKED_OUT
+        if not torch.all(dropped | (value == 0)):
+            return None
+    else:
+        if mask.fill_value > MASKED_OUT:
+            return None
+        dropped = value if not mask.keep_when else ~value
+    try:
+        planes = dropped.expand(*dropped.shape[:-2], lq, lk).reshape(-1, lq, lk)
+    except RuntimeError:
+        return None
+    plane = planes[0]
+    if not torch.equal(planes, plane.expand_as(planes)):
+        return None
+    if not plane.any():
+        return "none"
+    visible = torch.ones(lq, lk, dtype=torch.bool, device=plane.device)
+    for alignment, offset in (("top_left", 0), ("bottom_right", lk - lq)):
+        if offset >= 0 and torch.equal(plane, ~visible.tril(offset)):
+            return alignment
+    return None

@@ -1,0 +1,59 @@
+"""The pass pipeline for one captured graph.
+
+    fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...) --dce--> verify --to_fx--> GraphModule
+
+Module buffers among the graph's inputs are "pinned": passes may evaluate masks computed
+from them at compile time, guarded at run time on the buffers' identity and version.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from compiler.passes import PassContext, attention
+from compiler.report import Report
+from ir.canonicalize import canonicalize
+from ir.from_fx import from_fx
+from ir.graph import Node
+from ir.to_fx import to_fx
+from ir.verify import verify
+
+PASSES = (attention.run,)
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report) -> torch.fx.GraphModule:
+    graph = canonicalize(from_fx(gm))
+    graph.eliminate_dead_code(_is_pure)
+    verify(graph)
+    context = PassContext(graph_index=report.graphs, report=report, pinned=_pinned_buffers(gm, example_inputs))
+    report.graphs += 1
+    for run_pass in PASSES:
+        run_pass(graph, context)
+    graph.eliminate_dead_code(_is_pure)
+    verify(graph)
+    return to_fx(graph)
+
+
+def _pinned_buffers(gm: torch.fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
+    """Placeholders that hold module buffers (not parameters, not user inputs), with their tensors."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    pinned = {}
+    for node, value in zip(placeholders, example_inputs):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if (source is not None and "_buffers[" in source.name and isinstance(value, torch.Tensor)
+                and not isinstance(value, torch._subclasses.FakeTensor)):
+            pinned[node.name] = value
+    return pinned
+
+
+def _is_pure(node: Node) -> bool:
+    """May this node be dropped when nobody reads it? In-place and effectful calls may not."""
+    call = node.call
+    if call is None or node.op != "torch":
+        return True
+    if call.kind not in ("call_function", "call_method"):
+        return False
+    name = call.target if isinstance(call.target, str) else getattr(call.target, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return not (in_place or name in ("setitem", "print") or call.kwargs.get("out") is not None
+                or call.kwargs.get("inplace"))

@@ -1,0 +1,147 @@
+"""The IR graph: named nodes in a networkx DiGraph (edge u -> v when v reads u).
+
+A Node has a canonical `op` name with normalised `attrs` (what passes match on), the names
+of the nodes it reads (`inputs`, in order), its TensorType, and a `call`: how to lower it
+back to fx (the original fx call with `Ref(i)` standing for the i-th input). Nodes created
+by rewrites have no call; ir.to_fx lowers them from the op table instead.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import networkx as nx
+import torch.fx
+
+from ir.types import TensorType
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Stands for `node.inputs[index]` inside a call's args/kwargs template."""
+
+    index: int
+
+
+def map_refs(arg, resolve):
+    """Rebuild an args/kwargs template with every Ref replaced by `resolve(ref)`."""
+    if isinstance(arg, Ref):
+        return resolve(arg)
+    if isinstance(arg, (tuple, list)):
+        return type(arg)(map_refs(a, resolve) for a in arg)
+    if isinstance(arg, dict):
+        return {key: map_refs(value, resolve) for key, value in arg.items()}
+    if isinstance(arg, slice):
+        return slice(map_refs(arg.start, resolve), map_refs(arg.stop, resolve), map_refs(arg.step, resolve))
+    return arg
+
+
+@dataclass
+class Call:
+    """How a node is written in fx: node kind, target, and args/kwargs templates holding Refs."""
+
+    kind: str
+    target: Any
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    op: str
+    inputs: list[str] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
+    type: TensorType | None = None
+    call: Call | None = None
+    value: Any = None
+    fx_node: torch.fx.Node | None = None
+    order: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"{self.name} = {self.op}({', '.join(self.inputs)})"
+
+
+class Graph:
+    def __init__(self, owner: torch.fx.GraphModule | None = None):
+        self.owner = owner
+        self.nx = nx.DiGraph()
+        self._names = itertools.count()
+
+    # -- building -------------------------------------------------------------
+    def add(self, node: Node) -> Node:
+        if node.name in self.nx:
+            raise ValueError(f"duplicate IR node name {node.name!r}")
+        self.nx.add_node(node.name, node=node)
+        for source in node.inputs:
+            self.nx.add_edge(source, node.name)
+        return node
+
+    def fresh_name(self, hint: str) -> str:
+        while True:
+            name = f"{hint}_{next(self._names)}"
+            if name not in self.nx:
+                return name
+
+    # -- queries --------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        return self.nx.nodes[name]["node"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.nx
+
+    def __iter__(self) -> Iterator[Node]:
+        for name in nx.lexicographical_topological_sort(self.nx, key=lambda n: self.node(n).order):
+            yield self.node(name)
+
+    def __len__(self) -> int:
+        return self.nx.number_of_nodes()
+
+    def users(self, name: str) -> list[Node]:
+        return [self.node(user) for user in self.nx.successors(name)]
+
+    def ancestors(self, name: str) -> set[str]:
+        return nx.ancestors(self.nx, name)
+
+    def placeholders(self) -> list[Node]:
+        return [node for node in self if node.op == "placeholder"]
+
+    def output(self) -> Node:
+        return next(node for node in self.nx.nodes.values() if node["node"].op == "output")["node"]
+
+    # -- rewriting ------------------------------------------------------------
+    def set_inputs(self, name: str, inputs: list[str]) -> None:
+        node = self.node(name)
+        for source in set(node.inputs) - set(inputs):
+            self.nx.remove_edge(source, name)
+        node.inputs = list(inputs)
+        for source in inputs:
+            self.nx.add_edge(source, name)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every reader of `old` read `new` instead."""
+        for user in list(self.nx.successors(old)):
+            if user == new:
+                continue
+            inputs = [new if source == old else source for source in self.node(user).inputs]
+            self.set_inputs(user, inputs)
+
+    def remove(self, name: str) -> None:
+        if any(True for _ in self.nx.successors(name)):
+            raise ValueError(f"cannot remove {name}: it still has users")
+        self.nx.remove_node(name)
+
+    def eliminate_dead_code(self, is_pure) -> int:
+        """Remove nodes nobody reads whose op `is_pure(node)`; return how many went."""
+        removed = 0
+        changed = True
+        while changed:
+            changed = False
+            for name in list(self.nx.nodes):
+                node = self.node(name)
+                if self.nx.out_degree(name) == 0 and node.op not in ("output", "placeholder") and is_pure(node):
+                    self.nx.remove_node(name)
+                    removed += 1
+                    changed = True
+        return removed

@@ -1,0 +1,63 @@
+"""Lower the IR back to a torch.fx GraphModule.
+
+Nodes imported from fx are written back with their original call; nodes created by
+rewrites are written from LOWERINGS (canonical op -> torch function); fused ops carry an
+nn.Module in `attrs["module"]` and become `call_module` nodes on that module, which the
+runtime implements (generated kernel, or its PyTorch reference when it cannot run).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ir.graph import Call, Graph, Node, Ref, map_refs
+
+
+def _repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    return torch.repeat_interleave(x, repeats, dim=1)
+
+
+LOWERINGS = {
+    "matmul": lambda node: Call("call_function", torch.matmul, (Ref(0), Ref(1))),
+    "permute": lambda node: Call("call_function", torch.permute, (Ref(0), node.attrs["perm"])),
+    "reshape": lambda node: Call("call_function", torch.reshape, (Ref(0), node.attrs["shape"])),
+    "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
+}
+
+
+def to_fx(graph: Graph) -> torch.fx.GraphModule:
+    root = graph.owner if graph.owner is not None else torch.nn.Module()
+    fx_graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for node in graph:
+        env[node.name] = _emit(fx_graph, root, node, env)
+    module = torch.fx.GraphModule(root, fx_graph)
+    module.graph.lint()
+    return module
+
+
+def _call_for(node: Node) -> Call:
+    if "module" in node.attrs:
+        return Call("call_module", node.name, tuple(Ref(i) for i in range(len(node.inputs))))
+    if node.call is not None:
+        return node.call
+    if node.op not in LOWERINGS:
+        raise NotImplementedError(f"no lowering for IR op {node.op!r} ({node.name})")
+    return LOWERINGS[node.op](node)
+
+
+def _emit(fx_graph: torch.fx.Graph, root: torch.nn.Module, node: Node, env) -> torch.fx.Node:
+    call = _call_for(node)
+    if call.kind == "call_module" and "module" in node.attrs:
+        root.add_module(node.name, node.attrs["module"])
+
+    def resolve(ref: Ref) -> torch.fx.Node:
+        return env[node.inputs[ref.index]]
+
+    args, kwargs = map_refs(call.args, resolve), map_refs(call.kwargs, resolve)
+    fx_node = fx_graph.create_node(call.kind, call.target, args, kwargs, name=node.name)
+    if node.value is not None:
+        fx_node.meta["example_value"] = node.value
+    if node.fx_node is not None:
+        fx_node.meta.update({k: v for k, v in node.fx_node.meta.items() if k != "example_value"})
+    return fx_node

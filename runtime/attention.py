@@ -1,0 +1,169 @@
+"""Run time of the fused attention op: pick the kernel variant, launch it or fall back.
+
+The attention pass hands over everything it proved about the scores
+
+    scores = (q @ k^T) * scale,  masked by one MaskForm,  out = softmax(scores) @ v
+
+A mask the pass could evaluate at compile time becomes a `static_form` (no mask at all,
+or causal with block skipping); a mask known only at run time is passed as a tensor and
+applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
+registered tril) is only trusted while those buffers are the same objects at the same
+version; otherwise the op uses the mask tensor the graph computed.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from codegen import attention as attention_codegen
+from runtime.dispatch import FusedOp, Kernel
+from runtime.loader import load_source
+
+
+@dataclass(frozen=True)
+class MaskForm:
+    """How one kernel variant masks the scores."""
+
+    kind: str = "none"  # "none" | "bool" | "additive"
+    keep_when: bool = True  # bool masks: keep scores where mask == keep_when
+    fill_value: float = -math.inf  # bool masks: value replacing dropped scores
+    multiplier: float = 1.0  # additive masks: scales applied after the mask
+    causal: str | None = None  # None | "top_left" (SDPA) | "bottom_right" (flash-attn)
+    empty_rows_zero: bool = False  # rows with no visible key give 0 (SDPA) instead of NaN (softmax)
+
+    def describe(self) -> str:
+        parts = [f"causal ({self.causal})"] if self.causal else []
+        if self.kind != "none":
+            parts.append(f"{self.kind} mask")
+        return ", ".join(parts) or "no mask"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where q/k/v come from in the graph: key given transposed, rank of the operands."""
+
+    key_transposed: bool = False
+    rank: int = 4
+    out_dtype: torch.dtype = torch.float32
+
+
+class AttentionOp(FusedOp):
+    pattern = "attention"
+
+    def __init__(self, replaced, scale: float, layout: AttentionLayout,
+                 static_form: MaskForm | None, tensor_form: MaskForm | None,
+                 guards: list[torch.Tensor] = ()):
+        super().__init__(tuple(replaced))
+        self.scale = scale
+        self.layout = layout
+        self.static_form = static_form
+        self.tensor_form = tensor_form
+        self._guards = [(weakref.ref(t), t._version) for t in guards]
+
+    # -- call ------------------------------------------------------------------------
+    def forward(self, q, k, v, *rest):
+        mask, guard_tensors = self._split_rest(rest)
+        q, k, v, mask = self._to_4d(q, k, v, mask)
+        form = self._choose_form(guard_tensors)
+        mask = mask if form is self.tensor_form else None
+        if mask is not None and form.multiplier != 1.0:
+            mask = mask * form.multiplier
+        reason = self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask)
+        if reason is None:
+            out = self._launch(q, k, v, mask, form)
+        else:
+            self.fell_back(reason)
+            out = self._reference(q, k, v, mask, form)
+        return self._from_4d(out)
+
+    def _split_rest(self, rest):
+        has_mask = self.tensor_form is not None
+        return (rest[0] if has_mask else None), rest[int(has_mask):]
+
+    def _choose_form(self, guard_tensors) -> MaskForm:
+        if self.static_form is None:
+            return self.tensor_form
+        if self.tensor_form is None or self._guards_hold(guard_tensors):
+            return self.static_form
+        return self.tensor_form
+
+    def _guards_hold(self, tensors) -> bool:
+        return all(ref() is t and t._version == version for (ref, version), t in zip(self._guards, tensors))
+
+    # -- layout ----------------------------------------------------------------------
+    def _to_4d(self, q, k, v, mask):
+        if self.layout.key_transposed:
+            k = k.transpose(-1, -2)
+        if mask is not None:
+            scores_shape = (*q.shape[:-1], k.shape[-2])
+            mask = mask.expand(torch.broadcast_shapes(mask.shape, scores_shape))
+        missing = 4 - self.layout.rank
+        for _ in range(missing):
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            mask = mask.unsqueeze(0) if mask is not None else None
+        return q, k, v, mask
+
+    def _from_4d(self, out):
+        for _ in range(4 - self.layout.rank):
+            out = out.squeeze(0)
+        return out
+
+    # -- kernels ---------------------------------------------------------------------
+    def spec_for(self, q, k, v, form: MaskForm) -> attention_codegen.AttentionSpec:
+        return attention_codegen.AttentionSpec(
+            head_dim=q.shape[-1],
+            value_dim=v.shape[-1],
+            mask=form.kind,
+            mask_keep_when=form.keep_when,
+            causal=form.causal is not None,
+        )
+
+    def kernel_for(self, spec) -> tuple[object, Kernel]:
+        name = attention_codegen.kernel_name(spec)
+        source = attention_codegen.render_attention(spec)
+        module, path = load_source(name, source)
+        kernel = self.kernels.get(name)
+        if kernel is None:
+            kernel = Kernel(name, self.pattern, source, str(path), replaced=self.replaced)
+            self.kernels[name] = kernel
+        return module, kernel
+
+    def prepare(self, q, k, v) -> None:
+        """Generate (render, store, load) the kernels this op will launch for these shapes."""
+        q, k, v, _ = self._to_4d(q, k, v, None)
+        for form in (self.static_form, self.tensor_form):
+            if form is not None:
+                self.kernel_for(self.spec_for(q, k, v, form))
+
+    def _causal_offset(self, q, k, form: MaskForm) -> int:
+        return k.shape[-2] - q.shape[-2] if form.causal == "bottom_right" else 0
+
+    def _launch(self, q, k, v, mask, form):
+        spec = self.spec_for(q, k, v, form)
+        module, kernel = self.kernel_for(spec)
+        config = attention_codegen.default_config(spec, q.shape[-2], k.shape[-2])
+        kernel.config = dict(config)
+        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=self.layout.out_dtype, device=q.device)
+        return module.launch(
+            q, k, v, out,
+            scale=self.scale,
+            mask=mask,
+            fill_value=form.fill_value,
+            causal_offset=self._causal_offset(q, k, form),
+            config=config,
+        )
+
+    def _reference(self, q, k, v, mask, form):
+        out = attention_codegen.attention_reference(
+            q, k, v,
+            scale=self.scale,
+            mask=mask,
+            mask_keep_when=form.keep_when,
+            fill_value=form.fill_value,
+            causal=form.causal is not None,
+            causal_offset=self._causal_offset(q, k, form),
+        )
+        return out.to(self.layout.out_dtype)

@@ -1,0 +1,39 @@
+"""Decide once per process whether Triton kernels run compiled or interpreted.
+
+Triton reads TRITON_INTERPRET when its own library and each kernel are *defined*, so the
+choice must be made before `import triton`. Importing flashfx (runtime/__init__) does it:
+on a machine without CUDA it switches the interpreter on. On a CUDA machine kernels run
+compiled, and a fused op whose tensors are on the CPU falls back to its PyTorch
+reference instead (see runtime.dispatch). If Triton was imported earlier with the
+interpreter off and there is no CUDA, generated kernels cannot run; fused ops then fall
+back with that reason.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from runtime import knobs
+
+_late_switch = False
+
+
+def ensure_mode() -> bool:
+    """Return True when kernels run on Triton's interpreter (CPU tensors)."""
+    global _late_switch
+    if not knobs.triton_interpret() and not torch.cuda.is_available():
+        _late_switch = "triton" in sys.modules
+        os.environ["TRITON_INTERPRET"] = "1"
+    return knobs.triton_interpret()
+
+
+def kernel_unavailable_reason(device: torch.device) -> str | None:
+    """Why a generated kernel cannot run on tensors living on `device` here, or None."""
+    interpreted = ensure_mode()
+    if interpreted and _late_switch:
+        return "Triton was imported before flashfx without TRITON_INTERPRET=1; set it to run kernels on the CPU"
+    if (device.type == "cpu") != interpreted or device.type not in ("cpu", "cuda"):
+        return f"no Triton kernel for {device.type} tensors in this process"
+    return None

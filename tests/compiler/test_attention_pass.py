@@ -1,0 +1,172 @@
+"""The attention pass recognises attention however it is spelled, and its kernel matches eager.
+
+Every test asserts the pass fired (an attention op in the compiled graph) and that the
+compiled output is within the tolerance rule of fp64 eager.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import compiler
+from tests.compiler.equivalence import assert_compiles_equivalent
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=None, value_dim=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    q = torch.randn(batch, heads, q_len, head_dim, generator=generator)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator)
+    v = torch.randn(batch, kv_heads, kv_len, value_dim or head_dim, generator=generator)
+    return q, k, v
+
+
+class NaiveCausal(nn.Module):
+    """nanoGPT: scale by mul, masked_fill with a tril (bottom-right aligned when q_len < kv_len)."""
+
+    def forward(self, q, k, v):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class EinsumAdditive(nn.Module):
+    """einsum spelling, divide by sqrt(d), additive -inf triu bias."""
+
+    def forward(self, q, k, v):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        bias = torch.full((lq, lk), float("-inf")).triu(1)
+        probs = torch.softmax(scores + bias, dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+class Bmm3d(nn.Module):
+    """(batch*heads, L, D) tensors with torch.bmm and no mask."""
+
+    def forward(self, q, k, v):
+        b, h, l, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q, k, v))
+        probs = torch.bmm(q3 * d ** -0.5, k3.transpose(1, 2)).softmax(-1)
+        return torch.bmm(probs, v3).view(b, h, l, v.shape[-1])
+
+
+class WithMask(nn.Module):
+    """A run-time mask: bool via masked_fill (fill where True) or additive."""
+
+    def forward(self, q, k, v, mask):
+        scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+        return torch.matmul(nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+
+class RepeatKv(nn.Module):
+    """GQA with repeat_interleave on the head dimension."""
+
+    def forward(self, q, k, v):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = q @ k.mT / math.sqrt(q.shape[-1])
+        return scores.softmax(dim=-1) @ v
+
+
+class Sdpa(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, q, k, v, *mask):
+        return F.scaled_dot_product_attention(q, k, v, *mask, **self.options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,heads,q_len,kv_len,head_dim", [
+    (1, 2, 1, 1, 64),
+    (2, 2, 113, 113, 59),
+    (1, 2, 203, 203, 96),
+    (1, 1, 1023, 1024, 128),
+    (1, 2, 37, 111, 111),
+])
+def test_naive_causal(dtype, batch, heads, q_len, kv_len, head_dim):
+    assert_compiles_equivalent(NaiveCausal(), qkv(batch, heads, q_len, kv_len, head_dim), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,head_dim", [(113, 64), (203, 80)])
+def test_einsum_additive_causal(dtype, q_len, head_dim):
+    assert_compiles_equivalent(EinsumAdditive(), qkv(1, 3, q_len, q_len, head_dim), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bmm_without_mask(dtype):
+    assert_compiles_equivalent(Bmm3d(), qkv(2, 3, 113, 203, 64, value_dim=96), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("mask_shape", ["full", "key_padding", "square"])
+def test_runtime_masks(dtype, mask_kind, mask_shape):
+    q, k, v = qkv(2, 2, 113, 113, 64)
+    shape = {"full": (2, 2, 113, 113), "key_padding": (2, 1, 1, 113), "square": (113, 113)}[mask_shape]
+    generator = torch.Generator().manual_seed(1)
+    dropped = torch.rand(shape, generator=generator) < 0.3
+    mask = dropped if mask_kind == "bool" else torch.randn(shape, generator=generator).masked_fill(dropped, -1e9)
+    assert_compiles_equivalent(WithMask(), (q, k, v, mask), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_gqa_repeat_interleave(dtype, heads, kv_heads):
+    assert_compiles_equivalent(RepeatKv(), qkv(1, heads, 113, 113, 64, kv_heads=kv_heads), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options,shape", [
+    ({"is_causal": True}, (2, 2, 203, 203, 64)),
+    ({"is_causal": True}, (1, 2, 113, 203, 111)),
+    ({"scale": 0.3}, (1, 2, 1, 1024, 128)),
+    ({"is_causal": True, "enable_gqa": True}, (1, 4, 113, 113, 96)),
+])
+def test_sdpa(dtype, options, shape):
+    batch, heads, q_len, kv_len, head_dim = shape
+    kv_heads = 2 if options.get("enable_gqa") else heads
+    args = qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=kv_heads)
+    assert_compiles_equivalent(Sdpa(**options), args, dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_sdpa_masks(dtype, mask_kind):
+    q, k, v = qkv(2, 2, 113, 160, 64)
+    generator = torch.Generator().manual_seed(2)
+    keep = torch.rand(2, 1, 113, 160, generator=generator) > 0.3
+    keep[0, 0, 5] = False
+    mask = keep if mask_kind == "bool" else torch.randn(2, 1, 113, 160, generator=generator)
+    assert_compiles_equivalent(Sdpa(), (q, k, v, mask), dtype, "attention")
+
+
+def test_constant_causal_mask_becomes_block_skipping():
+    compiled = assert_compiles_equivalent(NaiveCausal(), qkv(1, 2, 64, 64, 64), torch.float32, "attention")
+    assert "causal (top_left)" in compiled.report()
+    compiled = assert_compiles_equivalent(NaiveCausal(), qkv(1, 2, 16, 64, 64), torch.float32, "attention")
+    assert "causal (bottom_right)" in compiled.report()
+
+
+def test_kernel_sources_are_listed_and_cached():
+    compiled = assert_compiles_equivalent(NaiveCausal(), qkv(1, 1, 16, 16, 32), torch.float32, "attention")
+    (kernel,) = compiled.kernels
+    assert kernel.pattern == "attention"
+    assert "@triton.jit" in kernel.source
+    with open(kernel.path) as handle:
+        assert handle.read() == kernel.source

@@ -1,0 +1,43 @@
+"""torch.compile(model, backend="flashfx") and compiler.compile share one pipeline."""
+from __future__ import annotations
+
+import torch
+
+import compiler
+from compiler.backend import default_backend
+from models.gpt import GPT, GPTConfig
+
+
+def test_torch_compile_backend_name():
+    model = GPT(GPTConfig.tiny(attention="sdpa")).eval()
+    ids = torch.randint(0, 96, (2, 21))
+    fused_before = len(default_backend.report.fused)
+    with torch.no_grad():
+        ours = torch.compile(model, backend="flashfx")(ids)
+        eager = model(ids)
+    torch.testing.assert_close(ours, eager, atol=2e-5, rtol=2e-5)
+    assert len(default_backend.report.fused) - fused_before == model.config.n_layer
+
+
+def test_new_shape_recompiles_and_stays_correct():
+    model = GPT(GPTConfig.tiny()).eval()
+    compiled = compiler.compile(model)
+    with torch.no_grad():
+        for length in (7, 30):
+            ids = torch.randint(0, 96, (1, length))
+            torch.testing.assert_close(compiled(ids), model(ids), atol=2e-5, rtol=2e-5)
+    assert compiled.patterns.count("attention") == 2 * model.config.n_layer
+
+
+def test_graph_break_runs_rest_eagerly():
+    class Breaks(torch.nn.Module):
+        def forward(self, q, k, v):
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            print_value = float(y.sum())  # forces a graph break
+            return torch.nn.functional.scaled_dot_product_attention(y, k, v) + print_value
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    compiled = compiler.compile(Breaks())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), Breaks()(q, k, v), atol=2e-5, rtol=2e-5)
+    assert compiled.patterns.count("attention") == 2

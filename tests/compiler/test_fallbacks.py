@@ -1,0 +1,102 @@
+"""What the compiler does not fuse keeps running in PyTorch, correctly, and says why."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import compiler
+from tests.compiler.test_attention_pass import qkv
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.cumsum(self.linear(x), dim=-1)
+        return torch.sort(y, dim=-1).values.sin()
+
+
+class TrainingDropout(nn.Module):
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        return F.dropout(probs, p=0.5, training=True) @ v
+
+
+class ReturnsWeights(nn.Module):
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return probs @ v, probs
+
+
+class SoftmaxOverQueries(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v
+
+
+class Float64Attention(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+
+
+def run_both(module, *args):
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        return compiled, compiled(*args), module(*args)
+
+
+def test_model_without_attention_runs_unchanged():
+    module = NoAttention().eval()
+    compiled, ours, eager = run_both(module, torch.randn(3, 5, 16))
+    torch.testing.assert_close(ours, eager)
+    assert compiled.patterns == [] and compiled.kernels == []
+
+
+@pytest.mark.parametrize("module,reason", [
+    (ReturnsWeights(), "also read by"),
+    (SoftmaxOverQueries(), "not over the last"),
+    (Float64Attention(), "float64"),
+])
+def test_near_misses_fall_back_and_are_reported(module, reason):
+    compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))
+    torch.testing.assert_close(ours, eager)
+    assert "attention" not in compiled.patterns
+    assert reason in compiled.report()
+
+
+def test_training_dropout_is_left_to_pytorch():
+    compiled, _, _ = run_both(TrainingDropout(), *qkv(1, 2, 9, 9, 16))
+    assert "attention" not in compiled.patterns
+    assert "dropout is active" in compiled.report()
+
+
+class Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_mismatched_head_dims_raise_a_clear_error():
+    q, k, v = qkv(1, 2, 9, 9, 16)
+    with pytest.raises(Exception, match="16|8"):
+        compiler.compile(Sdpa())(q, k[..., :8], v)
+
+
+def test_compile_rejects_non_modules():
+    with pytest.raises(TypeError, match="nn.Module"):
+        compiler.compile(lambda x: x)
+
+
+def test_grad_mode_runs_reference_and_keeps_autograd():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 9, 9, 16))
+    compiled = compiler.compile(Sdpa())
+    out = compiled(q, k, v)
+    out.sum().backward()
+    assert q.grad is not None
+    expected = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    torch.testing.assert_close(out.detach(), expected)
+    assert "require grad" in compiled.report()

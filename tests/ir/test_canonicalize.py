@@ -1,0 +1,87 @@
+"""Import from fx, canonicalisation, pattern matching, verification and lowering."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from ir.canonicalize import canonicalize
+from ir.from_fx import from_fx
+from ir.pattern import Any, Mismatch, Op, Skip, match
+from ir.to_fx import to_fx
+from ir.verify import verify
+
+
+def capture(module: nn.Module, *args) -> torch.fx.GraphModule:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=backend, dynamic=False, fullgraph=True)(*args)
+    return graphs[0]
+
+
+class Spellings(nn.Module):
+    def forward(self, q, k, v):
+        a = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        kk = k[:, :, None].expand(2, 2, 3, 5, 4).reshape(2, 6, 5, 4)
+        b = q.repeat_interleave(1, dim=1) @ kk.transpose(-1, -2)[:, :2]
+        return torch.nn.functional.dropout(a, 0.1, training=False).float() + b + v.sum()
+
+
+def imported(module, *args):
+    gm = capture(module, *args)
+    return gm, canonicalize(from_fx(gm))
+
+
+def test_canonical_ops_and_round_trip():
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    gm, graph = imported(Spellings(), q, k, v)
+    ops = [node.op for node in graph]
+    assert "einsum" in ops and "matmul" in ops  # einsum rewritten next to the original
+    assert "repeat_kv" in ops
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    assert "dropout" not in [node.op for node in graph]
+    assert not any(node.op == "einsum" for node in graph)
+    lowered = to_fx(graph)
+    torch.testing.assert_close(lowered(q, k, v)[0], Spellings()(q, k, v))
+
+
+def test_div_by_scalar_is_a_scale():
+    class Scaled(nn.Module):
+        def forward(self, x):
+            return x / 4.0
+
+    _, graph = imported(Scaled(), torch.randn(3))
+    (node,) = [n for n in graph if n.op == "mul"]
+    assert node.attrs["scalar"] == 0.25
+
+
+def test_pattern_reports_the_breaking_node():
+    class SoftmaxMatmul(nn.Module):
+        def forward(self, s, v):
+            return torch.sigmoid(s) @ v
+
+    _, graph = imported(SoftmaxMatmul(), torch.randn(3, 3), torch.randn(3, 2))
+    matmul = next(node for node in graph if node.op == "matmul")
+    pattern = Op("matmul", Skip({"cast"}, Op("softmax", Any("scores"))), Any("value"))
+    result = match(pattern, graph, matmul)
+    assert isinstance(result, Mismatch)
+    assert "expected softmax" in result.reason and result.node.startswith("sigmoid")
+
+
+def test_pattern_binds_commutative_inputs():
+    class AddThenMul(nn.Module):
+        def forward(self, x, y):
+            return 2.0 * (y + torch.exp(x))
+
+    _, graph = imported(AddThenMul(), torch.randn(3), torch.randn(3))
+    mul = next(node for node in graph if node.op == "mul")
+    found = match(Op("mul", Op("add", Op("torch", Any("x"), bind="exp"), Any("y"))), graph, mul)
+    assert found and found["exp"].attrs["target"] == "exp"
