@@ -18,13 +18,13 @@ from tests.compiler.equivalence import assert_compiles_equivalent
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=None, value_dim=None, seed=0):
+def qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=None, value_dim=None, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     kv_heads = kv_heads or heads
     q = torch.randn(batch, heads, q_len, head_dim, generator=generator)
     k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=generator)
     v = torch.randn(batch, kv_heads, kv_len, value_dim or head_dim, generator=generator)
-    return q, k, v
+    return q.to(device), k.to(device), v.to(device)
 
 
 class NaiveCausal(nn.Module):
@@ -33,7 +33,7 @@ class NaiveCausal(nn.Module):
     def forward(self, q, k, v):
         lq, lk = q.shape[-2], k.shape[-2]
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
         scores = scores.masked_fill(~mask, float("-inf"))
         return F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
@@ -44,7 +44,7 @@ class EinsumAdditive(nn.Module):
     def forward(self, q, k, v):
         lq, lk = q.shape[-2], k.shape[-2]
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
-        bias = torch.full((lq, lk), float("-inf")).triu(1)
+        bias = torch.full((lq, lk), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
         probs = torch.softmax(scores + bias, dim=-1)
         return torch.einsum("bhqk,bhkd->bhqd", probs, v)
 
@@ -170,3 +170,20 @@ def test_kernel_sources_are_listed_and_cached():
     assert "@triton.jit" in kernel.source
     with open(kernel.path) as handle:
         assert handle.read() == kernel.source
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("module,shape,kv_heads", [
+    (NaiveCausal(), (2, 16, 2048, 2048, 64), None),
+    (NaiveCausal(), (1, 8, 1023, 4096, 128), None),
+    (EinsumAdditive(), (1, 8, 8192, 8192, 128), None),
+    (Sdpa(is_causal=True), (4, 32, 1024, 1024, 64), None),
+    (Sdpa(is_causal=True, enable_gqa=True), (2, 32, 4096, 4096, 128), 8),
+    (RepeatKv(), (2, 32, 2048, 2048, 96), 4),
+    (Bmm3d(), (2, 16, 203, 4096, 111), None),
+], ids=lambda value: type(value).__name__ if isinstance(value, nn.Module) else None)
+def test_cuda_real_sizes(dtype, module, shape, kv_heads):
+    batch, heads, q_len, kv_len, head_dim = shape
+    args = qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=kv_heads, device="cuda")
+    assert_compiles_equivalent(module, args, dtype, "attention")
