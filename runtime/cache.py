@@ -8,7 +8,8 @@ Writes are atomic (write to a temporary file in the same folder, then rename), s
 crash never leaves a half-written kernel behind. A file whose bytes no longer hash to
 its name (truncated, edited, corrupted) is detected and rewritten. When the cache
 directory cannot be written, the cache warns once and falls back to a private
-temporary directory for this process.
+temporary directory for this process. Under FLASHFX_STRICT_CACHE=1 a source that is not
+already cached is an error (CacheMissError) instead of being written.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import warnings
 from pathlib import Path
 
 from runtime import knobs
+
+
+class CacheMissError(RuntimeError):
+    """Raised under FLASHFX_STRICT_CACHE=1 when a kernel or its tuned config is not cached."""
 
 
 def source_hash(source: str) -> str:
@@ -59,6 +64,11 @@ class SourceCache:
         path = self.path_for(name, source)
         if self._is_intact(path, source):
             return path
+        if knobs.strict_cache():
+            raise CacheMissError(f"kernel {path.name} is not in the cache {self.root} (FLASHFX_STRICT_CACHE=1)")
+        if path.exists():
+            warnings.warn(f"flashfx: cached kernel {path} does not match its hash (corrupt); rewriting it",
+                          stacklevel=2)
         try:
             atomic_write_text(path, source)
         except OSError as error:

@@ -7,6 +7,8 @@ flags follow one convention: "1", "true", "yes", "on" (any case) mean true.
                         (default: $XDG_CACHE_HOME/flashfx or ~/.cache/flashfx)
     FLASHFX_LOG_CODE    print each generated kernel source as it is produced
     FLASHFX_DISABLE     compile() returns the model's own forward (bisecting aid)
+    FLASHFX_STRICT_CACHE  a kernel source or tuned config missing from the cache at run
+                        time is an error (production: ship a warmed cache)
     TRITON_INTERPRET    run Triton kernels on the CPU interpreter (set automatically
                         when no CUDA device is present)
 """
@@ -39,6 +41,10 @@ def log_code() -> bool:
 
 def disabled() -> bool:
     return env_flag("FLASHFX_DISABLE")
+
+
+def strict_cache() -> bool:
+    return env_flag("FLASHFX_STRICT_CACHE")
 
 
 def triton_interpret() -> bool:
