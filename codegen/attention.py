@@ -17,6 +17,9 @@ its name, the renderer, launch configurations (a heuristic default and the autot
 admission check `unsupported_reason`, and `attention_reference`, the same semantics in plain
 PyTorch. The reference and the generated `launch` share one docstring (the reference's) and the
 argument helpers `score_shape` and `broadcast_mask`.
+
+This module does not import triton: on a CPU-only machine triton must first be imported after
+runtime.interpret has switched the interpreter on, which loading a generated module does.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from codegen.render import render
 
 MASK_KINDS = ("none", "bool", "additive")
 MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, batch * q_heads here
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = math.log2(math.e)
 FP32_MAX = torch.finfo(torch.float32).max
@@ -40,6 +44,7 @@ FP32_MAX = torch.finfo(torch.float32).max
 DEFAULT_SMEM_BUDGET = 160 * 1024
 CANDIDATE_SMEM_BUDGET = 227 * 1024
 
+_MASK_ITEMSIZE = {"none": 0, "bool": 1, "additive": 4}  # bytes per mask element (fp32 for additive)
 _MASK_NAMES = {("bool", True): "boolmask", ("bool", False): "fillmask", ("additive", True): "addmask"}
 
 
@@ -53,6 +58,8 @@ class AttentionSpec:
     mask_keep_when: bool masks only: True keeps a score where the mask is True (SDPA's
                     convention), False keeps it where the mask is False (masked_fill's)
     causal:         key j is visible to query i only when j <= i + causal_offset
+    empty_rows_zero: a row with no visible key (all scores -inf) gives 0, as SDPA does, instead
+                    of eager softmax's NaN
     """
 
     head_dim: int
@@ -60,6 +67,7 @@ class AttentionSpec:
     mask: str = "none"
     mask_keep_when: bool = True
     causal: bool = False
+    empty_rows_zero: bool = False
 
     def __post_init__(self):
         for field in ("head_dim", "value_dim"):
@@ -87,6 +95,8 @@ def kernel_name(spec: AttentionSpec) -> str:
         parts.append("causal")
     if spec.mask != "none":
         parts.append(_MASK_NAMES[spec.mask, spec.mask_keep_when])
+    if spec.empty_rows_zero:
+        parts.append("zeroempty")
     return "_".join(parts)
 
 
@@ -115,16 +125,18 @@ def to_base2(value: float) -> float:
 
 
 def _smem_bytes(spec: AttentionSpec, block_m: int, block_n: int, num_stages: int, itemsize: int) -> int:
-    """Shared memory of the Q tile plus `num_stages` buffered K and V blocks."""
+    """Shared memory of the Q tile plus `num_stages` buffered K, V (and mask) blocks."""
     d, dv = block_dim(spec.head_dim), block_dim(spec.value_dim)
-    return itemsize * (block_m * d + num_stages * block_n * (d + dv))
+    mask_itemsize = _MASK_ITEMSIZE[spec.mask]
+    return itemsize * block_m * d + num_stages * block_n * (itemsize * (d + dv) + mask_itemsize * block_m)
 
 
 def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: int = 2) -> dict:
     """A launch configuration that runs well untuned; `itemsize` is q's element size in bytes.
 
-    Short queries (decode) get BLOCK_M 16; head dims above 128 get smaller tiles; num_stages is
-    the deepest K/V pipeline (3, 2, then 1) that fits DEFAULT_SMEM_BUDGET.
+    Short queries (decode) get BLOCK_M 16, head dims above 128 smaller tiles, few keys a BLOCK_N
+    no larger than needed; num_stages is the deepest K/V pipeline (3, 2, else 1) that fits
+    DEFAULT_SMEM_BUDGET. Callers should pass `itemsize`: fp32 tiles take twice the memory.
     """
     widest = max(block_dim(spec.head_dim), block_dim(spec.value_dim))
     if q_len <= 16:
@@ -142,7 +154,7 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
 
 def config_space(spec: AttentionSpec) -> list[dict]:
     """Autotuning candidates: BLOCK_M {64,128} x BLOCK_N {32,64,128} x stages {2,3,4} x warps {4,8},
-    less those whose fp16 K/V pipeline cannot fit CANDIDATE_SMEM_BUDGET."""
+    less those whose fp16 tiles (Q, pipelined K, V and mask) cannot fit CANDIDATE_SMEM_BUDGET."""
     return [
         {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
         for block_m, block_n, num_stages, num_warps in itertools.product((64, 128), (32, 64, 128), (2, 3, 4), (4, 8))
@@ -162,8 +174,7 @@ def broadcast_mask(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.T
 
 def unsupported_reason(q, k, v, mask=None) -> str | None:
     """Why the kernel cannot take these operands, in words for report(); None when it can."""
-    named = {"q": q, "k": k, "v": v}
-    for name, tensor in named.items():
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.dim() != 4:
             return f"{name} has {tensor.dim()} dims, expected 4 (batch, heads, seq, head_dim)"
     if q.dtype not in KERNEL_DTYPES:
@@ -191,6 +202,8 @@ def _shape_reason(q, k, v) -> str | None:
         return f"head dim {max(head_dim, value_dim)} > {MAX_HEAD_DIM}"
     if q_heads % kv_heads:
         return f"{q_heads} query heads are not a multiple of {kv_heads} kv heads"
+    if batch * q_heads > MAX_GRID_Y:
+        return f"batch * q_heads = {batch * q_heads} exceeds the launch grid's limit of {MAX_GRID_Y}"
     return None
 
 
@@ -216,6 +229,7 @@ def attention_reference(
     fill_value: float = float("-inf"),
     causal: bool = False,
     causal_offset: int = 0,
+    empty_rows_zero: bool = False,
 ) -> torch.Tensor:
     """out = softmax(masked(scale * q @ k^T)) @ v, per batch and query head.
 
@@ -234,7 +248,8 @@ def attention_reference(
     added to s. causal: key j is visible to query i iff j <= i + causal_offset (0 aligns top-left
     like SDPA's is_causal, kv_len - q_len bottom-right like flash-attn); invisible scores are
     -inf, applied after the mask. Rows whose scores are all -inf come out NaN, as in eager
-    softmax. The softmax weights are cast to v's dtype before the product with v.
+    softmax, or 0 with empty_rows_zero (SDPA's convention). The softmax weights are cast to v's
+    dtype before the product with v.
     """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -248,4 +263,7 @@ def attention_reference(
     if causal:
         visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(causal_offset)
         scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    weights = scores.softmax(dim=-1)
+    if empty_rows_zero:
+        weights = weights.masked_fill(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
+    return torch.matmul(weights.to(v.dtype), v)

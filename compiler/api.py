@@ -19,15 +19,19 @@ from tqdm.auto import tqdm
 from compiler.backend import Backend
 from compiler.report import Report
 from runtime import knobs
+from runtime.autotune import MODES
 from runtime.dispatch import Kernel
 
 
 class CompiledModule(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, *, fullgraph: bool = False, strict: bool = False):
+    def __init__(self, model: torch.nn.Module, *, mode: str = "default", fullgraph: bool = False,
+                 strict: bool = False):
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self._report = Report()
-        self._backend = Backend(self._report, strict=strict)
+        self._backend = Backend(self._report, strict=strict, mode=mode)
         self._compiled = model if knobs.disabled() else torch.compile(
             model, backend=self._backend, dynamic=False, fullgraph=fullgraph)
 
@@ -51,20 +55,28 @@ class CompiledModule(torch.nn.Module):
         return [entry.pattern for entry in self._report.fused]
 
 
-def compile(model: torch.nn.Module, *, fullgraph: bool = False, strict: bool = False) -> CompiledModule:
-    """Compile `model` with flashfx. `strict=True` raises instead of leaving a graph to PyTorch."""
+def compile(model: torch.nn.Module, *, mode: str = "default", fullgraph: bool = False,
+            strict: bool = False) -> CompiledModule:
+    """Compile `model` with flashfx.
+
+    mode: "default" launches each kernel with a tuned config from the cache if there is one,
+          else its heuristic config, and never benchmarks; "max-autotune" benchmarks the
+          template's candidates once per shape bucket and persists the winner.
+    strict: raise instead of leaving a graph that flashfx failed to compile to PyTorch.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compiler.compile expects an nn.Module, got {type(model).__name__}")
-    return CompiledModule(model, fullgraph=fullgraph, strict=strict)
+    return CompiledModule(model, mode=mode, fullgraph=fullgraph, strict=strict)
 
 
-def warmup(model: torch.nn.Module, inputs: Iterable, *, progress: bool = True) -> CompiledModule:
+def warmup(model: torch.nn.Module, inputs: Iterable, *, mode: str = "max-autotune",
+           progress: bool = True) -> CompiledModule:
     """Compile `model` and run it once per input (a tensor, a tuple of args or a dict of kwargs).
 
-    Each distinct shape is captured, matched and its kernels generated and loaded now, so
-    later calls with those shapes start warm.
+    Each distinct shape is captured, matched, its kernels generated, loaded and (in
+    "max-autotune" mode) tuned now and persisted, so later processes start warm.
     """
-    compiled = model if isinstance(model, CompiledModule) else compile(model)
+    compiled = model if isinstance(model, CompiledModule) else compile(model, mode=mode)
     inputs = list(inputs)
     with torch.no_grad():
         for example in tqdm(inputs, desc="flashfx warmup", disable=not progress):

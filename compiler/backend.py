@@ -16,13 +16,14 @@ from compiler.report import Report
 
 
 class Backend:
-    def __init__(self, report: Report | None = None, strict: bool = False):
+    def __init__(self, report: Report | None = None, strict: bool = False, mode: str = "default"):
         self.report = report if report is not None else Report()
         self.strict = strict
+        self.mode = mode
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         try:
-            return compile_graph(gm, example_inputs, self.report)
+            return compile_graph(gm, example_inputs, self.report, self.mode)
         except Exception as error:
             if self.strict:
                 raise

@@ -21,11 +21,13 @@ from ir.verify import verify
 PASSES = (attention.run,)
 
 
-def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report) -> torch.fx.GraphModule:
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
+                  mode: str = "default") -> torch.fx.GraphModule:
     graph = canonicalize(from_fx(gm))
     graph.eliminate_dead_code(_is_pure)
     verify(graph)
-    context = PassContext(graph_index=report.graphs, report=report, pinned=_pinned_buffers(gm, example_inputs))
+    context = PassContext(graph_index=report.graphs, report=report, pinned=_pinned_buffers(gm, example_inputs),
+                          mode=mode)
     report.graphs += 1
     for run_pass in PASSES:
         run_pass(graph, context)

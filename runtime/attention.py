@@ -55,8 +55,8 @@ class AttentionOp(FusedOp):
 
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
-                 guards: list[torch.Tensor] = ()):
-        super().__init__(tuple(replaced))
+                 guards: list[torch.Tensor] = (), mode: str = "default"):
+        super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.layout = layout
         self.static_form = static_form
@@ -119,6 +119,7 @@ class AttentionOp(FusedOp):
             mask=form.kind,
             mask_keep_when=form.keep_when,
             causal=form.causal is not None,
+            empty_rows_zero=form.empty_rows_zero,
         )
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
@@ -144,17 +145,16 @@ class AttentionOp(FusedOp):
     def _launch(self, q, k, v, mask, form):
         spec = self.spec_for(q, k, v, form)
         module, kernel = self.kernel_for(spec)
-        config = attention_codegen.default_config(spec, q.shape[-2], k.shape[-2])
-        kernel.config = dict(config)
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=self.layout.out_dtype, device=q.device)
-        return module.launch(
-            q, k, v, out,
-            scale=self.scale,
-            mask=mask,
-            fill_value=form.fill_value,
-            causal_offset=self._causal_offset(q, k, form),
-            config=config,
-        )
+
+        def run(config):
+            return module.launch(q, k, v, out, scale=self.scale, mask=mask, fill_value=form.fill_value,
+                                 causal_offset=self._causal_offset(q, k, form), config=config)
+
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        default = attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size())
+        config = self.tuned_config(kernel, (q_len, kv_len), q, default, attention_codegen.config_space(spec), run)
+        return run(config)
 
     def _reference(self, q, k, v, mask, form):
         out = attention_codegen.attention_reference(
@@ -165,5 +165,6 @@ class AttentionOp(FusedOp):
             fill_value=form.fill_value,
             causal=form.causal is not None,
             causal_offset=self._causal_offset(q, k, form),
+            empty_rows_zero=form.empty_rows_zero,
         )
         return out.to(self.layout.out_dtype)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
+from runtime.cache import source_hash
 from runtime.interpret import kernel_unavailable_reason
 
 
@@ -34,9 +36,10 @@ class Kernel:
 class FusedOp(torch.nn.Module):
     pattern = ""
 
-    def __init__(self, replaced: tuple[str, ...]):
+    def __init__(self, replaced: tuple[str, ...], mode: str = "default"):
         super().__init__()
         self.replaced = replaced
+        self.mode = mode
         self.label = replaced[-1] if replaced else self.pattern
         self.kernels: dict[str, Kernel] = {}
         self.fallbacks: Counter[str] = Counter()
@@ -56,3 +59,17 @@ class FusedOp(torch.nn.Module):
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] += 1
+
+    def tuned_config(self, kernel: Kernel, lengths: tuple[int, ...], like: torch.Tensor,
+                     default: dict, candidates: list[dict], run) -> dict:
+        """The launch config for `kernel` at these lengths (bucketed), via the autotune cache."""
+        key = TuningKey(
+            kernel=kernel.name,
+            source_hash=source_hash(kernel.source),
+            bucket=tuple(shape_bucket(n) for n in lengths),
+            dtype=str(like.dtype).removeprefix("torch."),
+            device=device_label(like.device),
+        )
+        config = default_autotuner().config_for(key, default, candidates, run, mode=self.mode)
+        kernel.config = dict(config)
+        return config

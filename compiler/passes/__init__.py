@@ -18,6 +18,7 @@ class PassContext:
     graph_index: int
     report: Report
     pinned: dict[str, torch.Tensor] = field(default_factory=dict)
+    mode: str = "default"
 
     def fuse(self, graph: Graph, anchor: Node, op, inputs: list[str], replaced: list[str], detail: str) -> Node:
         """Replace `anchor` (the last node of a match) by a call to the fused op module `op`."""

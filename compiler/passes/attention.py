@@ -240,7 +240,7 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, mask: MaskOp |
                                                                  key_transposed, causal, empty_rows_zero)
     layout = AttentionLayout(key_transposed=key_transposed, rank=query.type.rank, out_dtype=anchor.type.dtype)
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
-                     guards=[context.pinned[name] for name in guards])
+                     guards=[context.pinned[name] for name in guards], mode=context.mode)
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
     if static_form is not None and tensor_form is not None:
