@@ -3,12 +3,14 @@
     import compiler
     cm = compiler.compile(model); y = cm(x); cm.kernels; print(cm.report())
     compiler.warmup(model, [inputs_a, inputs_b])
+    compiler.export_cache("cache.zip"); compiler.import_cache("cache.zip")
     torch.compile(model, backend="flashfx")
 """
 from compiler.api import CompiledModule, compile, warmup
 from compiler.backend import register as _register_backend
+from runtime.bundle import export_cache, import_cache
 from runtime.dispatch import Kernel
 
 _register_backend()
 
-__all__ = ["CompiledModule", "Kernel", "compile", "warmup"]
+__all__ = ["CompiledModule", "Kernel", "compile", "export_cache", "import_cache", "warmup"]

@@ -146,16 +146,16 @@ def example(config: GPTConfig, batch: int = 2, length: int = 64, seed: int = 0):
     return model, (torch.randint(0, config.vocab_size, (batch, length)),)
 
 
-def tiny_naive():
-    return example(GPTConfig.tiny())
+def tiny_naive(batch: int = 2, length: int = 64):
+    return example(GPTConfig.tiny(), batch, length)
 
 
-def tiny_sdpa_gqa():
-    return example(GPTConfig.tiny(attention="sdpa", n_kv_head=2))
+def tiny_sdpa_gqa(batch: int = 2, length: int = 64):
+    return example(GPTConfig.tiny(attention="sdpa", n_kv_head=2), batch, length)
 
 
-def tiny_naive_mqa():
-    return example(GPTConfig.tiny(n_kv_head=1))
+def tiny_naive_mqa(batch: int = 2, length: int = 64):
+    return example(GPTConfig.tiny(n_kv_head=1), batch, length)
 
 
 def gpt2_small(attention: str = "sdpa", batch: int = 8, length: int = 1024):

@@ -67,6 +67,19 @@ def _checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def _key_body(key: TuningKey) -> dict:
+    return asdict(key) | {"bucket": list(key.bucket)}
+
+
+def entry_is_valid(entry) -> bool:
+    """Is `entry` (parsed JSON) a complete tuning entry of this format with a matching checksum?"""
+    try:
+        body = {name: entry[name] for name in ("format", "key", "config", "timings_ms")}
+        return entry["format"] == FORMAT_VERSION and entry["checksum"] == _checksum(body)
+    except (KeyError, TypeError):
+        return False
+
+
 class Autotuner:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else knobs.cache_dir()
@@ -96,12 +109,9 @@ class Autotuner:
     def _read_entry(self, path: Path, key: TuningKey) -> dict | None:
         try:
             entry = json.loads(path.read_text())
-            body = {name: entry[name] for name in ("format", "key", "config", "timings_ms")}
-            valid = (entry["format"] == FORMAT_VERSION and entry["checksum"] == _checksum(body)
-                     and entry["key"] == asdict(key) | {"bucket": list(key.bucket)})
-        except (OSError, ValueError, KeyError, TypeError):
-            valid = False
-        if valid:
+        except (OSError, ValueError):
+            entry = None
+        if entry_is_valid(entry) and entry["key"] == _key_body(key):
             return entry["config"]
         self._discard(path, "corrupt, truncated or from another version")
         return None
@@ -143,8 +153,7 @@ class Autotuner:
 
     def store(self, key: TuningKey, config: dict, timings: dict) -> None:
         self._memory[key] = config
-        body = {"format": FORMAT_VERSION, "key": asdict(key) | {"bucket": list(key.bucket)},
-                "config": config, "timings_ms": timings}
+        body = {"format": FORMAT_VERSION, "key": _key_body(key), "config": config, "timings_ms": timings}
         path = self.path_for(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

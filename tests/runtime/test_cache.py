@@ -105,3 +105,23 @@ def test_two_processes_warming_one_cache(tmp_path):
         assert worker.exitcode == 0
     assert SourceCache(tmp_path).path_for("demo", SOURCE).read_text() == SOURCE
     assert Autotuner(tmp_path).lookup(KEY) in ({"BLOCK": 1}, {"BLOCK": 2})
+
+
+def test_export_import_round_trip_validates_entries(tmp_path):
+    import zipfile
+
+    from runtime.bundle import export_cache, import_cache
+
+    source_root, target_root = tmp_path / "a", tmp_path / "b"
+    SourceCache(source_root).store("demo", SOURCE)
+    Autotuner(source_root).store(KEY, {"BLOCK": 4}, {"{}": 1.0})
+    bundle = tmp_path / "cache.zip"
+    assert export_cache(bundle, source_root) == 2
+    with zipfile.ZipFile(bundle, "a") as archive:
+        archive.writestr("kernels/evil-0123456789abcdef.py", "import os\n")
+        archive.writestr("../escape.py", "x = 1\n")
+    with pytest.warns(UserWarning, match="skipping"):
+        assert import_cache(bundle, target_root) == 2
+    assert Autotuner(target_root).lookup(KEY) == {"BLOCK": 4}
+    assert SourceCache(target_root).path_for("demo", SOURCE).read_text() == SOURCE
+    assert not (tmp_path / "escape.py").exists()
