@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from codegen.attention import MAX_HEAD_DIM
 from compiler.passes import PassContext
 from ir import consteval
 from ir.graph import Graph, Node
@@ -270,6 +271,8 @@ def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_trans
     q_shape, v_shape = query.type.shape, value.type.shape
     if q_shape[-1] != k_shape[-1] or k_shape[-2] != v_shape[-2]:
         raise NoMatch(anchor, "head dims of query/key or lengths of key/value differ")
+    if max(q_shape[-1], v_shape[-1]) > MAX_HEAD_DIM:
+        raise NoMatch(anchor, f"head dim {max(q_shape[-1], v_shape[-1])} exceeds the kernel's {MAX_HEAD_DIM}")
     if q_shape[:-3] != tuple(k_shape[:-3]) or tuple(k_shape[:-2]) != v_shape[:-2]:
         raise NoMatch(anchor, "batch dims of query, key and value differ (broadcast matmul)")
     if query.type.rank >= 3:
