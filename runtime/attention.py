@@ -20,7 +20,6 @@ import torch
 
 from codegen import attention as attention_codegen
 from runtime.dispatch import FusedOp, Kernel
-from runtime.loader import load_source
 
 
 @dataclass(frozen=True)
@@ -123,14 +122,7 @@ class AttentionOp(FusedOp):
         )
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
-        name = attention_codegen.kernel_name(spec)
-        source = attention_codegen.render_attention(spec)
-        module, path = load_source(name, source)
-        kernel = self.kernels.get(name)
-        if kernel is None:
-            kernel = Kernel(name, self.pattern, source, str(path), replaced=self.replaced)
-            self.kernels[name] = kernel
-        return module, kernel
+        return self.load_kernel(spec, attention_codegen.kernel_name, attention_codegen.render_attention)
 
     def prepare(self, q, k, v) -> None:
         """Generate (render, store, load) the kernels this op will launch for these shapes."""
@@ -152,8 +144,12 @@ class AttentionOp(FusedOp):
                                  causal_offset=self._causal_offset(q, k, form), config=config)
 
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        default = attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size())
-        config = self.tuned_config(kernel, (q_len, kv_len), q, default, attention_codegen.config_space(spec), run)
+        config = self.tuned_config(
+            kernel, (q_len, kv_len), q,
+            default=lambda: attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
+            candidates=lambda: attention_codegen.config_space(spec),
+            run=run,
+        )
         return run(config)
 
     def _reference(self, q, k, v, mask, form):

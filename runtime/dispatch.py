@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
 from runtime.cache import source_hash
 from runtime.interpret import kernel_unavailable_reason
+from runtime.loader import load_source
 
 
 @dataclass
@@ -43,6 +45,8 @@ class FusedOp(torch.nn.Module):
         self.label = replaced[-1] if replaced else self.pattern
         self.kernels: dict[str, Kernel] = {}
         self.fallbacks: Counter[str] = Counter()
+        self._loaded: dict[object, tuple[object, Kernel]] = {}
+        self._configs: dict[tuple, dict] = {}
 
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""
@@ -57,12 +61,28 @@ class FusedOp(torch.nn.Module):
             return "inputs require grad (flashfx kernels are forward-only)"
         return None
 
+    def load_kernel(self, spec, name: Callable, render: Callable) -> tuple[object, Kernel]:
+        """(generated module, Kernel) for a hashable `spec`: rendered, cached and imported once."""
+        loaded = self._loaded.get(spec)
+        if loaded is None:
+            kernel_name, source = name(spec), render(spec)
+            module, path = load_source(kernel_name, source)
+            kernel = self.kernels.setdefault(kernel_name, Kernel(kernel_name, self.pattern, source, str(path),
+                                                                 replaced=self.replaced))
+            loaded = self._loaded[spec] = (module, kernel)
+        return loaded
+
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] += 1
 
     def tuned_config(self, kernel: Kernel, lengths: tuple[int, ...], like: torch.Tensor,
-                     default: dict, candidates: list[dict], run) -> dict:
-        """The launch config for `kernel` at these lengths (bucketed), via the autotune cache."""
+                     default: Callable[[], dict], candidates: Callable[[], list[dict]], run) -> dict:
+        """The launch config for `kernel` at these lengths (bucketed), via the autotune cache.
+
+        Memoised per exact lengths, dtype and device: the hot path does one dict lookup."""
+        memo_key = (kernel.name, lengths, like.dtype, like.device)
+        if memo_key in self._configs:
+            return self._configs[memo_key]
         key = TuningKey(
             kernel=kernel.name,
             source_hash=source_hash(kernel.source),
@@ -70,6 +90,7 @@ class FusedOp(torch.nn.Module):
             dtype=str(like.dtype).removeprefix("torch."),
             device=device_label(like.device),
         )
-        config = default_autotuner().config_for(key, default, candidates, run, mode=self.mode)
+        config = default_autotuner().config_for(key, default(), candidates(), run, mode=self.mode)
         kernel.config = dict(config)
+        self._configs[memo_key] = config
         return config
