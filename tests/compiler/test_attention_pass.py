@@ -49,6 +49,16 @@ class EinsumAdditive(nn.Module):
         return torch.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+class EinsumSequenceFirst(nn.Module):
+    """(batch, seq, heads, dim) layout contracted by einsum, as several codebases write it."""
+
+    def forward(self, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+        probs = scores.softmax(dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Bmm3d(nn.Module):
     """(batch*heads, L, D) tensors with torch.bmm and no mask."""
 
@@ -106,6 +116,11 @@ def test_naive_causal(dtype, batch, heads, q_len, kv_len, head_dim):
 @pytest.mark.parametrize("q_len,head_dim", [(113, 64), (203, 80)])
 def test_einsum_additive_causal(dtype, q_len, head_dim):
     assert_compiles_equivalent(EinsumAdditive(), qkv(1, 3, q_len, q_len, head_dim), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_einsum_sequence_first_layout(dtype):
+    assert_compiles_equivalent(EinsumSequenceFirst(), qkv(2, 3, 57, 80, 48), dtype, "attention")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
