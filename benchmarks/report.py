@@ -5,15 +5,17 @@ from pathlib import Path
 
 
 def _rate(row: dict, ms: float | None) -> float | None:
-    if not ms:
+    """TFLOP/s or TB/s of the row's work done in `ms`; None for rows that only compare times."""
+    work = row["work"].get("flops", row["work"].get("bytes"))
+    if not ms or work is None:
         return None
-    if "flops" in row["work"]:
-        return row["work"]["flops"] / (ms * 1e-3) / 1e12
-    return row["work"]["bytes"] / (ms * 1e-3) / 1e12
+    return work / (ms * 1e-3) / 1e12
 
 
 def _unit(row: dict) -> str:
-    return "TFLOP/s" if "flops" in row["work"] else "TB/s"
+    if "flops" in row["work"]:
+        return "TFLOP/s"
+    return "TB/s" if "bytes" in row["work"] else ""
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -30,15 +32,22 @@ def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
     peers = list(rows[0]["peers_ms"])
     unit = _unit(rows[0])
     ceiling = ceilings.get("matmul_tflops" if unit == "TFLOP/s" else "copy_tbps")
-    header = [f"config", f"ours ms", f"ours {unit}"] + [f"{p} {unit}" for p in peers] + [f"x {p}" for p in peers]
-    header.append("fraction of ceiling")
+    if unit:
+        header = ["config", "ours ms", f"ours {unit}"] + [f"{p} {unit}" for p in peers]
+    else:
+        header = ["config", "ours ms"] + [f"{p} ms" for p in peers]
+    header += [f"x {p}" for p in peers] + (["fraction of ceiling"] if unit else [])
     lines = [f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ours_rate = _rate(row, row["ours_ms"])
-        cells = [_config_label(row["config"]), _fmt(row["ours_ms"], 3), _fmt(ours_rate)]
-        cells += [_fmt(_rate(row, row["peers_ms"][p])) for p in peers]
+        cells = [_config_label(row["config"]), _fmt(row["ours_ms"], 3)]
+        if unit:
+            cells += [_fmt(ours_rate)] + [_fmt(_rate(row, row["peers_ms"][p])) for p in peers]
+        else:
+            cells += [_fmt(row["peers_ms"][p], 3) for p in peers]
         cells += [_fmt(row["ratios"][p], 2) for p in peers]
-        cells.append(_fmt(ours_rate / ceiling, 2) if ours_rate and ceiling else "")
+        if unit:
+            cells.append(_fmt(ours_rate / ceiling, 2) if ours_rate and ceiling else "")
         lines.append("| " + " | ".join(cells) + " |" + (f" {row['notes']}" if row["notes"] else ""))
     return lines + [""]
 
