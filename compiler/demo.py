@@ -12,12 +12,14 @@ from typing import Callable
 import torch
 
 import compiler
-from models import gpt
+from models import dejavu, gpt
 
 MODELS: dict[str, Callable] = {
     "GPT tiny, naive attention (nanoGPT style)": gpt.tiny_naive,
     "GPT tiny, SDPA attention, GQA 4:2": gpt.tiny_sdpa_gqa,
     "GPT tiny, naive attention, MQA": gpt.tiny_naive_mqa,
+    "DejaVu tiny, sparse MLP gathered (W1[idx], W2[:, idx])": dejavu.tiny_gathered,
+    "DejaVu tiny, sparse MLP masked (fc2(act(fc1(x)) * mask))": dejavu.tiny_masked,
 }
 TOLERANCE = 1e-4
 

@@ -7,7 +7,7 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
 
     matmul      a @ b, torch.matmul, torch.bmm, x.matmul, x.bmm
     einsum      torch.einsum(equation, *operands)        (rewritten later to matmul)
-    permute     transpose, swapaxes, permute, .t(), .mT
+    permute     transpose, swapaxes, permute, .t(), .T, .mT
     reshape     view, reshape, flatten, unflatten, squeeze, unsqueeze, x[None, :, ...]
     expand      expand, expand_as, broadcast_to
     identity    contiguous, clone, detach, .to(same dtype and device); attrs["alias"] is True
@@ -19,6 +19,20 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     dropout     F.dropout, torch.dropout, nn.Dropout (inlined)
     sdpa        F.scaled_dot_product_attention
     repeat_interleave  torch.repeat_interleave(x, n, dim)
+    linear      F.linear(x, w, b=None) (nn.Linear inlined); attrs["has_bias"]
+    index       x[idx], x[:, idx], x[..., idx], x.index_select(d, idx), torch.index_select: an int32/int64
+                tensor idx picks entries along one dim (1-D for index_select, any rank for [])
+    relu        F.relu, torch.relu, x.relu(), nn.ReLU (inlined); attrs["inplace"]
+    gelu        F.gelu, nn.GELU (inlined); attrs["approximate"] is "none" or "tanh"
+    select      x[:, i], x[..., i, :], torch.select, x.select: one Python int among full slices picks
+                entry i of one dim (the dim disappears); attrs["dim"], attrs["index"] (non-negative)
+    stack/cat   torch.stack, torch.cat/concat/concatenate over a list of tensors; attrs["dim"]
+                (stack: a dim of the result); the tensors are the inputs, in order
+    exp         torch.exp, x.exp()
+    softplus    F.softplus; attrs["beta"], attrs["threshold"]
+    silu        F.silu, nn.SiLU (inlined), not in place
+    sum         torch.sum, x.sum(); attrs["dim"] a sorted tuple (all dims when none given),
+                attrs["keepdim"], attrs["dtype"]
 """
 from __future__ import annotations
 
@@ -31,6 +45,7 @@ import torch.fx
 import torch.nn.functional as F
 
 Normalised = tuple[str, dict, list]
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default=None):
@@ -111,7 +126,7 @@ def expand(node) -> Normalised:
 
 
 def getitem(node) -> Normalised | None:
-    """x[None, :, ...] only adds unit dims: a reshape. Anything else stays opaque."""
+    """x[None, :, ...] only adds unit dims: a reshape; x[:, idx] an index. Anything else stays opaque."""
     x, index = node.args
     if not _is_tensor_node(x):
         return None
@@ -119,7 +134,65 @@ def getitem(node) -> Normalised | None:
     full = slice(None, None, None)
     if all(i is None or i is Ellipsis or i == full for i in index):
         return "reshape", {"shape": _out_shape(node)}, [x]
-    return None
+    return _int_index(x, index) or _tensor_index(x, index)
+
+
+def _item_dim(x, index: tuple, position: int) -> int | None:
+    """The dim of x that index[position] picks from, when every other item is a full slice
+    and at most one is an Ellipsis; None otherwise."""
+    rest = index[:position] + index[position + 1:]
+    full = slice(None, None, None)
+    if not all(item is Ellipsis or item == full for item in rest) or sum(item is Ellipsis for item in rest) > 1:
+        return None
+    after_ellipsis = any(item is Ellipsis for item in index[:position])
+    return _rank(x) - (len(index) - position) if after_ellipsis else position
+
+
+def _tensor_index(x, index: tuple) -> Normalised | None:
+    """x[:, ..., idx, ...]: one integer tensor, full slices and at most one Ellipsis around it."""
+    positions = [i for i, item in enumerate(index) if _is_tensor_node(item)]
+    if len(positions) != 1 or _value(index[positions[0]]).dtype not in INDEX_DTYPES:
+        return None
+    dim = _item_dim(x, index, positions[0])
+    return None if dim is None else ("index", {"dim": dim}, [x, index[positions[0]]])
+
+
+def _int_index(x, index: tuple) -> Normalised | None:
+    """x[:, ..., i, ...]: one Python int, full slices and at most one Ellipsis around it."""
+    positions = [i for i, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
+    if len(positions) != 1:
+        return None
+    dim = _item_dim(x, index, positions[0])
+    return None if dim is None else _select(x, dim, index[positions[0]])
+
+
+def _select(x, dim: int, index: int) -> Normalised:
+    size = _value(x).shape[dim]
+    return "select", {"dim": dim, "index": index % size if size else index}, [x]
+
+
+def select(node) -> Normalised | None:
+    x, dim, index = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index")
+    if not (_is_tensor_node(x) and isinstance(dim, int) and isinstance(index, int)):
+        return None
+    return _select(x, _dim(dim, _rank(x)), index)
+
+
+def index_select(node) -> Normalised | None:
+    x, dim, idx = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "index")
+    if not (_is_tensor_node(idx) and isinstance(dim, int)) or _rank(idx) != 1 or _value(idx).dtype not in INDEX_DTYPES:
+        return None
+    return "index", {"dim": _dim(dim, _rank(x))}, [x, idx]
+
+
+def attribute(node) -> Normalised | None:
+    """x.T (all dims reversed) and x.mT (last two swapped) are permutes; other attributes stay opaque."""
+    x, name = node.args
+    if not _is_tensor_node(x) or name not in ("T", "mT"):
+        return None
+    if name == "mT":
+        return matrix_transpose(node)
+    return "permute", {"perm": tuple(reversed(range(_rank(x))))}, [x]
 
 
 def identity(node) -> Normalised | None:
@@ -223,6 +296,68 @@ def repeat_interleave(node) -> Normalised | None:
     return "repeat_interleave", {"repeats": repeats, "dim": _dim(dim, _rank(x))}, [x]
 
 
+def linear(node) -> Normalised | None:
+    x, weight, bias = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if not _is_tensor_node(weight) or not (bias is None or _is_tensor_node(bias)):
+        return None
+    return "linear", {"has_bias": bias is not None}, [x, weight] + ([bias] if bias is not None else [])
+
+
+def relu(node) -> Normalised:
+    return "relu", {"inplace": bool(_arg(node, 1, "inplace", False))}, [node.args[0]]
+
+
+def gelu(node) -> Normalised | None:
+    approximate = _arg(node, 1, "approximate", "none")
+    if approximate not in ("none", "tanh"):
+        return None
+    return "gelu", {"approximate": approximate}, [node.args[0]]
+
+
+def _joined(op: str, extra_dims: int) -> Callable:
+    """stack (the result has one more dim than each tensor) and cat (the same rank)."""
+    def normalise(node) -> Normalised | None:
+        tensors, dim = _arg(node, 0, "tensors"), _arg(node, 1, "dim", 0)
+        if (node.kwargs.get("out") is not None or not isinstance(tensors, (list, tuple)) or not tensors
+                or not all(_is_tensor_node(t) for t in tensors) or not isinstance(dim, int)):
+            return None
+        return op, {"dim": _dim(dim, _rank(tensors[0]) + extra_dims)}, list(tensors)
+
+    return normalise
+
+
+def exp(node) -> Normalised | None:
+    if node.kwargs.get("out") is not None or not _is_tensor_node(node.args[0]):
+        return None
+    return "exp", {}, [node.args[0]]
+
+
+def softplus(node) -> Normalised:
+    attrs = {"beta": _arg(node, 1, "beta", 1.0), "threshold": _arg(node, 2, "threshold", 20.0)}
+    return "softplus", attrs, [node.args[0]]
+
+
+def silu(node) -> Normalised | None:
+    if _arg(node, 1, "inplace", False):
+        return None
+    return "silu", {}, [node.args[0]]
+
+
+def reduce_sum(node) -> Normalised | None:
+    x, dim = node.args[0], _arg(node, 1, "dim")
+    keepdim, dtype = _arg(node, 2, "keepdim", False), node.kwargs.get("dtype")
+    if node.kwargs.get("out") is not None or not _is_tensor_node(x):
+        return None
+    rank = _rank(x)
+    if dim is None or dim == () or dim == []:
+        dims = range(rank)
+    else:
+        dims = dim if isinstance(dim, (list, tuple)) else (dim,)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return "sum", {"dim": tuple(sorted({_dim(d, rank) for d in dims})), "keepdim": bool(keepdim), "dtype": dtype}, [x]
+
+
 FUNCTIONS: dict[Callable, Callable] = {
     operator.matmul: matmul, torch.matmul: matmul, torch.bmm: matmul,
     torch.einsum: einsum,
@@ -241,6 +376,15 @@ FUNCTIONS: dict[Callable, Callable] = {
     F.dropout: dropout, torch.dropout: dropout,
     F.scaled_dot_product_attention: sdpa,
     torch.repeat_interleave: repeat_interleave,
+    getattr: attribute,
+    F.linear: linear,
+    torch.index_select: index_select,
+    F.relu: relu, torch.relu: relu,
+    F.gelu: gelu,
+    torch.select: select,
+    torch.stack: _joined("stack", 1), torch.cat: _joined("cat", 0), torch.concat: _joined("cat", 0),
+    torch.concatenate: _joined("cat", 0),
+    torch.exp: exp, F.softplus: softplus, F.silu: silu, torch.sum: reduce_sum,
 }
 
 METHODS: dict[str, Callable] = {
@@ -255,6 +399,9 @@ METHODS: dict[str, Callable] = {
     "mul": _binary("mul"), "div": _binary("div"), "add": _binary("add"), "sub": _binary("sub"),
     "masked_fill": masked_fill,
     "repeat_interleave": repeat_interleave,
+    "index_select": index_select,
+    "relu": relu,
+    "select": select, "exp": exp, "sum": reduce_sum,
 }
 
 

@@ -79,9 +79,9 @@ def test_pattern_reports_the_breaking_node():
 def test_pattern_binds_commutative_inputs():
     class AddThenMul(nn.Module):
         def forward(self, x, y):
-            return 2.0 * (y + torch.exp(x))
+            return 2.0 * (y + torch.sin(x))
 
     _, graph = imported(AddThenMul(), torch.randn(3), torch.randn(3))
     mul = next(node for node in graph if node.op == "mul")
-    found = match(Op("mul", Op("add", Op("torch", Any("x"), bind="exp"), Any("y"))), graph, mul)
-    assert found and found["exp"].attrs["target"] == "exp"
+    found = match(Op("mul", Op("add", Op("torch", Any("x"), bind="sin"), Any("y"))), graph, mul)
+    assert found and found["sin"].attrs["target"] == "sin"

@@ -1,0 +1,146 @@
+"""Run time of the fused contextual-sparsity MLP (DejaVu): launch the gather kernels or fall back.
+
+The sparse-MLP pass hands over the MLP's operands as the graph holds them
+
+    gathered:  y = act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2      idx (K,) from the graph
+    masked:    y = (act(x W1^T + b1) * mask) W2^T + b2               mask (..., F) bool or float
+
+and the op computes exactly that, in x's dtype, for x of any rank (leading dims are rows):
+
+    rows = x.reshape(M, D)
+    idx  = gathered: idx
+           masked:   the neurons the mask keeps, when the mask is 0/1 and every row keeps the
+                     same ones (then the masked form equals the gathered one); otherwise the
+                     masked MLP runs in PyTorch, as written
+    out  = codegen.sparse_mlp launch(rows, W1, b1, column-major W2, b2, idx)   or its reference
+
+Weights arrive as graph inputs on every call. The down kernel reads the selected columns of W2,
+contiguous only in a column-major copy; the op keeps one, rebuilt when W2 changes (another
+tensor, storage or in-place version). Gathered indices must lie in [0, F), as top-k produces:
+the kernels do not range-check them (eager would raise, or wrap negative ones).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from codegen import sparse_mlp as sparse_mlp_codegen
+from runtime.dispatch import FusedOp, Kernel
+from runtime.loader import load_source
+
+
+def masked_sparse_mlp_reference(x, w1, b1, w2, b2, mask, *, activation: str) -> torch.Tensor:
+    """The masked form as eager writes it: fc2(act(fc1(x)) * mask)."""
+    return F.linear(sparse_mlp_codegen.ACTIVATIONS[activation](F.linear(x, w1, b1)) * mask, w2, b2)
+
+
+@dataclass(frozen=True)
+class SparseMLPLayout:
+    """Which operands the graph passes, and how: form, optional biases, weights stored transposed."""
+
+    form: str  # "gathered" (idx) | "masked" (mask)
+    has_b1: bool
+    has_b2: bool
+    w1_transposed: bool = False  # the graph holds W1^T (D, F)
+    w2_transposed: bool = False  # the graph holds W2^T (F, D)
+
+    def describe(self) -> str:
+        biases = [name for name, present in (("b1", self.has_b1), ("b2", self.has_b2)) if present]
+        return f"{self.form}, bias {'+'.join(biases) or 'none'}"
+
+
+class SparseMLPOp(FusedOp):
+    pattern = "sparse_mlp"
+
+    def __init__(self, replaced, activation: str, layout: SparseMLPLayout):
+        super().__init__(tuple(replaced))
+        self.activation = activation
+        self.layout = layout
+        self._w2_column_major: tuple | None = None
+
+    # -- call ------------------------------------------------------------------------
+    def forward(self, x, *operands):
+        w1, b1, w2, b2, selector = self._unpack(operands)
+        rows = x.reshape(-1, x.shape[-1])
+        reason = self.why_not_kernel([t for t in (x, w1, b1, w2, b2, selector) if t is not None])
+        idx = selector
+        if reason is None and self.layout.form == "masked":
+            idx, reason = self._kept_neurons(selector, w1.shape[0], rows.shape[0])
+        reason = reason or sparse_mlp_codegen.unsupported_reason(rows, w1, b1, w2, b2, idx, activation=self.activation)
+        if reason is not None:
+            self.fell_back(reason)
+            return self._reference(x, w1, b1, w2, b2, selector)
+        out = self._launch(rows, w1, b1, w2, b2, idx)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _unpack(self, operands):
+        """(w1 (F, D), b1, w2 (D, F), b2, idx or mask) from the operands the pass wired in."""
+        operands = list(operands)
+        w1 = operands.pop(0)
+        b1 = operands.pop(0) if self.layout.has_b1 else None
+        w2 = operands.pop(0)
+        b2 = operands.pop(0) if self.layout.has_b2 else None
+        (selector,) = operands
+        w1 = w1.t() if self.layout.w1_transposed else w1
+        w2 = w2.t() if self.layout.w2_transposed else w2
+        return w1, b1, w2, b2, selector
+
+    def _kept_neurons(self, mask: torch.Tensor, ffn: int, rows: int) -> tuple[torch.Tensor | None, str | None]:
+        """(idx, None) when the masked form equals the gathered form with idx; else (None, why not)."""
+        if rows == 0:
+            return None, "empty batch"
+        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+            return None, "the mask has values other than 0 and 1 (it scales neurons)"
+        keep = (mask != 0).reshape(-1, ffn)
+        if keep.shape[0] > 1 and not torch.equal(keep, keep[:1].expand_as(keep)):
+            return None, "mask rows keep different neurons (the kernels share one set across rows)"
+        idx = keep[0].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return None, "the mask keeps no neuron"
+        return idx, None
+
+    # -- kernels ---------------------------------------------------------------------
+    def spec(self) -> sparse_mlp_codegen.SparseMLPSpec:
+        return sparse_mlp_codegen.SparseMLPSpec(self.activation)
+
+    def kernel_for(self, spec) -> tuple[object, Kernel]:
+        name = sparse_mlp_codegen.kernel_name(spec)
+        source = sparse_mlp_codegen.render_sparse_mlp(spec)
+        module, path = load_source(name, source)
+        kernel = self.kernels.get(name)
+        if kernel is None:
+            kernel = Kernel(name, self.pattern, source, str(path), replaced=self.replaced)
+            self.kernels[name] = kernel
+        return module, kernel
+
+    def prepare(self) -> None:
+        """Generate (render, store, load) the kernels this op launches."""
+        self.kernel_for(self.spec())
+
+    def _launch(self, rows, w1, b1, w2, b2, idx):
+        module, kernel = self.kernel_for(self.spec())
+        sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else None
+        config = sparse_mlp_codegen.default_config(rows.shape[0], rows.shape[1], idx.shape[0], sm_count=sm_count)
+        kernel.config = dict(config)
+        out = torch.empty_like(rows)
+        return module.launch(rows, w1, b1, self._column_major(w2), b2, idx, out,
+                             activation=self.activation, config=config)
+
+    def _column_major(self, w2: torch.Tensor) -> torch.Tensor:
+        """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged."""
+        if w2.stride(0) == 1:
+            return w2
+        key = (w2.data_ptr(), w2._version, tuple(w2.shape), w2.stride(), w2.dtype, w2.device)
+        cached = self._w2_column_major
+        if cached is None or cached[0]() is not w2 or cached[1] != key:
+            cached = (weakref.ref(w2), key, sparse_mlp_codegen.column_major(w2))
+            self._w2_column_major = cached
+        return cached[2]
+
+    def _reference(self, x, w1, b1, w2, b2, selector):
+        if self.layout.form == "masked":
+            return masked_sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation)
+        return sparse_mlp_codegen.sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation)

@@ -1,0 +1,430 @@
+"""The sparse-MLP pass recognises DejaVu's MLP in its gathered and masked forms, and its kernels match eager.
+
+Every equivalence test asserts that the pass fired (sparse_mlp ops in the compiled graph) and that
+the compiled output is within the tolerance rule of fp64 eager. The cases cover densities
+{1 neuron, 5%, 10%, 50%, 100%}, batches {1, 3, 16}, ReLU / GELU / GELU-tanh, with and without
+biases, fp32 / fp16 / bf16, at odd widths: a grid that covers each value several times rather
+than their full product. Spellings, the DejaVu LM, a model made sparse by compiler.sparsify,
+run-time fallbacks of the masked form and near-misses follow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import compiler
+from compiler.sparsify import sparsify
+from models.dejavu import DejaVuConfig, example
+from models.gpt import GPT, GPTConfig
+from tests.compiler.equivalence import assert_compiles_equivalent
+
+fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
+ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+# The interpreter warns about loop bounds held in 1-element arrays.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+class GatheredMLP(nn.Module):
+    """DejaVu's gathered form: act(F.linear(x, W1[idx], b1[idx])), then F.linear(h, W2[:, idx], b2)."""
+
+    def __init__(self, d: int, ffn: int, activation: str = "relu", bias: bool = True, device=None):
+        super().__init__()
+        self.fc1 = nn.Linear(d, ffn, bias=bias, device=device)
+        self.fc2 = nn.Linear(ffn, d, bias=bias, device=device)
+        self.act = ACTIVATION_MODULES[activation]()
+
+    def forward(self, x, idx):
+        b1 = None if self.fc1.bias is None else self.fc1.bias[idx]
+        h = self.act(F.linear(x, self.fc1.weight[idx], b1))
+        return F.linear(h, self.fc2.weight[:, idx], self.fc2.bias)
+
+
+class MaskedMLP(GatheredMLP):
+    """The masked form: fc2(act(fc1(x)) * mask)."""
+
+    def forward(self, x, mask):
+        return self.fc2(self.act(self.fc1(x)) * mask)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One MLP call: `batch` rows (a tuple for leading dims), width d, ffn neurons, density ("one": 1 neuron)."""
+
+    batch: int | tuple
+    d: int
+    ffn: int
+    density: float | str
+    activation: str
+    bias: bool
+    dtype: torch.dtype
+
+    @property
+    def k(self) -> int:
+        return 1 if self.density == "one" else max(1, round(self.density * self.ffn))
+
+    def x(self, generator) -> torch.Tensor:
+        rows = self.batch if isinstance(self.batch, tuple) else (self.batch,)
+        return torch.randn(*rows, self.d, generator=generator)
+
+    def idx(self, generator) -> torch.Tensor:
+        return torch.randperm(self.ffn, generator=generator)[:self.k]
+
+
+def case_id(case: Case) -> str:
+    return (f"b{case.batch}-d{case.d}-f{case.ffn}-{case.density}-{case.activation}-"
+            f"{'bias' if case.bias else 'nobias'}-{str(case.dtype)[6:]}")
+
+
+def build(module_type, case: Case, seed: int) -> tuple[nn.Module, torch.Generator]:
+    torch.manual_seed(seed)
+    return module_type(case.d, case.ffn, case.activation, case.bias), torch.Generator().manual_seed(seed)
+
+
+def assert_kernels_ran(compiled) -> None:
+    """Every sparse_mlp op launched its kernels: none ran in PyTorch."""
+    report = compiled.report()
+    assert not [line for line in report.splitlines() if line.lstrip().startswith("sparse_mlp op")], report
+    assert "sparse_mlp" in [kernel.pattern for kernel in compiled.kernels]
+
+
+GATHERED_CASES = [
+    Case(1, 75, 203, "one", "relu", True, fp16),
+    Case(1, 97, 131, 0.05, "gelu", False, bf16),
+    Case(1, 33, 301, 0.1, "gelu_tanh", True, fp32),
+    Case(1, 75, 203, 0.5, "relu", False, fp32),
+    Case(1, 97, 131, 1.0, "gelu", True, fp16),
+    Case(3, 33, 301, "one", "gelu_tanh", False, bf16),
+    Case(3, 75, 203, 0.05, "relu", True, fp32),
+    Case(3, 97, 131, 0.1, "gelu", True, fp16),
+    Case(3, 33, 301, 1.0, "relu", True, bf16),
+    Case(16, 97, 131, "one", "gelu", True, fp32),
+    Case((2, 8), 75, 203, 0.1, "relu", False, fp16),
+    Case(16, 33, 301, 0.5, "gelu_tanh", True, bf16),
+    Case(16, 75, 203, 1.0, "gelu_tanh", False, fp32),
+]
+
+
+@pytest.mark.parametrize("case", GATHERED_CASES, ids=case_id)
+def test_gathered_form(case):
+    module, generator = build(GatheredMLP, case, seed=GATHERED_CASES.index(case))
+    compiled = assert_compiles_equivalent(module, (case.x(generator), case.idx(generator)), case.dtype, "sparse_mlp")
+    assert_kernels_ran(compiled)
+
+
+MASKED_CASES = [
+    Case(1, 75, 203, "one", "gelu", True, bf16),
+    Case(1, 97, 131, 0.1, "relu", False, fp16),
+    Case(3, 33, 301, 0.05, "relu", True, fp32),
+    Case(3, 75, 203, 0.5, "gelu_tanh", True, fp16),
+    Case(16, 97, 131, 0.1, "gelu_tanh", False, bf16),
+    Case((2, 8), 33, 301, 1.0, "gelu", False, fp32),
+]
+
+
+@pytest.mark.parametrize("case", MASKED_CASES, ids=case_id)
+@pytest.mark.parametrize("mask_kind", ["float", "bool_rows"])
+def test_masked_form(case, mask_kind):
+    """A float (F,) mask, or a bool mask with one (identical) row per token."""
+    module, generator = build(MaskedMLP, case, seed=MASKED_CASES.index(case))
+    x = case.x(generator)
+    keep = torch.zeros(case.ffn, dtype=torch.bool).index_fill(0, case.idx(generator), True)
+    mask = keep.float() if mask_kind == "float" else keep.expand(*x.shape[:-1], case.ffn).clone()
+    compiled = assert_compiles_equivalent(module, (x, mask), case.dtype, "sparse_mlp")
+    assert_kernels_ran(compiled)
+
+
+# -- spellings ----------------------------------------------------------------------------------
+class IndexSelectMatmul(nn.Module):
+    """x @ W1.index_select(0, idx).T + b1[idx] -> torch.relu -> h @ torch.index_select(W2, 1, idx).t() + b2."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x, idx):
+        h = torch.relu(x @ self.fc1.weight.index_select(0, idx).T + torch.index_select(self.fc1.bias, 0, idx))
+        return h @ torch.index_select(self.fc2.weight, 1, idx).t() + self.fc2.bias
+
+
+class TransposedStorage(nn.Module):
+    """Weights stored as W1^T (D, F) and W2^T (F, D): x @ w1t[:, idx] -> F.gelu(tanh) -> h @ w2t[idx], no bias."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.w1t = nn.Parameter(torch.randn(d, ffn) / d ** 0.5)
+        self.w2t = nn.Parameter(torch.randn(ffn, d) / ffn ** 0.5)
+
+    def forward(self, x, idx):
+        return F.gelu(x @ self.w1t[:, idx], approximate="tanh") @ self.w2t[idx]
+
+
+class EllipsisGather(nn.Module):
+    """b1.index_select, W2[..., idx], x.relu() and a residual add that is not W2's bias."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x, idx):
+        h = F.linear(x, self.fc1.weight[idx], self.fc1.bias.index_select(0, idx)).relu()
+        return x + F.linear(h, self.fc2.weight[..., idx], self.fc2.bias)
+
+
+class MaskFirst(nn.Module):
+    """mask * F.gelu(x @ W1^T + b1) @ W2^T: the mask on the left, matmul projections."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, mask):
+        return (mask * F.gelu(x @ self.fc1.weight.T + self.fc1.bias)) @ self.fc2.weight.mT
+
+
+@pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, MaskFirst],
+                         ids=lambda t: t.__name__)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_spellings(module_type, batch):
+    torch.manual_seed(batch)
+    d, ffn = 59, 173
+    idx = torch.randperm(ffn)[:17]
+    selector = torch.zeros(ffn).index_fill(0, idx, 1.0) if module_type is MaskFirst else idx
+    x = torch.randn(batch, d) if batch > 1 else torch.randn(d)
+    compiled = assert_compiles_equivalent(module_type(d, ffn), (x, selector), fp32, "sparse_mlp")
+    assert_kernels_ran(compiled)
+
+
+class ThresholdMask(nn.Module):
+    """fc2(relu(fc1(x)) * (scores > 0)): a predictor's threshold mask, shared by the rows of a call."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.predictor = nn.Sequential(nn.Linear(d, 8, bias=False), nn.Linear(8, ffn))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)) * (self.predictor(x).sum(0) > 1.0))
+
+
+@pytest.mark.parametrize("dtype", [fp32, bf16], ids=str)
+def test_threshold_mask_from_a_predictor(dtype):
+    torch.manual_seed(0)
+    compiled = assert_compiles_equivalent(ThresholdMask(59, 173), (torch.randn(5, 59),), dtype, "sparse_mlp")
+    assert_kernels_ran(compiled)
+
+
+def test_report_describes_the_fused_op():
+    compiled = assert_compiles_equivalent(TransposedStorage(33, 65), (torch.randn(3, 33), torch.arange(0, 65, 7)),
+                                          fp32, "sparse_mlp")
+    assert "sparse_mlp_0 (gathered, bias none, gelu_tanh)" in compiled.report()
+    (kernel,) = compiled.kernels
+    assert kernel.name == "sparse_mlp_gelu_tanh" and "@triton.jit" in kernel.source
+    assert kernel.config["up"]["BLOCK_M"] == 4
+
+
+# -- models -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form, dtype", [("gathered", fp32), ("masked", fp32), ("gathered", bf16)])
+def test_dejavu_lm(form, dtype):
+    """One sparse_mlp op per layer, next to one attention op per layer; the predictor stays in PyTorch."""
+    model, args = example(DejaVuConfig.tiny(form=form, activation="gelu" if dtype == bf16 else "relu"), length=8)
+    compiled = assert_compiles_equivalent(model, args, dtype, "sparse_mlp", count=2)
+    assert compiled.patterns.count("attention") == 2
+    assert_kernels_ran(compiled)
+
+
+class Logits(nn.Module):
+    """A Hugging Face causal LM called with token ids, returning its logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+def tiny_opt() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OPTConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+    return Logits(transformers.OPTForCausalLM(config))
+
+
+@pytest.mark.parametrize("factory, form, activation", [
+    (lambda: GPT(GPTConfig.tiny()), "masked", "gelu_tanh"),
+    (tiny_opt, "gathered", "relu"),
+], ids=["gpt-masked", "hf-opt-gathered"])
+def test_sparsified_model_compiles_to_its_own_sparse_forward(factory, form, activation):
+    """compiler.sparsify installs the sparse forward in a dense model; compiled, it equals its uncompiled self."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 96, (2, 16), generator=generator) for _ in range(3)]
+    sparsify(model, batches, density=0.1, steps=2, progress=False, form=form)
+    ids = torch.randint(0, 96, (1, 9), generator=generator)
+    compiled = assert_compiles_equivalent(model, (ids,), fp32, "sparse_mlp", count=2)
+    assert_kernels_ran(compiled)
+    assert f"{form}, bias b1+b2, {activation}" in compiled.report()
+
+
+# -- the masked form at run time ----------------------------------------------------------------
+@pytest.mark.parametrize("mask_kind, reason", [
+    ("per_row", "mask rows keep different neurons"),
+    ("scaled", "values other than 0 and 1"),
+    ("empty", "keeps no neuron"),
+])
+def test_masks_the_kernels_cannot_take_run_in_pytorch(mask_kind, reason):
+    case = Case(3, 33, 65, 0.2, "relu", True, fp32)
+    module, generator = build(MaskedMLP, case, seed=4)
+    mask = {
+        "per_row": (torch.rand(3, 65, generator=generator) < 0.2).float(),
+        "scaled": torch.rand(65, generator=generator) * (torch.rand(65, generator=generator) < 0.2),
+        "empty": torch.zeros(65, dtype=torch.bool),
+    }[mask_kind]
+    compiled = assert_compiles_equivalent(module, (case.x(generator), mask), case.dtype, "sparse_mlp")
+    assert reason in compiled.report()
+
+
+def test_weight_updates_in_place_are_seen():
+    """W2's column-major copy is kept between calls and rebuilt when W2 changes in place."""
+    module = MaskedMLP(33, 65).eval()
+    x, mask = torch.randn(2, 33), (torch.arange(65) % 3 == 0).float()
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        compiled(x, mask)
+        (op,) = compiled._report.ops
+        copy_before = op._w2_column_major[2]
+        compiled(x, mask)
+        assert op._w2_column_major[2] is copy_before
+        module.fc2.weight.mul_(-2.0)
+        torch.testing.assert_close(compiled(x, mask), module(x, mask))
+    assert op._w2_column_major[2] is not copy_before
+
+
+# -- near-misses --------------------------------------------------------------------------------
+class SiluGathered(GatheredMLP):
+    def __init__(self, d, ffn):
+        super().__init__(d, ffn)
+        self.act = nn.SiLU()
+
+
+class SiluMasked(MaskedMLP):
+    def __init__(self, d, ffn):
+        super().__init__(d, ffn)
+        self.act = nn.SiLU()
+
+
+class InplaceRelu(MaskedMLP):
+    def __init__(self, d, ffn):
+        super().__init__(d, ffn)
+        self.act = nn.ReLU(inplace=True)
+
+
+class TrainingDropout(GatheredMLP):
+    def forward(self, x, idx):
+        h = F.dropout(torch.relu(F.linear(x, self.fc1.weight[idx], self.fc1.bias[idx])), p=0.3, training=True)
+        return F.linear(h, self.fc2.weight[:, idx], self.fc2.bias)
+
+
+class PerRowIndices(GatheredMLP):
+    """Each row its own neurons, idx (M, K): batched gathers the shared-idx kernels cannot take."""
+
+    def forward(self, x, idx):
+        h = torch.relu(torch.bmm(x[:, None, :], self.fc1.weight[idx].transpose(1, 2)))
+        return torch.bmm(h, self.fc2.weight.t()[idx])[:, 0]
+
+
+class TwoIndices(GatheredMLP):
+    def forward(self, x, idx):
+        h = F.relu(F.linear(x, self.fc1.weight[idx], self.fc1.bias[idx]))
+        return F.linear(h, self.fc2.weight[:, idx.flip(0)], self.fc2.bias)
+
+
+class ReturnsActivations(MaskedMLP):
+    def forward(self, x, mask):
+        h = self.act(self.fc1(x))
+        return self.fc2(h * mask), h
+
+
+def near_miss_args(module_type):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, generator=generator)
+    if module_type is PerRowIndices:
+        return x, torch.stack([torch.randperm(48, generator=generator)[:5] for _ in range(3)])
+    idx = torch.randperm(48, generator=generator)[:5]
+    if issubclass(module_type, MaskedMLP):
+        return x, torch.zeros(48).index_fill(0, idx, 1.0)
+    return x, idx
+
+
+@pytest.mark.parametrize("module_type, node, reason", [
+    (SiluGathered, "h", "silu is not an activation the kernel fuses (relu, gelu, gelu tanh)"),
+    (SiluMasked, "silu", "silu is not an activation the kernel fuses"),
+    (InplaceRelu, "relu", "in-place relu"),
+    (TrainingDropout, "h", "dropout is active (training mode) between the activation and the down projection"),
+    (PerRowIndices, "getitem_2", "idx is 2-D: the kernels take one 1-D set of neurons"),
+    (TwoIndices, "getitem", "W1 and W2 are not gathered by the same idx"),
+    (ReturnsActivations, "h", "intermediate is also read by"),
+], ids=lambda value: value.__name__ if isinstance(value, type) else None)
+def test_near_misses_are_reported_and_run_in_pytorch(module_type, node, reason):
+    torch.manual_seed(0)
+    module = module_type(16, 48).eval()
+    args = near_miss_args(module_type)
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ours = compiled(*args)
+        torch.manual_seed(1)
+        eager = module(*args)
+    torch.testing.assert_close(ours, eager)
+    assert "sparse_mlp" not in compiled.patterns
+    (line,) = [line for line in compiled.report().splitlines() if "sparse_mlp at" in line]
+    assert f"node {node}: " in line and reason in line, compiled.report()
+
+
+class SwiGLU(nn.Module):
+    """A gated MLP, down(silu(gate(x)) * up(x)): no mask, so no sparse-MLP candidate."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, ffn), nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x)) + self.down(F.relu(self.up(x)))
+
+
+def test_dense_and_gated_mlps_are_no_candidates():
+    module, x = SwiGLU(16, 48).eval(), torch.randn(2, 16)
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), module(x))
+    assert compiled.patterns == [] and "sparse_mlp" not in compiled.report()
+
+
+def test_float64_is_a_near_miss():
+    module = MaskedMLP(16, 48).double().eval()
+    x, mask = near_miss_args(MaskedMLP)
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x.double(), mask.double()), module(x.double(), mask.double()))
+    assert "float64 is not supported by the kernels" in compiled.report()
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("module_type", [GatheredMLP, MaskedMLP], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("batch", [1, 16])
+def test_opt_6_7b_layer_bf16(module_type, batch):
+    """One OPT-6.7B MLP (d 4096, ffn 16384, ReLU) at 10% density, compiled kernels on the GPU."""
+    torch.manual_seed(0)
+    module = module_type(4096, 16384, "relu", True, device="cuda")
+    x = torch.randn(batch, 4096, device="cuda")
+    idx = torch.randperm(16384, device="cuda")[:1638]
+    selector = torch.zeros(16384, device="cuda").index_fill(0, idx, 1.0) if module_type is MaskedMLP else idx
+    compiled = assert_compiles_equivalent(module, (x, selector), bf16, "sparse_mlp")
+    assert_kernels_ran(compiled)
