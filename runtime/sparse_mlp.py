@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
 from runtime.dispatch import FusedOp, Kernel
-from runtime.loader import load_source
 
 
 def masked_sparse_mlp_reference(x, w1, b1, w2, b2, mask, *, activation: str) -> torch.Tensor:
@@ -55,8 +54,8 @@ class SparseMLPLayout:
 class SparseMLPOp(FusedOp):
     pattern = "sparse_mlp"
 
-    def __init__(self, replaced, activation: str, layout: SparseMLPLayout):
-        super().__init__(tuple(replaced))
+    def __init__(self, replaced, activation: str, layout: SparseMLPLayout, mode: str = "default"):
+        super().__init__(tuple(replaced), mode)
         self.activation = activation
         self.layout = layout
         self._w2_column_major: tuple | None = None
@@ -107,14 +106,7 @@ class SparseMLPOp(FusedOp):
         return sparse_mlp_codegen.SparseMLPSpec(self.activation)
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
-        name = sparse_mlp_codegen.kernel_name(spec)
-        source = sparse_mlp_codegen.render_sparse_mlp(spec)
-        module, path = load_source(name, source)
-        kernel = self.kernels.get(name)
-        if kernel is None:
-            kernel = Kernel(name, self.pattern, source, str(path), replaced=self.replaced)
-            self.kernels[name] = kernel
-        return module, kernel
+        return self.load_kernel(spec, sparse_mlp_codegen.kernel_name, sparse_mlp_codegen.render_sparse_mlp)
 
     def prepare(self) -> None:
         """Generate (render, store, load) the kernels this op launches."""
@@ -123,11 +115,20 @@ class SparseMLPOp(FusedOp):
     def _launch(self, rows, w1, b1, w2, b2, idx):
         module, kernel = self.kernel_for(self.spec())
         sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else None
-        config = sparse_mlp_codegen.default_config(rows.shape[0], rows.shape[1], idx.shape[0], sm_count=sm_count)
-        kernel.config = dict(config)
+        sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
         out = torch.empty_like(rows)
-        return module.launch(rows, w1, b1, self._column_major(w2), b2, idx, out,
-                             activation=self.activation, config=config)
+        w2_columns = self._column_major(w2)
+
+        def run(config):
+            return module.launch(rows, w1, b1, w2_columns, b2, idx, out, activation=self.activation, config=config)
+
+        config = self.tuned_config(
+            kernel, sizes, rows,
+            default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count),
+            candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count),
+            run=run,
+        )
+        return run(config)
 
     def _column_major(self, w2: torch.Tensor) -> torch.Tensor:
         """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged."""

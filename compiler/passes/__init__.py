@@ -2,6 +2,8 @@
 
 Each pass is a function `run(graph, context)` that rewrites matched subgraphs of the IR
 into fused-op nodes and records what it fused and what it nearly fused in the report.
+A pass raises NoMatch(node, reason) from deep inside a match; `for_each_candidate` turns
+it into a near-miss naming that node.
 """
 from __future__ import annotations
 
@@ -11,6 +13,14 @@ import torch
 
 from compiler.report import Fused, NearMiss, Report
 from ir.graph import Graph, Node
+
+
+class NoMatch(Exception):
+    """A candidate that failed to match: `node` broke it, for `reason` (shown in report())."""
+
+    def __init__(self, node: Node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
 
 
 @dataclass
@@ -35,3 +45,12 @@ class PassContext:
     def near_miss(self, pattern: str, anchor: Node, node: str, reason: str) -> None:
         self.report.near_misses.append(NearMiss(self.graph_index, pattern, anchor.name, node, reason))
 
+    def for_each_candidate(self, pattern: str, graph: Graph, nodes, try_fuse) -> None:
+        """Call `try_fuse(node)` on each node still in the graph; a NoMatch becomes a near-miss."""
+        for node in nodes:
+            if node.name not in graph:
+                continue
+            try:
+                try_fuse(node)
+            except NoMatch as miss:
+                self.near_miss(pattern, node, miss.node.name, miss.reason)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from codegen.attention import MAX_HEAD_DIM
-from compiler.passes import PassContext
+from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
 from ir.pattern import Any, Op, Skip, match
@@ -46,12 +46,6 @@ PROBABILITIES = Skip({"cast", "identity"}, Op("softmax", Any("scores"), bind="so
 NAIVE_ATTENTION = Op("matmul", PROBABILITIES, Any("value"), bind="output")
 
 
-class NoMatch(Exception):
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
-
-
 @dataclass
 class MaskOp:
     """One mask found between QK^T and softmax."""
@@ -72,16 +66,13 @@ class Scores:
 
 
 def run(graph: Graph, context: PassContext) -> None:
-    for node in list(graph):
-        if node.name not in graph:
-            continue
-        try:
-            if node.op == "sdpa":
-                _fuse_sdpa(graph, node, context)
-            elif node.op == "matmul":
-                _fuse_naive(graph, node, context)
-        except NoMatch as miss:
-            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+    def try_fuse(node: Node) -> None:
+        if node.op == "sdpa":
+            _fuse_sdpa(graph, node, context)
+        elif node.op == "matmul":
+            _fuse_naive(graph, node, context)
+
+    context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
 
 
 # -- naive attention -------------------------------------------------------------------

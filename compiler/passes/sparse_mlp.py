@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codegen.sparse_mlp import KERNEL_DTYPES
-from compiler.passes import PassContext
+from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
 from ir.pattern import Any, Op, match
 from runtime.sparse_mlp import SparseMLPLayout, SparseMLPOp
@@ -40,12 +40,6 @@ KERNEL_ACTIVATIONS = "relu, gelu, gelu tanh"
 
 MATMUL = Op("matmul", Any("input"), Any("weight"), bind="product")
 BIASED_MATMUL = Op("add", MATMUL, Any("bias"), bind="sum")
-
-
-class NoMatch(Exception):
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 @dataclass
@@ -76,13 +70,11 @@ class Bias:
 
 
 def run(graph: Graph, context: PassContext) -> None:
-    for node in list(graph):
-        if node.name not in graph or not graph.users(node.name):
-            continue
-        try:
+    def try_fuse(node: Node) -> None:
+        if graph.users(node.name):
             _fuse_candidate(graph, node, context)
-        except NoMatch as miss:
-            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+
+    context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
 
 
 # -- candidates: down projections of a gathered W2 or of a masked product ---------------------
@@ -154,7 +146,7 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, activated:
     layout = SparseMLPLayout("gathered" if mask is None else "masked", has_b1=bool(b1.operands),
                              has_b2=down.bias is not None, w1_transposed=w1.transposed, w2_transposed=w2.transposed)
     replaced = _in_order(graph, computed + w1.nodes + b1.nodes + w2.nodes)
-    op = SparseMLPOp(replaced, _activation_name(activated), layout)
+    op = SparseMLPOp(replaced, _activation_name(activated), layout, mode=context.mode)
     op.prepare()
     selector = w2.idx if mask is None else mask
     context.fuse(graph, anchor, op, [n.name for n in operands + [selector]], replaced,
