@@ -16,8 +16,10 @@ and the op computes exactly that, in x's dtype, for x of any rank (leading dims 
 
 Weights arrive as graph inputs on every call. The down kernel reads the selected columns of W2,
 contiguous only in a column-major copy; the op keeps one, rebuilt when W2 changes (another
-tensor, storage or in-place version). Gathered indices must lie in [0, F), as top-k produces:
-the kernels do not range-check them (eager would raise, or wrap negative ones).
+tensor, storage or in-place version). The kernels do not range-check gathered indices: the
+pass proves them in [0, F) when they come from top-k or sort over the F neurons, and otherwise
+the op checks them on each call (a device sync) and leaves out-of-range ones to eager, which
+raises or wraps them as PyTorch does.
 """
 from __future__ import annotations
 
@@ -45,10 +47,17 @@ class SparseMLPLayout:
     has_b2: bool
     w1_transposed: bool = False  # the graph holds W1^T (D, F)
     w2_transposed: bool = False  # the graph holds W2^T (F, D)
+    indices_proven: bool = True  # gathered idx provably in [0, F) (top-k/sort indices); else checked per call
 
     def describe(self) -> str:
         biases = [name for name, present in (("b1", self.has_b1), ("b2", self.has_b2)) if present]
         return f"{self.form}, bias {'+'.join(biases) or 'none'}"
+
+
+def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= ffn):
+        return f"indices outside [0, {ffn}) (left to PyTorch, which raises or wraps them)"
+    return None
 
 
 class SparseMLPOp(FusedOp):
@@ -68,6 +77,8 @@ class SparseMLPOp(FusedOp):
         idx = selector
         if reason is None and self.layout.form == "masked":
             idx, reason = self._kept_neurons(selector, w1.shape[0], rows.shape[0])
+        if reason is None and not self.layout.indices_proven:
+            reason = _index_range_reason(idx, w1.shape[0])
         reason = reason or sparse_mlp_codegen.unsupported_reason(rows, w1, b1, w2, b2, idx, activation=self.activation)
         if reason is not None:
             self.fell_back(reason)

@@ -144,13 +144,59 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, activated:
     if mask is not None:
         _check_mask(mask, down.input, activated, ffn)
     layout = SparseMLPLayout("gathered" if mask is None else "masked", has_b1=bool(b1.operands),
-                             has_b2=down.bias is not None, w1_transposed=w1.transposed, w2_transposed=w2.transposed)
+                             has_b2=down.bias is not None, w1_transposed=w1.transposed, w2_transposed=w2.transposed,
+                             indices_proven=mask is not None or _indices_in_range(graph, w2.idx, ffn))
     replaced = _in_order(graph, computed + w1.nodes + b1.nodes + w2.nodes)
     op = SparseMLPOp(replaced, _activation_name(activated), layout, mode=context.mode)
     op.prepare()
     selector = w2.idx if mask is None else mask
     context.fuse(graph, anchor, op, [n.name for n in operands + [selector]], replaced,
                  f"{layout.describe()}, {op.activation}")
+
+
+def _indices_in_range(graph, idx: Node, size: int) -> bool:
+    """Are idx's values provably in [0, size)? True for top-k/sort/argsort indices over a dim of
+    that size, and for the sorted values of such indices (DejaVu's topk(...).indices.sort())."""
+    node = idx
+    while True:
+        if node.op == "cast" and node.type.dtype in (torch.int32, torch.int64):
+            node = graph.node(node.inputs[0])
+            continue
+        producer, item = _tuple_item(graph, node)
+        if producer is None:
+            return node.op == "torch" and node.attrs["target"] == "argsort" and _sorted_dim_size(graph, node) == size
+        if item == 1 and producer.attrs["target"] in ("topk", "sort"):
+            return _sorted_dim_size(graph, producer) == size
+        if item == 0 and producer.attrs["target"] == "sort":
+            node = graph.node(producer.inputs[0])
+            continue
+        return False
+
+
+def _tuple_item(graph, node: Node) -> tuple[Node | None, int | None]:
+    """(topk/sort node, i) when `node` is item i of its result tuple (result[i] or .values/.indices)."""
+    call = node.call
+    if node.op != "torch" or call is None or not node.inputs:
+        return None, None
+    producer = graph.node(node.inputs[0])
+    if producer.op != "torch" or producer.attrs["target"] not in ("topk", "sort"):
+        return None, None
+    if node.attrs["target"] == "getitem" and isinstance(call.args[1], int):
+        return producer, call.args[1]
+    if node.attrs["target"] == "getattr" and call.args[1] in ("values", "indices"):
+        return producer, ("values", "indices").index(call.args[1])
+    return None, None
+
+
+def _sorted_dim_size(graph, node: Node) -> int | None:
+    """The size of the dim topk/sort/argsort runs over (their `dim` argument, default last)."""
+    call = node.call
+    position = {"topk": 2, "sort": 1, "argsort": 1}[node.attrs["target"]]
+    dim = call.kwargs.get("dim", call.args[position] if len(call.args) > position else -1)
+    source = graph.node(node.inputs[0]).type
+    if not isinstance(dim, int) or source is None or source.static_shape() is None:
+        return None
+    return source.static_shape()[dim]
 
 
 def _activation_name(node: Node) -> str | None:

@@ -306,6 +306,34 @@ def test_weight_updates_in_place_are_seen():
     assert op._w2_column_major[2] is not copy_before
 
 
+class TopkGathered(GatheredMLP):
+    """idx from top-k over the F neurons, sorted: provably in range, so never checked at run time."""
+
+    def forward(self, x, scores):
+        return super().forward(x, scores.topk(7).indices.sort().values)
+
+
+def test_index_range_is_proven_or_checked():
+    module = GatheredMLP(16, 40).eval()
+    x = torch.randn(3, 16)
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        compiled(x, torch.tensor([0, 5, 39]))
+        (op,) = compiled._report.ops
+        assert not op.layout.indices_proven
+        for bad in (torch.tensor([0, 40]), torch.tensor([3, -41])):
+            with pytest.raises(IndexError):
+                module(x, bad)
+            with pytest.raises(IndexError):
+                compiled(x, bad)
+    assert "indices outside [0, 40)" in compiled.report()
+    torch._dynamo.reset()
+    proven = compiler.compile(TopkGathered(16, 40).eval(), strict=True)
+    with torch.no_grad():
+        proven(x, torch.randn(40))
+    assert proven._report.ops[0].layout.indices_proven
+
+
 # -- near-misses --------------------------------------------------------------------------------
 class SiluGathered(GatheredMLP):
     def __init__(self, d, ffn):
