@@ -9,6 +9,18 @@ or causal with block skipping); a mask known only at run time is passed as a ten
 applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
 registered tril) is only trusted while those buffers are the same objects at the same
 version; otherwise the op uses the mask tensor the graph computed.
+
+Two kernels compute the same semantics; `uses_decode_kernel` picks one by shape:
+
+    q_len <= DECODE_MAX_Q_LEN and kv_len >= DECODE_MIN_KV_LEN   split-KV decode (flash-decoding)
+    otherwise                                                   FlashAttention-2 (prefill)
+
+Short queries give FlashAttention-2's grid, (query tiles, batch * q_heads), about one program per
+head, each streaming the whole cache: a few dozen programs for batch 1 on a 132-SM GPU, and each
+query head of a GQA group reading its kv head again. The decode kernel packs a group's heads and
+queries into one tile and splits the keys across programs; it pays one extra small kernel that
+merges the splits, which only a cache of a few hundred keys fails to amortise. 64 queries cover
+decoding (1) and speculative-decoding trees (Medusa: up to 64 tokens with a tree mask).
 """
 from __future__ import annotations
 
@@ -19,7 +31,16 @@ from dataclasses import dataclass
 import torch
 
 from codegen import attention as attention_codegen
+from codegen import attention_decode as decode_codegen
 from runtime.dispatch import FusedOp, Kernel
+
+DECODE_MAX_Q_LEN = 64
+DECODE_MIN_KV_LEN = 256
+
+
+def uses_decode_kernel(q_len: int, kv_len: int) -> bool:
+    """Whether attention of q_len queries over kv_len keys runs the decode kernel (module docstring)."""
+    return q_len <= DECODE_MAX_Q_LEN and kv_len >= DECODE_MIN_KV_LEN
 
 
 @dataclass(frozen=True)
@@ -112,7 +133,10 @@ class AttentionOp(FusedOp):
 
     # -- kernels ---------------------------------------------------------------------
     def spec_for(self, q, k, v, form: MaskForm) -> attention_codegen.AttentionSpec:
-        return attention_codegen.AttentionSpec(
+        """The spec of the kernel these 4-d operands run: a DecodeSpec for short queries."""
+        decode = uses_decode_kernel(q.shape[-2], k.shape[-2])
+        spec_type = decode_codegen.DecodeSpec if decode else attention_codegen.AttentionSpec
+        return spec_type(
             head_dim=q.shape[-1],
             value_dim=v.shape[-1],
             mask=form.kind,
@@ -122,6 +146,8 @@ class AttentionOp(FusedOp):
         )
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
+        if isinstance(spec, decode_codegen.DecodeSpec):
+            return self.load_kernel(spec, decode_codegen.kernel_name, decode_codegen.render_decode)
         return self.load_kernel(spec, attention_codegen.kernel_name, attention_codegen.render_attention)
 
     def prepare(self, q, k, v) -> None:
@@ -143,14 +169,26 @@ class AttentionOp(FusedOp):
             return module.launch(q, k, v, out, scale=self.scale, mask=mask, fill_value=form.fill_value,
                                  causal_offset=self._causal_offset(q, k, form), config=config)
 
-        q_len, kv_len = q.shape[-2], k.shape[-2]
-        config = self.tuned_config(
-            kernel, (q_len, kv_len), q,
-            default=lambda: attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
-            candidates=lambda: attention_codegen.config_space(spec),
-            run=run,
-        )
+        lengths, default, candidates = self._tuning(spec, q, k)
+        config = self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run)
         return run(config)
+
+    @staticmethod
+    def _tuning(spec, q, k):
+        """(lengths keying the tuned config, default config, candidate configs) for `spec`'s kernel.
+
+        The decode kernel's config holds a split count, so its key adds the packed rows per kv
+        head and the number of (batch, kv head) pairs to the lengths."""
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        if isinstance(spec, decode_codegen.DecodeSpec):
+            shape = dict(group=q.shape[1] // k.shape[1], kv_rows=q.shape[0] * k.shape[1],
+                         sm_count=decode_codegen.sm_count(q.device))
+            return ((shape["group"] * q_len, kv_len, shape["kv_rows"]),
+                    lambda: decode_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size(), **shape),
+                    lambda: decode_codegen.config_space(spec, q_len, kv_len, **shape))
+        return ((q_len, kv_len),
+                lambda: attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
+                lambda: attention_codegen.config_space(spec))
 
     def _reference(self, q, k, v, mask, form):
         out = attention_codegen.attention_reference(
