@@ -5,9 +5,12 @@
     cm.kernels                     # [Kernel(name, pattern, source, path, config, replaced)]
     print(cm.report())             # matched ops, near-misses and run-time fallbacks
 
-Capture goes through TorchDynamo (`torch.compile` with our backend and static shapes), so
-Python control flow and Hugging Face models work, graph breaks run eagerly between the
-captured graphs, and a new input shape recompiles under Dynamo's guards.
+Capture goes through TorchDynamo (`torch.compile` with our backend), so Python control flow
+and Hugging Face models work, graph breaks run eagerly between the captured graphs, and a
+new input shape recompiles under Dynamo's guards. By default (`dynamic=None`, Dynamo's
+automatic dynamic shapes) the first graph is specialised to its shapes (so constant masks
+are classified, e.g. as causal) and a size that changes gets one symbolic graph instead of
+a recompile per size (a decode loop's growing KV cache); `dynamic=False` always specialises.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from runtime.dispatch import Kernel
 
 
 class CompiledModule(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, *, mode: str = "default", fullgraph: bool = False,
-                 strict: bool = False):
+    def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = None,
+                 fullgraph: bool = False, strict: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -33,7 +36,7 @@ class CompiledModule(torch.nn.Module):
         self._report = Report()
         self._backend = Backend(self._report, strict=strict, mode=mode)
         self._compiled = model if knobs.disabled() else torch.compile(
-            model, backend=self._backend, dynamic=False, fullgraph=fullgraph)
+            model, backend=self._backend, dynamic=dynamic, fullgraph=fullgraph)
 
     def forward(self, *args, **kwargs):
         return self._compiled(*args, **kwargs)
@@ -55,18 +58,19 @@ class CompiledModule(torch.nn.Module):
         return [entry.pattern for entry in self._report.fused]
 
 
-def compile(model: torch.nn.Module, *, mode: str = "default", fullgraph: bool = False,
-            strict: bool = False) -> CompiledModule:
+def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = None,
+            fullgraph: bool = False, strict: bool = False) -> CompiledModule:
     """Compile `model` with flashfx.
 
     mode: "default" launches each kernel with a tuned config from the cache if there is one,
           else its heuristic config, and never benchmarks; "max-autotune" benchmarks the
           template's candidates once per shape bucket and persists the winner.
+    dynamic: passed to TorchDynamo (None: specialise first, go symbolic for sizes that change).
     strict: raise instead of leaving a graph that flashfx failed to compile to PyTorch.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compiler.compile expects an nn.Module, got {type(model).__name__}")
-    return CompiledModule(model, mode=mode, fullgraph=fullgraph, strict=strict)
+    return CompiledModule(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, strict=strict)
 
 
 def warmup(model: torch.nn.Module, inputs: Iterable, *, mode: str = "max-autotune",

@@ -133,8 +133,12 @@ class AttentionOp(FusedOp):
 
     # -- kernels ---------------------------------------------------------------------
     def spec_for(self, q, k, v, form: MaskForm) -> attention_codegen.AttentionSpec:
-        """The spec of the kernel these 4-d operands run: a DecodeSpec for short queries."""
-        decode = uses_decode_kernel(q.shape[-2], k.shape[-2])
+        """The spec of the kernel these 4-d operands run: a DecodeSpec for short queries.
+
+        With symbolic lengths (compile time, dynamic shapes) the choice waits for run time:
+        comparing them here would make Dynamo guard on the comparison."""
+        lengths = (q.shape[-2], k.shape[-2])
+        decode = all(isinstance(n, int) for n in lengths) and uses_decode_kernel(*lengths)
         spec_type = decode_codegen.DecodeSpec if decode else attention_codegen.AttentionSpec
         return spec_type(
             head_dim=q.shape[-1],
