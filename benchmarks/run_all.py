@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import attention, attention_decode, report, warm_start
+from benchmarks import attention, attention_decode, long_conv, report, warm_start
 from benchmarks.common import device_name, measure_ceilings, rows_payload, write_json
 
-SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run}
+SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
+          "long_conv": long_conv.run}
 
 
 def run_gpu_tests(out: Path) -> dict:

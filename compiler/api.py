@@ -7,10 +7,13 @@
 
 Capture goes through TorchDynamo (`torch.compile` with our backend), so Python control flow
 and Hugging Face models work, graph breaks run eagerly between the captured graphs, and a
-new input shape recompiles under Dynamo's guards. By default (`dynamic=None`, Dynamo's
-automatic dynamic shapes) the first graph is specialised to its shapes (so constant masks
-are classified, e.g. as causal) and a size that changes gets one symbolic graph instead of
-a recompile per size (a decode loop's growing KV cache); `dynamic=False` always specialises.
+new input shape recompiles under Dynamo's guards. By default (`dynamic=False`) every graph
+is specialised to its shapes, so constant masks are classified (e.g. as causal) and every
+pass sees static lengths. `dynamic=None` (Dynamo's automatic dynamic shapes) gives a size
+that keeps changing one symbolic graph instead of a recompile per size, for a decode loop
+over a growing KV cache: attention stays fused (with its mask as a tensor), while passes
+that need static lengths (long convolutions) leave symbolic graphs to PyTorch and say so.
+A preallocated (static) KV cache avoids both.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from runtime.dispatch import Kernel
 
 
 class CompiledModule(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = None,
+    def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
                  fullgraph: bool = False, strict: bool = False):
         super().__init__()
         if mode not in MODES:
@@ -58,14 +61,15 @@ class CompiledModule(torch.nn.Module):
         return [entry.pattern for entry in self._report.fused]
 
 
-def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = None,
+def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
             fullgraph: bool = False, strict: bool = False) -> CompiledModule:
     """Compile `model` with flashfx.
 
     mode: "default" launches each kernel with a tuned config from the cache if there is one,
           else its heuristic config, and never benchmarks; "max-autotune" benchmarks the
           template's candidates once per shape bucket and persists the winner.
-    dynamic: passed to TorchDynamo (None: specialise first, go symbolic for sizes that change).
+    dynamic: passed to TorchDynamo (False: specialise every shape; None: go symbolic for sizes
+          that keep changing; see the module docstring).
     strict: raise instead of leaving a graph that flashfx failed to compile to PyTorch.
     """
     if not isinstance(model, torch.nn.Module):

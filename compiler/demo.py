@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 import compiler
-from models import dejavu, gpt
+from models import dejavu, gpt, h3, hyena
 
 MODELS: dict[str, Callable] = {
     "GPT tiny, naive attention (nanoGPT style)": gpt.tiny_naive,
@@ -20,6 +20,8 @@ MODELS: dict[str, Callable] = {
     "GPT tiny, naive attention, MQA": gpt.tiny_naive_mqa,
     "DejaVu tiny, sparse MLP gathered (W1[idx], W2[:, idx])": dejavu.tiny_gathered,
     "DejaVu tiny, sparse MLP masked (fc2(act(fc1(x)) * mask))": dejavu.tiny_masked,
+    "H3 tiny, FFT long convolutions (shift and diagonal SSM kernels, gated)": h3.tiny,
+    "Hyena tiny, implicit long filter by FFT, short depthwise conv, order-2 gating": hyena.tiny,
 }
 TOLERANCE = 1e-4
 

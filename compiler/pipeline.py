@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from compiler.passes import PassContext, attention, sparse_mlp
+from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp
 from compiler.report import Report
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
@@ -18,7 +18,7 @@ from ir.graph import Node
 from ir.to_fx import to_fx
 from ir.verify import verify
 
-PASSES = (attention.run, sparse_mlp.run)
+PASSES = (attention.run, sparse_mlp.run, long_conv.run, short_conv.run)
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,

@@ -33,6 +33,16 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     silu        F.silu, nn.SiLU (inlined), not in place
     sum         torch.sum, x.sum(); attrs["dim"] a sorted tuple (all dims when none given),
                 attrs["keepdim"], attrs["dtype"]
+    slice       x[..., a:b], x[:, a:b:s], x.narrow(d, a, n), torch.narrow: one slice with int bounds among
+                full slices; attrs["dim"], attrs["start"], attrs["stop"], attrs["step"] (clamped to the
+                dim's size the way Python slicing does, stop >= start)
+    rfft/irfft/fft/ifft  torch.fft.*(x, n, dim, norm); attrs["n"] the transform length (the default
+                filled in), attrs["dim"], attrs["norm"] ("backward" when none given)
+    real        x.real, torch.real
+    conv1d      F.conv1d, torch.conv1d, nn.Conv1d (inlined); attrs["stride"], attrs["padding"] (an int,
+                or "same"/"valid"), attrs["dilation"], attrs["groups"], attrs["has_bias"]
+    pad         F.pad, torch.constant_pad_nd; attrs["pad"] (a tuple), attrs["mode"], attrs["value"]
+    sigmoid     torch.sigmoid, F.sigmoid, x.sigmoid()
 """
 from __future__ import annotations
 
@@ -134,7 +144,7 @@ def getitem(node) -> Normalised | None:
     full = slice(None, None, None)
     if all(i is None or i is Ellipsis or i == full for i in index):
         return "reshape", {"shape": _out_shape(node)}, [x]
-    return _int_index(x, index) or _tensor_index(x, index)
+    return _int_index(x, index) or _tensor_index(x, index) or _slice_index(x, index)
 
 
 def _item_dim(x, index: tuple, position: int) -> int | None:
@@ -166,6 +176,34 @@ def _int_index(x, index: tuple) -> Normalised | None:
     return None if dim is None else _select(x, dim, index[positions[0]])
 
 
+def _slice_index(x, index: tuple) -> Normalised | None:
+    """x[:, ..., a:b:s, ...]: one slice with int (or None) bounds, full slices and at most one Ellipsis around it."""
+    full = slice(None, None, None)
+    positions = [i for i, item in enumerate(index) if isinstance(item, slice) and item != full]
+    if len(positions) != 1:
+        return None
+    item = index[positions[0]]
+    if not all(bound is None or (isinstance(bound, int) and not isinstance(bound, bool))
+               for bound in (item.start, item.stop, item.step)):
+        return None
+    dim = _item_dim(x, index, positions[0])
+    return None if dim is None else _slice(x, dim, item)
+
+
+def _slice(x, dim: int, item: slice) -> Normalised:
+    start, stop, step = item.indices(_value(x).shape[dim])
+    return "slice", {"dim": dim, "start": start, "stop": max(start, stop), "step": step}, [x]
+
+
+def narrow(node) -> Normalised | None:
+    x, dim, start, length = node.args[0], _arg(node, 1, "dim"), _arg(node, 2, "start"), _arg(node, 3, "length")
+    if not (_is_tensor_node(x) and all(isinstance(a, int) for a in (dim, start, length))):
+        return None
+    dim = _dim(dim, _rank(x))
+    start = start % _value(x).shape[dim] if start < 0 else start
+    return _slice(x, dim, slice(start, start + length))
+
+
 def _select(x, dim: int, index: int) -> Normalised:
     size = _value(x).shape[dim]
     return "select", {"dim": dim, "index": index % size if size else index}, [x]
@@ -186,10 +224,13 @@ def index_select(node) -> Normalised | None:
 
 
 def attribute(node) -> Normalised | None:
-    """x.T (all dims reversed) and x.mT (last two swapped) are permutes; other attributes stay opaque."""
+    """x.T (all dims reversed) and x.mT (last two swapped) are permutes, x.real is real; other
+    attributes stay opaque."""
     x, name = node.args
-    if not _is_tensor_node(x) or name not in ("T", "mT"):
+    if not _is_tensor_node(x) or name not in ("T", "mT", "real"):
         return None
+    if name == "real":
+        return real(node)
     if name == "mT":
         return matrix_transpose(node)
     return "permute", {"perm": tuple(reversed(range(_rank(x))))}, [x]
@@ -358,6 +399,61 @@ def reduce_sum(node) -> Normalised | None:
     return "sum", {"dim": tuple(sorted({_dim(d, rank) for d in dims})), "keepdim": bool(keepdim), "dtype": dtype}, [x]
 
 
+def _transform(op: str) -> Callable:
+    """torch.fft.rfft/irfft/fft/ifft along one dim; n is the input's length along it when not given
+    (rfft), else the output's (the inverse transforms' default 2 (m - 1) included)."""
+    def normalise(node) -> Normalised | None:
+        x, n, dim, norm = node.args[0], _arg(node, 1, "n"), _arg(node, 2, "dim", -1), _arg(node, 3, "norm")
+        if not (_is_tensor_node(x) and isinstance(dim, int) and (n is None or isinstance(n, int))
+                and node.kwargs.get("out") is None):
+            return None
+        dim = _dim(dim, _rank(x))
+        if n is None:
+            n = _value(x).shape[dim] if op == "rfft" else _out_shape(node)[dim]
+        return op, {"n": n, "dim": dim, "norm": norm or "backward"}, [x]
+
+    return normalise
+
+
+def real(node) -> Normalised | None:
+    return ("real", {}, [node.args[0]]) if _is_tensor_node(node.args[0]) else None
+
+
+def _single(value) -> int | None:
+    """conv1d's stride/padding/dilation: an int or a 1-tuple of one."""
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def conv1d(node) -> Normalised | None:
+    x, weight, bias = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    padding = _arg(node, 4, "padding", 0)
+    attrs = {"stride": _single(_arg(node, 3, "stride", 1)),
+             "padding": padding if padding in ("same", "valid") else _single(padding),
+             "dilation": _single(_arg(node, 5, "dilation", 1)), "groups": _arg(node, 6, "groups", 1),
+             "has_bias": bias is not None}
+    if (not (_is_tensor_node(x) and _is_tensor_node(weight)) or not (bias is None or _is_tensor_node(bias))
+            or None in attrs.values() or not isinstance(attrs["groups"], int)):
+        return None
+    return "conv1d", attrs, [x, weight] + ([bias] if bias is not None else [])
+
+
+def pad(node) -> Normalised | None:
+    x, widths = node.args[0], _arg(node, 1, "pad")
+    mode = "constant" if node.target is torch.constant_pad_nd else _arg(node, 2, "mode", "constant")
+    value = _arg(node, 2 if node.target is torch.constant_pad_nd else 3, "value")
+    if not (_is_tensor_node(x) and isinstance(widths, (tuple, list)) and all(isinstance(w, int) for w in widths)):
+        return None
+    return "pad", {"pad": tuple(widths), "mode": mode, "value": 0.0 if value is None else value}, [x]
+
+
+def sigmoid(node) -> Normalised | None:
+    if node.kwargs.get("out") is not None or not _is_tensor_node(node.args[0]):
+        return None
+    return "sigmoid", {}, [node.args[0]]
+
+
 FUNCTIONS: dict[Callable, Callable] = {
     operator.matmul: matmul, torch.matmul: matmul, torch.bmm: matmul,
     torch.einsum: einsum,
@@ -385,6 +481,10 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.stack: _joined("stack", 1), torch.cat: _joined("cat", 0), torch.concat: _joined("cat", 0),
     torch.concatenate: _joined("cat", 0),
     torch.exp: exp, F.softplus: softplus, F.silu: silu, torch.sum: reduce_sum,
+    torch.narrow: narrow, torch.real: real, torch.conv1d: conv1d, F.conv1d: conv1d,
+    F.pad: pad, torch._C._nn.pad: pad, torch.constant_pad_nd: pad,
+    torch.sigmoid: sigmoid, F.sigmoid: sigmoid,
+    **{getattr(torch.fft, op): _transform(op) for op in ("rfft", "irfft", "fft", "ifft")},
 }
 
 METHODS: dict[str, Callable] = {
@@ -402,6 +502,7 @@ METHODS: dict[str, Callable] = {
     "index_select": index_select,
     "relu": relu,
     "select": select, "exp": exp, "sum": reduce_sum,
+    "narrow": narrow, "sigmoid": sigmoid,
 }
 
 

@@ -18,7 +18,7 @@ complex modes in conjugate pairs):
     K[t]    = 2 Re( sum_n C_n B_n (exp(dtA_n) - 1) / A_n * exp(dtA_n)^t )
 
 The language model: embedding -> n_layer pre-norm blocks (x + H3(ln(x)), x + MLP(ln(x))) ->
-final LayerNorm -> lm head tied to the embedding.
+final LayerNorm -> lm head tied to the embedding (models/lm.py, shared with the other model).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models import lm
 
 
 def fftconv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
@@ -128,55 +130,16 @@ class H3(nn.Module):
         return self.out_proj((q * y).transpose(1, 2))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: H3Config):
-        super().__init__()
-        self.fc1 = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
-        self.fc2 = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    """Pre-norm residual: x + H3(ln1(x)), then x + MLP(ln2(x))."""
+class H3LM(lm.SequenceLM):
+    """Token ids (b, L) -> logits (b, L, vocab_size), every block mixing with H3."""
 
     def __init__(self, config: H3Config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mixer = H3(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class H3LM(nn.Module):
-    """Token ids (b, L) -> logits (b, L, vocab_size)."""
-
-    def __init__(self, config: H3Config):
-        super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embedding.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(input_ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        super().__init__(config, H3)
 
 
 def example(config: H3Config, batch: int = 2, length: int = 64, seed: int = 0):
     """(model in eval mode, example args) for the CLI and the demo."""
-    torch.manual_seed(seed)
-    model = H3LM(config).eval()
-    return model, (torch.randint(0, config.vocab_size, (batch, length)),)
+    return lm.example(lambda: H3LM(config), batch, length, seed)
 
 
 def tiny():

@@ -18,7 +18,7 @@ exponential window per channel:
     h_t  = (Linear -> Sin) x (1 + n_inner) -> Linear(d) of z_t,  times exp(-t / (l_max - 1) |delta_c|)
 
 The language model: embedding -> n_layer pre-norm blocks (x + Hyena(ln(x)), x + MLP(ln(x))) ->
-final LayerNorm -> lm head tied to the embedding.
+final LayerNorm -> lm head tied to the embedding (models/lm.py, shared with the other model).
 """
 from __future__ import annotations
 
@@ -26,18 +26,21 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from models import lm
 
 
 def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Causal convolution of u (b, H, L) with the filter k (H, L) by FFT, plus the skip u * D (D (H,)).
 
     Hyena's spelling: the filter's spectrum is divided by the FFT size and the inverse transform
-    is unnormalised (norm="forward"). Computes in the filter's dtype and returns u's dtype.
+    is unnormalised (norm="forward"). Computes in the filter's dtype, at least float32 (as Hyena's
+    FFTs run under autocast: torch.fft takes no bfloat16), and returns u's dtype.
     """
     seqlen = u.shape[-1]
     fft_size = 2 * seqlen
+    k = k.to(dtype=torch.promote_types(k.dtype, torch.float32))
     k_f = torch.fft.rfft(k, n=fft_size) / fft_size
     u_f = torch.fft.rfft(u.to(dtype=k.dtype), n=fft_size)
     y = torch.fft.irfft(u_f * k_f, n=fft_size, norm="forward")[..., :seqlen]
@@ -164,55 +167,16 @@ class HyenaOperator(nn.Module):
         return self.out_proj((v * x0).transpose(1, 2))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: HyenaConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
-        self.fc2 = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    """Pre-norm residual: x + Hyena(ln1(x)), then x + MLP(ln2(x))."""
+class HyenaLM(lm.SequenceLM):
+    """Token ids (b, L) -> logits (b, L, vocab_size), every block mixing with HyenaOperator."""
 
     def __init__(self, config: HyenaConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mixer = HyenaOperator(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class HyenaLM(nn.Module):
-    """Token ids (b, L) -> logits (b, L, vocab_size)."""
-
-    def __init__(self, config: HyenaConfig):
-        super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.embedding.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embedding(input_ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
+        super().__init__(config, HyenaOperator)
 
 
 def example(config: HyenaConfig, batch: int = 2, length: int = 64, seed: int = 0):
     """(model in eval mode, example args) for the CLI and the demo."""
-    torch.manual_seed(seed)
-    model = HyenaLM(config).eval()
-    return model, (torch.randint(0, config.vocab_size, (batch, length)),)
+    return lm.example(lambda: HyenaLM(config), batch, length, seed)
 
 
 def tiny():

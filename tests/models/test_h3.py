@@ -1,46 +1,10 @@
-"""The H3 reference model (models/h3.py): shapes, causality, its FFT convolution against a direct
-convolution, and its two SSM kernels against the recurrences they stand for."""
+"""The H3 reference model (models/h3.py): the dtypes of its FFT convolution, its two SSM kernels against
+the recurrences they stand for, its size (shapes, causality and the convolution itself: test_lm.py)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from models import h3
 from models.h3 import DiagonalSSMKernel, H3Config, H3LM, ShiftSSMKernel, fftconv_ref
-
-
-def direct_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """y[b, h, t] = sum_{s <= t} k[h, t - s] u[b, h, s], as a depthwise conv1d with the filter flipped."""
-    seqlen, channels = u.shape[-1], u.shape[1]
-    return F.conv1d(F.pad(u, (seqlen - 1, 0)), k.flip(-1)[:, None, :], groups=channels)
-
-
-def test_tiny_factory_gives_an_eval_model_and_token_ids():
-    model, (ids,) = h3.tiny()
-    assert isinstance(model, H3LM) and not model.training
-    assert ids.shape == (2, 64) and ids.dtype == torch.int64
-    with torch.no_grad():
-        logits = model(ids)
-    assert logits.shape == (2, 64, model.config.vocab_size)
-    assert logits.isfinite().all()
-
-
-def test_lm_is_causal():
-    model, (ids,) = h3.tiny()
-    changed = ids.clone()
-    changed[:, 40:] = (ids[:, 40:] + 1) % model.config.vocab_size
-    with torch.no_grad():
-        before, after = model(ids), model(changed)
-    torch.testing.assert_close(before[:, :40], after[:, :40], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(before[:, 40:], after[:, 40:])
-
-
-def test_fftconv_ref_is_a_causal_convolution_plus_skip():
-    g = torch.Generator().manual_seed(0)
-    u = torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
-    k = torch.randn(5, 37, generator=g, dtype=torch.float64)
-    D = torch.randn(5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fftconv_ref(u, k, D), direct_causal_conv(u, k) + u * D[:, None])
 
 
 def test_fftconv_ref_computes_in_the_filters_dtype_and_returns_the_inputs():

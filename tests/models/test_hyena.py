@@ -1,5 +1,5 @@
-"""The Hyena reference model (models/hyena.py): shapes, causality, its FFT convolution against a
-direct convolution, and the implicit filter's construction."""
+"""The Hyena reference model (models/hyena.py): the operator against direct convolutions, the implicit
+filter's construction, its size (shapes, causality and the FFT convolution itself: test_lm.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,41 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models import hyena
-from models.hyena import HyenaConfig, HyenaLM, HyenaOperator, fftconv
-
-
-def direct_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """y[b, h, t] = sum_{s <= t} k[h, t - s] u[b, h, s], as a depthwise conv1d with the filter flipped."""
-    seqlen, channels = u.shape[-1], u.shape[1]
-    return F.conv1d(F.pad(u, (seqlen - 1, 0)), k.flip(-1)[:, None, :], groups=channels)
-
-
-def test_tiny_factory_gives_an_eval_model_and_token_ids():
-    model, (ids,) = hyena.tiny()
-    assert isinstance(model, HyenaLM) and not model.training
-    assert ids.shape == (2, 64) and ids.dtype == torch.int64
-    with torch.no_grad():
-        logits = model(ids)
-    assert logits.shape == (2, 64, model.config.vocab_size)
-    assert logits.isfinite().all()
-
-
-def test_lm_is_causal():
-    model, (ids,) = hyena.tiny()
-    changed = ids.clone()
-    changed[:, 40:] = (ids[:, 40:] + 1) % model.config.vocab_size
-    with torch.no_grad():
-        before, after = model(ids), model(changed)
-    torch.testing.assert_close(before[:, :40], after[:, :40], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(before[:, 40:], after[:, 40:])
-
-
-def test_fftconv_is_a_causal_convolution_plus_skip():
-    g = torch.Generator().manual_seed(0)
-    u = torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
-    k = torch.randn(5, 37, generator=g, dtype=torch.float64)
-    D = torch.randn(5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(fftconv(u, k, D), direct_causal_conv(u, k) + u * D[:, None])
+from models.hyena import HyenaConfig, HyenaLM, HyenaOperator
+from tests.models.test_lm import direct_causal_conv
 
 
 def test_operator_is_gated_long_convolution_of_short_convolved_projections():

@@ -1,0 +1,462 @@
+"""Long-convolution pass (H3's FlashConv, Hyena, FlashFFTConv): an FFT convolution becomes one kernel.
+
+Recognised (after ir.canonicalize folded the spellings), anchored at each inverse transform:
+
+    y   = irfft(U * K, n=N)[..., :L]          U = rfft(u, n=N), K = rfft(k, n=N)
+        | ifft(U * K, n=N).real[..., :L]      U = fft(u, n=N),  K = fft(k, n=N); .real before or after the slice
+    out = post_gate * (y + u * D)             the skip and the gate each optional
+    u   = signal * pre_gate                   fused when that product is read only by the pattern
+
+    u     (*batch, *channels, L), any strides ((B, L, H) tensors seen transposed); u and k may be
+          zero-padded to n first (F.pad(u, (0, L))) instead of passing n
+    k     (*channels, Lk) with Lk <= L, broadcast over the batch dims: a parameter, or computed per
+          call from parameters (Hyena's implicit filter); the op takes its spectrum once per call
+    D     one weight per channel: (H,) broadcast as (H, 1) or (1, H, 1)
+    N     >= L + Lk - 1, so that the circular convolution is the linear one (N = 2L in the papers)
+
+Scales fold into one factor relative to the plain causal convolution: each transform's norm
+("backward", "ortho", "forward") and multiplications or divisions by Python numbers on U, K,
+their product, the inverse transform or y (Hyena divides K by N and inverts with norm="forward");
+numbers applied after the skip scale D too. Casts and copies may sit anywhere: the kernel
+computes in fp32 and writes the eager output's dtype and layout. Which factor of U * K is the
+signal: the one with the product's shape (the filter is broadcast); when both have it, the longer
+one, or the one the skip reads.
+
+A candidate that breaks is reported as a near-miss naming the node: an FFT size too small for a
+linear convolution, a filter longer than L, a slice other than the first L steps (not causal),
+a transform along another dim, a filter that differs per batch row, float64, an intermediate
+read outside the pattern...
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from codegen.long_conv import KERNEL_DTYPES
+from compiler.passes import PassContext
+from ir.graph import Graph, Node
+from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
+
+PATTERN = "long_conv"
+FORWARD = {"irfft": "rfft", "ifft": "fft"}
+COPIES = ("identity", "cast")
+FORWARD_NORM_POWER = {"backward": 0.0, "ortho": 0.5, "forward": 1.0}  # a forward transform scales by n^-power
+INVERSE_NORM_POWER = {"backward": 1.0, "ortho": 0.5, "forward": 0.0}
+WIDE = (torch.float64, torch.complex128)
+
+
+def fft_conv_reference(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Causal convolution by FFT plus skip, H3 (Fu et al. 2023) eq. 2 / FlashConv:
+    y = irfft(rfft(u, n=2L) * rfft(k, n=2L), n=2L)[..., :L] + u * D, for u (B, H, L), k (H, L), D (H,)."""
+    seqlen = u.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
+    return y[..., :seqlen] + u * D[:, None]
+
+
+class NoMatch(Exception):
+    def __init__(self, node: Node, reason: str):
+        super().__init__(reason)
+        self.node, self.reason = node, reason
+
+
+@dataclass
+class Side:
+    """One factor of the spectral product: a forward transform of `input`, times `scale`."""
+
+    transform: Node
+    input: Node  # what it transforms, zero-padding at the end of time stepped over
+    scale: float
+    nodes: list[str]  # the padding, the transform, then the scalings up to the product
+
+
+@dataclass
+class Spectral:
+    """inverse(U * K): the two factors, and the scale of the whole relative to a plain convolution."""
+
+    inverse: Node
+    product: Node
+    sides: tuple[Side, Side]
+    scale: float
+    nodes: list[str]  # the product, the scalings after it, the inverse transform
+
+
+@dataclass
+class Reading:
+    """One way to read the product: which factor transforms the signal u and which the filter k."""
+
+    signal: Side
+    filter: Side
+    batch_dims: int  # leading dims of u the filter is broadcast over
+    chain: list[tuple[Node, float]]  # the signal transform's input and below through copies and scalings,
+    #                                  each with the factor it is scaled by on the way to the transform
+
+
+@dataclass
+class Skip:
+    """The skip term u * D added to the convolution."""
+
+    D: Node
+    source: Node  # the node of the signal chain it multiplies
+    reading: Reading
+    nodes: list[str]
+
+
+@dataclass
+class Tail:
+    """What follows the inverse transform: slice (and .real), scalings, skip, post gate."""
+
+    anchor: Node
+    nodes: list[str] = field(default_factory=list)
+    conv_scale: float = 1.0  # scalings of y alone
+    outer_scale: float = 1.0  # scalings after the skip or the gate: of y and the skip alike
+    skip: Skip | None = None
+    post_gate: Node | None = None
+
+
+@dataclass
+class Signal:
+    """u as the op reads it: the node, the pre-gate split off it, the scalings between it and its transform."""
+
+    u: Node
+    pre_gate: Node | None
+    scale: float
+    nodes: list[str]
+
+
+def run(graph: Graph, context: PassContext) -> None:
+    for node in list(graph):
+        if node.name not in graph or node.op not in FORWARD:
+            continue
+        try:
+            _fuse(graph, node, context)
+        except NoMatch as miss:
+            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+
+
+def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
+    spectral = _spectral(graph, inverse)
+    readings = _readings(graph, spectral)
+    tail = _tail(graph, spectral, readings)
+    reading = tail.skip.reading if tail.skip else readings[0]
+    inside = set(spectral.nodes + reading.signal.nodes + reading.filter.nodes + tail.nodes
+                 + (tail.skip.nodes if tail.skip else []))
+    signal = _signal(graph, reading, tail, inside)
+    _check_private(graph, reading.signal.nodes + spectral.nodes[:-1], inside)
+    u_shape = _shape(signal.u)
+    layout = LongConvLayout(
+        batch_dims=reading.batch_dims, has_D=tail.skip is not None, has_pre_gate=signal.pre_gate is not None,
+        has_post_gate=tail.post_gate is not None, out=_output_layout(tail.anchor, _rows(u_shape, reading.batch_dims)))
+    replaced = (signal.nodes + reading.filter.nodes + reading.signal.nodes + spectral.nodes
+                + (tail.skip.nodes if tail.skip else []) + tail.nodes)
+    op = LongConvOp(replaced, layout, scale=spectral.scale * signal.scale * tail.conv_scale * tail.outer_scale,
+                    skip_scale=tail.outer_scale, mode=context.mode)
+    op.prepare()
+    operands = [signal.u, reading.filter.input]
+    operands += [tail.skip.D] if tail.skip else []
+    operands += [signal.pre_gate] if signal.pre_gate is not None else []
+    operands += [tail.post_gate] if tail.post_gate is not None else []
+    detail = f"{inverse.op} n={inverse.attrs['n']}, L={u_shape[-1]}: {op.describe()}"
+    context.fuse(graph, tail.anchor, op, [node.name for node in operands], replaced, detail)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _shape(node: Node) -> tuple[int, ...]:
+    shape = node.type.static_shape() if node.type is not None else None
+    if shape is None:
+        raise NoMatch(node, "its shape is symbolic or it is not a tensor")
+    return shape
+
+
+def _scalar(node: Node) -> float | None:
+    """The factor of a multiplication by a real Python number (divisions are canonicalised to these)."""
+    scalar = node.attrs.get("scalar") if node.op == "mul" and len(node.inputs) == 1 else None
+    return float(scalar) if isinstance(scalar, (int, float)) else None
+
+
+def _chain(graph: Graph, node: Node, ops: tuple[str, ...], scalars: bool = True) -> list[tuple[Node, float]]:
+    """`node`, then the nodes below it through unary `ops` (and scalings, when `scalars`), each with
+    the product of the scalings between it and `node`."""
+    chain, factor = [(node, 1.0)], 1.0
+    while True:
+        scalar = _scalar(node) if scalars else None
+        if scalar is None and node.op not in ops:
+            return chain
+        factor *= 1.0 if scalar is None else scalar
+        node = graph.node(node.inputs[0])
+        chain.append((node, factor))
+
+
+def _check_last_dim(transform: Node) -> None:
+    rank = len(_shape(transform))
+    if transform.attrs["dim"] != rank - 1:
+        raise NoMatch(transform, f"{transform.op} along dim {transform.attrs['dim']}, not the last (time) dim")
+
+
+def _check_private(graph: Graph, names: list[str], inside: set[str]) -> None:
+    """Spectra and other intermediates must not be read outside the pattern."""
+    for name in names:
+        outside = [user.name for user in graph.users(name) if user.name not in inside]
+        if outside:
+            raise NoMatch(graph.node(name), f"intermediate is also read by {outside[0]}")
+
+
+def _rows(u_shape: tuple[int, ...], batch_dims: int) -> tuple[int, int, int]:
+    return math.prod(u_shape[:batch_dims]), math.prod(u_shape[batch_dims:-1]), u_shape[-1]
+
+
+def _output_layout(anchor: Node, rows: tuple[int, int, int]) -> OutputLayout:
+    """The eager output's layout when the kernel's (B, H, L) rows can view it; else contiguous."""
+    layout = OutputLayout.like(anchor.value)
+    try:
+        layout.empty(anchor.value.shape, torch.device("meta")).view(rows)
+    except RuntimeError:
+        return OutputLayout(layout.dtype, tuple(range(len(layout.order))))
+    return layout
+
+
+# -- the transforms --------------------------------------------------------------------------------
+def _spectral(graph: Graph, inverse: Node) -> Spectral:
+    """inverse(scalings(scalings(forward(a)) * scalings(forward(b))))."""
+    _check_last_dim(inverse)
+    if inverse.type.dtype in WIDE:
+        raise NoMatch(inverse, f"{inverse.op} computes in {inverse.type.dtype}; the kernel computes in float32")
+    chain = _chain(graph, graph.node(inverse.inputs[0]), ("identity",))
+    product, between = chain[-1]
+    if product.op != "mul" or len(product.inputs) != 2:
+        raise NoMatch(product, f"the input of {inverse.op} is {product.op}, not a product of two spectra")
+    sides = tuple(_side(graph, graph.node(name), inverse) for name in product.inputs)
+    n = inverse.attrs["n"]
+    powers = INVERSE_NORM_POWER[inverse.attrs["norm"]] + sum(FORWARD_NORM_POWER[side.transform.attrs["norm"]]
+                                                             for side in sides)
+    scale = n ** (1.0 - powers) * between * sides[0].scale * sides[1].scale
+    return Spectral(inverse, product, sides, scale, [node.name for node, _ in chain[::-1]] + [inverse.name])
+
+
+def _side(graph: Graph, node: Node, inverse: Node) -> Side:
+    chain = _chain(graph, node, ("identity",))
+    transform, scale = chain[-1]
+    expected = FORWARD[inverse.op]
+    if transform.op != expected:
+        raise NoMatch(transform, f"a factor of the spectral product is {transform.op}, not {expected} of a signal")
+    _check_last_dim(transform)
+    if transform.attrs["n"] != inverse.attrs["n"]:
+        raise NoMatch(transform, f"{transform.op} with n={transform.attrs['n']} but {inverse.op} with "
+                                 f"n={inverse.attrs['n']}")
+    source, pads = _unpadded(graph, graph.node(transform.inputs[0]))
+    return Side(transform, source, scale, pads + [node.name for node, _ in chain[::-1]])
+
+
+def _unpadded(graph: Graph, node: Node) -> tuple[Node, list[str]]:
+    """(x, [the pad]) for F.pad(x, (0, p)) with zeros at the end of time (the transform pads to n
+    anyway); else (node, [])."""
+    attrs = node.attrs
+    if (node.op == "pad" and attrs["mode"] == "constant" and attrs["value"] == 0 and attrs["pad"][0] == 0
+            and attrs["pad"][1] >= 0 and not any(attrs["pad"][2:])):
+        return graph.node(node.inputs[0]), [node.name]
+    return node, []
+
+
+def _readings(graph: Graph, spectral: Spectral) -> list[Reading]:
+    """The valid (signal, filter) assignments of the two factors, the likelier first."""
+    first, second = spectral.sides
+    pairs = sorted([(first, second), (second, first)], key=lambda pair: -_shape(pair[0].input)[-1])
+    candidates = [(signal, filt) for signal, filt in pairs if _shape(signal.transform) == _shape(spectral.product)]
+    if not candidates:
+        raise NoMatch(spectral.product, "neither factor of the spectral product has its shape (the signal is broadcast)")
+    readings, failure = [], None
+    for signal, filt in candidates:
+        try:
+            readings.append(_reading(graph, spectral, signal, filt))
+        except NoMatch as miss:
+            failure = failure or miss
+    if not readings:
+        raise failure
+    return readings
+
+
+def _reading(graph: Graph, spectral: Spectral, signal: Side, filt: Side) -> Reading:
+    u, k = signal.input, filt.input
+    for role, node in (("signal", u), ("filter", k)):
+        if not node.type.dtype.is_floating_point:
+            raise NoMatch(node, f"the {role} has dtype {node.type.dtype}; the kernel convolves real tensors")
+    u_shape, k_shape = _shape(u), _shape(k)
+    batch_dims = _batch_dims(u_shape, k_shape)
+    if batch_dims is None:
+        raise NoMatch(k, f"the filter {k_shape} is not (channels..., taps) broadcast over the batch dims of "
+                         f"u {u_shape}: it differs per batch row")
+    seqlen, taps, n = u_shape[-1], k_shape[-1], spectral.inverse.attrs["n"]
+    if taps > seqlen:
+        raise NoMatch(k, f"the filter ({taps} taps) is longer than the sequence (L={seqlen})")
+    if n < seqlen + taps - 1:
+        raise NoMatch(spectral.inverse, f"n={n} < L + Lk - 1 = {seqlen + taps - 1}: the product of the spectra "
+                                        "wraps around (a circular convolution), which the kernel does not compute")
+    return Reading(signal, filt, batch_dims, _chain(graph, u, COPIES))
+
+
+def _batch_dims(u_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> int | None:
+    """How many leading dims of u are batch: the filter's dims, right-aligned, equal u's on the
+    channel dims after them and are 1 (or absent) on them; None when no split fits."""
+    lead_u, lead_k = u_shape[:-1], k_shape[:-1]
+    if len(lead_k) > len(lead_u):
+        if any(size != 1 for size in lead_k[:len(lead_k) - len(lead_u)]):
+            return None
+        lead_k = lead_k[len(lead_k) - len(lead_u):]
+    aligned = (1,) * (len(lead_u) - len(lead_k)) + lead_k
+    start = len(lead_u)
+    while start > 0 and aligned[start - 1] == lead_u[start - 1]:
+        start -= 1
+    return start if all(size == 1 for size in aligned[:start]) else None
+
+
+# -- after the inverse transform -------------------------------------------------------------------
+def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
+    """Walk up from the inverse transform through single readers: the slice to the first L steps
+    (and .real) first, then scalings and copies, at most one skip, then at most one post gate."""
+    inverse = spectral.inverse
+    seqlen = _shape(readings[0].signal.input)[-1]
+    tail, current = Tail(anchor=inverse), inverse
+    sliced, real = False, inverse.op == "irfft"
+    while True:
+        users = graph.users(current.name)
+        user = users[0] if len(users) == 1 else None
+        done = sliced and real
+        if user is None or user.op == "output":
+            if done:
+                break
+            readers = ", ".join(node.name for node in users)
+            raise NoMatch(current, f"read by {readers} before the slice to the first L={seqlen} steps")
+        if user.op == "slice" and not sliced:
+            _check_slice(user, seqlen, inverse)
+            sliced = True
+        elif user.op == "real" and not real:
+            real = True
+        elif not _extend(graph, tail, user, current, readings, done):
+            if done:
+                break
+            raise NoMatch(user, f"{user.op} between {inverse.op} and the slice to the first L={seqlen} steps")
+        tail.nodes.append(user.name)
+        current = user
+    tail.anchor = current
+    return tail
+
+
+def _extend(graph: Graph, tail: Tail, user: Node, current: Node, readings: list[Reading], done: bool) -> bool:
+    """Take `user` into the tail: a scaling or a copy anywhere; once y is sliced (and real), a cast,
+    the skip or the post gate, each into a kernel dtype."""
+    scalar = _scalar(user)
+    if scalar is not None:
+        if tail.skip is None and tail.post_gate is None:
+            tail.conv_scale *= scalar
+        else:
+            tail.outer_scale *= scalar
+        return True
+    if user.op == "identity":
+        return True
+    if not done or user.type.dtype not in KERNEL_DTYPES:
+        return False
+    if user.op == "cast":
+        return True
+    if tail.skip is None and tail.post_gate is None:
+        tail.skip = _skip(graph, user, current, readings)
+        if tail.skip is not None:
+            return True
+    if tail.post_gate is None:
+        tail.post_gate = _post_gate(graph, user, current)
+        return tail.post_gate is not None
+    return False
+
+
+def _check_slice(node: Node, seqlen: int, inverse: Node) -> None:
+    attrs = node.attrs
+    if attrs["dim"] != len(_shape(node)) - 1:
+        raise NoMatch(node, f"slices dim {attrs['dim']}, not the time dim")
+    if attrs["start"] != 0:
+        raise NoMatch(node, f"keeps steps {attrs['start']}..{attrs['stop']} of the {inverse.attrs['n']}-point result,"
+                            f" not the first L={seqlen}: not a causal convolution")
+    if attrs["step"] != 1 or attrs["stop"] != seqlen:
+        raise NoMatch(node, f"keeps [{attrs['start']}:{attrs['stop']}:{attrs['step']}] of the result, "
+                            f"not the first L={seqlen} steps")
+
+
+def _other_input(graph: Graph, node: Node, current: Node) -> Node | None:
+    """The second tensor operand of a binary `node` that reads `current`, or None."""
+    if len(node.inputs) != 2 or node.attrs.get("scalar") is not None or _shape(node) != _shape(current):
+        return None
+    first, second = node.inputs
+    return graph.node(second if first == current.name else first)
+
+
+def _skip(graph: Graph, add: Node, current: Node, readings: list[Reading]) -> Skip | None:
+    """The skip u * D when `add` adds it to the convolution `current` (u on a reading's signal chain)."""
+    other = _other_input(graph, add, current) if add.op == "add" else None
+    if other is None:
+        return None
+    chain = _chain(graph, other, COPIES, scalars=False)
+    product = chain[-1][0]
+    if product.op != "mul" or len(product.inputs) != 2 or product.attrs["scalar"] is not None:
+        return None
+    nodes = [node.name for node, _ in chain[::-1]]
+    for source_name, weight_name in (product.inputs, product.inputs[::-1]):
+        source_chain = _chain(graph, graph.node(source_name), COPIES, scalars=False)
+        source = source_chain[-1][0]
+        for reading in readings:
+            if any(node is source for node, _ in reading.chain) and _per_channel(graph.node(weight_name), reading):
+                between = [node.name for node, _ in source_chain[-2::-1]]
+                return Skip(graph.node(weight_name), source, reading, between + nodes)
+    return None
+
+
+def _per_channel(weight: Node, reading: Reading) -> bool:
+    """Does `weight` broadcast against u as one value per channel (size 1 along L and the batch dims)?"""
+    if weight.type is None or not weight.type.dtype.is_floating_point:
+        return False
+    shape, u_shape = _shape(weight), _shape(reading.signal.input)
+    if len(shape) > len(u_shape):
+        return False
+    aligned = (1,) * (len(u_shape) - len(shape)) + shape
+    channels = zip(aligned[reading.batch_dims:-1], u_shape[reading.batch_dims:-1])
+    return aligned[-1] == 1 and set(aligned[:reading.batch_dims]) <= {1} and all(a in (1, u) for a, u in channels)
+
+
+def _post_gate(graph: Graph, mul: Node, current: Node) -> Node | None:
+    """The gate g when `mul` is current * g with g broadcast to current's shape."""
+    gate = _other_input(graph, mul, current) if mul.op == "mul" else None
+    if gate is None or gate is current or gate.type.dtype not in KERNEL_DTYPES:
+        return None
+    return gate
+
+
+# -- the signal ------------------------------------------------------------------------------------
+def _signal(graph: Graph, reading: Reading, tail: Tail, inside: set[str]) -> Signal:
+    """u: the node the skip reads, else the deepest node of the signal chain in a kernel dtype;
+    split into signal * pre_gate when it is a product read only inside the pattern."""
+    chain = reading.chain
+    if tail.skip is not None:
+        index = next(i for i, (node, _) in enumerate(chain) if node is tail.skip.source)
+    else:
+        usable = [i for i, (node, _) in enumerate(chain) if node.type.dtype in KERNEL_DTYPES]
+        index = usable[-1] if usable else len(chain) - 1
+    u, scale = chain[index]
+    if u.type.dtype not in KERNEL_DTYPES:
+        raise NoMatch(u, f"u has dtype {u.type.dtype}; the kernel takes float16, bfloat16 or float32")
+    nodes = [node.name for node, _ in chain[:index][::-1]]
+    split = _pre_gate(graph, u, inside | set(nodes))
+    if split is None:
+        return Signal(u, None, scale, nodes)
+    return Signal(split[0], split[1], scale, [u.name] + nodes)
+
+
+def _pre_gate(graph: Graph, product: Node, inside: set[str]) -> tuple[Node, Node] | None:
+    """(signal, gate) when `product` = signal * gate (gate broadcast to its shape) is read only inside."""
+    if product.op != "mul" or len(product.inputs) != 2 or product.attrs["scalar"] is not None:
+        return None
+    if any(user.name not in inside for user in graph.users(product.name)):
+        return None
+    first, second = (graph.node(name) for name in product.inputs)
+    for signal, gate in ((first, second), (second, first)):
+        if (_shape(signal) == _shape(product) and signal.type.dtype in KERNEL_DTYPES
+                and gate.type.dtype in KERNEL_DTYPES):
+            return signal, gate
+    return None

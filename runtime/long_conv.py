@@ -1,0 +1,211 @@
+"""Run time of the fused long- and short-convolution ops: view graph tensors as kernel rows, launch
+the generated kernel, or fall back to PyTorch.
+
+The long_conv pass proves that a subgraph computes, for u (*batch, *channels, L) and a filter k
+(*channels, Lk) shared by every batch row,
+
+    out = post_gate * (scale * causal_conv(v, k) + skip_scale * D * v),   v = u * pre_gate
+
+(D, pre_gate, post_gate optional; gates broadcast to u's shape, D per channel). At run time the
+op views u, the gates and the output as (B, H, L) rows and k as (H, Lk), computes the filter's
+spectrum once per call (codegen.long_conv.filter_spectrum, shared by all batch rows) and launches
+the kernel, or runs codegen.long_conv.long_conv_reference.
+
+The short_conv pass proves that a subgraph computes act(bias + causal depthwise conv1d(x, w))
+for x (B, C, L) and nn.Conv1d's weight w (C, 1, K); the op launches codegen.short_conv's kernel
+on w viewed as (C, K), or runs short_conv_reference.
+
+Both allocate their output the way eager code produced it: its shape and dtype, dense, with the
+dims in the order of the eager tensor's strides ((B, L, H) tensors seen transposed stay so).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from codegen import long_conv as long_conv_codegen
+from codegen import short_conv as short_conv_codegen
+from runtime.dispatch import FusedOp, Kernel
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """The eager output's dtype and dim order (outermost first) for a dense allocation."""
+
+    dtype: torch.dtype
+    order: tuple[int, ...]
+
+    @classmethod
+    def like(cls, value: torch.Tensor) -> OutputLayout:
+        """The layout of `value` (a fake tensor from capture): dims sorted by decreasing stride."""
+        order = sorted(range(value.dim()), key=lambda dim: -value.stride(dim))
+        return cls(value.dtype, tuple(order))
+
+    def empty(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        inverse = sorted(range(len(self.order)), key=self.order.__getitem__)
+        dense = torch.empty([shape[dim] for dim in self.order], dtype=self.dtype, device=device)
+        return dense.permute(inverse)
+
+
+@dataclass(frozen=True)
+class LongConvLayout:
+    """How graph tensors map onto kernel rows: u's leading `batch_dims` dims are batch, the rest
+    before L channels; which optional operands the graph passes; the output's layout."""
+
+    batch_dims: int
+    has_D: bool
+    has_pre_gate: bool
+    has_post_gate: bool
+    out: OutputLayout
+
+
+@dataclass
+class Rows:
+    """The operands of one call in the kernel's layout."""
+
+    u: torch.Tensor  # (B, H, L)
+    k: torch.Tensor  # (H, Lk)
+    D: torch.Tensor | None  # (H,)
+    pre_gate: torch.Tensor | None  # (B, H, L)
+    post_gate: torch.Tensor | None  # (B, H, L)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.u, self.k, self.D, self.pre_gate, self.post_gate) if t is not None]
+
+
+class LongConvOp(FusedOp):
+    pattern = "long_conv"
+
+    def __init__(self, replaced, layout: LongConvLayout, scale: float = 1.0, skip_scale: float = 1.0,
+                 mode: str = "default"):
+        super().__init__(tuple(replaced), mode)
+        self.layout = layout
+        self.scale = scale
+        self.skip_scale = skip_scale
+        self.spec = long_conv_codegen.LongConvSpec(layout.has_D, layout.has_pre_gate, layout.has_post_gate)
+
+    def describe(self) -> str:
+        parts = [name for name, present in (("D skip", self.layout.has_D), ("pre-gate", self.layout.has_pre_gate),
+                                            ("post-gate", self.layout.has_post_gate)) if present]
+        if self.scale != 1.0:
+            parts.append(f"scale {self.scale:.6g}")
+        return ", ".join(parts) or "plain"
+
+    # -- call ------------------------------------------------------------------------
+    def forward(self, u, k, *rest):
+        out = self.layout.out.empty(u.shape, u.device)
+        rows = self._rows(u, k, *self._unpack(rest))
+        out_rows = out.view(rows.u.shape)
+        reason = (self.why_not_kernel(rows.tensors())
+                  or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
+                                                          out_rows))
+        if reason is None:
+            self._launch(rows, out_rows)
+        else:
+            self.fell_back(reason)
+            out_rows.copy_(self._reference(rows, out.dtype))
+        return out
+
+    def _unpack(self, rest):
+        """(D, pre_gate, post_gate) from the operands after u and k, None where the graph has none."""
+        rest = list(rest)
+        return tuple(rest.pop(0) if present else None
+                     for present in (self.layout.has_D, self.layout.has_pre_gate, self.layout.has_post_gate))
+
+    def _rows(self, u, k, D, pre_gate, post_gate) -> Rows:
+        batch = math.prod(u.shape[:self.layout.batch_dims])
+        channel_shape = u.shape[self.layout.batch_dims:-1]
+        shape = (batch, math.prod(channel_shape), u.shape[-1])
+        if D is not None:
+            D = torch.broadcast_to(D, torch.broadcast_shapes(D.shape, (*channel_shape, 1))).reshape(shape[1])
+            D = D * self.skip_scale if self.skip_scale != 1.0 else D
+        gates = [None if gate is None else gate.expand(u.shape).reshape(shape) for gate in (pre_gate, post_gate)]
+        return Rows(u.reshape(shape), k.reshape(shape[1], k.shape[-1]), D, *gates)
+
+    # -- kernels ---------------------------------------------------------------------
+    def kernel_for(self, spec) -> tuple[object, Kernel]:
+        return self.load_kernel(spec, long_conv_codegen.kernel_name, long_conv_codegen.render_long_conv)
+
+    def prepare(self) -> None:
+        """Generate (render, store, load) the kernel this op launches."""
+        self.kernel_for(self.spec)
+
+    def _launch(self, rows: Rows, out: torch.Tensor) -> None:
+        module, kernel = self.kernel_for(self.spec)
+        seqlen = rows.u.shape[-1]
+        k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale)
+        plan = long_conv_codegen.plan_of(k_f, seqlen)
+
+        def run(config):
+            return module.launch(rows.u, k_f, out, D=rows.D, pre_gate=rows.pre_gate, post_gate=rows.post_gate,
+                                 config=config)
+
+        config = self.tuned_config(
+            kernel, (seqlen,), rows.u,
+            default=lambda: long_conv_codegen.default_config(plan),
+            candidates=lambda: long_conv_codegen.config_space(plan),
+            run=run,
+        )
+        run(config)
+
+    def _reference(self, rows: Rows, out_dtype: torch.dtype) -> torch.Tensor:
+        """long_conv_reference, computing in at least the output's precision."""
+        u = rows.u.to(torch.promote_types(rows.u.dtype, out_dtype))
+        return long_conv_codegen.long_conv_reference(u, rows.k, D=rows.D, pre_gate=rows.pre_gate,
+                                                     post_gate=rows.post_gate, scale=self.scale)
+
+
+class ShortConvOp(FusedOp):
+    pattern = "short_conv"
+
+    def __init__(self, replaced, activation: str | None, has_bias: bool, out: OutputLayout,
+                 mode: str = "default"):
+        super().__init__(tuple(replaced), mode)
+        self.activation = activation
+        self.has_bias = has_bias
+        self.out = out
+
+    def describe(self) -> str:
+        return ", ".join(["bias"] * self.has_bias + [self.activation or "no activation"])
+
+    # -- call ------------------------------------------------------------------------
+    def forward(self, x, weight, *bias):
+        bias = bias[0] if bias else None
+        weight = weight.reshape(weight.shape[0], weight.shape[-1])
+        out = self.out.empty(x.shape, x.device)
+        reason = (self.why_not_kernel([t for t in (x, weight, bias) if t is not None])
+                  or short_conv_codegen.unsupported_reason(x, weight, bias, out, self.activation))
+        if reason is None:
+            self._launch(x, weight, bias, out)
+        else:
+            self.fell_back(reason)
+            x = x.to(torch.promote_types(x.dtype, out.dtype))
+            out.copy_(short_conv_codegen.short_conv_reference(x, weight, bias=bias, activation=self.activation))
+        return out
+
+    # -- kernels ---------------------------------------------------------------------
+    def spec_for(self, width: int) -> short_conv_codegen.ShortConvSpec:
+        return short_conv_codegen.ShortConvSpec(width, self.has_bias, self.activation)
+
+    def kernel_for(self, spec) -> tuple[object, Kernel]:
+        return self.load_kernel(spec, short_conv_codegen.kernel_name, short_conv_codegen.render_short_conv)
+
+    def prepare(self, width: int) -> None:
+        """Generate (render, store, load) the kernel this op launches for filters of `width` taps."""
+        self.kernel_for(self.spec_for(width))
+
+    def _launch(self, x, weight, bias, out) -> None:
+        module, kernel = self.kernel_for(self.spec_for(weight.shape[1]))
+
+        def run(config):
+            return module.launch(x, weight, out, bias=bias, activation=self.activation, config=config)
+
+        config = self.tuned_config(
+            kernel, tuple(x.shape[1:]), x,
+            default=lambda: short_conv_codegen.default_config(x),
+            candidates=short_conv_codegen.config_space,
+            run=run,
+        )
+        run(config)
