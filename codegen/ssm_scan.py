@@ -21,15 +21,19 @@ good on a GPU when lanes never land on time (BLOCK_D * BLOCK_N >= 32) and warps 
 channels (BLOCK_D >= 32 * num_warps when num_warps > 1); config_space keeps those.
 
 Every generated module exposes `launch(...)` (see the templates for signatures), a `SPEC`
-it was rendered for, and its kernel under `kernel_name(spec)`. Channels are tiled inside one
+it was rendered for, and its kernel under `kernel_name(spec)`. `selective_scan_reference` and
+`state_update_reference` are the same math in PyTorch for the runtime's fallback (the runtime
+does not import models/). Channels are tiled inside one
 group so that a program loads one [BLOCK_N, BLOCK_L] slice of B and C for all its channels.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from codegen.render import render
 from models.mamba import SCAN_SHAPES, STATE_UPDATE_SHAPES
@@ -260,3 +264,61 @@ def _size_reason(batch: int, dim: int, dstate: int, groups: int, seqlen: int) ->
     if max(batch, groups) > MAX_GRID_YZ:
         return f"batch {batch} or groups {groups} exceeds the launch grid's limit of {MAX_GRID_YZ}"
     return None
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    """float32, or float64 when any input is float64."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None), torch.float32)
+
+
+def _channel_major(BC: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C, (b, n, L) or (b, g, n, L), as (b, 1 or d, L, n): channel c reads group c // (d // g)."""
+    if BC.dim() == 3:
+        return BC[:, None].transpose(-1, -2)
+    return BC.repeat_interleave(dim // BC.shape[1], dim=1).transpose(-1, -2)
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """(out, last_state) of the chunked scan in PyTorch: a loop over L in float32 (float64 when an
+    input is float64); out and last_state in that compute dtype. Shapes as `launch`."""
+    compute = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(compute)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, seqlen = u.shape
+    deltaA = torch.exp(delta[..., None] * A[:, None, :])
+    deltaB_u = (delta * u)[..., None] * _channel_major(B, dim)
+    C = _channel_major(C, dim)
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(seqlen):
+        h = deltaA[:, :, t] * h + deltaB_u[:, :, t]
+        ys.append((h * C[:, :, t]).sum(-1))
+    out = torch.stack(ys, dim=2)
+    if D is not None:
+        out = out + u * D.to(compute)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    return out, h
+
+
+def state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """(out, new_state) of one decode step in PyTorch, in float32 (float64 when an input is float64);
+    `state` is left unchanged. Shapes as the state-update `launch`."""
+    compute = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    state, x, dt, A, B, C = (t.to(compute) for t in (state, x, dt, A, B, C))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(compute)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    dim = x.shape[1]
+    B, C = (_channel_major(t[..., None], dim)[:, :, 0] for t in (B, C))
+    h = torch.exp(dt[..., None] * A) * state + (dt * x)[..., None] * B
+    out = (h * C).sum(-1)
+    if D is not None:
+        out = out + x * D.to(compute)
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    return out, h

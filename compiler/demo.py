@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 import compiler
-from models import dejavu, gpt, h3, hyena
+from models import dejavu, gpt, h3, hyena, mamba
 
 MODELS: dict[str, Callable] = {
     "GPT tiny, naive attention (nanoGPT style)": gpt.tiny_naive,
@@ -22,6 +22,7 @@ MODELS: dict[str, Callable] = {
     "DejaVu tiny, sparse MLP masked (fc2(act(fc1(x)) * mask))": dejavu.tiny_masked,
     "H3 tiny, FFT long convolutions (shift and diagonal SSM kernels, gated)": h3.tiny,
     "Hyena tiny, implicit long filter by FFT, short depthwise conv, order-2 gating": hyena.tiny,
+    "Mamba tiny, selective scan as a Python loop (selective_scan_ref)": mamba.tiny,
 }
 TOLERANCE = 1e-4
 

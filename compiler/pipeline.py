@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp
+from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssm_scan
 from compiler.report import Report
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
@@ -18,7 +18,10 @@ from ir.graph import Node
 from ir.to_fx import to_fx
 from ir.verify import verify
 
-PASSES = (attention.run, sparse_mlp.run, long_conv.run, short_conv.run)
+PASSES = (attention.run, sparse_mlp.run, ssm_scan.run, long_conv.run, short_conv.run)
+# Calls kept even when nobody reads their result: vmap's level bookkeeping (torch's
+# associative_scan traces into vmapped combines on CPU) brackets the calls between them.
+EFFECTFUL = ("setitem", "print", "_vmap_increment_nesting", "_vmap_decrement_nesting")
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
@@ -57,5 +60,5 @@ def _is_pure(node: Node) -> bool:
         return False
     name = call.target if isinstance(call.target, str) else getattr(call.target, "__name__", "")
     in_place = name.endswith("_") and not name.endswith("__")
-    return not (in_place or name in ("setitem", "print") or call.kwargs.get("out") is not None
+    return not (in_place or name in EFFECTFUL or call.kwargs.get("out") is not None
                 or call.kwargs.get("inplace"))

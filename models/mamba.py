@@ -268,3 +268,14 @@ class MambaLM(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden)
         return self.lm_head(self.norm_f(hidden))
+
+
+def example(config: MambaConfig, batch: int = 2, length: int = 32, seed: int = 0):
+    """(model in eval mode, example token ids) for the CLI and the demo."""
+    torch.manual_seed(seed)
+    model = MambaLM(config).eval()
+    return model, (torch.randint(0, config.vocab_size, (batch, length)),)
+
+
+def tiny():
+    return example(MambaConfig.tiny())

@@ -1,0 +1,308 @@
+"""The recurrence step by step: readouts, the unrolled loop, the decode step.
+
+    readout   y = <h, C> over the state dim n, spelled einsum("bdn,bn->bd", h, C),
+              matmul(h, C[..., None])[..., 0] (or .squeeze(-1)), or sum(h * C, dim=n)
+    loop      h_i = select(Ā, t, i) * h_{i-1} + select(B̄u, t, i), h_{-1} = zeros,
+              y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None])
+    decode    h = exp(Δ ⊗ A) * S + Δ ⊗ B ⊗ x with a carried state S, y = readout(h, C)
+
+A loop is parsed step by step from the stack's inputs, each step compared with the one before
+(linear in the graph); a decode step from its state update h.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler.passes import PassContext
+from compiler.passes.ssm_scan.frames import (
+    TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, unit_free, view_leaf)
+from compiler.passes.ssm_scan.lowering import (
+    assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels)
+from ir.graph import Graph, Node
+from runtime.ssm_scan import SelectiveScanOp, StateUpdateOp
+
+ZEROS = ("zeros", "new_zeros", "zeros_like")
+DECODE_NAMES = {"u": "x", "delta": "dt", "delta_bias": "dt_bias"}
+LONG_LOOP = 256
+LONG_LOOP_NOTE = ("ssm_scan: a scan loop was captured unrolled; TorchDynamo's capture time grows with its length "
+                  "(15-20 s per layer at L 1024 on one CPU core). compiler.register_rolled(scan_fn) keeps it one op "
+                  "(about 1 s at any L).")
+
+
+@dataclass
+class Readout:
+    """y = <h, c> over h's dim n; c and y dims given as the dims of h they line up with."""
+
+    state: Node
+    c: Node
+    c_frame: Frame
+    n: int
+    y_frame: Frame
+    nodes: list[str]
+    key: tuple
+
+
+@dataclass
+class Step:
+    h: Node
+    previous: Node
+    a: Node
+    bu: Node
+    readout: Readout
+    nodes: list[str]
+
+
+def find_readout(graph: Graph, y: Node) -> Readout | None:
+    """y as a contraction of a state h (an add of rank 3) with C over one dim of h, or None."""
+    base, casts = through_casts(graph, y)
+    if base.op == "einsum" and len(base.inputs) == 2:
+        found = _einsum_readout(graph, base)
+    elif base.op in ("select", "reshape") and base.inputs:
+        found = _matmul_readout(graph, base)
+    elif base.op == "sum":
+        found = _sum_readout(graph, base)
+    else:
+        return None
+    if found is not None:
+        found.nodes += casts[::-1]
+        found.key += tuple(str(graph.node(name).type.dtype) for name in casts)
+    return found
+
+
+def is_state(node: Node) -> bool:
+    return node.op == "add" and node.type is not None and node.type.rank == 3
+
+
+def _einsum_readout(graph: Graph, node: Node) -> Readout | None:
+    if "->" not in node.attrs["equation"]:
+        return None
+    terms, out = node.attrs["equation"].split("->")
+    terms = terms.split(",")
+    for h_side in (0, 1):
+        h, h_casts = through_casts(graph, graph.node(node.inputs[h_side]))
+        c, c_casts = through_casts(graph, graph.node(node.inputs[1 - h_side]))
+        p, q = terms[h_side], terms[1 - h_side]
+        contracted = [index for index in p if index in q and index not in out]
+        if (not is_state(h) or len(p) != 3 or len(contracted) != 1 or set(q) - set(p) or len(set(p)) != 3
+                or sorted(out) != sorted(set(p) - set(contracted))):
+            continue
+        return Readout(h, c, unit_free(c, tuple(p.index(index) for index in q)), p.index(contracted[0]),
+                       tuple(p.index(index) for index in out), h_casts[::-1] + c_casts[::-1] + [node.name],
+                       ("einsum", node.attrs["equation"], h_side))
+    return None
+
+
+def _matmul_readout(graph: Graph, node: Node) -> Readout | None:
+    """matmul(h, C_i[..., None]) then [..., 0] or .squeeze(-1): h is a batch (its first dim) of
+    (rows, state) matrices, C_i a batch (its first dim, or none) of state columns."""
+    product = graph.node(node.inputs[0])
+    if product.op != "matmul" or static_shape(node) + (1,) != static_shape(product):
+        return None
+    if node.op == "select" and node.attrs["dim"] != len(static_shape(product)) - 1:
+        return None
+    h, h_casts = through_casts(graph, graph.node(product.inputs[0]))
+    column = graph.node(product.inputs[1])
+    if not is_state(h) or column.op != "reshape" or static_shape(product) != static_shape(h)[:-1] + (1,):
+        return None
+    c, c_casts = through_casts(graph, graph.node(column.inputs[0]))
+    c_shape = static_shape(c)
+    if static_shape(column) != c_shape + (1,) or len(c_shape) not in (1, 2) or c_shape[-1] != static_shape(h)[-1]:
+        return None
+    c_frame = (0, 2) if len(c_shape) == 2 else (2,)
+    return Readout(h, c, unit_free(c, c_frame), 2, (0, 1), h_casts[::-1] + c_casts[::-1] + [column.name, product.name,
+                   node.name], ("matmul", node.op, len(c_shape)))
+
+
+def _sum_readout(graph: Graph, node: Node) -> Readout | None:
+    """sum(h * C_i, dim=n) with C_i broadcast against h."""
+    dims, product = node.attrs["dim"], graph.node(node.inputs[0])
+    if node.attrs["keepdim"] or node.attrs["dtype"] is not None or len(dims) != 1 or product.op != "mul":
+        return None
+    if product.attrs["scalar"] is not None or len(product.inputs) != 2:
+        return None
+    for h_side in (0, 1):
+        h, h_casts = through_casts(graph, graph.node(product.inputs[h_side]))
+        other = graph.node(product.inputs[1 - h_side])
+        frame = aligned_frame(other, product, (0, 1, 2)) if is_state(h) and static_shape(h) == static_shape(product) else None
+        if frame is None:
+            continue
+        c, through = view_leaf(graph, other, frame)
+        n = dims[0]
+        return Readout(h, c.node, c.frame, n, tuple(k for k in range(3) if k != n),
+                       h_casts[::-1] + through + [product.name, node.name], ("sum", h_side, n))
+    return None
+
+
+def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
+    if anchor.type is None or anchor.type.static_shape() is None:
+        return
+    ys, time_dim, wrappers = _stacked(graph, anchor)
+    if not ys or find_readout(graph, ys[0]) is None:
+        return
+    steps = _steps(graph, ys)
+    first, last = steps[0], steps[-1]
+    _check_initial_state(graph, first)
+    inside = set(wrappers) | {anchor.name} | {name for step in steps for name in step.nodes}
+    _check_private(graph, steps, inside)
+    y_frame = first.readout.y_frame[:time_dim] + (TIME,) + first.readout.y_frame[time_dim:]
+    core = discretisation(graph, _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME),
+                          _c_sequence(graph, first.readout), first.readout.n)
+    plan = assign_roles(graph, core, find_epilogues(graph, anchor, unit_free(anchor, y_frame)))
+    state = last.h if any(user.name not in inside for user in graph.users(last.h.name)) else None
+    layout = build_layout(plan, Leaf(last.h, (0, 1, 2)), state, seqlen=len(steps))
+    replaced = [name for step in steps for name in step.nodes] + wrappers + [anchor.name] + plan.epilogue.nodes
+    op = SelectiveScanOp(replaced, layout)
+    detail = f"unrolled loop, L={len(steps)}, {describe(layout, plan.groups)}"
+    fuse_op(graph, context, plan, op, detail, replaced, state, inside)
+    if len(steps) >= LONG_LOOP and LONG_LOOP_NOTE not in context.report.notes:
+        context.report.notes.append(LONG_LOOP_NOTE)
+
+
+def _stacked(graph: Graph, anchor: Node) -> tuple[list[Node], int, list[str]]:
+    """(y_0..y_{L-1}, the time dim of the result, the unsqueezes between them and a cat)."""
+    parts = [graph.node(name) for name in anchor.inputs]
+    dim = anchor.attrs["dim"]
+    if anchor.op == "stack":
+        return parts, dim, []
+    ys = []
+    for part in parts:
+        shape = static_shape(part)
+        if part.op != "reshape" or shape[dim] != 1 or static_shape(graph.node(part.inputs[0])) != shape[:dim] + shape[dim + 1:]:
+            return [], dim, []
+        ys.append(graph.node(part.inputs[0]))
+    return ys, dim, [part.name for part in parts]
+
+
+def _steps(graph: Graph, ys: list[Node]) -> list[Step]:
+    steps: list[Step] = []
+    for i, y in enumerate(ys):
+        step = _step(graph, y, i, steps[-1].h if steps else None)
+        if steps:
+            _check_same_shape(graph, steps[0], step, i)
+        steps.append(step)
+    return steps
+
+
+def _step(graph: Graph, y: Node, i: int, previous: Node | None) -> Step:
+    readout = find_readout(graph, y)
+    if readout is None:
+        raise NoMatch(y, f"step {i}: the output is not a contraction <h, C> over the state")
+    h = readout.state
+    found = _recurrence(graph, h, i, previous)
+    if found is None:
+        expected = "h_{i-1}" if previous is None else previous.name
+        raise NoMatch(h, f"step {i}: state is not select(Ā, t, {i}) * {expected} + select(B̄u, t, {i})")
+    mul, a, before, bu = found
+    c = readout.c
+    if c.op != "select" or c.attrs["index"] != i:
+        raise NoMatch(c, f"step {i}: C is not read at time {i} (select(C, t, {i}))")
+    return Step(h, before, a, bu, readout, [a.name, bu.name, mul.name, h.name, c.name] + readout.nodes)
+
+
+def _is_select(node: Node, index: int) -> bool:
+    return node.op == "select" and node.attrs["index"] == index
+
+
+def _recurrence(graph: Graph, h: Node, i: int, previous: Node | None):
+    """(mul, select(Ā, t, i), h_{i-1}, select(B̄u, t, i)) when h = Ā_i * h_{i-1} + B̄u_i, else None."""
+    if h.attrs["scalar"] is not None or len(h.inputs) != 2:
+        return None
+    for mul_name, bu_name in (h.inputs, h.inputs[::-1]):
+        mul, bu = graph.node(mul_name), graph.node(bu_name)
+        if not (_is_select(bu, i) and mul.op == "mul" and mul.attrs["scalar"] is None and len(mul.inputs) == 2):
+            continue
+        for a_name, before_name in (mul.inputs, mul.inputs[::-1]):
+            a, before = graph.node(a_name), graph.node(before_name)
+            if (_is_select(a, i) and (previous is None or before is previous)
+                    and static_shape(a) == static_shape(h) == static_shape(bu)):
+                return mul, a, before, bu
+    return None
+
+
+def _check_same_shape(graph: Graph, first: Step, step: Step, i: int) -> None:
+    """Step i reads the same sequences, along the same dims, spelled the same way, as step 0."""
+    for name, ours, theirs in (("Ā", step.a, first.a), ("B̄u", step.bu, first.bu), ("C", step.readout.c, first.readout.c)):
+        if ours.inputs[0] != theirs.inputs[0] or ours.attrs["dim"] != theirs.attrs["dim"]:
+            raise NoMatch(ours, f"step {i} reads {name} from {ours.inputs[0]} (dim {ours.attrs['dim']}), "
+                                f"step 0 from {theirs.inputs[0]} (dim {theirs.attrs['dim']})")
+    if step.readout.key != first.readout.key:
+        raise NoMatch(graph.node(step.readout.nodes[-1]), f"step {i} computes y differently from step 0 "
+                                                          f"({step.readout.key} vs {first.readout.key})")
+
+
+def _check_initial_state(graph: Graph, first: Step) -> None:
+    start, _ = through_casts(graph, first.previous)
+    if start.op == "torch" and start.attrs["target"] in ZEROS and static_shape(start) == static_shape(first.h):
+        return
+    raise NoMatch(start, "the initial state is not zeros: a carried state the scan kernel cannot take")
+
+
+def _check_private(graph: Graph, steps: list[Step], inside: set[str]) -> None:
+    """Nothing outside the loop may read a step's intermediates; the last state may be read."""
+    for i, step in enumerate(steps):
+        for name in step.nodes:
+            if name == steps[-1].h.name:
+                continue
+            outside = [user.name for user in graph.users(name) if user.name not in inside]
+            if outside:
+                raise NoMatch(graph.node(name), f"step {i}'s {name} is also read by {outside[0]} outside the scan")
+
+
+def _sequence(graph: Graph, select: Node, time: int) -> Leaf:
+    """The sequence a per-step select reads, with its dims in the frame of h (plus time)."""
+    dim = select.attrs["dim"]
+    frame = tuple(range(3))
+    return Leaf(graph.node(select.inputs[0]), frame[:dim] + (time,) + frame[dim:])
+
+
+def _c_sequence(graph: Graph, readout: Readout) -> Leaf:
+    dim = readout.c.attrs["dim"]
+    return Leaf(graph.node(readout.c.inputs[0]), readout.c_frame[:dim] + (TIME,) + readout.c_frame[dim:])
+
+
+def fuse_decode(graph: Graph, h: Node, context: PassContext) -> None:
+    found = _carried_recurrence(graph, h)
+    readout_at = _readout_of(graph, h) if found is not None else None
+    if readout_at is None:
+        return
+    mul, decay, carried, update = found
+    y, readout = readout_at
+    frame = (0, 1, 2)
+    state, _ = view_leaf(graph, carried, aligned_frame(carried, mul, frame))
+    core = discretisation(graph, Leaf(decay, aligned_frame(decay, mul, frame)), Leaf(update, aligned_frame(update, h, frame)),
+                          Leaf(readout.c, readout.c_frame), readout.n)
+    plan = assign_roles(graph, core, find_epilogues(graph, y, unit_free(y, readout.y_frame)))
+    plan.operands = [("state", state, role_labels(state, plan.roles))] + [
+        (DECODE_NAMES.get(name, name), leaf, labels) for name, leaf, labels in plan.operands]
+    inside = {h.name, mul.name, *readout.nodes, *plan.epilogue.nodes, plan.epilogue.anchor.name}
+    layout = build_layout(plan, Leaf(h, (0, 1, 2)), h, seqlen=1)
+    replaced = [mul.name, h.name] + readout.nodes + plan.epilogue.nodes
+    op = StateUpdateOp(replaced, layout)
+    fuse_op(graph, context, plan, op, f"decode step, {describe(layout, plan.groups)}", replaced, h, inside)
+
+
+def _carried_recurrence(graph: Graph, h: Node):
+    """(mul, exp(Δ ⊗ A), S, Δ ⊗ B ⊗ x) when h = exp(Δ ⊗ A) * S + Δ ⊗ B ⊗ x; else None."""
+    if not is_state(h) or h.type.static_shape() is None or h.attrs["scalar"] is not None or len(h.inputs) != 2:
+        return None
+    for mul_name, update_name in (h.inputs, h.inputs[::-1]):
+        mul, update = graph.node(mul_name), graph.node(update_name)
+        if (mul.op != "mul" or mul.attrs["scalar"] is not None or len(mul.inputs) != 2
+                or static_shape(mul) != static_shape(h) or aligned_frame(update, h, (0, 1, 2)) is None):
+            continue
+        for decay_name, carried_name in (mul.inputs, mul.inputs[::-1]):
+            if through_casts(graph, graph.node(decay_name))[0].op == "exp":
+                return mul, graph.node(decay_name), graph.node(carried_name), update
+    return None
+
+
+def _readout_of(graph: Graph, h: Node) -> tuple[Node, Readout] | None:
+    """The readout of state h among the nodes at most four reads downstream of it."""
+    frontier = [h]
+    for _ in range(4):
+        frontier = [user for node in frontier for user in graph.users(node.name)]
+        for candidate in frontier:
+            readout = find_readout(graph, candidate) if candidate.op in ("einsum", "select", "reshape", "sum") else None
+            if readout is not None and readout.state is h:
+                return candidate, readout
+    return None
