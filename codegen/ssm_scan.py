@@ -1,6 +1,6 @@
 """Selective-scan kernels (Mamba's SSM): spec, rendering, launch grid, configs and support checks.
 
-Two templates implement models.mamba's two references:
+Two templates implement the selective scan and its decode step (models.mamba's references):
 
   ssm_scan.py.jinja          selective_scan_ref: the whole sequence, chunked along time
   ssm_state_update.py.jinja  selective_state_update_ref: one decoding step, state in place
@@ -29,6 +29,7 @@ group so that a program loads one [BLOCK_N, BLOCK_L] slice of B and C for all it
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 from dataclasses import dataclass, fields
 
@@ -36,7 +37,38 @@ import torch
 import torch.nn.functional as F
 
 from codegen.render import render
-from models.mamba import SCAN_SHAPES, STATE_UPDATE_SHAPES
+
+SCAN_SHAPES = """Shapes (b batch, d channels, L seqlen, n dstate, g groups of channels sharing B and C):
+    u           (b, d, L)                    input sequence
+    delta       (b, d, L)                    step size Δ, before delta_bias and softplus
+    A           (d, n)                       diagonal state matrix (real, negative)
+    B, C        (b, n, L) or (b, g, n, L)    input and output projections; channel c reads group c // (d // g)
+    D           (d,)                         skip: y += D * u
+    z           (b, d, L)                    gate: out = y * silu(z)
+    delta_bias  (d,)                         added to delta before the softplus
+    out         (b, d, L)                    dtype of u
+    last_state  (b, d, n)                    h after the last step"""
+
+STATE_UPDATE_SHAPES = """Shapes (b batch, d channels, n dstate, g groups of channels sharing B and C):
+    state       (b, d, n)                    h_{t-1}, overwritten in place with h_t
+    x           (b, d)                       input u_t
+    dt          (b, d)                       step size Δ_t, before dt_bias and softplus
+    A           (d, n)                       diagonal state matrix (real, negative)
+    B, C        (b, n) or (b, g, n)          input and output projections; channel c reads group c // (d // g)
+    D           (d,)                         skip: y += D * x
+    z           (b, d)                       gate: out = y * silu(z)
+    dt_bias     (d,)                         added to dt before the softplus
+    out         (b, d)                       dtype of x"""
+
+
+def _with_shapes(shapes: str):
+    """Append a shape table to a function's docstring; kernel launchers render the same table."""
+
+    def decorate(fn):
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__)}\n\n{shapes}\n"
+        return fn
+
+    return decorate
 
 MAX_DSTATE = 256
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid axes: groups and batch
@@ -278,9 +310,10 @@ def _channel_major(BC: torch.Tensor, dim: int) -> torch.Tensor:
     return BC.repeat_interleave(dim // BC.shape[1], dim=1).transpose(-1, -2)
 
 
+@_with_shapes(SCAN_SHAPES)
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """(out, last_state) of the chunked scan in PyTorch: a loop over L in float32 (float64 when an
-    input is float64); out and last_state in that compute dtype. Shapes as `launch`."""
+    input is float64); out and last_state in that compute dtype."""
     compute = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
@@ -304,9 +337,10 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return out, h
 
 
+@_with_shapes(STATE_UPDATE_SHAPES)
 def state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """(out, new_state) of one decode step in PyTorch, in float32 (float64 when an input is float64);
-    `state` is left unchanged. Shapes as the state-update `launch`."""
+    `state` is left unchanged."""
     compute = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     state, x, dt, A, B, C = (t.to(compute) for t in (state, x, dt, A, B, C))
     if dt_bias is not None:

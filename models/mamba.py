@@ -29,46 +29,12 @@ final norm -> lm head tied to the embedding.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-SCAN_SHAPES = """Shapes (b batch, d channels, L seqlen, n dstate, g groups of channels sharing B and C):
-    u           (b, d, L)                    input sequence
-    delta       (b, d, L)                    step size Δ, before delta_bias and softplus
-    A           (d, n)                       diagonal state matrix (real, negative)
-    B, C        (b, n, L) or (b, g, n, L)    input and output projections; channel c reads group c // (d // g)
-    D           (d,)                         skip: y += D * u
-    z           (b, d, L)                    gate: out = y * silu(z)
-    delta_bias  (d,)                         added to delta before the softplus
-    out         (b, d, L)                    dtype of u
-    last_state  (b, d, n)                    h after the last step"""
-
-STATE_UPDATE_SHAPES = """Shapes (b batch, d channels, n dstate, g groups of channels sharing B and C):
-    state       (b, d, n)                    h_{t-1}, overwritten in place with h_t
-    x           (b, d)                       input u_t
-    dt          (b, d)                       step size Δ_t, before dt_bias and softplus
-    A           (d, n)                       diagonal state matrix (real, negative)
-    B, C        (b, n) or (b, g, n)          input and output projections; channel c reads group c // (d // g)
-    D           (d,)                         skip: y += D * x
-    z           (b, d)                       gate: out = y * silu(z)
-    dt_bias     (d,)                         added to dt before the softplus
-    out         (b, d)                       dtype of x"""
-
-
-def _with_shapes(shapes: str):
-    """Append a shape table to a function's docstring; kernel launchers render the same table."""
-
-    def decorate(fn):
-        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__)}\n\n{shapes}\n"
-        return fn
-
-    return decorate
-
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precisions (as mamba_ssm does), float64 stays float64 for references."""
@@ -89,10 +55,11 @@ def _readout(h: torch.Tensor, C: torch.Tensor, t: int) -> torch.Tensor:
     return torch.einsum("bdn,bdn->bd", h, C[:, :, :, t])
 
 
-@_with_shapes(SCAN_SHAPES)
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """Selective scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t · h_t + D u_t, as a loop over L.
+
+    u, delta, z (b, d, L); A (d, n); B, C (b, n, L) or grouped (b, g, n, L); D, delta_bias (d,).
 
     Computes in float32 (float64 for float64 inputs) and returns out in u's dtype, plus the
     final state in the compute dtype when return_last_state.
@@ -124,9 +91,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
-@_with_shapes(STATE_UPDATE_SHAPES)
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One step of the selective scan: h = exp(Δ A) h + Δ B x written into state, returns C · h + D x.
+
+    state (b, d, n); x, dt, z (b, d); A (d, n); B, C (b, n) or grouped (b, g, n); D, dt_bias (d,).
 
     Computes in float32 (float64 for float64 inputs); the readout uses h before it is rounded
     to state's dtype.
