@@ -6,13 +6,18 @@
     compiler.export_cache("cache.zip"); compiler.import_cache("cache.zip")
     torch.compile(model, backend="flashfx")
     compiler.register_rolled(scan_fn)   # keep a selective-scan loop rolled under capture
+    compiler.sparsify(model, batches, density=0.1)   # DejaVu predictors for a dense model's MLPs
 """
 from compiler.api import CompiledModule, compile, warmup
 from compiler.backend import register as _register_backend
+from compiler.calibrate import SparsifyReport, sparsify
 from compiler.passes.ssm_scan import register_rolled
 from runtime.bundle import export_cache, import_cache
 from runtime.dispatch import Kernel
 
 _register_backend()
 
-__all__ = ["CompiledModule", "Kernel", "compile", "export_cache", "import_cache", "register_rolled", "warmup"]
+__all__ = [
+    "CompiledModule", "Kernel", "SparsifyReport", "compile", "export_cache", "import_cache",
+    "register_rolled", "sparsify", "warmup",
+]

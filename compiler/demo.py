@@ -14,12 +14,21 @@ import torch
 import compiler
 from models import dejavu, gpt, h3, hyena, mamba
 
+def sparsified_gpt():
+    """Our dense tiny GPT made contextually sparse (25% of MLP neurons) by compiler.sparsify."""
+    model, args = gpt.tiny_naive()
+    calibration = [gpt.tiny_naive(seed=seed)[1] for seed in range(1, 5)]
+    print(compiler.sparsify(model, calibration, density=0.25, progress=False))
+    return model, args
+
+
 MODELS: dict[str, Callable] = {
     "GPT tiny, naive attention (nanoGPT style)": gpt.tiny_naive,
     "GPT tiny, SDPA attention, GQA 4:2": gpt.tiny_sdpa_gqa,
     "GPT tiny, naive attention, MQA": gpt.tiny_naive_mqa,
     "DejaVu tiny, sparse MLP gathered (W1[idx], W2[:, idx])": dejavu.tiny_gathered,
     "DejaVu tiny, sparse MLP masked (fc2(act(fc1(x)) * mask))": dejavu.tiny_masked,
+    "GPT tiny made sparse by compiler.sparsify (dense MLPs -> DejaVu predictors)": sparsified_gpt,
     "H3 tiny, FFT long convolutions (shift and diagonal SSM kernels, gated)": h3.tiny,
     "Hyena tiny, implicit long filter by FFT, short depthwise conv, order-2 gating": hyena.tiny,
     "Mamba tiny, selective scan as a Python loop (selective_scan_ref)": mamba.tiny,
@@ -37,6 +46,7 @@ def _time(fn, args, repeats: int = 10) -> float:
 
 
 def check_model(title: str, factory: Callable) -> bool:
+    print(f"\n== {title}")
     model, args = factory()
     if torch.cuda.is_available():
         model, args = model.cuda(), tuple(a.cuda() for a in args)
@@ -47,7 +57,6 @@ def check_model(title: str, factory: Callable) -> bool:
         first_call = time.perf_counter() - started
         eager = model(*args)
         error = (ours.double() - eager.double()).abs().max().item()
-        print(f"\n== {title}")
         print(compiled.report())
         for kernel in compiled.kernels:
             print(f"  kernel {kernel.name} -> {kernel.path}")

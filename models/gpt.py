@@ -146,8 +146,8 @@ def example(config: GPTConfig, batch: int = 2, length: int = 64, seed: int = 0):
     return model, (torch.randint(0, config.vocab_size, (batch, length)),)
 
 
-def tiny_naive(batch: int = 2, length: int = 64):
-    return example(GPTConfig.tiny(), batch, length)
+def tiny_naive(batch: int = 2, length: int = 64, seed: int = 0):
+    return example(GPTConfig.tiny(), batch, length, seed)
 
 
 def tiny_sdpa_gqa(batch: int = 2, length: int = 64):

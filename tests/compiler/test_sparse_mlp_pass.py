@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compiler
-from compiler.sparsify import sparsify
+from compiler import sparsify
 from models.dejavu import DejaVuConfig, example
 from models.gpt import GPT, GPTConfig
 from tests.compiler.equivalence import assert_compiles_equivalent

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compiler.sparsify import sparsify
+from compiler import sparsify
 from models.dejavu import DejaVuConfig, SparseMLP, example
 from models.gpt import GPT, GPTConfig
 
