@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codegen.long_conv import KERNEL_DTYPES
-from compiler.passes import PassContext
+from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
 from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 
@@ -53,12 +53,6 @@ def fft_conv_reference(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> tor
     seqlen = u.shape[-1]
     y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
     return y[..., :seqlen] + u * D[:, None]
-
-
-class NoMatch(Exception):
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 @dataclass
@@ -126,13 +120,11 @@ class Signal:
 
 
 def run(graph: Graph, context: PassContext) -> None:
-    for node in list(graph):
-        if node.name not in graph or node.op not in FORWARD:
-            continue
-        try:
+    def try_fuse(node: Node) -> None:
+        if node.op in FORWARD:
             _fuse(graph, node, context)
-        except NoMatch as miss:
-            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+
+    context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
 
 
 def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.short_conv import KERNEL_DTYPES, MAX_WIDTH, MIN_WIDTH
-from compiler.passes import PassContext
+from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
 from runtime.long_conv import OutputLayout, ShortConvOp
 
@@ -34,20 +34,12 @@ def causal_depthwise_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias:
     return F.silu(F.conv1d(x, weight, bias, padding=width - 1, groups=x.shape[1])[..., :seqlen])
 
 
-class NoMatch(Exception):
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
-
-
 def run(graph: Graph, context: PassContext) -> None:
-    for node in list(graph):
-        if node.name not in graph or node.op != "conv1d":
-            continue
-        try:
+    def try_fuse(node: Node) -> None:
+        if node.op == "conv1d":
             _fuse(graph, node, context)
-        except NoMatch as miss:
-            context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+
+    context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
 
 
 def _fuse(graph: Graph, conv: Node, context: PassContext) -> None:

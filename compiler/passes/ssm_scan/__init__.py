@@ -49,7 +49,6 @@ from __future__ import annotations
 
 from compiler.passes import PassContext
 from compiler.passes.ssm_scan.associative import fuse_associative, is_candidate
-from compiler.passes.ssm_scan.frames import NoMatch
 from compiler.passes.ssm_scan.recurrence import fuse_decode, fuse_loop
 from compiler.passes.ssm_scan.rolled import fuse_rolled, is_rolled, register_rolled
 from ir.graph import Graph, Node
@@ -60,20 +59,17 @@ __all__ = ["PATTERN", "register_rolled", "run"]
 
 
 def run(graph: Graph, context: PassContext) -> None:
-    for node in list(graph):
-        if node.name in graph and node.op in ("stack", "cat"):
-            _attempt(fuse_loop, graph, node, context)
-        elif node.name in graph and is_rolled(node):
-            _attempt(fuse_rolled, graph, node, context)
-        elif node.name in graph and is_candidate(node):
-            _attempt(fuse_associative, graph, node, context)
-    for node in list(graph):
-        if node.name in graph and node.op == "add":
-            _attempt(fuse_decode, graph, node, context)
+    def try_scan(node: Node) -> None:
+        if node.op in ("stack", "cat"):
+            fuse_loop(graph, node, context)
+        elif is_rolled(node):
+            fuse_rolled(graph, node, context)
+        elif is_candidate(node):
+            fuse_associative(graph, node, context)
 
+    def try_decode(node: Node) -> None:
+        if node.op == "add":
+            fuse_decode(graph, node, context)
 
-def _attempt(fuse, graph: Graph, node: Node, context: PassContext) -> None:
-    try:
-        fuse(graph, node, context)
-    except NoMatch as miss:
-        context.near_miss(PATTERN, node, miss.node.name, miss.reason)
+    context.for_each_candidate(PATTERN, graph, list(graph), try_scan)
+    context.for_each_candidate(PATTERN, graph, list(graph), try_decode)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compiler.passes import NoMatch
 from ir.graph import Graph, Node
 
 TIME = 3  # frame position of the time axis; positions 0..2 are the dims of the state h
@@ -24,12 +25,6 @@ REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)  # casts to these are looked through
 
 Frame = tuple  # per dim of a node: its frame position, or None for a unit dim
-
-
-class NoMatch(Exception):
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 @dataclass(frozen=True)
