@@ -17,5 +17,5 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-gpu-bench:
-	PYTHONPATH=. python benchmarks/run_all.py
+gpu-bench:  # one suite group per call on the GPU machine: see benchmarks/run_all.py
+	PYTHONPATH=. python benchmarks/run_all.py --budget-s 500 $(if $(SUITES),--suites $(SUITES))

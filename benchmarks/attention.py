@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compiler
-from benchmarks.common import Row, bench_ms
+from benchmarks.common import Row, bench_ms, run_configs
 
 
 class SdpaModule(nn.Module):
@@ -93,17 +93,17 @@ def peers(config: dict, device) -> dict:
     }
 
 
+def measure(config: dict, device, dtype) -> Row:
+    shape = (config["batch"], config["heads"], config["seqlen"], config["head_dim"])
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+    compiled = compiler.compile(SdpaModule(config["causal"]))
+    with torch.no_grad():
+        ours = bench_ms(lambda: compiled(q, k, v))
+        peer_ms = {name: bench_ms(lambda fn=fn: fn(q, k, v)) for name, fn in peers(config, device).items()}
+    return Row("attention", config, ours, peer_ms, work={"flops": flops(config)},
+               notes="" if "attention" in compiled.patterns else "attention pass did not fire")
+
+
 def run(quick: bool, device: torch.device) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for config in grid(quick):
-        shape = (config["batch"], config["heads"], config["seqlen"], config["head_dim"])
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
-        compiled = compiler.compile(SdpaModule(config["causal"]))
-        with torch.no_grad():
-            ours = bench_ms(lambda: compiled(q, k, v))
-            peer_ms = {name: bench_ms(lambda fn=fn: fn(q, k, v)) for name, fn in peers(config, device).items()}
-        rows.append(Row("attention", config, ours, peer_ms, work={"flops": flops(config)},
-                        notes="" if "attention" in compiled.patterns else "attention pass did not fire"))
-        torch._dynamo.reset()
-    return rows
+    return run_configs("attention", grid(quick), lambda config: measure(config, device, dtype))

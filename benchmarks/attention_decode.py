@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compiler
-from benchmarks.common import Row, bench_ms
+from benchmarks.common import Row, bench_ms, run_configs
 
 
 class SdpaDecode(nn.Module):
@@ -89,22 +89,21 @@ def peers(device) -> dict:
     }
 
 
+def measure(config: dict, device, dtype) -> Row:
+    batch, q_len, kv_len, head_dim = config["batch"], config["q_len"], config["kv_len"], config["head_dim"]
+    q = torch.randn(batch, config["q_heads"], q_len, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, config["kv_heads"], kv_len, head_dim, device=device, dtype=dtype)
+            for _ in range(2))
+    args = (q, k, v) + ((tree_mask(q_len, kv_len, device),) if config["mask"] == "tree" else ())
+    compiled = compiler.compile(SdpaDecode())
+    with torch.no_grad():
+        ours = bench_ms(lambda: compiled(*args))
+        peer_ms = {name: bench_ms(lambda fn=fn: fn(*args)) for name, fn in peers(device).items()}
+    used = any(kernel.name.startswith("attention_decode") for kernel in compiled.kernels)
+    work = {"bytes": bytes_moved(config, q.element_size())}
+    return Row("attention_decode", config, ours, peer_ms, work=work, notes="" if used else "decode kernel not used")
+
+
 def run(quick: bool, device: torch.device) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for config in grid(quick):
-        batch, q_len, kv_len, head_dim = config["batch"], config["q_len"], config["kv_len"], config["head_dim"]
-        q = torch.randn(batch, config["q_heads"], q_len, head_dim, device=device, dtype=dtype)
-        k, v = (torch.randn(batch, config["kv_heads"], kv_len, head_dim, device=device, dtype=dtype)
-                for _ in range(2))
-        args = (q, k, v) + ((tree_mask(q_len, kv_len, device),) if config["mask"] == "tree" else ())
-        compiled = compiler.compile(SdpaDecode())
-        with torch.no_grad():
-            ours = bench_ms(lambda: compiled(*args))
-            peer_ms = {name: bench_ms(lambda fn=fn: fn(*args)) for name, fn in peers(device).items()}
-        used = any(kernel.name.startswith("attention_decode") for kernel in compiled.kernels)
-        work = {"bytes": bytes_moved(config, q.element_size())}
-        rows.append(Row("attention_decode", config, ours, peer_ms, work=work,
-                        notes="" if used else "decode kernel not used"))
-        torch._dynamo.reset()
-    return rows
+    return run_configs("attention_decode", grid(quick), lambda config: measure(config, device, dtype))

@@ -1,16 +1,30 @@
-"""Shared benchmark plumbing: timing, hardware ceilings, result records and writers.
+"""Shared benchmark plumbing: timing, hardware ceilings, the run's time budget, result records and writers.
 
 Timing uses triton.testing.do_bench (median of many runs, L2 flushed) on CUDA and a plain
-wall-clock loop on the CPU (only for `--quick` smoke runs of the harness itself).
+wall-clock loop on the CPU (only for `--quick` smoke runs of the harness itself). Peers that
+take seconds per call (Python loops over a sequence) use `wall_ms`, which calls them twice.
+
+Time budget: run_all gives each suite a deadline (`set_time_budget`) and a hook that writes
+each finished row out (`set_row_hook`); `run_configs` measures configs until the deadline passes
+and reports the rest as rows that did not run, so a call on the GPU machine ends inside its
+limit, and a call killed at its limit still leaves every finished row behind.
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
+import triton
+import triton.language as tl
+
+_deadline = math.inf  # time.monotonic() after which run_configs starts no new config
+_row_hook: Callable[[Row], None] | None = None  # called with each row run_configs finishes
 
 
 @dataclass
@@ -31,6 +45,12 @@ class Row:
         return {name: (peer / self.ours_ms if peer else None) for name, peer in self.peers_ms.items()}
 
 
+# -- timing ----------------------------------------------------------------------------------
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float | None:
     """Median milliseconds per call of `fn()`, or None when it raises (peer not available)."""
     try:
@@ -46,8 +66,57 @@ def bench_ms(fn, *, warmup: int = 25, rep: int = 100) -> float | None:
         return None
 
 
+def wall_ms(fn, *, calls: int = 1) -> float | None:
+    """Milliseconds per call of `fn()` after one warm call, the mean of `calls` synchronised calls;
+    None when it raises. For peers that take seconds per call, where do_bench would make 8 or more."""
+    try:
+        fn()
+        _synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _synchronize()
+        return (time.perf_counter() - start) * 1e3 / calls
+    except Exception:
+        return None
+
+
+def first_call_s(fn) -> float | None:
+    """Seconds taken by `fn()`'s first call (capture and compilation, for a compiled module);
+    None when it raises."""
+    try:
+        start = time.perf_counter()
+        fn()
+        _synchronize()
+        return time.perf_counter() - start
+    except Exception:
+        return None
+
+
+# -- ceilings --------------------------------------------------------------------------------
+@triton.jit
+def _exp2_chain(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
+    """ITERS dependent exp2s per element, x <- -exp2(x) / 2 (stays in [-1/2, -1/4])."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = offsets.to(tl.float32) * -1e-9
+    for _ in range(ITERS):
+        x = tl.exp2(x) * -0.5
+    tl.store(out_ptr + offsets, x)
+
+
+def _exp2_per_s() -> float | None:
+    """tl.exp2 evaluations per second over the whole GPU (2^22 elements, 256 each); None if the
+    kernel fails."""
+    out = torch.empty(1 << 22, device="cuda", dtype=torch.float32)
+    iters, block = 256, 1024
+    ms = bench_ms(lambda: _exp2_chain[(out.numel() // block,)](out, ITERS=iters, BLOCK=block))
+    return out.numel() * iters / (ms * 1e-3) if ms else None
+
+
+@functools.cache
 def measure_ceilings() -> dict[str, float]:
-    """bf16 matmul TFLOP/s (8192^3) and device-to-device copy TB/s (1 GiB), measured now."""
+    """Measured once per process: bf16 matmul TFLOP/s (8192^3), device-to-device copy TB/s (1 GiB,
+    bytes read + written) and the tl.exp2 rate (evaluations per second)."""
     if not torch.cuda.is_available():
         return {}
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +128,63 @@ def measure_ceilings() -> dict[str, float]:
     return {
         "matmul_tflops": 2 * 8192**3 / (matmul_ms * 1e-3) / 1e12,
         "copy_tbps": 2 * source.numel() * 2 / (copy_ms * 1e-3) / 1e12,
+        "exp2_per_s": _exp2_per_s(),
     }
+
+
+def memory_floor_ms(nbytes: int) -> float | None:
+    """Milliseconds to move `nbytes` at the measured copy bandwidth; None without a GPU."""
+    ceilings = measure_ceilings()
+    return nbytes / (ceilings["copy_tbps"] * 1e12) * 1e3 if ceilings else None
+
+
+def exp2_floor_ms(count: int) -> float | None:
+    """Milliseconds for `count` exponentials at the measured tl.exp2 rate; None without a GPU."""
+    rate = measure_ceilings().get("exp2_per_s")
+    return count / rate * 1e3 if rate else None
+
+
+# -- time budget -----------------------------------------------------------------------------
+def set_time_budget(seconds: float | None) -> None:
+    """Configs that would start more than `seconds` from now are not run (None: no limit)."""
+    global _deadline
+    _deadline = math.inf if seconds is None else time.monotonic() + seconds
+
+
+def set_row_hook(hook: Callable[[Row], None] | None) -> None:
+    """Call hook(row) for each row run_configs finishes (run_all writes the results with it)."""
+    global _row_hook
+    _row_hook = hook
+
+
+def seconds_left() -> float:
+    return _deadline - time.monotonic()
+
+
+def _finished(rows: list[Row], row: Row) -> None:
+    rows.append(row)
+    if _row_hook is not None:
+        _row_hook(row)
+
+
+def run_configs(suite: str, configs: Iterable[dict], measure: Callable[[dict], Row]) -> list[Row]:
+    """measure(config) for each config while the time budget lasts, then a row per config that did
+    not run. A config that raises becomes a row saying why, so one failure costs one row of a GPU
+    run, not the run. Dynamo's cache and the CUDA allocator's are emptied between configs."""
+    rows = []
+    for config in configs:
+        if seconds_left() <= 0:
+            _finished(rows, Row(suite, config, None, notes="not run: the suite's time budget was spent"))
+            continue
+        try:
+            row = measure(config)
+        except Exception as error:  # recorded in the row, the run goes on
+            row = Row(suite, config, None, notes=f"failed: {type(error).__name__}: {error}"[:300])
+        torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _finished(rows, row)
+    return rows
 
 
 def device_name() -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import compiler
-from benchmarks.common import Row, bench_ms
+from benchmarks.common import Row, bench_ms, run_configs
 from models import h3, hyena
 from models.h3 import fftconv_ref
 
@@ -95,10 +95,4 @@ def measure(config: dict, device, dtype) -> Row:
 
 def run(quick: bool, device: torch.device) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
-    for config in grid(quick):
-        rows.append(measure(config, device, dtype))
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
+    return run_configs("long_conv", grid(quick), lambda config: measure(config, device, dtype))

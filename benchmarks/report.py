@@ -26,9 +26,18 @@ def _config_label(config: dict) -> str:
     return " ".join(f"{key}={value}" for key, value in config.items())
 
 
-def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
-    if not rows:
-        return []
+def _groups(rows: list[dict]) -> list[list[dict]]:
+    """Consecutive rows with the same peers and unit: one table each (a suite may mix kinds of row)."""
+    groups: list[list[dict]] = []
+    for row in rows:
+        if groups and (list(groups[-1][0]["peers_ms"]), _unit(groups[-1][0])) == (list(row["peers_ms"]), _unit(row)):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _table(rows: list[dict], ceilings: dict) -> list[str]:
     peers = list(rows[0]["peers_ms"])
     unit = _unit(rows[0])
     ceiling = ceilings.get("matmul_tflops" if unit == "TFLOP/s" else "copy_tbps")
@@ -37,7 +46,7 @@ def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
     else:
         header = ["config", "ours ms"] + [f"{p} ms" for p in peers]
     header += [f"x {p}" for p in peers] + (["fraction of ceiling"] if unit else [])
-    lines = [f"## {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ours_rate = _rate(row, row["ours_ms"])
         cells = [_config_label(row["config"]), _fmt(row["ours_ms"], 3)]
@@ -52,6 +61,15 @@ def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
     return lines + [""]
 
 
+def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
+    if not rows:
+        return []
+    lines = [f"## {name}", ""]
+    for group in _groups(rows):
+        lines += _table(group, ceilings)
+    return lines
+
+
 def markdown(payload: dict) -> str:
     ceilings = payload["ceilings"]
     lines = [
@@ -60,6 +78,7 @@ def markdown(payload: dict) -> str:
         f"Ceilings measured in this run: {ceilings or 'none (no GPU)'}. Ratios are peer time / our time "
         "(above 1: we are faster).",
         f"GPU tests: {payload['gpu_tests']}",
+        f"Seconds per part: {payload.get('elapsed_s') or 'not recorded'}",
         "",
     ]
     for name, rows in payload["suites"].items():
@@ -67,33 +86,62 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(payload: dict, out: Path) -> None:
+def _draw(axis, rows: list[dict], x_key: str, value) -> None:
+    """One line per series (ours, then each peer) of value(row, ms) against row["config"][x_key]."""
+    xs = [r["config"][x_key] for r in rows]
+    series = {"ours": [value(r, r["ours_ms"]) for r in rows]}
+    for peer in rows[0]["peers_ms"]:
+        series[peer] = [value(r, r["peers_ms"][peer]) for r in rows]
+    for label, values in series.items():
+        points = [(x, y) for x, y in zip(xs, values) if y is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label, linewidth=2.5 if label == "ours" else 1)
+    axis.set_xscale("log", base=2)
+    axis.legend(fontsize=7)
+
+
+def _figure(panels: list[tuple[str, list[dict]]], x_key: str, value, x_label: str, y_label: str,
+            title: str, path: Path, y_log: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = payload["suites"].get("attention", [])
-    if not rows:
-        return
-    panels = sorted({(r["config"]["head_dim"], r["config"]["causal"]) for r in rows})
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for axis, (head_dim, causal) in zip(axes[0], panels):
-        panel = [r for r in rows if r["config"]["head_dim"] == head_dim and r["config"]["causal"] == causal]
-        lengths = [r["config"]["seqlen"] for r in panel]
-        series = {"ours": [_rate(r, r["ours_ms"]) for r in panel]}
-        for peer in panel[0]["peers_ms"]:
-            series[peer] = [_rate(r, r["peers_ms"][peer]) for r in panel]
-        for label, values in series.items():
-            points = [(x, y) for x, y in zip(lengths, values) if y is not None]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label, linewidth=2.5 if label == "ours" else 1)
-        axis.set_xscale("log", base=2)
-        axis.set_title(f"head dim {head_dim}, {'causal' if causal else 'non-causal'}")
-        axis.set_xlabel("sequence length")
-        axis.set_ylabel("TFLOP/s")
-        axis.legend(fontsize=7)
-    figure.suptitle(f"attention forward, {payload['device']}")
+    for axis, (panel_title, rows) in zip(axes[0], panels):
+        _draw(axis, rows, x_key, value)
+        axis.set_title(panel_title)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
+        if y_log:
+            axis.set_yscale("log")
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(out / "attention.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _measured(rows: list[dict], **match) -> list[dict]:
+    """The rows whose config has these values and that ran."""
+    return [r for r in rows if r["ours_ms"] and all(r["config"].get(k) == v for k, v in match.items())]
+
+
+def plots(payload: dict, out: Path) -> None:
+    """attention.png: TFLOP/s against L, per head dim and causal flag; ssm_scan.png: scan ms
+    against L, floors included; sparse_mlp.png: TB/s against batch at 10% density, per width."""
+    suites, device = payload["suites"], payload["device"]
+    attention = _measured(suites.get("attention", []))
+    if attention:
+        keys = sorted({(r["config"]["head_dim"], r["config"]["causal"]) for r in attention})
+        panels = [(f"head dim {d}, {'causal' if c else 'non-causal'}", _measured(attention, head_dim=d, causal=c))
+                  for d, c in keys]
+        _figure(panels, "seqlen", _rate, "sequence length", "TFLOP/s", f"attention forward, {device}",
+                out / "attention.png")
+    scans = _measured(suites.get("ssm_scan", []), op="scan")
+    if scans:
+        _figure([("selective scan", scans)], "seqlen", lambda row, ms: ms, "sequence length", "ms",
+                f"selective scan, {device}", out / "ssm_scan.png", y_log=True)
+    mlps = _measured(suites.get("sparse_mlp", []), op="mlp", density=0.1)
+    if mlps:
+        panels = [(f"d {d}, 10% of ffn", _measured(mlps, d=d)) for d in sorted({r["config"]["d"] for r in mlps})]
+        _figure(panels, "batch", _rate, "batch", "TB/s", f"sparse MLP, {device}", out / "sparse_mlp.png")

@@ -1,37 +1,173 @@
-"""One call on the GPU machine: GPU tests, then every benchmark suite, written under $OUT.
+"""GPU tests, then benchmark suites, written under $OUT; also merges the results of several calls.
 
-    PYTHONPATH=. python benchmarks/run_all.py                 # full run, results in $OUT
+    PYTHONPATH=. python benchmarks/run_all.py                 # everything, results in $OUT (~29 min: see below)
     PYTHONPATH=. python benchmarks/run_all.py --quick --out d  # smoke run of the harness (CPU ok)
+    PYTHONPATH=. python benchmarks/run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500
+    PYTHONPATH=. python benchmarks/run_all.py --merge dir1 dir2 ... --out d   # one report from several calls
 
-Writes results.json (every row, peers, ratios, ceilings, test summary), results.md (tables)
-and one PNG per suite. Commit them under benchmarks/results/<date>-<device>/.
+Writes results.json (every row, peers, ratios, ceilings, test summary, seconds per part),
+results.md (tables) and PNG plots, rewritten after every row, so a call killed at its limit
+keeps what it finished. Commit them under benchmarks/results/<date>-<device>/.
+
+Time on the H100 machine. These are estimates, not measurements (no full run has been timed
+yet; results.json's "elapsed_s" records the real figures, so correct ESTIMATE_S from them).
+Compiling dominates: a torch.compile of a small graph costs ~5-10 s, of a 12-layer model
+~12 s (the anchors' GPT-2 small: 11.7 s), and capturing an unrolled scan loop ~20 steps/s on
+the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU machine.
+
+    part              est.   where the time goes
+    GPU tests         300 s  66 tests; the every-autotuning-candidate sweeps JIT-compile dozens
+                             of kernels; the Mamba-size scan test unrolls L 2048 (~1 min)
+    attention         420 s  24 configs x (flex + inductor-naive compiles ~12 s, 6 timings)
+    attention_decode   60 s  10 configs, SDPA peers need no compile
+    long_conv         380 s  18 convs x a torch.compile peer, 4 real-size models x (ours, Inductor)
+    warm_start         90 s  5 fresh processes that import torch and compile GPT-2 small
+    ssm_scan          240 s  unrolled capture at L 256 and 512 (~20 s), assoc-compile at 3 lengths
+                             (~15 s each); the Mamba-130M row: eager 2 calls x ~6 s, Inductor on
+                             the associative form ~60-120 s
+    sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
+    end_to_end        140 s  4 models x (ours ~12 s + torch.compile ~15 s to first call)
+    total            ~29 min, plus ~1-2 min to start a machine
+
+That is three times one call's 10-minute limit and about a session's 30 minutes of device time,
+so the full set does not fit one call. Run it as four calls (each ~6-8 min, the budget a
+safety net; each call's $OUT holds at most 6 files), then merge them on any machine:
+
+    1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~450 s
+    2. run_all.py --suites attention --skip-tests --budget-s 500            # ~420 s
+    3. run_all.py --suites long_conv,sparse_mlp --skip-tests --budget-s 500 # ~500 s
+    4. run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500  # ~380 s
+    run_all.py --merge <files_at of 1..4> --out benchmarks/results/<date>-h100
+
+A session working on one issue runs only the suites it needs (issue 3: attention,
+attention_decode and end_to_end; issue 4: long_conv; issue 5: ssm_scan; issue 6: sparse_mlp;
+issue 7: warm_start), with --skip-tests unless it changed kernels.
+
+--budget-s B shares B seconds among the tests and suites in proportion to their estimates (time
+a part leaves unused passes to the next); a suite starts no config past its share and reports
+the rest as not run, and the GPU tests are stopped at theirs (the log keeps their progress), so
+one call with everything and --budget-s 500 gives a partial overview of every suite. A config
+in progress finishes, so keep B ~100 s under the call's 600 s.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import attention, attention_decode, long_conv, report, warm_start
-from benchmarks.common import device_name, measure_ceilings, rows_payload, write_json
+from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan,
+                        warm_start)
+from benchmarks.common import (Row, device_name, measure_ceilings, rows_payload, set_row_hook, set_time_budget,
+                               write_json)
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
-          "long_conv": long_conv.run}
+          "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
+          "end_to_end": end_to_end.run}
+TESTS = "GPU tests"
+ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 90, "long_conv": 380,
+              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
 
 
-def run_gpu_tests(out: Path) -> dict:
+def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "."})
-    (out / "gpu_tests.txt").write_text(result.stdout + result.stderr)
-    summary = (result.stdout.strip().splitlines() or [""])[-1]
+    log = out / "gpu_tests.txt"
+    with log.open("w") as stream:
+        try:
+            result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                    env={**os.environ, "PYTHONPATH": "."})
+        except subprocess.TimeoutExpired:
+            return {"timed_out_s": timeout_s}
+    summary = (log.read_text().strip().splitlines() or [""])[-1]
     return {"returncode": result.returncode, "summary": summary}
+
+
+def write_results(out: Path, payload: dict, plots: bool = True) -> None:
+    write_json(out / "results.json", payload)
+    (out / "results.md").write_text(report.markdown(payload))
+    if plots:
+        report.plots(payload, out)
+
+
+class Budget:
+    """Shares `total_s` among the parts still to run, in proportion to ESTIMATE_S."""
+
+    def __init__(self, total_s: float | None, parts: list[str]):
+        self.end = None if total_s is None else time.monotonic() + total_s
+        self.parts = list(parts)
+
+    def share(self, part: str) -> float | None:
+        """Seconds for `part`, which runs now; None without a budget."""
+        later = self.parts[self.parts.index(part):]
+        self.parts.remove(part)
+        if self.end is None:
+            return None
+        left = max(0.0, self.end - time.monotonic())
+        return left * ESTIMATE_S[part] / sum(ESTIMATE_S[name] for name in later)
+
+
+def run_suite(name: str, quick: bool, device, payload: dict, out: Path) -> None:
+    """Run one suite, writing the results after each of its rows; a suite that raises keeps the
+    rows it finished and gets a row saying why it stopped."""
+    finished = payload["suites"][name] = []
+
+    def write_row(row: Row) -> None:
+        finished.extend(rows_payload([row]))
+        write_results(out, payload, plots=False)
+
+    set_row_hook(write_row)
+    try:
+        payload["suites"][name] = rows_payload(SUITES[name](quick, device))
+    except Exception as error:  # recorded in the results, the next suite runs
+        write_row(Row(name, {}, None, notes=f"suite stopped: {type(error).__name__}: {error}"[:300]))
+    finally:
+        set_row_hook(None)
+
+
+def measure(options, suites: list[str], out: Path) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    budget = Budget(options.budget_s, ([] if options.skip_tests else [TESTS]) + suites)
+    payload = {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "ceilings": measure_ceilings(),
+        "gpu_tests": {"skipped": "--skip-tests"},
+        "elapsed_s": {},
+        "suites": {},
+    }
+    if not options.skip_tests:
+        start = time.monotonic()
+        payload["gpu_tests"] = run_gpu_tests(out, budget.share(TESTS))
+        payload["elapsed_s"][TESTS] = round(time.monotonic() - start, 1)
+        write_results(out, payload)
+    for name in suites:
+        start = time.monotonic()
+        set_time_budget(budget.share(name))
+        run_suite(name, options.quick, device, payload, out)
+        payload["elapsed_s"][name] = round(time.monotonic() - start, 1)
+        write_results(out, payload)
+
+
+def merge(folders: list[str]) -> dict:
+    """One payload from several calls' results.json: their suites and times, the first call's
+    ceilings, and the GPU tests of the call that ran them."""
+    payloads = [json.loads((Path(folder) / "results.json").read_text()) for folder in folders]
+    merged = {**payloads[0], "suites": {}, "elapsed_s": {}}
+    for payload in payloads:
+        merged["suites"].update(payload["suites"])
+        merged["elapsed_s"].update(payload.get("elapsed_s", {}))
+        if "skipped" not in payload["gpu_tests"]:
+            merged["gpu_tests"] = payload["gpu_tests"]
+    return merged
 
 
 def main() -> int:
@@ -40,23 +176,18 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness itself")
     parser.add_argument("--suites", default=",".join(SUITES), help="comma-separated subset of " + ",".join(SUITES))
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--budget-s", type=float, help="seconds for the tests and suites together (default: no limit)")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="merge these calls' results into --out; run nothing")
     options = parser.parse_args()
+    suites = [name for name in options.suites.split(",") if name]
+    if set(suites) - set(SUITES):
+        parser.error(f"unknown suites {sorted(set(suites) - set(SUITES))}; known: {', '.join(SUITES)}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    payload = {
-        "date": datetime.date.today().isoformat(),
-        "device": device_name(),
-        "torch": torch.__version__,
-        "ceilings": measure_ceilings(),
-        "gpu_tests": {"skipped": "--skip-tests"} if options.skip_tests else run_gpu_tests(out),
-        "suites": {},
-    }
-    for name in options.suites.split(","):
-        payload["suites"][name] = rows_payload(SUITES[name](options.quick, device))
-    write_json(out / "results.json", payload)
-    (out / "results.md").write_text(report.markdown(payload))
-    report.plots(payload, out)
+    if options.merge:
+        write_results(out, merge(options.merge))
+    else:
+        measure(options, suites, out)
     print((out / "results.md").read_text())
     return 0
 

@@ -17,9 +17,8 @@ and the op computes exactly that, in x's dtype, for x of any rank (leading dims 
 Weights arrive as graph inputs on every call. The down kernel reads the selected columns of W2,
 contiguous only in a column-major copy; the op keeps one, rebuilt when W2 changes (another
 tensor, storage or in-place version). The kernels do not range-check gathered indices: the
-pass proves them in [0, F) when they come from top-k or sort over the F neurons, and otherwise
-the op checks them on each call (a device sync) and leaves out-of-range ones to eager, which
-raises or wraps them as PyTorch does.
+pass proves them in [0, F) when they come from top-k or sort over the F neurons; otherwise the
+op checks them on each call (see _index_range_reason).
 """
 from __future__ import annotations
 
@@ -55,7 +54,15 @@ class SparseMLPLayout:
 
 
 def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= ffn):
+    """On CUDA an asynchronous device assert (no host sync on the decode path: out-of-range
+    indices stop the program with an error, never a wrong answer); on the CPU a plain check
+    that leaves bad indices to PyTorch, which raises or wraps them as eager does."""
+    if not idx.numel():
+        return None
+    if idx.is_cuda:
+        torch._assert_async(((idx >= 0) & (idx < ffn)).all(), f"flashfx: sparse MLP indices outside [0, {ffn})")
+        return None
+    if int(idx.min()) < 0 or int(idx.max()) >= ffn:
         return f"indices outside [0, {ffn}) (left to PyTorch, which raises or wraps them)"
     return None
 
