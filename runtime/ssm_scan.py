@@ -27,7 +27,6 @@ import torch
 
 from codegen import ssm_scan as ssm_codegen
 from runtime.dispatch import FusedOp, Kernel
-from runtime.loader import load_source
 
 Labels = tuple[str | None, ...]
 
@@ -103,25 +102,25 @@ class _SSMOp(FusedOp):
         return tensor, arrange(tensor, result.labels, target, self.sizes)
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
-        name = ssm_codegen.kernel_name(spec)
-        source = self.render(spec)
-        module, path = load_source(name, source)
-        kernel = self.kernels.get(name)
-        if kernel is None:
-            kernel = Kernel(name, self.pattern, source, str(path), replaced=self.replaced)
-            self.kernels[name] = kernel
-        return module, kernel
+        return self.load_kernel(spec, ssm_codegen.kernel_name, self.render)
 
     def prepare(self) -> None:
         """Generate (render, store, load) the kernel this op launches."""
         self.kernel_for(self.spec())
 
-    def _config(self, kernel: Kernel, spec, seqlen: int = 1) -> dict:
+    def _launch(self, spec, like: torch.Tensor, run, seqlen: int = 1) -> None:
+        """Run `run(config)` with the config tuned (or guessed) for these sizes; `run` must be
+        repeatable, since max-autotune calls it once per candidate."""
+        module, kernel = self.kernel_for(spec)
         groups = self.sizes.get("g", 1) if self.layout.grouped else 1
-        config = ssm_codegen.default_config(spec, batch=self.sizes["b"], dim=self.sizes["d"], groups=groups,
-                                            dstate=self.sizes["n"], seqlen=seqlen)
-        kernel.config = dict(config)
-        return config
+        shape = dict(batch=self.sizes["b"], dim=self.sizes["d"], groups=groups, dstate=self.sizes["n"], seqlen=seqlen)
+        config = self.tuned_config(
+            kernel, (shape["batch"], shape["dim"], shape["dstate"], seqlen), like,
+            default=lambda: ssm_codegen.default_config(spec, **shape),
+            candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]),
+            run=lambda config: run(module, config),
+        )
+        run(module, config)
 
 
 class SelectiveScanOp(_SSMOp):
@@ -149,9 +148,11 @@ class SelectiveScanOp(_SSMOp):
         reason = self.why_not_kernel(list(tensors)) or ssm_codegen.unsupported_reason(
             **args, last_state=state_view, out=out_view)
         if reason is None:
-            module, kernel = self.kernel_for(self.spec())
-            module.launch(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
-                          config=self._config(kernel, self.spec(), seqlen=self.sizes["l"]))
+            def run(module, config):
+                module.launch(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
+                              config=config)
+
+            self._launch(self.spec(), args["u"], run, seqlen=self.sizes["l"])
         else:
             self.fell_back(reason)
             y, h = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
@@ -185,10 +186,11 @@ class StateUpdateOp(_SSMOp):
         reason = self.why_not_kernel(list(tensors)) or ssm_codegen.state_update_unsupported_reason(
             state_view, **args, out=out_view)
         if reason is None:
-            state_view.copy_(carried)
-            module, kernel = self.kernel_for(self.spec())
-            module.launch(state_view, **args, out=out_view, dt_softplus=self.layout.softplus,
-                          config=self._config(kernel, self.spec()))
+            def run(module, config):
+                state_view.copy_(carried)
+                module.launch(state_view, **args, out=out_view, dt_softplus=self.layout.softplus, config=config)
+
+            self._launch(self.spec(), args["x"], run)
         else:
             self.fell_back(reason)
             y, h = ssm_codegen.state_update_reference(carried, **args, dt_softplus=self.layout.softplus)
