@@ -84,8 +84,12 @@ class SparseMLPOp(FusedOp):
         idx = selector
         if reason is None and self.layout.form == "masked":
             idx, reason = self._kept_neurons(selector, w1.shape[0], rows.shape[0])
+            if reason is None and not torch.isfinite(rows).all():
+                reason = "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
         if reason is None and not self.layout.indices_proven:
             reason = _index_range_reason(idx, w1.shape[0])
+        if idx is not None and idx.dim() == 1 and idx.stride(0) != 1:
+            idx = idx.contiguous()
         reason = reason or sparse_mlp_codegen.unsupported_reason(rows, w1, b1, w2, b2, idx, activation=self.activation)
         if reason is not None:
             self.fell_back(reason)

@@ -41,6 +41,7 @@ from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 
 PATTERN = "long_conv"
 FORWARD = {"irfft": "rfft", "ifft": "fft"}
+SYMBOLIC_INVERSES = ("fft_irfft", "fft_ifft")  # left opaque by ir.spellings when n is symbolic
 COPIES = ("identity", "cast")
 FORWARD_NORM_POWER = {"backward": 0.0, "ortho": 0.5, "forward": 1.0}  # a forward transform scales by n^-power
 INVERSE_NORM_POWER = {"backward": 1.0, "ortho": 0.5, "forward": 0.0}
@@ -123,6 +124,8 @@ def run(graph: Graph, context: PassContext) -> None:
     def try_fuse(node: Node) -> None:
         if node.op in FORWARD:
             _fuse(graph, node, context)
+        elif node.op == "torch" and node.attrs["target"] in SYMBOLIC_INVERSES:
+            raise NoMatch(node, "the transform length is symbolic (dynamic shapes): the kernel needs a static length")
 
     context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
 

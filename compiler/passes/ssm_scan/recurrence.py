@@ -133,8 +133,21 @@ def _sum_readout(graph: Graph, node: Node) -> Readout | None:
     return None
 
 
+def _reads_out_steps(graph: Graph, anchor: Node) -> bool:
+    """Does a stack with symbolic sizes look like a scan's per-step readouts?"""
+    try:
+        ys, _, _ = _stacked(graph, anchor)
+        return bool(ys) and find_readout(graph, ys[0]) is not None
+    except NoMatch:
+        return True
+
+
 def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
-    if anchor.type is None or anchor.type.static_shape() is None:
+    if anchor.type is None:
+        return
+    if anchor.type.static_shape() is None:
+        if _reads_out_steps(graph, anchor):
+            raise NoMatch(anchor, "sizes are symbolic (dynamic shapes): re-rolling needs static sizes")
         return
     ys, time_dim, wrappers = _stacked(graph, anchor)
     if not ys or find_readout(graph, ys[0]) is None:
