@@ -122,6 +122,8 @@ def unsupported_reason(x, weight, bias=None, out=None, activation=None) -> str |
         return "empty tensors (a zero-sized batch, channel or time axis)"
     if batch > MAX_GRID_YZ:
         return f"batch {batch} exceeds the launch grid's limit of {MAX_GRID_YZ}"
+    if channels > MAX_GRID_YZ:
+        return f"{channels} channels exceed the launch grid's limit of {MAX_GRID_YZ} channel tiles"
     return None
 
 

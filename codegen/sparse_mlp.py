@@ -36,6 +36,8 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
 }
+MAX_GRID_Z = 65535  # CUDA's limit on grid axes 1 and 2; the row tiles run along axis 2
+MIN_BLOCK_M = 16  # the smallest row tile a config uses for more than a handful of rows
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 GEMV_MAX_ROWS = 8  # larger batches pad their row tile to 16 and use tl.dot
@@ -111,6 +113,8 @@ def unsupported_reason(x, w1, b1, w2, b2, idx, out=None, *, activation: str) -> 
     devices = {t.device for t in (x, w1, b1, w2, b2, idx, out) if t is not None}
     if len(devices) > 1:
         return f"operands are on different devices ({', '.join(sorted(map(str, devices)))})"
+    if x.shape[0] > MAX_GRID_Z * MIN_BLOCK_M:
+        return f"{x.shape[0]} rows exceed the launch grid's limit ({MAX_GRID_Z} row tiles of {MIN_BLOCK_M})"
     return None
 
 
