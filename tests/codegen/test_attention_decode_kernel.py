@@ -42,21 +42,19 @@ from codegen.attention_decode import (
     split_keys,
 )
 from runtime.attention import DECODE_MAX_Q_LEN, DECODE_MIN_KV_LEN, uses_decode_kernel
-from runtime.interpret import ensure_mode
 from runtime.loader import load_source
-from tests.codegen.test_attention_kernel import assert_attention_close
+from tests.codegen.test_attention_kernel import (  # noqa: F401  (pytestmark: the same warning filters)
+    DEVICE,
+    FP32_MIN,
+    NEG_INF,
+    assert_attention_close,
+    bf16,
+    fp16,
+    fp32,
+    pytestmark,
+)
 from tests.compiler.equivalence import assert_compiles_equivalent
 from tests.numerics import assert_close_by_rule, poisoned_like
-
-DEVICE = torch.device("cpu" if ensure_mode() else "cuda")
-NEG_INF = float("-inf")
-FP32_MIN = torch.finfo(torch.float32).min
-fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-]
 
 
 @dataclass(frozen=True)
