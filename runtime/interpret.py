@@ -18,15 +18,18 @@ import torch
 from runtime import knobs
 
 _late_switch = False
+_interpreted: bool | None = None
 
 
 def ensure_mode() -> bool:
-    """Return True when kernels run on Triton's interpreter (CPU tensors)."""
-    global _late_switch
-    if not knobs.triton_interpret() and not torch.cuda.is_available():
-        _late_switch = "triton" in sys.modules
-        os.environ["TRITON_INTERPRET"] = "1"
-    return knobs.triton_interpret()
+    """Return True when kernels run on Triton's interpreter (CPU tensors); decided once per process."""
+    global _late_switch, _interpreted
+    if _interpreted is None:
+        if not knobs.triton_interpret() and not torch.cuda.is_available():
+            _late_switch = "triton" in sys.modules
+            os.environ["TRITON_INTERPRET"] = "1"
+        _interpreted = knobs.triton_interpret()
+    return _interpreted
 
 
 def kernel_unavailable_reason(device: torch.device) -> str | None:
