@@ -14,7 +14,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
                 when the result is the input itself (safe to rewire readers to the input)
     cast        .float(), .half(), .bfloat16(), .double(), .to(dtype), .type(dtype)
     softmax     F.softmax, torch.softmax, x.softmax (optional dtype)
-    mul/div/add/sub  operators, torch functions and methods, one operand may be a scalar
+    mul/div/add/sub  operators, torch functions and methods, one operand may be a scalar; the in-place
+                forms (`x /= s`, `x.mul_(s)`) too when x is a fresh result read by nothing else
     where       torch.where(c, a, b), x.masked_fill(m, v) == where(m, v, x)
     dropout     F.dropout, torch.dropout, nn.Dropout (inlined)
     sdpa        F.scaled_dot_product_attention
@@ -284,6 +285,25 @@ def _binary(op: str) -> Callable:
     return normalise
 
 
+FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast"}
+
+
+def _in_place(op: str) -> Callable:
+    """`x op= y`: the functional op when nothing else can observe x's old value."""
+    functional = _binary(op)
+
+    def normalise_in_place(node) -> Normalised | None:
+        target = node.args[0]
+        if not _is_tensor_node(target) or len(target.users) != 1:
+            return None
+        produced_by = normalise(target)
+        if produced_by is None or produced_by[0] not in FRESH_RESULTS:
+            return None
+        return functional(node)
+
+    return normalise_in_place
+
+
 def _where_branch(value, tensors: list):
     if _is_tensor_node(value):
         tensors.append(value)
@@ -468,6 +488,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     operator.truediv: _binary("div"), torch.div: _binary("div"), torch.true_divide: _binary("div"),
     operator.add: _binary("add"), torch.add: _binary("add"),
     operator.sub: _binary("sub"), torch.sub: _binary("sub"),
+    operator.imul: _in_place("mul"), operator.itruediv: _in_place("div"),
+    operator.iadd: _in_place("add"), operator.isub: _in_place("sub"),
     torch.where: where, torch.masked_fill: masked_fill,
     F.dropout: dropout, torch.dropout: dropout,
     F.scaled_dot_product_attention: sdpa,
@@ -497,6 +519,7 @@ METHODS: dict[str, Callable] = {
     "to": cast, "type": cast, "float": cast, "half": cast, "bfloat16": cast, "double": cast, "type_as": cast,
     "softmax": softmax,
     "mul": _binary("mul"), "div": _binary("div"), "add": _binary("add"), "sub": _binary("sub"),
+    "mul_": _in_place("mul"), "div_": _in_place("div"), "add_": _in_place("add"), "sub_": _in_place("sub"),
     "masked_fill": masked_fill,
     "repeat_interleave": repeat_interleave,
     "index_select": index_select,

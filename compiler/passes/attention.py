@@ -113,14 +113,15 @@ def _check_private(graph, replaced: list[str]) -> None:
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
-    current = graph.node(node.inputs[0])
-    while current.op in ("cast", "identity", "dropout", "mul") and current.inputs:
-        blocker = current if current.op not in ("cast", "identity") else None
+    reasons = {"dropout": "dropout is active (training mode)", "mul": "probabilities are rescaled after softmax",
+               "reshape": "probabilities are reshaped (e.g. heads merged into the batch dim) before the value matmul"}
+    current, blocker = graph.node(node.inputs[0]), None
+    while current.op in ("cast", "identity", *reasons) and current.inputs:
+        if current.op in reasons:
+            blocker = blocker or current
         current = graph.node(current.inputs[0])
         if current.op == "softmax" and blocker is not None:
-            reason = ("dropout is active (training mode)" if blocker.op == "dropout"
-                      else "probabilities are rescaled after softmax")
-            raise NoMatch(blocker, reason)
+            raise NoMatch(blocker, reasons[blocker.op])
 
 
 def _parse_scores(graph, node: Node, context, multiplier: float, mask: MaskOp | None, nodes: list[str]) -> Scores:
@@ -184,15 +185,33 @@ def _mask_readings(graph, node: Node, context, multiplier: float):
                 yield scores, MaskOp("additive", bias_node, multiplier=multiplier)
         return
     if node.op == "where":
-        then_scalar, else_scalar = node.attrs["then_scalar"], node.attrs["else_scalar"]
         condition = graph.node(node.inputs[0])
-        if condition.type.dtype != torch.bool or len(node.inputs) != 2:
-            raise NoMatch(node, "where/masked_fill with a non-bool condition or two tensor branches")
-        fill = then_scalar if then_scalar is not None else else_scalar
-        keep_when = then_scalar is None
-        yield node.inputs[1], MaskOp("bool", condition, keep_when, float(fill) * multiplier)
+        if condition.type.dtype != torch.bool:
+            raise NoMatch(node, "where/masked_fill with a non-bool condition")
+        for scores, keep_when, fill in _where_branches(graph, node, context):
+            yield scores, MaskOp("bool", condition, keep_when, fill * multiplier)
         return
     raise NoMatch(node, f"{node.op} with a scalar is not a mask")
+
+
+def _where_branches(graph, node: Node, context):
+    """Each (scores input, keep_when, fill) reading of where(condition, then, else).
+
+    One branch is the fill: a Python scalar, or a compile-time constant tensor with a single
+    element (GPT-2's and GPT-NeoX's `torch.full([], finfo.min)` / `torch.tensor(min)`).
+    """
+    then_scalar, else_scalar = node.attrs["then_scalar"], node.attrs["else_scalar"]
+    if len(node.inputs) == 2:
+        fill = then_scalar if then_scalar is not None else else_scalar
+        yield node.inputs[1], then_scalar is None, float(fill)
+        return
+    then_name, else_name = node.inputs[1:]
+    for scores, fill_name, keep_when in ((else_name, then_name, False), (then_name, else_name, True)):
+        fill = _constant_scalar(graph, graph.node(fill_name), context)
+        if fill is not None:
+            yield scores, keep_when, fill
+            return
+    raise NoMatch(node, "where with two tensor branches, neither a constant fill")
 
 
 def _untranspose(graph, key_t: Node) -> tuple[Node, bool]:

@@ -21,7 +21,8 @@ A down projection whose weight is gathered, or whose input is (something applied
 times a tensor, is a candidate: if the rest does not fit, report() names the node that broke it
 (an activation the kernel lacks such as SiLU, an idx that is not 1-D, dropout in training mode,
 W1 and W2 gathered by different indices, an intermediate read elsewhere, float64...). Gated MLPs,
-act(gate(x)) * up(x) as in SwiGLU, are no candidates: neither factor is a mask.
+act(gate(x)) * up(x) as in SwiGLU, are no candidates: neither factor is a mask; nor is a product
+whose other factor reads the projection too (an activation written out, such as gelu_new).
 """
 from __future__ import annotations
 
@@ -107,13 +108,19 @@ def _masked_product(graph: Graph, node: Node) -> tuple[Node, Node] | None:
     if _is_gate(graph, first) and _is_gate(graph, second):
         return None
     for activated, mask in ((first, second), (second, first)):
-        if _activation_name(activated) is not None:
+        if _activation_name(activated) is not None and not _reads(graph, mask, activated):
             return activated, mask
     for activated, mask in ((first, second), (second, first)):
         if activated.op == "dropout" or (len(activated.inputs) == 1 and _is_gate(graph, activated)
                                          and _projection(graph, activated) is None):
-            return activated, mask
+            return (activated, mask) if not _reads(graph, mask, activated) else None
     return None
+
+
+def _reads(graph: Graph, mask: Node, activated: Node) -> bool:
+    """Does `mask` depend on the activation's input? Then the product is an activation spelled out
+    (GPT-2's gelu_new: 0.5 * x * (1 + tanh(...))), not a neuron mask, which comes from a predictor."""
+    return bool(activated.inputs) and activated.inputs[0] in graph.ancestors(mask.name)
 
 
 def _is_gate(graph: Graph, node: Node) -> bool:

@@ -69,6 +69,19 @@ class Bmm3d(nn.Module):
         return torch.bmm(probs, v3).view(b, h, l, v.shape[-1])
 
 
+class WhereTensorFill(nn.Module):
+    """GPT-2/GPT-Neo: torch.where(causal, scores, torch.tensor(finfo.min)) and an in-place scale (Falcon)."""
+
+    def forward(self, q, k, v):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores /= math.sqrt(q.shape[-1])
+        causal = torch.ones(lk, lk, dtype=torch.bool, device=q.device).tril()[lk - lq:lk, :lk]
+        fill = torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype, device=scores.device)
+        scores = torch.where(causal, scores, fill)
+        return torch.matmul(nn.functional.softmax(scores, dim=-1), v)
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -121,6 +134,12 @@ def test_einsum_additive_causal(dtype, q_len, head_dim):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_einsum_sequence_first_layout(dtype):
     assert_compiles_equivalent(EinsumSequenceFirst(), qkv(2, 3, 57, 80, 48), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,kv_len", [(113, 113), (37, 203)])
+def test_where_with_a_constant_tensor_fill(dtype, q_len, kv_len):
+    assert_compiles_equivalent(WhereTensorFill(), qkv(2, 2, q_len, kv_len, 64), dtype, "attention")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

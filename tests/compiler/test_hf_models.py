@@ -1,4 +1,8 @@
-"""Hugging Face GPT-2 and Llama (random init, tiny configs) compile with one attention op per layer."""
+"""Hugging Face models (random init, tiny configs) compile with one attention op per layer.
+
+GPT-2 and Llama in both attention implementations, and a spread of other architectures whose
+eager attention is spelled differently: Falcon's in-place scale, GPT-NeoX, OPT's pre-scaled
+query, Mistral's MQA, BERT's padding mask (an additive bias built from the input)."""
 from __future__ import annotations
 
 import pytest
@@ -25,16 +29,52 @@ def llama(implementation: str):
     return transformers.LlamaForCausalLM(config)
 
 
+SIZES = dict(num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=4, vocab_size=128)
+
+
+def falcon(implementation: str):
+    return transformers.FalconForCausalLM(transformers.FalconConfig(**SIZES, attn_implementation=implementation))
+
+
+def gpt_neox(implementation: str):
+    config = transformers.GPTNeoXConfig(**SIZES, intermediate_size=128, attn_implementation=implementation)
+    return transformers.GPTNeoXForCausalLM(config)
+
+
+def opt(implementation: str):
+    config = transformers.OPTConfig(**SIZES, ffn_dim=128, word_embed_proj_dim=64, attn_implementation=implementation)
+    return transformers.OPTForCausalLM(config)
+
+
+def mistral(implementation: str):
+    config = transformers.MistralConfig(**SIZES, num_key_value_heads=1, intermediate_size=128,
+                                        attn_implementation=implementation)
+    return transformers.MistralForCausalLM(config)
+
+
+def bert(implementation: str):
+    config = transformers.BertConfig(**SIZES, intermediate_size=128, attn_implementation=implementation)
+    return transformers.BertModel(config)
+
+
+def outputs(model, ids, mask):
+    result = model(ids, attention_mask=mask)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("factory", [gpt2, llama], ids=["gpt2", "llama"])
-def test_hf_causal_lm(factory, implementation):
+@pytest.mark.parametrize("factory", [gpt2, llama, falcon, gpt_neox, opt, mistral, bert],
+                         ids=lambda factory: factory.__name__)
+def test_hf_models(factory, implementation):
     torch.manual_seed(0)
     model = factory(implementation).eval()
     ids = torch.randint(0, 128, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0  # right padding: no query row is fully masked
     compiled = compiler.compile(model, strict=True)
     with torch.no_grad():
-        ours = compiled(ids).logits
-        baseline = model(ids).logits
-        reference = model.double()(ids).logits
+        ours = outputs(compiled, ids, mask)
+        baseline = outputs(model, ids, mask)
+        reference = outputs(model.double(), ids, mask)
     assert compiled.patterns.count("attention") == LAYERS, compiled.report()
     assert_close_by_rule(ours, baseline, reference)

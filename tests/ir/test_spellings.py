@@ -2,6 +2,7 @@
 (ir/spellings.py): slices, FFTs, .real, conv1d, pad, sigmoid."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,3 +71,36 @@ def test_conv1d_pad_and_sigmoid():
         ("pad", {"pad": (1, 1), "mode": "constant", "value": 2.0}),
         ("sigmoid", {}), ("sigmoid", {}), ("sigmoid", {}),
     ]
+
+
+def in_place_scaled(a, b):
+    scores = a @ b
+    scores /= 4.0
+    scores = scores.mul_(2.0)
+    return scores
+
+
+def in_place_read_through_the_old_name(a, b):
+    scores = a @ b
+    scores.mul_(2.0)
+    return scores
+
+
+def in_place_with_a_second_reader(a, b):
+    scores = a @ b
+    before = scores.sum()
+    scores /= 4.0
+    return scores, before
+
+
+def test_in_place_arithmetic_on_a_private_result_is_functional():
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    ops = [op for op, _ in canonical(in_place_scaled, a, b)]
+    assert ops == ["matmul", "div", "mul"]
+
+
+@pytest.mark.parametrize("function", [in_place_with_a_second_reader, in_place_read_through_the_old_name])
+def test_in_place_arithmetic_observed_elsewhere_stays_opaque(function):
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    ops = [op for op, _ in canonical(function, a, b)]
+    assert ops[0] == "matmul" and not {"div", "mul"} & set(ops) and "torch" in ops
