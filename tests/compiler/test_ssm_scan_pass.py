@@ -114,6 +114,36 @@ class SumCatScan(nn.Module):
         return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
 
 
+class StackedStatesScan(nn.Module):
+    """mamba.py's selective_scan_seq: time-major (b, L, d) sequences, the states stacked, then read
+    out with C all at once (matmul with C[..., None], einsum, or mul + sum over the state dim)."""
+
+    def __init__(self, readout: str, stack_dim: int = 1):
+        super().__init__()
+        self.readout, self.stack_dim = readout, stack_dim
+
+    def forward(self, u, delta, A, B, C, D=None, z=None, delta_bias=None):
+        x, delta = u.transpose(1, 2), F.softplus(delta + delta_bias[:, None]).transpose(1, 2)
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, L, n)
+        decay = torch.exp(delta.unsqueeze(-1) * A)  # (b, L, d, n)
+        bx = delta.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)
+        h = torch.zeros(x.size(0), x.size(2), A.size(1))
+        hs = []
+        for t in range(x.shape[1]):
+            h = decay[:, t] * h + bx[:, t]
+            hs.append(h)
+        hs = torch.stack(hs, dim=self.stack_dim)
+        if self.stack_dim == 2:  # (b, d, L, n)
+            y = torch.einsum("bdln,bln->bld", hs, C)
+        elif self.readout == "matmul":
+            y = (hs @ C.unsqueeze(-1)).squeeze(3)
+        elif self.readout == "einsum":
+            y = torch.einsum("bldn,bln->bld", hs, C)
+        else:
+            y = (hs * C.unsqueeze(2)).sum(dim=-1)
+        return (y + D * x).transpose(1, 2)
+
+
 def first_order_combine(a_left, b_left, a_right, b_right):
     return [a_left * a_right, a_right * b_left + b_right]
 
@@ -169,6 +199,13 @@ def test_associative_scan_higher_order_op_fuses():
 def test_sum_cat_spelling_fuses(dtype):
     assert_compiles_equivalent(SumCatScan(), scan_inputs(Case(seqlen=7, dim=4, groups=2, dtype=dtype)), dtype,
                                "ssm_scan")
+
+
+@pytest.mark.parametrize("readout,stack_dim", [("matmul", 1), ("einsum", 1), ("sum", 1), ("einsum", 2)])
+def test_stacked_states_then_readout_fuses(readout, stack_dim):
+    case = Case(seqlen=9, dim=37, dstate=4, batch=2, z=False)
+    compiled = assert_compiles_equivalent(StackedStatesScan(readout, stack_dim), scan_inputs(case), fp32, "ssm_scan")
+    assert "stacked states" in compiled.report()
 
 
 def test_final_state_is_returned():

@@ -3,7 +3,8 @@
     readout   y = <h, C> over the state dim n, spelled einsum("bdn,bn->bd", h, C),
               matmul(h, C[..., None])[..., 0] (or .squeeze(-1)), or sum(h * C, dim=n)
     loop      h_i = select(Ā, t, i) * h_{i-1} + select(B̄u, t, i), h_{-1} = zeros,
-              y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None])
+              y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None]),
+              or the states stacked first and read out at once: y = readout(stack(h_i), C)
     decode    h = exp(Δ ⊗ A) * S + Δ ⊗ B ⊗ x with a carried state S, y = readout(h, C)
 
 A loop is parsed step by step from the stack's inputs, each step compared with the one before
@@ -17,7 +18,7 @@ from compiler.passes import PassContext
 from compiler.passes.ssm_scan.frames import (
     TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, unit_free, view_leaf)
 from compiler.passes.ssm_scan.lowering import (
-    assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels)
+    assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels, sole_user)
 from ir.graph import Graph, Node
 from runtime.ssm_scan import SelectiveScanOp, StateUpdateOp
 
@@ -150,25 +151,145 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
             raise NoMatch(anchor, "sizes are symbolic (dynamic shapes): re-rolling needs static sizes")
         return
     ys, time_dim, wrappers = _stacked(graph, anchor)
-    if not ys or find_readout(graph, ys[0]) is None:
+    if ys and find_readout(graph, ys[0]) is not None:
+        loop = _read_out_per_step(graph, anchor, ys, time_dim, wrappers)
+    elif ys and is_state(ys[0]) and _recurrence(graph, ys[0], 0, None) is not None:
+        loop = _read_out_after_stack(graph, anchor, ys, time_dim, wrappers)
+    else:
         return
-    steps = _steps(graph, ys)
-    first, last = steps[0], steps[-1]
-    _check_initial_state(graph, first)
-    inside = set(wrappers) | {anchor.name} | {name for step in steps for name in step.nodes}
-    _check_private(graph, steps, inside)
-    y_frame = first.readout.y_frame[:time_dim] + (TIME,) + first.readout.y_frame[time_dim:]
-    core = discretisation(graph, _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME),
-                          _c_sequence(graph, first.readout), first.readout.n)
-    plan = assign_roles(graph, core, find_epilogues(graph, anchor, unit_free(anchor, y_frame)))
-    state = last.h if any(user.name not in inside for user in graph.users(last.h.name)) else None
-    layout = build_layout(plan, Leaf(last.h, (0, 1, 2)), state, seqlen=len(steps))
-    replaced = [name for step in steps for name in step.nodes] + wrappers + [anchor.name] + plan.epilogue.nodes
+    _check_initial_state(graph, loop.steps[0])
+    _check_private(graph, loop.steps, loop.inside)
+    core = discretisation(graph, loop.a, loop.bu, loop.c, loop.n)
+    plan = assign_roles(graph, core, find_epilogues(graph, loop.y, unit_free(loop.y, loop.y_frame)))
+    last_h = loop.steps[-1].h
+    state = last_h if any(user.name not in loop.inside for user in graph.users(last_h.name)) else None
+    layout = build_layout(plan, Leaf(last_h, (0, 1, 2)), state, seqlen=len(loop.steps))
+    replaced = loop.nodes + plan.epilogue.nodes
     op = SelectiveScanOp(replaced, layout)
-    detail = f"unrolled loop, L={len(steps)}, {describe(layout, plan.groups)}"
-    fuse_op(graph, context, plan, op, detail, replaced, state, inside)
-    if len(steps) >= LONG_LOOP and LONG_LOOP_NOTE not in context.report.notes:
+    detail = f"unrolled loop{loop.form}, L={len(loop.steps)}, {describe(layout, plan.groups)}"
+    fuse_op(graph, context, plan, op, detail, replaced, state, loop.inside)
+    if len(loop.steps) >= LONG_LOOP and LONG_LOOP_NOTE not in context.report.notes:
         context.report.notes.append(LONG_LOOP_NOTE)
+
+
+@dataclass
+class Loop:
+    """A parsed loop: its steps, the sequences of the recurrence, and y before the epilogue."""
+
+    steps: list[Step]
+    a: Leaf
+    bu: Leaf
+    c: Leaf
+    n: int
+    y: Node
+    y_frame: Frame
+    nodes: list[str]  # everything the op replaces up to y, in order
+    inside: set[str]
+    form: str = ""
+
+
+def _read_out_per_step(graph: Graph, anchor: Node, ys: list[Node], time_dim: int, wrappers: list[str]) -> Loop:
+    """y_i = <h_i, C_i> inside the loop, y = stack(y_i) (selective_scan_ref, Hugging Face)."""
+    steps = _steps(graph, ys)
+    first = steps[0]
+    nodes = [name for step in steps for name in step.nodes] + wrappers + [anchor.name]
+    y_frame = first.readout.y_frame[:time_dim] + (TIME,) + first.readout.y_frame[time_dim:]
+    return Loop(steps, _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME),
+                _c_sequence(graph, first.readout), first.readout.n, anchor, y_frame, nodes, set(nodes))
+
+
+def _read_out_after_stack(graph: Graph, anchor: Node, hs: list[Node], time_dim: int, wrappers: list[str]) -> Loop:
+    """hs = stack(h_i), then y = <hs, C> over the state dim (mamba.py's selective_scan_seq)."""
+    steps, previous = [], None
+    for i, h in enumerate(hs):
+        found = _recurrence(graph, h, i, previous)
+        if found is None:
+            raise NoMatch(h, f"step {i}: state is not select(Ā, t, {i}) * h_{{i-1}} + select(B̄u, t, {i})")
+        mul, a, before, bu = found
+        steps.append(Step(h, before, a, bu, None, [a.name, bu.name, mul.name, h.name]))
+        if i and (a.inputs[0], bu.inputs[0]) != (steps[0].a.inputs[0], steps[0].bu.inputs[0]):
+            raise NoMatch(a, f"step {i} reads Ā or B̄u from another sequence than step 0")
+        previous = h
+    frame = (0, 1, 2)[:time_dim] + (TIME,) + (0, 1, 2)[time_dim:]
+    readout = _stacked_readout(graph, anchor, frame)
+    if readout is None:
+        raise NoMatch(anchor, "the stacked states are not contracted with C over the state dim")
+    y, c, n, y_frame, readout_nodes = readout
+    nodes = [name for step in steps for name in step.nodes] + wrappers + [anchor.name] + readout_nodes
+    first = steps[0]
+    return Loop(steps, _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME),
+                c, n, y, y_frame, nodes, set(nodes), form=" of stacked states")
+
+
+def _stacked_readout(graph: Graph, stacked: Node, frame: Frame):
+    """(y, C leaf, n, y frame, nodes) for y = <stacked, C> over one state dim, spelled
+    einsum("bldn,bln->bld", hs, C), (hs @ C[..., None])[..., 0] or sum(hs * C[..., None, :], n)."""
+    user, nodes = stacked, []
+    while (next_user := sole_user(graph, user)) is not None and next_user.op in ("cast", "identity"):
+        user, nodes = next_user, nodes + [next_user.name]
+    user = sole_user(graph, user)
+    if user is None or len(user.inputs) != 2:
+        return None
+    states_side = 0 if user.inputs[0] == (nodes[-1] if nodes else stacked.name) else 1
+    other = graph.node(user.inputs[1 - states_side])
+    if user.op == "einsum":
+        found = _stacked_einsum(graph, user, other, states_side, frame)
+    elif user.op == "matmul" and states_side == 0:
+        found = _stacked_matmul(graph, user, other, frame)
+    elif user.op == "mul" and user.attrs["scalar"] is None:
+        found = _stacked_sum(graph, user, other, frame)
+    else:
+        found = None
+    if found is None:
+        return None
+    y, c, n, y_frame, readout_nodes = found
+    return y, c, n, y_frame, nodes + readout_nodes
+
+
+def _stacked_einsum(graph: Graph, node: Node, other: Node, states_side: int, frame: Frame):
+    if "->" not in node.attrs["equation"]:
+        return None
+    terms, out = node.attrs["equation"].split("->")
+    terms = terms.split(",")
+    p, q = terms[states_side], terms[1 - states_side]
+    contracted = [index for index in p if index in q and index not in out]
+    if (len(p) != 4 or len(set(p)) != 4 or len(contracted) != 1 or set(q) - set(p)
+            or sorted(out) != sorted(set(p) - set(contracted))):
+        return None
+    position = dict(zip(p, frame))
+    if position[contracted[0]] == TIME:
+        return None
+    c, through = view_leaf(graph, other, tuple(position[index] for index in q))
+    return node, c, position[contracted[0]], unit_free(node, tuple(position[index] for index in out)), through + [node.name]
+
+
+def _stacked_matmul(graph: Graph, product: Node, column: Node, frame: Frame):
+    after = sole_user(graph, product)
+    if after is None or after.op not in ("reshape", "select") or static_shape(after) + (1,) != static_shape(product):
+        return None
+    if after.op == "select" and after.attrs["dim"] != len(static_shape(product)) - 1:
+        return None
+    column_shape, batch = static_shape(column), frame[:-2]
+    if len(column_shape) < 2 or column_shape[-1] != 1 or len(column_shape) - 2 > len(batch):
+        return None
+    column_frame = batch[len(batch) - (len(column_shape) - 2):] + (frame[-1], None)
+    c, through = view_leaf(graph, column, unit_free(column, column_frame))
+    return after, c, frame[-1], unit_free(after, frame[:-1]), through + [product.name, after.name]
+
+
+def _stacked_sum(graph: Graph, product: Node, other: Node, frame: Frame):
+    reduction = sole_user(graph, product)
+    if reduction is None or reduction.op != "sum" or reduction.attrs["keepdim"] or reduction.attrs["dtype"] is not None:
+        return None
+    if len(reduction.attrs["dim"]) != 1 or len(static_shape(product)) != len(frame):
+        return None
+    dim = reduction.attrs["dim"][0]
+    other_frame = aligned_frame(other, product, frame)
+    if other_frame is None or frame[dim] == TIME:
+        return None
+    c, through = view_leaf(graph, other, other_frame)
+    y_frame = frame[:dim] + frame[dim + 1:]
+    return reduction, c, frame[dim], unit_free(reduction, y_frame), through + [product.name, reduction.name]
 
 
 def _stacked(graph: Graph, anchor: Node) -> tuple[list[Node], int, list[str]]:
