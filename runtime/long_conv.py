@@ -6,7 +6,8 @@ The long_conv pass proves that a subgraph computes, for u (*batch, *channels, L)
 
     out = post_gate * (scale * causal_conv(v, k) + skip_scale * D * v),   v = u * pre_gate
 
-(D, pre_gate, post_gate optional; gates broadcast to u's shape, D per channel). At run time the
+(D, pre_gate, post_gate optional; gates broadcast to u's shape, D per channel). Graphs that hold
+time at another dim (time-major (B, L, H) code) get views with it moved last. At run time the
 op views u, the gates and the output as (B, H, L) rows and k as (H, Lk), computes the filter's
 spectrum once per call (codegen.long_conv.filter_spectrum, shared by all batch rows) and launches
 the kernel, or runs codegen.long_conv.long_conv_reference.
@@ -58,7 +59,8 @@ class LongConvLayout:
     has_D: bool
     has_pre_gate: bool
     has_post_gate: bool
-    out: OutputLayout
+    out: OutputLayout  # of the output with time moved last
+    time: int = -1  # the graph tensors' time dim, counted from the end
 
 
 @dataclass
@@ -73,6 +75,13 @@ class Rows:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.u, self.k, self.D, self.pre_gate, self.post_gate) if t is not None]
+
+
+def _time_last(tensor: torch.Tensor, time: int) -> torch.Tensor:
+    """A view of `tensor` with dim `time` (from the end) last, leading 1s added where it has fewer dims."""
+    while tensor.dim() < -time:
+        tensor = tensor.unsqueeze(0)
+    return tensor.movedim(time, -1)
 
 
 class LongConvOp(FusedOp):
@@ -95,6 +104,13 @@ class LongConvOp(FusedOp):
 
     # -- call ------------------------------------------------------------------------
     def forward(self, u, k, *rest):
+        time = self.layout.time
+        if time == -1:
+            return self._forward_time_last(u, k, *rest)
+        moved = [_time_last(tensor, time) for tensor in (u, k, *rest)]
+        return self._forward_time_last(*moved).movedim(-1, time)
+
+    def _forward_time_last(self, u, k, *rest):
         out = self.layout.out.empty(u.shape, u.device)
         rows = self._rows(u, k, *self._unpack(rest))
         out_rows = out.view(rows.u.shape)

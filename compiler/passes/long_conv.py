@@ -8,7 +8,9 @@ Recognised (after ir.canonicalize folded the spellings), anchored at each invers
     u   = signal * pre_gate                   fused when that product is read only by the pattern
 
     u     (*batch, *channels, L), any strides ((B, L, H) tensors seen transposed); u and k may be
-          zero-padded to n first (F.pad(u, (0, L))) instead of passing n
+          zero-padded to n first (F.pad(u, (0, L))) instead of passing n. The time dim may also sit
+          elsewhere, (B, L, H) transformed along dim=1: every transform, the slice and the filter
+          then hold time at that same dim counted from the end, and the op moves it last
     k     (*channels, Lk) with Lk <= L, broadcast over the batch dims: a parameter, or computed per
           call from parameters (Hyena's implicit filter); the op takes its spectrum once per call
     D     one weight per channel: (H,) broadcast as (H, 1) or (1, H, 1)
@@ -24,7 +26,7 @@ one, or the one the skip reads.
 
 A candidate that breaks is reported as a near-miss naming the node: an FFT size too small for a
 linear convolution, a filter longer than L, a slice other than the first L steps (not causal),
-a transform along another dim, a filter that differs per batch row, float64, an intermediate
+transforms along different dims, a filter that differs per batch row, float64, an intermediate
 read outside the pattern...
 """
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Spectral:
     sides: tuple[Side, Side]
     scale: float
     nodes: list[str]  # the product, the scalings after it, the inverse transform
+    time: int  # the time dim, counted from the end (-1: last)
 
 
 @dataclass
@@ -83,9 +86,10 @@ class Reading:
 
     signal: Side
     filter: Side
-    batch_dims: int  # leading dims of u the filter is broadcast over
+    batch_dims: int  # leading dims of u (time moved last) the filter is broadcast over
     chain: list[tuple[Node, float]]  # the signal transform's input and below through copies and scalings,
     #                                  each with the factor it is scaled by on the way to the transform
+    time: int  # the time dim, counted from the end
 
 
 @dataclass
@@ -139,10 +143,11 @@ def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
                  + (tail.skip.nodes if tail.skip else []))
     signal = _signal(graph, reading, tail, inside)
     _check_private(graph, reading.signal.nodes + spectral.nodes[:-1], inside)
-    u_shape = _shape(signal.u)
+    u_shape = _shape(signal.u, spectral.time)
     layout = LongConvLayout(
         batch_dims=reading.batch_dims, has_D=tail.skip is not None, has_pre_gate=signal.pre_gate is not None,
-        has_post_gate=tail.post_gate is not None, out=_output_layout(tail.anchor, _rows(u_shape, reading.batch_dims)))
+        has_post_gate=tail.post_gate is not None, time=spectral.time,
+        out=_output_layout(tail.anchor, _rows(u_shape, reading.batch_dims), spectral.time))
     replaced = (signal.nodes + reading.filter.nodes + reading.signal.nodes + spectral.nodes
                 + (tail.skip.nodes if tail.skip else []) + tail.nodes)
     op = LongConvOp(replaced, layout, scale=spectral.scale * signal.scale * tail.conv_scale * tail.outer_scale,
@@ -157,11 +162,16 @@ def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _shape(node: Node) -> tuple[int, ...]:
+def _shape(node: Node, time: int = -1) -> tuple[int, ...]:
+    """The static shape of `node`, with the time dim (counted from the end) moved last; a tensor
+    without that many dims is first padded with leading 1s, as broadcasting would."""
     shape = node.type.static_shape() if node.type is not None else None
     if shape is None:
         raise NoMatch(node, "its shape is symbolic or it is not a tensor")
-    return shape
+    if time == -1:
+        return shape
+    shape = (1,) * max(0, -time - len(shape)) + tuple(shape)
+    return shape[:time] + shape[time + 1:] + (shape[time],)
 
 
 def _scalar(node: Node) -> float | None:
@@ -183,10 +193,15 @@ def _chain(graph: Graph, node: Node, ops: tuple[str, ...], scalars: bool = True)
         chain.append((node, factor))
 
 
-def _check_last_dim(transform: Node) -> None:
-    rank = len(_shape(transform))
-    if transform.attrs["dim"] != rank - 1:
-        raise NoMatch(transform, f"{transform.op} along dim {transform.attrs['dim']}, not the last (time) dim")
+def _time_dim(transform: Node) -> int:
+    """The dim a transform (or the slice) runs along, counted from the end."""
+    return transform.attrs["dim"] - len(_shape(transform))
+
+
+def _check_time_dim(transform: Node, time: int) -> None:
+    if _time_dim(transform) != time:
+        raise NoMatch(transform, f"{transform.op} along dim {transform.attrs['dim']}, not the time dim of the "
+                                 f"inverse transform ({time} from the end)")
 
 
 def _check_private(graph: Graph, names: list[str], inside: set[str]) -> None:
@@ -201,11 +216,13 @@ def _rows(u_shape: tuple[int, ...], batch_dims: int) -> tuple[int, int, int]:
     return math.prod(u_shape[:batch_dims]), math.prod(u_shape[batch_dims:-1]), u_shape[-1]
 
 
-def _output_layout(anchor: Node, rows: tuple[int, int, int]) -> OutputLayout:
-    """The eager output's layout when the kernel's (B, H, L) rows can view it; else contiguous."""
-    layout = OutputLayout.like(anchor.value)
+def _output_layout(anchor: Node, rows: tuple[int, int, int], time: int) -> OutputLayout:
+    """The eager output's layout (time moved last) when the kernel's (B, H, L) rows can view it;
+    else contiguous."""
+    value = anchor.value.movedim(time, -1)
+    layout = OutputLayout.like(value)
     try:
-        layout.empty(anchor.value.shape, torch.device("meta")).view(rows)
+        layout.empty(value.shape, torch.device("meta")).view(rows)
     except RuntimeError:
         return OutputLayout(layout.dtype, tuple(range(len(layout.order))))
     return layout
@@ -214,41 +231,44 @@ def _output_layout(anchor: Node, rows: tuple[int, int, int]) -> OutputLayout:
 # -- the transforms --------------------------------------------------------------------------------
 def _spectral(graph: Graph, inverse: Node) -> Spectral:
     """inverse(scalings(scalings(forward(a)) * scalings(forward(b))))."""
-    _check_last_dim(inverse)
+    time = _time_dim(inverse)
     if inverse.type.dtype in WIDE:
         raise NoMatch(inverse, f"{inverse.op} computes in {inverse.type.dtype}; the kernel computes in float32")
     chain = _chain(graph, graph.node(inverse.inputs[0]), ("identity",))
     product, between = chain[-1]
     if product.op != "mul" or len(product.inputs) != 2:
         raise NoMatch(product, f"the input of {inverse.op} is {product.op}, not a product of two spectra")
-    sides = tuple(_side(graph, graph.node(name), inverse) for name in product.inputs)
+    sides = tuple(_side(graph, graph.node(name), inverse, time) for name in product.inputs)
     n = inverse.attrs["n"]
     powers = INVERSE_NORM_POWER[inverse.attrs["norm"]] + sum(FORWARD_NORM_POWER[side.transform.attrs["norm"]]
                                                              for side in sides)
     scale = n ** (1.0 - powers) * between * sides[0].scale * sides[1].scale
-    return Spectral(inverse, product, sides, scale, [node.name for node, _ in chain[::-1]] + [inverse.name])
+    return Spectral(inverse, product, sides, scale, [node.name for node, _ in chain[::-1]] + [inverse.name], time)
 
 
-def _side(graph: Graph, node: Node, inverse: Node) -> Side:
+def _side(graph: Graph, node: Node, inverse: Node, time: int) -> Side:
     chain = _chain(graph, node, ("identity",))
     transform, scale = chain[-1]
     expected = FORWARD[inverse.op]
     if transform.op != expected:
         raise NoMatch(transform, f"a factor of the spectral product is {transform.op}, not {expected} of a signal")
-    _check_last_dim(transform)
+    _check_time_dim(transform, time)
     if transform.attrs["n"] != inverse.attrs["n"]:
         raise NoMatch(transform, f"{transform.op} with n={transform.attrs['n']} but {inverse.op} with "
                                  f"n={inverse.attrs['n']}")
-    source, pads = _unpadded(graph, graph.node(transform.inputs[0]))
+    source, pads = _unpadded(graph, graph.node(transform.inputs[0]), time)
     return Side(transform, source, scale, pads + [node.name for node, _ in chain[::-1]])
 
 
-def _unpadded(graph: Graph, node: Node) -> tuple[Node, list[str]]:
+def _unpadded(graph: Graph, node: Node, time: int) -> tuple[Node, list[str]]:
     """(x, [the pad]) for F.pad(x, (0, p)) with zeros at the end of time (the transform pads to n
     anyway); else (node, [])."""
     attrs = node.attrs
-    if (node.op == "pad" and attrs["mode"] == "constant" and attrs["value"] == 0 and attrs["pad"][0] == 0
-            and attrs["pad"][1] >= 0 and not any(attrs["pad"][2:])):
+    if node.op != "pad" or attrs["mode"] != "constant" or attrs["value"] != 0:
+        return node, []
+    widths = list(attrs["pad"]) + [0] * (2 * -time - len(attrs["pad"]))
+    at_time = 2 * (-time - 1)
+    if widths[at_time] == 0 and widths[at_time + 1] >= 0 and not any(widths[:at_time] + widths[at_time + 2:]):
         return graph.node(node.inputs[0]), [node.name]
     return node, []
 
@@ -256,7 +276,8 @@ def _unpadded(graph: Graph, node: Node) -> tuple[Node, list[str]]:
 def _readings(graph: Graph, spectral: Spectral) -> list[Reading]:
     """The valid (signal, filter) assignments of the two factors, the likelier first."""
     first, second = spectral.sides
-    pairs = sorted([(first, second), (second, first)], key=lambda pair: -_shape(pair[0].input)[-1])
+    time = spectral.time
+    pairs = sorted([(first, second), (second, first)], key=lambda pair: -_shape(pair[0].input, time)[-1])
     candidates = [(signal, filt) for signal, filt in pairs if _shape(signal.transform) == _shape(spectral.product)]
     if not candidates:
         raise NoMatch(spectral.product, "neither factor of the spectral product has its shape (the signal is broadcast)")
@@ -276,7 +297,7 @@ def _reading(graph: Graph, spectral: Spectral, signal: Side, filt: Side) -> Read
     for role, node in (("signal", u), ("filter", k)):
         if not node.type.dtype.is_floating_point:
             raise NoMatch(node, f"the {role} has dtype {node.type.dtype}; the kernel convolves real tensors")
-    u_shape, k_shape = _shape(u), _shape(k)
+    u_shape, k_shape = _shape(u, spectral.time), _shape(k, spectral.time)
     batch_dims = _batch_dims(u_shape, k_shape)
     if batch_dims is None:
         raise NoMatch(k, f"the filter {k_shape} is not (channels..., taps) broadcast over the batch dims of "
@@ -287,7 +308,7 @@ def _reading(graph: Graph, spectral: Spectral, signal: Side, filt: Side) -> Read
     if n < seqlen + taps - 1:
         raise NoMatch(spectral.inverse, f"n={n} < L + Lk - 1 = {seqlen + taps - 1}: the product of the spectra "
                                         "wraps around (a circular convolution), which the kernel does not compute")
-    return Reading(signal, filt, batch_dims, _chain(graph, u, COPIES))
+    return Reading(signal, filt, batch_dims, _chain(graph, u, COPIES), spectral.time)
 
 
 def _batch_dims(u_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> int | None:
@@ -310,7 +331,7 @@ def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
     """Walk up from the inverse transform through single readers: the slice to the first L steps
     (and .real) first, then scalings and copies, at most one skip, then at most one post gate."""
     inverse = spectral.inverse
-    seqlen = _shape(readings[0].signal.input)[-1]
+    seqlen = _shape(readings[0].signal.input, spectral.time)[-1]
     tail, current = Tail(anchor=inverse), inverse
     sliced, real = False, inverse.op == "irfft"
     while True:
@@ -323,7 +344,7 @@ def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
             readers = ", ".join(node.name for node in users)
             raise NoMatch(current, f"read by {readers} before the slice to the first L={seqlen} steps")
         if user.op == "slice" and not sliced:
-            _check_slice(user, seqlen, inverse)
+            _check_slice(user, seqlen, inverse, spectral.time)
             sliced = True
         elif user.op == "real" and not real:
             real = True
@@ -363,9 +384,9 @@ def _extend(graph: Graph, tail: Tail, user: Node, current: Node, readings: list[
     return False
 
 
-def _check_slice(node: Node, seqlen: int, inverse: Node) -> None:
+def _check_slice(node: Node, seqlen: int, inverse: Node, time: int) -> None:
     attrs = node.attrs
-    if attrs["dim"] != len(_shape(node)) - 1:
+    if _time_dim(node) != time:
         raise NoMatch(node, f"slices dim {attrs['dim']}, not the time dim")
     if attrs["start"] != 0:
         raise NoMatch(node, f"keeps steps {attrs['start']}..{attrs['stop']} of the {inverse.attrs['n']}-point result,"
@@ -407,7 +428,7 @@ def _per_channel(weight: Node, reading: Reading) -> bool:
     """Does `weight` broadcast against u as one value per channel (size 1 along L and the batch dims)?"""
     if weight.type is None or not weight.type.dtype.is_floating_point:
         return False
-    shape, u_shape = _shape(weight), _shape(reading.signal.input)
+    shape, u_shape = _shape(weight, reading.time), _shape(reading.signal.input, reading.time)
     if len(shape) > len(u_shape):
         return False
     aligned = (1,) * (len(u_shape) - len(shape)) + shape

@@ -187,6 +187,22 @@ class TransposedConv(LongConv):
         return (y + u * self.D.unsqueeze(-1)).to(x.dtype).transpose(1, 2)
 
 
+class TimeMajorConv(LongConv):
+    """(B, L, H) activations transformed along dim 1 (time-major code), the filter stored (L, H) and
+    zero-padded along time with F.pad, D broadcast as (H,), a post gate."""
+
+    def inputs(self, batch, seqlen):
+        channels = self.k.shape[0]
+        return sequence(batch, seqlen, channels, scale=0.1), sequence(batch, seqlen, channels, seed=3)
+
+    def forward(self, x, gate):
+        seqlen = x.shape[1]
+        k = F.pad(self.k.t().float(), (0, 0, 0, seqlen))
+        spectrum = torch.fft.rfft(x.float(), n=2 * seqlen, dim=1) * torch.fft.rfft(k, dim=0)
+        y = torch.fft.irfft(spectrum, n=2 * seqlen, dim=-2)[:, :seqlen]
+        return ((y + x * self.D) * gate).to(x.dtype)
+
+
 class ImplicitFilterConv(GatedConv):
     """The filter computed per call from parameters (Hyena): an MLP over positions times a decay, then
     H3's fftconv_ref on the gated input, gated again."""
@@ -236,6 +252,8 @@ LONG_CASES = [
     Case(PaddedConv, 2, 8, 1000, bf16),
     Case(UnbatchedConv, 1, 8, 100, fp16),
     Case(GroupedConv, 2, 3, 256, fp32),
+    Case(TimeMajorConv, 2, 8, 100, bf16),
+    Case(TimeMajorConv, 1, 3, 256, fp32),
 ]
 
 NORM_CASES = [
@@ -374,13 +392,13 @@ class ShiftedSliceConv(LongConv):
         return y[..., 1:seqlen + 1]
 
 
-class TimeDimConv(LongConv):
-    """Transforms along dim 1 of a (B, L, H) tensor."""
+class MixedDimsConv(LongConv):
+    """The signal transformed along dim 1, the filter along its last dim and its spectrum transposed."""
 
     def forward(self, u):
         seqlen = u.shape[-1]
         x = u.transpose(1, 2)
-        spectrum = torch.fft.rfft(x, n=2 * seqlen, dim=1) * torch.fft.rfft(self.k.t(), n=2 * seqlen, dim=0)
+        spectrum = torch.fft.rfft(x, n=2 * seqlen, dim=1) * torch.fft.rfft(self.k, n=2 * seqlen).t()
         y = torch.fft.irfft(spectrum, n=2 * seqlen, dim=1)
         return y[:, :seqlen].transpose(1, 2)
 
@@ -409,7 +427,7 @@ class ReturnsSpectrumConv(LongConv):
     (CircularConv, "y", "n=100 < L + Lk - 1 = 199: the product of the spectra wraps around"),
     (LongFilterConv, "k", "the filter (105 taps) is longer than the sequence (L=100)"),
     (ShiftedSliceConv, "getitem", "keeps steps 1..101 of the 200-point result, not the first L=100: not a causal convolution"),
-    (TimeDimConv, "y", "irfft along dim 1, not the last (time) dim"),
+    (MixedDimsConv, "t", "a factor of the spectral product is permute, not rfft of a signal"),
     (PerBatchFilterConv, "k", "it differs per batch row"),
     (ReturnsSpectrumConv, "u_f", "intermediate is also read by abs"),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)
