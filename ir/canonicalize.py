@@ -4,6 +4,8 @@
                                                         contiguous/clone stay: strides matter)
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
+    addmm/baddbmm(c, a, b, beta, alpha)                  -> (a @ b) * alpha + c * beta  (factors of 1 and
+                                                           terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
 
@@ -28,6 +30,8 @@ def canonicalize(graph: Graph) -> Graph:
             node.op, node.attrs = "mul", {"scalar": 1.0 / node.attrs["scalar"], "scalar_first": False}
         elif node.op == "einsum":
             _rewrite_einsum(graph, node)
+        elif node.op == "addmm":
+            _rewrite_addmm(graph, node)
         elif node.op in ("reshape", "repeat_interleave"):
             _rewrite_repeat_kv(graph, node)
     return graph
@@ -91,6 +95,25 @@ def _einsum_plan(equation: str, operands: int):
     product = batch + [i, j]
     perm_out = tuple(product.index(x) for x in out)
     return perm_a, perm_b, perm_out
+
+
+# -- addmm -------------------------------------------------------------------------
+def _rewrite_addmm(graph: Graph, node: Node) -> None:
+    added, a, b = (graph.node(name) for name in node.inputs)
+    result = _new_node(graph, node, "matmul", [a.name, b.name], {}, torch.matmul(a.value, b.value))
+    result = _scaled(graph, node, result, node.attrs["alpha"])
+    if node.attrs["beta"] != 0:
+        added = _scaled(graph, node, added, node.attrs["beta"])
+        result = _new_node(graph, node, "add", [result.name, added.name], {"scalar": None, "scalar_first": False},
+                           torch.add(result.value, added.value))
+    graph.replace_uses(node.name, result.name)
+
+
+def _scaled(graph: Graph, anchor: Node, source: Node, factor) -> Node:
+    if factor == 1:
+        return source
+    return _new_node(graph, anchor, "mul", [source.name], {"scalar": factor, "scalar_first": False},
+                     torch.mul(source.value, factor))
 
 
 # -- repeat_kv -----------------------------------------------------------------------

@@ -5,7 +5,9 @@ call is not in canonical form (it then stays an opaque "torch" op). TorchDynamo 
 functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor methods
 (`x.matmul`) as different fx targets; this table folds them together.
 
-    matmul      a @ b, torch.matmul, torch.bmm, x.matmul, x.bmm
+    matmul      a @ b, torch.matmul, torch.bmm, torch.mm, x.matmul, x.bmm, x.mm
+    addmm       torch.addmm/baddbmm(input, a, b, beta, alpha), x.addmm/baddbmm: beta * input + alpha * a @ b
+                (rewritten later to matmul, mul and add)
     einsum      torch.einsum(equation, *operands)        (rewritten later to matmul)
     permute     transpose, swapaxes, permute, .t(), .T, .mT
     reshape     view, reshape, flatten, unflatten, squeeze, unsqueeze, x[None, :, ...]
@@ -88,6 +90,15 @@ def _is_tensor_node(arg) -> bool:
 # -- normalisers ---------------------------------------------------------------------
 def matmul(node) -> Normalised:
     return "matmul", {}, [node.args[0], node.args[1]]
+
+
+def addmm(node) -> Normalised | None:
+    operands = [_arg(node, 0, "input"), _arg(node, 1, "mat1", node.kwargs.get("batch1")),
+                _arg(node, 2, "mat2", node.kwargs.get("batch2"))]
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(_is_tensor_node(x) for x in operands) or not all(isinstance(x, Number) for x in (beta, alpha)):
+        return None
+    return "addmm", {"beta": beta, "alpha": alpha}, operands
 
 
 def einsum(node) -> Normalised | None:
@@ -475,7 +486,8 @@ def sigmoid(node) -> Normalised | None:
 
 
 FUNCTIONS: dict[Callable, Callable] = {
-    operator.matmul: matmul, torch.matmul: matmul, torch.bmm: matmul,
+    operator.matmul: matmul, torch.matmul: matmul, torch.bmm: matmul, torch.mm: matmul,
+    torch.addmm: addmm, torch.baddbmm: addmm,
     torch.einsum: einsum,
     torch.transpose: transpose, torch.swapaxes: transpose, torch.permute: permute,
     torch.reshape: reshape_like, torch.flatten: reshape_like, torch.squeeze: reshape_like,
@@ -510,7 +522,7 @@ FUNCTIONS: dict[Callable, Callable] = {
 }
 
 METHODS: dict[str, Callable] = {
-    "matmul": matmul, "bmm": matmul, "__matmul__": matmul,
+    "matmul": matmul, "bmm": matmul, "mm": matmul, "__matmul__": matmul, "addmm": addmm, "baddbmm": addmm,
     "transpose": transpose, "swapaxes": transpose, "permute": permute, "t": matrix_transpose,
     "view": reshape_like, "reshape": reshape_like, "flatten": reshape_like, "unflatten": reshape_like,
     "squeeze": reshape_like, "unsqueeze": reshape_like, "view_as": reshape_like, "reshape_as": reshape_like,

@@ -22,6 +22,8 @@ LOWERINGS = {
     "permute": lambda node: Call("call_function", torch.permute, (Ref(0), node.attrs["perm"])),
     "reshape": lambda node: Call("call_function", torch.reshape, (Ref(0), node.attrs["shape"])),
     "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
+    "add": lambda node: Call("call_function", torch.add, (Ref(0), Ref(1))),
+    "mul": lambda node: Call("call_function", torch.mul, (Ref(0), node.attrs["scalar"])),
 }
 
 

@@ -63,11 +63,15 @@ class MaskForm:
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where q/k/v come from in the graph: key given transposed, rank of the operands."""
+    """Where q/k/v come from in the graph: key given transposed, rank of the operands (v's); q and k
+    regrouped into v's batch dims (scores reshaped (b*h, ...) <-> (b, h, ...) in the graph), and the
+    batch dims of the scores the mask was written for when they differ from v's."""
 
     key_transposed: bool = False
     rank: int = 4
     out_dtype: torch.dtype = torch.float32
+    regroup_qk: bool = False
+    mask_batch: tuple | None = None
 
 
 class AttentionOp(FusedOp):
@@ -117,6 +121,11 @@ class AttentionOp(FusedOp):
     def _to_4d(self, q, k, v, mask):
         if self.layout.key_transposed:
             k = k.transpose(-1, -2)
+        if self.layout.regroup_qk:
+            q, k = q.reshape(*v.shape[:-2], *q.shape[-2:]), k.reshape(*v.shape[:-2], *k.shape[-2:])
+        if mask is not None and self.layout.mask_batch is not None:
+            written_for = (*self.layout.mask_batch, q.shape[-2], k.shape[-2])
+            mask = mask.expand(torch.broadcast_shapes(mask.shape, written_for)).reshape(*q.shape[:-1], k.shape[-2])
         if mask is not None:
             scores_shape = (*q.shape[:-1], k.shape[-2])
             mask = mask.expand(torch.broadcast_shapes(mask.shape, scores_shape))

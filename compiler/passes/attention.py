@@ -9,6 +9,9 @@ Recognised (after ir.canonicalize folded the spellings):
     out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
 
 K and V may come through repeat_kv (GQA/MQA); the kernel reads the shared heads directly.
+The scores and probabilities may be reshaped on the way when the reshape only regroups the
+batch dims ((b*h, L, L) <-> (b, h, L, L), as fairseq, BLOOM and GPT-NeoX's old code do to apply
+a 4-d mask to 3-d bmm scores); q and k are then viewed in v's batch dims at run time.
 Masks that do not depend on the model's inputs are evaluated at compile time: a causal
 mask (top-left or bottom-right aligned) becomes block skipping, an all-pass mask
 disappears, anything else stays a mask tensor. Masked values at or below MASKED_OUT
@@ -40,7 +43,7 @@ def attention_reference(q, k, v, scale: float, bias: torch.Tensor | None = None)
     return torch.softmax(scores if bias is None else scores + bias, dim=-1) @ v
 
 
-PROBABILITIES = Skip({"cast", "identity"}, Op("softmax", Any("scores"), bind="softmax",
+PROBABILITIES = Skip({"cast", "identity", "reshape"}, Op("softmax", Any("scores"), bind="softmax",
                                   where=lambda n: n.attrs["dim"] == n.type.rank - 1,
                                   why="softmax is not over the last (key) dimension"))
 NAIVE_ATTENTION = Op("matmul", PROBABILITIES, Any("value"), bind="output")
@@ -55,6 +58,7 @@ class MaskOp:
     keep_when: bool = True
     fill_value: float = -math.inf
     multiplier: float = 1.0
+    batch_shape: tuple = ()  # the batch dims of the scores it is applied to
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Scores:
     scale: float
     mask: MaskOp | None
     nodes: list[str]
+    regrouped: bool = False  # a reshape between QK^T and softmax regroups the batch dims
 
 
 def run(graph: Graph, context: PassContext) -> None:
@@ -84,12 +89,25 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
         _explain_probabilities(graph, node)
         return
     scores = _parse_scores(graph, found["scores"], context, multiplier=1.0, mask=None, nodes=[])
-    replaced = scores.nodes[::-1] + _probability_chain(graph, node, found["softmax"])
+    probabilities = _probability_chain(graph, node, found["softmax"])
+    replaced = scores.nodes[::-1] + probabilities
     _check_private(graph, replaced)
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
+    regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
     _fuse(graph, node, context, query, key, found["value"], scores.scale, scores.mask,
-          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced)
+          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped)
+
+
+def _regroups_batch(graph, node: Node) -> bool:
+    """Does reshape `node` keep the last two (query, key) dims and regroup only the batch dims?"""
+    source = graph.node(node.inputs[0])
+    if node.type is None or source.type is None or min(node.type.rank, source.type.rank) < 2:
+        return False
+    shape, source_shape = node.type.static_shape(), source.type.static_shape()
+    if shape is None or source_shape is None:
+        raise NoMatch(node, "scores are reshaped with symbolic sizes")
+    return shape[-2:] == source_shape[-2:] and math.prod(shape[:-2]) == math.prod(source_shape[:-2])
 
 
 def _probability_chain(graph, output: Node, softmax: Node) -> list[str]:
@@ -97,6 +115,8 @@ def _probability_chain(graph, output: Node, softmax: Node) -> list[str]:
     chain = [output.name]
     current = graph.node(output.inputs[0])
     while current is not softmax:
+        if current.op == "reshape" and not _regroups_batch(graph, current):
+            raise NoMatch(current, "probabilities are reshaped beyond regrouping the batch dims")
         chain.append(current.name)
         current = graph.node(current.inputs[0])
     return [softmax.name] + chain[::-1]
@@ -113,8 +133,7 @@ def _check_private(graph, replaced: list[str]) -> None:
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
-    reasons = {"dropout": "dropout is active (training mode)", "mul": "probabilities are rescaled after softmax",
-               "reshape": "probabilities are reshaped (e.g. heads merged into the batch dim) before the value matmul"}
+    reasons = {"dropout": "dropout is active (training mode)", "mul": "probabilities are rescaled after softmax"}
     current, blocker = graph.node(node.inputs[0]), None
     while current.op in ("cast", "identity", *reasons) and current.inputs:
         if current.op in reasons:
@@ -124,21 +143,40 @@ def _explain_probabilities(graph: Graph, node: Node) -> None:
             raise NoMatch(blocker, reasons[blocker.op])
 
 
-def _parse_scores(graph, node: Node, context, multiplier: float, mask: MaskOp | None, nodes: list[str]) -> Scores:
+def _parse_scores(graph, node: Node, context, multiplier: float, mask: MaskOp | None, nodes: list[str],
+                  regrouped: bool = False) -> Scores:
     """Walk from the softmax input down to QK^T, collecting scales and at most one mask."""
     nodes = nodes + [node.name]
     if node.op == "matmul":
-        return Scores(node, multiplier, mask, nodes)
+        return Scores(node, multiplier, mask, nodes, regrouped)
     if node.op in ("cast", "identity"):
-        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes)
+        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes, regrouped)
+    if node.op == "reshape" and _regroups_batch(graph, node):
+        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes, True)
     if node.op in ("mul", "div"):
         scores, factor = _scale_operands(graph, node, context)
-        return _parse_scores(graph, scores, context, multiplier * factor, mask, nodes)
+        return _parse_scores(graph, scores, context, multiplier * factor, mask, nodes, regrouped)
+    if node.op == "add" and (scores := _zero_added(graph, node)) is not None:
+        return _parse_scores(graph, scores, context, multiplier, mask, nodes, regrouped)
     if node.op in ("add", "where"):
         if mask is not None:
             raise NoMatch(node, "more than one mask between QK^T and softmax")
-        return _parse_masked(graph, node, context, multiplier, nodes)
+        return _parse_masked(graph, node, context, multiplier, nodes, regrouped)
     raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
+
+
+def _zero_added(graph, node: Node) -> Node | None:
+    """x when `node` adds compile-time zeros to x (baddbmm into torch.zeros, GPT-NeoX), else None."""
+    if len(node.inputs) != 2:
+        return None
+    for kept, added in (node.inputs, node.inputs[::-1]):
+        x, zeros = graph.node(kept), graph.node(added)
+        if zeros.type is None or x.type is None or tuple(zeros.type.shape) != tuple(x.type.shape):
+            continue
+        value = consteval.evaluate(graph, zeros, {})
+        if value is not None and not torch.any(value):
+            return x
+    return None
 
 
 def _scale_operands(graph, node: Node, context) -> tuple[Node, float]:
@@ -164,11 +202,12 @@ def _constant_scalar(graph, node: Node, context) -> float | None:
     return None if value is None else float(value.reshape(()).item())
 
 
-def _parse_masked(graph, node: Node, context, multiplier: float, nodes: list[str]) -> Scores:
+def _parse_masked(graph, node: Node, context, multiplier: float, nodes: list[str], regrouped: bool) -> Scores:
     failure: NoMatch | None = None
     for scores_name, mask in _mask_readings(graph, node, context, multiplier):
+        mask.batch_shape = tuple(node.type.shape[:-2])
         try:
-            return _parse_scores(graph, graph.node(scores_name), context, multiplier, mask, nodes)
+            return _parse_scores(graph, graph.node(scores_name), context, multiplier, mask, nodes, regrouped)
         except NoMatch as miss:
             failure = failure or miss
     raise failure or NoMatch(node, f"{node.op} is not a mask the kernel supports")
@@ -244,12 +283,19 @@ def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
 
 # -- shared ------------------------------------------------------------------------------
 def _fuse(graph, anchor: Node, context, query, key, value, scale, mask: MaskOp | None, *,
-          key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str]) -> None:
-    key, value = _strip_repeat_kv(graph, key, value)
-    _check_operands(anchor, query, key, value, key_transposed)
+          key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
+          regrouped: bool = False) -> None:
+    if regrouped:
+        batch = _check_regrouped(anchor, query, key, value)
+        mask_batch = mask.batch_shape if mask is not None and mask.batch_shape != batch else None
+    else:
+        key, value = _strip_repeat_kv(graph, key, value)
+        batch, mask_batch = None, None
+    _check_operands(anchor, query, key, value, key_transposed, batch)
     static_form, tensor_form, extra_inputs, guards = _mask_forms(graph, anchor, context, query, key, mask,
                                                                  key_transposed, causal, empty_rows_zero)
-    layout = AttentionLayout(key_transposed=key_transposed, rank=query.type.rank, out_dtype=anchor.type.dtype)
+    layout = AttentionLayout(key_transposed=key_transposed, rank=value.type.rank, out_dtype=anchor.type.dtype,
+                             regroup_qk=regrouped, mask_batch=mask_batch)
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
                      guards=[context.pinned[name] for name in guards], mode=context.mode)
     op.prepare(query.value, key.value, value.value)
@@ -265,7 +311,22 @@ def _strip_repeat_kv(graph, key: Node, value: Node) -> tuple[Node, Node]:
     return key, value
 
 
-def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_transposed: bool) -> None:
+def _check_regrouped(anchor: Node, query: Node, key: Node, value: Node) -> tuple:
+    """The batch dims q and k are viewed in when the scores are regrouped: v's, which the output has."""
+    shapes = [node.type.static_shape() if node.type is not None else None for node in (query, key, value, anchor)]
+    if any(shape is None for shape in shapes):
+        raise NoMatch(anchor, "regrouped scores with symbolic sizes")
+    q_shape, k_shape, v_shape, out_shape = shapes
+    if q_shape[:-2] != k_shape[:-2] or v_shape[:-2] != out_shape[:-2] or \
+            math.prod(q_shape[:-2]) != math.prod(v_shape[:-2]):
+        raise NoMatch(anchor, f"scores regrouped from q/k batch dims {q_shape[:-2]} to v's {v_shape[:-2]}, "
+                              "which do not correspond one to one")
+    return tuple(v_shape[:-2])
+
+
+def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_transposed: bool,
+                    batch: tuple | None) -> None:
+    """Dtypes and shapes the kernel takes; with `batch`, q and k as viewed in those batch dims."""
     for name, node in (("query", query), ("key", key), ("value", value)):
         if node.type is None or not 2 <= node.type.rank <= 4:
             raise NoMatch(node, f"{name} must be a tensor of rank 2 to 4")
@@ -273,19 +334,21 @@ def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_trans
             raise NoMatch(node, f"{name} dtype {node.type.dtype} is not supported by the kernel (fp16/bf16/fp32)")
     if len({query.type.dtype, key.type.dtype, value.type.dtype}) != 1:
         raise NoMatch(anchor, "query, key and value have different dtypes")
-    if len({query.type.rank, key.type.rank, value.type.rank}) != 1:
+    if batch is None and len({query.type.rank, key.type.rank, value.type.rank}) != 1:
         raise NoMatch(anchor, "query, key and value have different ranks")
     k_shape = list(key.type.shape)
     if key_transposed:
         k_shape[-1], k_shape[-2] = k_shape[-2], k_shape[-1]
-    q_shape, v_shape = query.type.shape, value.type.shape
+    q_shape, v_shape = tuple(query.type.shape), tuple(value.type.shape)
+    if batch is not None:
+        q_shape, k_shape = batch + q_shape[-2:], list(batch) + k_shape[-2:]
     if q_shape[-1] != k_shape[-1] or k_shape[-2] != v_shape[-2]:
         raise NoMatch(anchor, "head dims of query/key or lengths of key/value differ")
     if max(q_shape[-1], v_shape[-1]) > MAX_HEAD_DIM:
         raise NoMatch(anchor, f"head dim {max(q_shape[-1], v_shape[-1])} exceeds the kernel's {MAX_HEAD_DIM}")
     if q_shape[:-3] != tuple(k_shape[:-3]) or tuple(k_shape[:-2]) != v_shape[:-2]:
         raise NoMatch(anchor, "batch dims of query, key and value differ (broadcast matmul)")
-    if query.type.rank >= 3:
+    if len(q_shape) >= 3:
         heads_q, heads_kv = q_shape[-3], k_shape[-3]
         if (heads_q % heads_kv) != 0:
             raise NoMatch(anchor, f"{heads_q} query heads are not a multiple of {heads_kv} kv heads")

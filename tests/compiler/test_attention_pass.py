@@ -82,6 +82,34 @@ class WhereTensorFill(nn.Module):
         return torch.matmul(nn.functional.softmax(scores, dim=-1), v)
 
 
+class FairseqPaddingMask(nn.Module):
+    """fairseq's MultiheadAttention: (b*h, L, d) bmm scores viewed (b, h, Lq, Lk) for a key padding
+    mask, viewed back, softmax, bmm with v."""
+
+    def forward(self, q, k, v, key_padding_mask):
+        b, h, lq, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, t.shape[2], t.shape[3]) for t in (q * d ** -0.5, k, v))
+        weights = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, lq, k.shape[2])
+        weights = weights.masked_fill(key_padding_mask.unsqueeze(1).unsqueeze(2), float("-inf"))
+        weights = F.softmax(weights.view(b * h, lq, k.shape[2]).float(), dim=-1).type_as(q3)
+        return torch.bmm(weights, v3).view(b, h, lq, v.shape[-1])
+
+
+class BaddbmmCausal(nn.Module):
+    """GPT-NeoX's former _attn: baddbmm into zeros with alpha = 1/sqrt(d) over (b*h, L, d) tensors,
+    the scores viewed (b, h, L, L), a causal where with a tensor fill, matmul with 4-d v."""
+
+    def forward(self, q, k, v):
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        q3, k3 = q.reshape(b * h, lq, d), k.reshape(b * h, lk, d)
+        scores = torch.zeros(b * h, lq, lk, dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(scores, q3, k3.transpose(1, 2), beta=1.0, alpha=1 / math.sqrt(d)).view(b, h, lq, lk)
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        scores = torch.where(causal, scores, torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype))
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -140,6 +168,20 @@ def test_einsum_sequence_first_layout(dtype):
 @pytest.mark.parametrize("q_len,kv_len", [(113, 113), (37, 203)])
 def test_where_with_a_constant_tensor_fill(dtype, q_len, kv_len):
     assert_compiles_equivalent(WhereTensorFill(), qkv(2, 2, q_len, kv_len, 64), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scores_regrouped_around_a_padding_mask(dtype):
+    q, k, v = qkv(2, 3, 37, 113, 64, value_dim=48)
+    padding = torch.zeros(2, 113, dtype=torch.bool)
+    padding[1, 90:] = True
+    assert_compiles_equivalent(FairseqPaddingMask(), (q, k, v, padding), dtype, "attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_baddbmm_scores_regrouped_before_a_causal_mask(dtype):
+    compiled = assert_compiles_equivalent(BaddbmmCausal(), qkv(2, 2, 113, 113, 64), dtype, "attention")
+    assert "causal (top_left)" in compiled.report()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

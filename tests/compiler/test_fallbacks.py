@@ -39,6 +39,27 @@ class SoftmaxOverQueries(nn.Module):
         return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v
 
 
+class ProbabilitiesResplit(nn.Module):
+    """Probabilities reshaped to another query/key split before the value matmul: not a regrouping."""
+
+    def forward(self, q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        b, h, lq, lk = probs.shape
+        return probs.reshape(b, h, 2 * lq, lk // 2) @ v
+
+
+class TwoMasks(nn.Module):
+    """A causal masked_fill and then a padding bias: two masks, which the kernel does not combine."""
+
+    def forward(self, q, k, v):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = q @ k.transpose(-1, -2)
+        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), float("-inf"))
+        padding = torch.zeros(lk)
+        padding[-2:] = float("-inf")
+        return torch.softmax(scores + padding * q.sum(), dim=-1) @ v
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -61,12 +82,21 @@ def test_model_without_attention_runs_unchanged():
     (ReturnsWeights(), "also read by"),
     (SoftmaxOverQueries(), "not over the last"),
     (Float64Attention(), "float64"),
+    (TwoMasks(), "more than one mask"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))
     torch.testing.assert_close(ours, eager)
     assert "attention" not in compiled.patterns
     assert reason in compiled.report()
+
+
+def test_probabilities_resplit_are_left_to_pytorch():
+    q, k, _ = qkv(1, 2, 6, 8, 16)
+    compiled, ours, eager = run_both(ProbabilitiesResplit(), q, k, torch.randn(1, 2, 4, 16))
+    torch.testing.assert_close(ours, eager)
+    assert "attention" not in compiled.patterns
+    assert "beyond regrouping the batch dims" in compiled.report()
 
 
 def test_training_dropout_is_left_to_pytorch():

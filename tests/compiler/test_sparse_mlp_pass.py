@@ -175,6 +175,21 @@ class EllipsisGather(nn.Module):
         return x + F.linear(h, self.fc2.weight[..., idx], self.fc2.bias)
 
 
+class AddmmConv1D(nn.Module):
+    """GPT-2's Conv1D spelling: weights stored (in, out), torch.addmm(b1[idx], x2d, w1[:, idx]) -> relu ->
+    torch.addmm(b2, h, w2[idx])."""
+
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(d, ffn) / d ** 0.5), nn.Parameter(torch.randn(ffn))
+        self.w2, self.b2 = nn.Parameter(torch.randn(ffn, d) / ffn ** 0.5), nn.Parameter(torch.randn(d))
+
+    def forward(self, x, idx):
+        rows = x.reshape(-1, x.shape[-1])
+        h = torch.relu(torch.addmm(self.b1[idx], rows, self.w1[:, idx]))
+        return torch.addmm(self.b2, h, self.w2[idx]).view(x.shape)
+
+
 class MaskFirst(nn.Module):
     """mask * F.gelu(x @ W1^T + b1) @ W2^T: the mask on the left, matmul projections."""
 
@@ -186,7 +201,7 @@ class MaskFirst(nn.Module):
         return (mask * F.gelu(x @ self.fc1.weight.T + self.fc1.bias)) @ self.fc2.weight.mT
 
 
-@pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, MaskFirst],
+@pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, AddmmConv1D, MaskFirst],
                          ids=lambda t: t.__name__)
 @pytest.mark.parametrize("batch", [1, 16])
 def test_spellings(module_type, batch):

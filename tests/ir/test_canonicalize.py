@@ -63,6 +63,29 @@ def test_div_by_scalar_is_a_scale():
     assert node.attrs["scalar"] == 0.25
 
 
+class AddMatmul(nn.Module):
+    """addmm (GPT-2's Conv1D), baddbmm with beta/alpha as keywords and as a method (BLOOM), mm."""
+
+    def forward(self, bias, x, w, scores, q, k):
+        projected = torch.addmm(bias, x, w)
+        scaled = scores.baddbmm(batch1=q, batch2=k, beta=0.5, alpha=0.25)
+        skipped = torch.baddbmm(scores, q, k, beta=0.0)
+        return projected + torch.mm(x, w), scaled, skipped
+
+
+def test_addmm_family_becomes_matmul_scale_and_add():
+    args = (torch.randn(6), torch.randn(3, 4), torch.randn(4, 6), torch.randn(2, 3, 5), torch.randn(2, 3, 4),
+            torch.randn(2, 4, 5))
+    _, graph = imported(AddMatmul(), *args)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    ops = [node.op for node in graph]
+    assert "addmm" not in ops and ops.count("matmul") == 4
+    assert sorted(node.attrs["scalar"] for node in graph if node.op == "mul") == [0.25, 0.5]
+    for ours, eager in zip(to_fx(graph)(*args), AddMatmul()(*args)):
+        torch.testing.assert_close(ours, eager)
+
+
 def test_pattern_reports_the_breaking_node():
     class SoftmaxMatmul(nn.Module):
         def forward(self, s, v):
