@@ -8,7 +8,10 @@ A mask the pass could evaluate at compile time becomes a `static_form` (no mask 
 or causal with block skipping); a mask known only at run time is passed as a tensor and
 applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
 registered tril) is only trusted while those buffers are the same objects at the same
-version; otherwise the op uses the mask tensor the graph computed.
+version; otherwise the op uses the mask tensor the graph computed. Two masks applied in turn
+(a causal where, then a padding bias) arrive as two tensors with a `chain` form; the op combines
+them into one additive bias (combined_bias), which equals eager wherever a row keeps a clearly
+visible key, and runs eager's math in PyTorch for calls where some row does not.
 
 Two kernels compute the same semantics; `uses_decode_kernel` picks one by shape:
 
@@ -36,6 +39,7 @@ from runtime.dispatch import FusedOp, Kernel
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
+MASKED_OUT = -6.0e4  # scores at or below this, next to a visible score, get exactly zero weight
 
 
 def uses_decode_kernel(q_len: int, kv_len: int) -> bool:
@@ -53,12 +57,42 @@ class MaskForm:
     multiplier: float = 1.0  # additive masks: scales applied after the mask
     causal: str | None = None  # None | "top_left" (SDPA) | "bottom_right" (flash-attn)
     empty_rows_zero: bool = False  # rows with no visible key give 0 (SDPA) instead of NaN (softmax)
+    chain: tuple = ()  # several masks applied in turn (each a MaskForm), combined into one additive one
 
     def describe(self) -> str:
         parts = [f"causal ({self.causal})"] if self.causal else []
-        if self.kind != "none":
+        if self.chain:
+            parts.append(f"{' then '.join(form.kind for form in self.chain)} masks as one bias")
+        elif self.kind != "none":
             parts.append(f"{self.kind} mask")
         return ", ".join(parts) or "no mask"
+
+
+def combined_bias(masks: list[torch.Tensor], chain: tuple) -> tuple[torch.Tensor, str | None]:
+    """One additive bias for masks applied in turn, and why it differs from eager (None if it does not).
+
+    A bool mask's dropped scores become -inf in the bias. Eager gives them fill (plus what later
+    masks add) instead: the same zero weight as long as that stays at or below MASKED_OUT and the
+    row has a score well above it. A row whose every bias is that low (padding queries that see
+    only padding) gets eager's weights only from eager's math."""
+    bias = torch.zeros((), dtype=torch.float32, device=masks[0].device)
+    dropped_at_most = None  # the largest value eager gives a dropped score, so far
+    for mask, form in zip(masks, chain):
+        if mask.dtype == torch.bool:
+            bias = torch.where(mask == form.keep_when, bias, -math.inf)
+            dropped_at_most = max(form.fill_value, dropped_at_most if dropped_at_most is not None else -math.inf)
+        else:
+            added = mask.float() * form.multiplier
+            bias = bias + added
+            if dropped_at_most is not None:
+                dropped_at_most += added.max().item()
+    if torch.isnan(bias).any():
+        return bias, "the masks hold NaN"
+    if dropped_at_most is not None and not dropped_at_most <= MASKED_OUT:
+        return bias, f"a dropped score reaches {dropped_at_most:g} once later masks add to it"
+    if bool((bias.amax(dim=-1) <= MASKED_OUT / 2).any()):
+        return bias, "a row of the combined masks keeps no clearly visible key"
+    return bias, None
 
 
 @dataclass(frozen=True)
@@ -71,7 +105,7 @@ class AttentionLayout:
     rank: int = 4
     out_dtype: torch.dtype = torch.float32
     regroup_qk: bool = False
-    mask_batch: tuple | None = None
+    mask_batches: tuple = ()  # per mask: None, or the batch dims it was written for
 
 
 class AttentionOp(FusedOp):
@@ -89,23 +123,29 @@ class AttentionOp(FusedOp):
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
-        mask, guard_tensors = self._split_rest(rest)
-        q, k, v, mask = self._to_4d(q, k, v, mask)
+        masks, guard_tensors = self._split_rest(rest)
+        q, k, v, masks = self._to_4d(q, k, v, masks)
         form = self._choose_form(guard_tensors)
-        mask = mask if form is self.tensor_form else None
-        if mask is not None and form.multiplier != 1.0:
-            mask = mask * form.multiplier
-        reason = self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask)
+        mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
+        reason = self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
         if reason is None:
             out = self._launch(q, k, v, mask, form)
         else:
             self.fell_back(reason)
-            out = self._reference(q, k, v, mask, form)
+            out = self._chain_reference(q, k, v, masks) if form.chain else self._reference(q, k, v, mask, form)
         return self._from_4d(out)
 
     def _split_rest(self, rest):
-        has_mask = self.tensor_form is not None
-        return (rest[0] if has_mask else None), rest[int(has_mask):]
+        count = 0 if self.tensor_form is None else max(1, len(self.tensor_form.chain))
+        return list(rest[:count]), rest[count:]
+
+    @staticmethod
+    def _mask_operand(masks, form: MaskForm) -> tuple[torch.Tensor, str | None]:
+        """(the one mask the kernel applies, why it would differ from eager, or None)."""
+        if form.chain:
+            return combined_bias(masks, form.chain)
+        mask = masks[0]
+        return (mask * form.multiplier if form.multiplier != 1.0 else mask), None
 
     def _choose_form(self, guard_tensors) -> MaskForm:
         if self.static_form is None:
@@ -118,22 +158,26 @@ class AttentionOp(FusedOp):
         return all(ref() is t and t._version == version for (ref, version), t in zip(self._guards, tensors))
 
     # -- layout ----------------------------------------------------------------------
-    def _to_4d(self, q, k, v, mask):
+    def _to_4d(self, q, k, v, masks):
         if self.layout.key_transposed:
             k = k.transpose(-1, -2)
         if self.layout.regroup_qk:
             q, k = q.reshape(*v.shape[:-2], *q.shape[-2:]), k.reshape(*v.shape[:-2], *k.shape[-2:])
-        if mask is not None and self.layout.mask_batch is not None:
-            written_for = (*self.layout.mask_batch, q.shape[-2], k.shape[-2])
-            mask = mask.expand(torch.broadcast_shapes(mask.shape, written_for)).reshape(*q.shape[:-1], k.shape[-2])
-        if mask is not None:
-            scores_shape = (*q.shape[:-1], k.shape[-2])
-            mask = mask.expand(torch.broadcast_shapes(mask.shape, scores_shape))
+        scores_shape = (*q.shape[:-1], k.shape[-2])
+        written_for = self.layout.mask_batches or (None,) * len(masks)
+        masks = [self._broadcast_mask(mask, batch, scores_shape) for mask, batch in zip(masks, written_for)]
         missing = 4 - self.layout.rank
         for _ in range(missing):
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            mask = mask.unsqueeze(0) if mask is not None else None
-        return q, k, v, mask
+        return q, k, v, [mask[(None,) * missing] for mask in masks]
+
+    @staticmethod
+    def _broadcast_mask(mask, batch: tuple | None, scores_shape) -> torch.Tensor:
+        """`mask` expanded to the scores' shape; first regrouped when written for other batch dims."""
+        if batch is not None:
+            written_for = (*batch, *scores_shape[-2:])
+            mask = mask.expand(torch.broadcast_shapes(mask.shape, written_for)).reshape(scores_shape)
+        return mask.expand(torch.broadcast_shapes(mask.shape, scores_shape))
 
     def _from_4d(self, out):
         for _ in range(4 - self.layout.rank):
@@ -165,7 +209,7 @@ class AttentionOp(FusedOp):
 
     def prepare(self, q, k, v) -> None:
         """Generate (render, store, load) the kernels this op will launch for these shapes."""
-        q, k, v, _ = self._to_4d(q, k, v, None)
+        q, k, v, _ = self._to_4d(q, k, v, [])
         for form in (self.static_form, self.tensor_form):
             if form is not None:
                 self.kernel_for(self.spec_for(q, k, v, form))
@@ -202,6 +246,19 @@ class AttentionOp(FusedOp):
         return ((q_len, kv_len),
                 lambda: attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
                 lambda: attention_codegen.config_space(spec))
+
+    def _chain_reference(self, q, k, v, masks):
+        """Eager's math for masks applied in turn: a bool mask replaces scores by its fill, an
+        additive one adds to them (scaled by what follows it)."""
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * self.scale
+        for mask, form in zip(masks, self.tensor_form.chain):
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(mask != form.keep_when, form.fill_value)
+            else:
+                scores = scores + mask.to(scores.dtype) * form.multiplier
+        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).to(self.layout.out_dtype)
 
     def _reference(self, q, k, v, mask, form):
         out = attention_codegen.attention_reference(

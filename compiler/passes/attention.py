@@ -5,7 +5,7 @@ Recognised (after ir.canonicalize folded the spellings):
     out = matmul(cast?(softmax(scores, dim=-1)), V)                  naive attention
     scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
              casts, scales (mul/div by a scalar or a constant 0-d tensor),
-             at most one mask: scores + bias | where(m, fill, scores) | masked_fill
+             at most two masks: scores + bias | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
 
 K and V may come through repeat_kv (GQA/MQA); the kernel reads the shared heads directly.
@@ -14,7 +14,9 @@ batch dims ((b*h, L, L) <-> (b, h, L, L), as fairseq, BLOOM and GPT-NeoX's old c
 a 4-d mask to 3-d bmm scores); q and k are then viewed in v's batch dims at run time.
 Masks that do not depend on the model's inputs are evaluated at compile time: a causal
 mask (top-left or bottom-right aligned) becomes block skipping, an all-pass mask
-disappears, anything else stays a mask tensor. Masked values at or below MASKED_OUT
+disappears, anything else stays a mask tensor. Two masks (GPT-2's causal where and then the
+padding bias) reach the op as tensors, which it combines into one bias at run time (see
+runtime.attention.combined_bias). Masked values at or below MASKED_OUT
 (-inf, finfo.min, -1e9...) drop a score exactly: its exp underflows to zero.
 Anything else is left to PyTorch and reported as a near-miss naming the node that broke it.
 """
@@ -30,10 +32,10 @@ from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
 from ir.pattern import Any, Op, Skip, match
-from runtime.attention import AttentionLayout, AttentionOp, MaskForm
+from runtime.attention import MASKED_OUT, AttentionLayout, AttentionOp, MaskForm
 
 PATTERN = "attention"
-MASKED_OUT = -6.0e4
+MAX_MASKS = 2
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -65,7 +67,7 @@ class MaskOp:
 class Scores:
     qk: Node
     scale: float
-    mask: MaskOp | None
+    masks: list[MaskOp]  # from the softmax down: the outermost first
     nodes: list[str]
     regrouped: bool = False  # a reshape between QK^T and softmax regroups the batch dims
 
@@ -88,14 +90,14 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
             raise NoMatch(graph.node(found.node), found.reason)
         _explain_probabilities(graph, node)
         return
-    scores = _parse_scores(graph, found["scores"], context, multiplier=1.0, mask=None, nodes=[])
+    scores = _parse_scores(graph, found["scores"], context, multiplier=1.0, masks=[], nodes=[])
     probabilities = _probability_chain(graph, node, found["softmax"])
     replaced = scores.nodes[::-1] + probabilities
     _check_private(graph, replaced)
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
-    _fuse(graph, node, context, query, key, found["value"], scores.scale, scores.mask,
+    _fuse(graph, node, context, query, key, found["value"], scores.scale, scores.masks[::-1],
           key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped)
 
 
@@ -143,25 +145,25 @@ def _explain_probabilities(graph: Graph, node: Node) -> None:
             raise NoMatch(blocker, reasons[blocker.op])
 
 
-def _parse_scores(graph, node: Node, context, multiplier: float, mask: MaskOp | None, nodes: list[str],
+def _parse_scores(graph, node: Node, context, multiplier: float, masks: list[MaskOp], nodes: list[str],
                   regrouped: bool = False) -> Scores:
-    """Walk from the softmax input down to QK^T, collecting scales and at most one mask."""
+    """Walk from the softmax input down to QK^T, collecting scales and at most MAX_MASKS masks."""
     nodes = nodes + [node.name]
     if node.op == "matmul":
-        return Scores(node, multiplier, mask, nodes, regrouped)
+        return Scores(node, multiplier, masks, nodes, regrouped)
     if node.op in ("cast", "identity"):
-        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes, regrouped)
+        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, masks, nodes, regrouped)
     if node.op == "reshape" and _regroups_batch(graph, node):
-        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, mask, nodes, True)
+        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, masks, nodes, True)
     if node.op in ("mul", "div"):
         scores, factor = _scale_operands(graph, node, context)
-        return _parse_scores(graph, scores, context, multiplier * factor, mask, nodes, regrouped)
+        return _parse_scores(graph, scores, context, multiplier * factor, masks, nodes, regrouped)
     if node.op == "add" and (scores := _zero_added(graph, node)) is not None:
-        return _parse_scores(graph, scores, context, multiplier, mask, nodes, regrouped)
+        return _parse_scores(graph, scores, context, multiplier, masks, nodes, regrouped)
     if node.op in ("add", "where"):
-        if mask is not None:
-            raise NoMatch(node, "more than one mask between QK^T and softmax")
-        return _parse_masked(graph, node, context, multiplier, nodes, regrouped)
+        if len(masks) == MAX_MASKS:
+            raise NoMatch(node, f"more than {MAX_MASKS} masks between QK^T and softmax")
+        return _parse_masked(graph, node, context, multiplier, masks, nodes, regrouped)
     raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
 
 
@@ -202,12 +204,14 @@ def _constant_scalar(graph, node: Node, context) -> float | None:
     return None if value is None else float(value.reshape(()).item())
 
 
-def _parse_masked(graph, node: Node, context, multiplier: float, nodes: list[str], regrouped: bool) -> Scores:
+def _parse_masked(graph, node: Node, context, multiplier: float, masks: list[MaskOp], nodes: list[str],
+                  regrouped: bool) -> Scores:
     failure: NoMatch | None = None
     for scores_name, mask in _mask_readings(graph, node, context, multiplier):
         mask.batch_shape = tuple(node.type.shape[:-2])
         try:
-            return _parse_scores(graph, graph.node(scores_name), context, multiplier, mask, nodes, regrouped)
+            return _parse_scores(graph, graph.node(scores_name), context, multiplier, masks + [mask], nodes,
+                                 regrouped)
         except NoMatch as miss:
             failure = failure or miss
     raise failure or NoMatch(node, f"{node.op} is not a mask the kernel supports")
@@ -272,30 +276,35 @@ def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
         raise NoMatch(node, "is_causal together with attn_mask")
     query, key, value = (graph.node(name) for name in node.inputs[:3])
     scale = attrs["scale"] if attrs["scale"] is not None else 1.0 / math.sqrt(int(query.type.shape[-1]))
-    mask = None
+    masks = []
     if attrs["has_mask"]:
         tensor = graph.node(node.inputs[3])
-        mask = MaskOp("bool", tensor) if tensor.type.dtype == torch.bool else MaskOp("additive", tensor)
-    _fuse(graph, node, context, query, key, value, float(scale), mask,
+        masks.append(MaskOp("bool", tensor) if tensor.type.dtype == torch.bool else MaskOp("additive", tensor))
+    _fuse(graph, node, context, query, key, value, float(scale), masks,
           key_transposed=False, causal="top_left" if attrs["is_causal"] else None,
           empty_rows_zero=True, replaced=[node.name])
 
 
 # -- shared ------------------------------------------------------------------------------
-def _fuse(graph, anchor: Node, context, query, key, value, scale, mask: MaskOp | None, *,
+def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[MaskOp], *,
           key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
           regrouped: bool = False) -> None:
+    """Replace `anchor` by an AttentionOp; `masks` in the order they apply (the innermost first)."""
     if regrouped:
         batch = _check_regrouped(anchor, query, key, value)
-        mask_batch = mask.batch_shape if mask is not None and mask.batch_shape != batch else None
+        mask_batches = tuple(mask.batch_shape if mask.batch_shape != batch else None for mask in masks)
     else:
         key, value = _strip_repeat_kv(graph, key, value)
-        batch, mask_batch = None, None
+        batch, mask_batches = None, ()
     _check_operands(anchor, query, key, value, key_transposed, batch)
-    static_form, tensor_form, extra_inputs, guards = _mask_forms(graph, anchor, context, query, key, mask,
-                                                                 key_transposed, causal, empty_rows_zero)
+    if len(masks) > 1:
+        static_form, tensor_form = None, _mask_chain(masks, causal, empty_rows_zero)
+        extra_inputs, guards = [mask.tensor.name for mask in masks], []
+    else:
+        static_form, tensor_form, extra_inputs, guards = _mask_forms(
+            graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero)
     layout = AttentionLayout(key_transposed=key_transposed, rank=value.type.rank, out_dtype=anchor.type.dtype,
-                             regroup_qk=regrouped, mask_batch=mask_batch)
+                             regroup_qk=regrouped, mask_batches=mask_batches)
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
                      guards=[context.pinned[name] for name in guards], mode=context.mode)
     op.prepare(query.value, key.value, value.value)
@@ -352,6 +361,18 @@ def _check_operands(anchor: Node, query: Node, key: Node, value: Node, key_trans
         heads_q, heads_kv = q_shape[-3], k_shape[-3]
         if (heads_q % heads_kv) != 0:
             raise NoMatch(anchor, f"{heads_q} query heads are not a multiple of {heads_kv} kv heads")
+
+
+def _mask_chain(masks: list[MaskOp], causal, empty_rows_zero) -> MaskForm:
+    """The tensor form of several masks applied in turn: combined into one bias at run time, which
+    is exact only when every bool mask drops the scores it fills."""
+    for mask in masks:
+        if mask.kind == "bool" and mask.fill_value > MASKED_OUT:
+            raise NoMatch(mask.tensor, f"one of {len(masks)} masks fills scores with {mask.fill_value:g}, which does "
+                                       "not drop them: the kernel applies several masks as one bias")
+    chain = tuple(MaskForm(kind=mask.kind, keep_when=mask.keep_when, fill_value=mask.fill_value,
+                           multiplier=mask.multiplier) for mask in masks)
+    return MaskForm(kind="additive", chain=chain, causal=causal, empty_rows_zero=empty_rows_zero)
 
 
 def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_transposed, causal, empty_rows_zero):

@@ -110,6 +110,27 @@ class BaddbmmCausal(nn.Module):
         return torch.matmul(F.softmax(scores, dim=-1), v)
 
 
+class CausalThenPadding(nn.Module):
+    """GPT-2's former _attn: a causal where with finfo.min, then the padding bias (0 / -inf) added."""
+
+    def forward(self, q, k, v, padding_bias):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        causal = torch.ones(lk, lk, dtype=torch.bool, device=q.device).tril()[lk - lq:, :]
+        scores = torch.where(causal, scores, torch.finfo(scores.dtype).min) + padding_bias
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
+class PaddingThenCausal(nn.Module):
+    """A key padding mask filled with -inf, then a causal masked_fill: two bool masks."""
+
+    def forward(self, q, k, v, padding):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = (q @ k.transpose(-1, -2)).masked_fill(padding[:, None, None, :], float("-inf"))
+        scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1), float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -182,6 +203,31 @@ def test_scores_regrouped_around_a_padding_mask(dtype):
 def test_baddbmm_scores_regrouped_before_a_causal_mask(dtype):
     compiled = assert_compiles_equivalent(BaddbmmCausal(), qkv(2, 2, 113, 113, 64), dtype, "attention")
     assert "causal (top_left)" in compiled.report()
+
+
+def padding_masks(batch: int, kv_len: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool padding, additive padding bias (batch, 1, 1, kv_len)): the last row padded 5 keys on `side`."""
+    padding = torch.zeros(batch, kv_len, dtype=torch.bool)
+    padding[-1, :5] = side == "left"
+    padding[-1, -5:] = side == "right"
+    return padding, torch.zeros(batch, 1, 1, kv_len).masked_fill(padding[:, None, None, :], float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_causal_mask_then_padding_bias(dtype, side):
+    q, k, v = qkv(2, 2, 37, 37, 64)
+    compiled = assert_compiles_equivalent(CausalThenPadding(), (q, k, v, padding_masks(2, 37, side)[1]), dtype,
+                                          "attention")
+    assert "bool then additive masks as one bias" in compiled.report()
+    # Left padding leaves the padded queries no visible key: those calls run eager's math, exactly.
+    assert ("keeps no clearly visible key" in compiled.report()) == (side == "left")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padding_then_causal_masks(dtype):
+    q, k, v = qkv(2, 2, 29, 41, 48)
+    assert_compiles_equivalent(PaddingThenCausal(), (q, k, v, padding_masks(2, 41, "right")[0]), dtype, "attention")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

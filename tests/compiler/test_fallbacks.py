@@ -48,8 +48,8 @@ class ProbabilitiesResplit(nn.Module):
         return probs.reshape(b, h, 2 * lq, lk // 2) @ v
 
 
-class TwoMasks(nn.Module):
-    """A causal masked_fill and then a padding bias: two masks, which the kernel does not combine."""
+class ThreeMasks(nn.Module):
+    """A causal masked_fill, a padding bias and a bias: three masks, more than the op combines."""
 
     def forward(self, q, k, v):
         lq, lk = q.shape[-2], k.shape[-2]
@@ -57,7 +57,15 @@ class TwoMasks(nn.Module):
         scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), float("-inf"))
         padding = torch.zeros(lk)
         padding[-2:] = float("-inf")
-        return torch.softmax(scores + padding * q.sum(), dim=-1) @ v
+        return torch.softmax(scores + padding * q.sum() + q.mean(), dim=-1) @ v
+
+
+class TwoMasksSoftFill(nn.Module):
+    """A padding bias and then a masked_fill with -100, which weights those keys instead of dropping them."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) + q.sum(dim=-1, keepdim=True)
+        return torch.softmax(scores.masked_fill(k[..., 0].unsqueeze(-2) > 1, -100.0), dim=-1) @ v
 
 
 class Float64Attention(nn.Module):
@@ -82,7 +90,8 @@ def test_model_without_attention_runs_unchanged():
     (ReturnsWeights(), "also read by"),
     (SoftmaxOverQueries(), "not over the last"),
     (Float64Attention(), "float64"),
-    (TwoMasks(), "more than one mask"),
+    (ThreeMasks(), "more than 2 masks"),
+    (TwoMasksSoftFill(), "which does not drop them"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))

@@ -2,7 +2,9 @@
 
 GPT-2 and Llama in both attention implementations, and a spread of other architectures whose
 eager attention is spelled differently: Falcon's in-place scale, GPT-NeoX, OPT's pre-scaled
-query, Mistral's MQA, BERT's padding mask (an additive bias built from the input)."""
+query, Mistral's MQA, BERT's padding mask (an additive bias built from the input), GPT-Neo's causal where
+followed by the padding bias (two masks), BLOOM's ALiBi bias from baddbmm on (b*h, L, L) scores
+regrouped to (b, h, L, L) for the causal mask."""
 from __future__ import annotations
 
 import pytest
@@ -52,6 +54,19 @@ def mistral(implementation: str):
     return transformers.MistralForCausalLM(config)
 
 
+def gpt_neo(implementation: str):
+    config = transformers.GPTNeoConfig(num_layers=LAYERS, hidden_size=64, num_heads=4, vocab_size=128,
+                                       attention_types=[[["global", "local"], 1]], window_size=16,
+                                       attn_implementation=implementation)
+    return transformers.GPTNeoForCausalLM(config)
+
+
+def bloom(implementation: str):
+    config = transformers.BloomConfig(n_layer=LAYERS, hidden_size=64, n_head=4, vocab_size=128,
+                                      attn_implementation=implementation)
+    return transformers.BloomForCausalLM(config)
+
+
 def bert(implementation: str):
     config = transformers.BertConfig(**SIZES, intermediate_size=128, attn_implementation=implementation)
     return transformers.BertModel(config)
@@ -62,9 +77,12 @@ def outputs(model, ids, mask):
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("factory", [gpt2, llama, falcon, gpt_neox, opt, mistral, bert],
-                         ids=lambda factory: factory.__name__)
+CONFIGURATIONS = [(factory, implementation) for factory in (gpt2, llama, falcon, gpt_neox, opt, mistral, bert)
+                  for implementation in ("eager", "sdpa")] + [(gpt_neo, "eager"), (bloom, "eager")]  # no SDPA path
+
+
+@pytest.mark.parametrize("factory, implementation", CONFIGURATIONS,
+                         ids=[f"{factory.__name__}-{implementation}" for factory, implementation in CONFIGURATIONS])
 def test_hf_models(factory, implementation):
     torch.manual_seed(0)
     model = factory(implementation).eval()
