@@ -21,6 +21,9 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     where       torch.where(c, a, b), x.masked_fill(m, v) == where(m, v, x)
     dropout     F.dropout, torch.dropout, nn.Dropout (inlined)
     sdpa        F.scaled_dot_product_attention
+    mha         F.multi_head_attention_forward (nn.MultiheadAttention): attrs hold its flags, "roles" names
+                each tensor input (query, key, value, weights and biases, masks), "unsupported" the
+                features present that flashfx does not fuse
     repeat_interleave  torch.repeat_interleave(x, n, dim)
     linear      F.linear(x, w, b=None) (nn.Linear inlined); attrs["has_bias"]
     index       x[idx], x[:, idx], x[..., idx], x.index_select(d, idx), torch.index_select: an int32/int64
@@ -49,6 +52,7 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from numbers import Number
 from typing import Callable
@@ -341,6 +345,30 @@ def masked_fill(node) -> Normalised | None:
     return "where", attrs, tensors
 
 
+MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+MHA_TENSORS = ("query", "key", "value", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+               "v_proj_weight", "out_proj_weight", "out_proj_bias", "key_padding_mask", "attn_mask")
+MHA_UNSUPPORTED = ("bias_k", "bias_v", "static_k", "static_v")
+
+
+def multi_head_attention(node) -> Normalised | None:
+    try:
+        bound = MHA_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    roles = tuple(role for role in MHA_TENSORS if _is_tensor_node(arguments[role]))
+    unsupported = [name for name in MHA_UNSUPPORTED if arguments[name] is not None]
+    unsupported += ["add_zero_attn"] if arguments["add_zero_attn"] else []
+    flags = ("num_heads", "dropout_p", "training", "need_weights", "is_causal", "use_separate_proj_weight")
+    if not all(isinstance(arguments[name], (bool, int, float)) for name in flags):
+        return None
+    attrs = {name: arguments[name] for name in flags}
+    attrs.update(roles=roles, unsupported=tuple(unsupported))
+    return "mha", attrs, [arguments[role] for role in roles]
+
+
 def dropout(node) -> Normalised:
     training_default = node.target is not torch.dropout
     p = _arg(node, 1, "p", 0.5)
@@ -504,7 +532,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     operator.iadd: _in_place("add"), operator.isub: _in_place("sub"),
     torch.where: where, torch.masked_fill: masked_fill,
     F.dropout: dropout, torch.dropout: dropout,
-    F.scaled_dot_product_attention: sdpa,
+    F.scaled_dot_product_attention: sdpa, F.multi_head_attention_forward: multi_head_attention,
     torch.repeat_interleave: repeat_interleave,
     getattr: attribute,
     F.linear: linear,
@@ -520,6 +548,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.sigmoid: sigmoid, F.sigmoid: sigmoid,
     **{getattr(torch.fft, op): _transform(op) for op in ("rfft", "irfft", "fft", "ifft")},
 }
+
+TUPLE_RESULTS = {multi_head_attention}  # normalisers of calls that return a tuple of tensors
 
 METHODS: dict[str, Callable] = {
     "matmul": matmul, "bmm": matmul, "mm": matmul, "__matmul__": matmul, "addmm": addmm, "baddbmm": addmm,
@@ -548,6 +578,6 @@ def normalise(node: torch.fx.Node) -> Normalised | None:
         normaliser = METHODS.get(node.target)
     else:
         normaliser = None
-    if normaliser is None or not _is_tensor_node(node):
+    if normaliser is None or not (_is_tensor_node(node) or normaliser in TUPLE_RESULTS):
         return None
     return normaliser(node)

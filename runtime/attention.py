@@ -32,6 +32,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from codegen import attention as attention_codegen
 from codegen import attention_decode as decode_codegen
@@ -272,3 +273,87 @@ class AttentionOp(FusedOp):
             empty_rows_zero=form.empty_rows_zero,
         )
         return out.to(self.layout.out_dtype)
+
+
+@dataclass(frozen=True)
+class MultiheadLayout:
+    """Which of F.multi_head_attention_forward's tensors the graph passes (`roles`, in order), its head
+    count, and whether its attention weights path (need_weights: softmax rows of -inf give NaN) or
+    its SDPA path (they give 0) is the one to match."""
+
+    roles: tuple[str, ...]
+    num_heads: int
+    need_weights: bool
+
+
+class MultiheadAttentionOp(AttentionOp):
+    """F.multi_head_attention_forward (nn.MultiheadAttention) without dropout, bias_k/bias_v, static
+    keys or zero attention: the projections run in PyTorch as eager writes them, the attention in
+    the generated kernel, on the same mask eager merges from key_padding_mask and attn_mask."""
+
+    def __init__(self, replaced, layout: MultiheadLayout, head_dim: int, out_dtype: torch.dtype,
+                 static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default"):
+        super().__init__(replaced, 1.0 / math.sqrt(head_dim), AttentionLayout(rank=4, out_dtype=out_dtype),
+                         static_form, tensor_form, mode=mode)
+        self.heads = layout
+
+    def forward(self, *tensors):
+        operands = dict(zip(self.heads.roles, tensors))
+        query = operands["query"]
+        batched = query.dim() == 3
+        if not batched:
+            operands = {role: self._batched(role, tensor) for role, tensor in operands.items()}
+        q, k, v = self._projections(operands)
+        masks = [] if self.tensor_form is None else [self._merged_mask(operands, q.shape[0], q.shape[2], k.shape[2])]
+        out = super().forward(q, k, v, *masks)
+        tgt_len, bsz, embed_dim = operands["query"].shape
+        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+        out = F.linear(out, operands["out_proj_weight"], operands.get("out_proj_bias")).view(tgt_len, bsz, -1)
+        return (out if batched else out.squeeze(1)), None
+
+    @staticmethod
+    def _batched(role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Unbatched inputs as eager treats them: a batch of one (dim 1 of (L, E) tensors, dim 0 of masks)."""
+        if role in ("query", "key", "value"):
+            return tensor.unsqueeze(1)
+        return tensor.unsqueeze(0) if role == "key_padding_mask" else tensor
+
+    def _projections(self, operands):
+        """q, k, v as (batch, heads, length, head_dim), projected as eager's _in_projection(_packed)."""
+        query, key, value = operands["query"], operands["key"], operands["value"]
+        embed_dim = query.shape[-1]
+        bias = operands.get("in_proj_bias")
+        biases = bias.chunk(3) if bias is not None else (None, None, None)
+        if "in_proj_weight" not in operands:
+            weights = (operands["q_proj_weight"], operands["k_proj_weight"], operands["v_proj_weight"])
+            projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+        elif query is key is value:
+            packed = F.linear(query, operands["in_proj_weight"], bias).unflatten(-1, (3, embed_dim))
+            projected = packed.unbind(-2)
+        else:
+            weights = operands["in_proj_weight"].chunk(3)
+            projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases)]
+        heads = self.heads.num_heads
+        return [x.reshape(x.shape[0], x.shape[1] * heads, -1).transpose(0, 1)
+                .view(x.shape[1], heads, x.shape[0], -1) for x in projected]
+
+    def _merged_mask(self, operands, batch: int, tgt_len: int, src_len: int) -> torch.Tensor:
+        """key_padding_mask and attn_mask merged into one additive (batch, heads or 1, tgt_len, src_len)
+        mask, bool masks as -inf where True, as F.multi_head_attention_forward does."""
+        dtype = operands["query"].dtype
+        merged = None
+        attn_mask = operands.get("attn_mask")
+        if attn_mask is not None:
+            merged = _additive(attn_mask, dtype)
+            merged = merged.view(batch, -1, tgt_len, src_len) if merged.dim() == 3 else merged
+        padding = operands.get("key_padding_mask")
+        if padding is not None:
+            padding = _additive(padding, dtype).view(batch, 1, 1, src_len)
+            merged = padding if merged is None else merged + padding
+        return merged
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask

@@ -7,6 +7,7 @@ Recognised (after ir.canonicalize folded the spellings):
              casts, scales (mul/div by a scalar or a constant 0-d tensor),
              at most two masks: scores + bias | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
+    out, _ = multi_head_attention_forward(...)                        nn.MultiheadAttention (its weights unread)
 
 K and V may come through repeat_kv (GQA/MQA); the kernel reads the shared heads directly.
 The scores and probabilities may be reshaped on the way when the reshape only regroups the
@@ -32,10 +33,16 @@ from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
 from ir.pattern import Any, Op, Skip, match
-from runtime.attention import MASKED_OUT, AttentionLayout, AttentionOp, MaskForm
+from runtime.attention import (MASKED_OUT, AttentionLayout, AttentionOp, MaskForm, MultiheadAttentionOp,
+                               MultiheadLayout)
 
 PATTERN = "attention"
 MAX_MASKS = 2
+NATIVE_LAYERS = {  # PyTorch's fused inference fast paths, which Dynamo records as one op
+    "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's inference fast path is one native op "
+                                      "(left to PyTorch)",
+    "_native_multi_head_attention": "nn.MultiheadAttention's native fast path is one op (left to PyTorch)",
+}
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -76,6 +83,10 @@ def run(graph: Graph, context: PassContext) -> None:
     def try_fuse(node: Node) -> None:
         if node.op == "sdpa":
             _fuse_sdpa(graph, node, context)
+        elif node.op == "mha":
+            _fuse_multihead(graph, node, context)
+        elif node.op == "torch" and node.attrs["target"] in NATIVE_LAYERS:
+            raise NoMatch(node, NATIVE_LAYERS[node.attrs["target"]])
         elif node.op == "matmul":
             _fuse_naive(graph, node, context)
 
@@ -283,6 +294,50 @@ def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
     _fuse(graph, node, context, query, key, value, float(scale), masks,
           key_transposed=False, causal="top_left" if attrs["is_causal"] else None,
           empty_rows_zero=True, replaced=[node.name])
+
+
+# -- nn.MultiheadAttention ----------------------------------------------------------------
+def _fuse_multihead(graph: Graph, node: Node, context: PassContext) -> None:
+    attrs = node.attrs
+    if attrs["unsupported"]:
+        raise NoMatch(node, f"multi-head attention with {', '.join(attrs['unsupported'])}")
+    if attrs["dropout_p"] and attrs["training"]:
+        raise NoMatch(node, f"dropout_p={attrs['dropout_p']} in training mode (the kernel has no dropout)")
+    for user in graph.users(node.name):
+        if not (user.op == "torch" and user.attrs["target"] == "getitem" and user.call.args[1] == 0):
+            raise NoMatch(user, "the attention weights are read (need_weights): the kernel does not form them")
+    operands = dict(zip(attrs["roles"], (graph.node(name) for name in node.inputs)))
+    query, out = operands["query"], node.value[0]
+    if query.type.dtype not in KERNEL_DTYPES or query.type.rank not in (2, 3):
+        raise NoMatch(query, f"query of dtype {query.type.dtype} and rank {query.type.rank}")
+    head_dim = int(query.type.shape[-1]) // attrs["num_heads"]
+    if head_dim > MAX_HEAD_DIM:
+        raise NoMatch(node, f"head dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}")
+    static_form, tensor_form = _multihead_forms(attrs, operands)
+    layout = MultiheadLayout(attrs["roles"], attrs["num_heads"], attrs["need_weights"])
+    op = MultiheadAttentionOp([node.name], layout, head_dim, out.dtype, static_form, tensor_form, mode=context.mode)
+    op.prepare(*(_heads_view(operands[role].value, attrs["num_heads"]) for role in ("query", "key", "value")))
+    context.fuse(graph, node, op, list(node.inputs), [node.name],
+                 f"nn.MultiheadAttention, {attrs['num_heads']} heads: {(static_form or tensor_form).describe()}")
+
+
+def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A meta tensor shaped like x (L, N, E) or (L, E) once projected and split into heads: (N, heads, L, E/heads)."""
+    length, batch = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+    return torch.empty(batch, heads, length, x.shape[-1] // heads, dtype=x.dtype, device="meta")
+
+
+def _multihead_forms(attrs, operands) -> tuple[MaskForm | None, MaskForm | None]:
+    """(static form, tensor form) as F.multi_head_attention_forward applies its masks: is_causal
+    trusts attn_mask to be causal only on its SDPA path without a key padding mask; otherwise
+    both masks merge into one additive mask (bool ones as -inf where True)."""
+    empty_rows_zero = not attrs["need_weights"]
+    padding = "key_padding_mask" in operands
+    if attrs["is_causal"] and not padding and not attrs["need_weights"]:
+        return MaskForm(causal="top_left", empty_rows_zero=True), None
+    if padding or "attn_mask" in operands:
+        return None, MaskForm(kind="additive", empty_rows_zero=empty_rows_zero)
+    return MaskForm(empty_rows_zero=empty_rows_zero), None
 
 
 # -- shared ------------------------------------------------------------------------------

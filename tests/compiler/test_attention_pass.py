@@ -131,6 +131,22 @@ class PaddingThenCausal(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+class TorchMultihead(nn.Module):
+    """nn.MultiheadAttention as models call it: self- or cross-attention, masks, need_weights either way
+    (the weights dropped), batch-first or not, separate key/value dims."""
+
+    def __init__(self, embed_dim=96, heads=4, kdim=None, batch_first=True, need_weights=False, is_causal=False):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(embed_dim, heads, kdim=kdim, vdim=kdim, batch_first=batch_first)
+        self.need_weights, self.is_causal = need_weights, is_causal
+
+    def forward(self, query, memory=None, key_padding_mask=None, attn_mask=None):
+        memory = query if memory is None else memory
+        out, _ = self.attention(query, memory, memory, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                                need_weights=self.need_weights, is_causal=self.is_causal)
+        return out
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -228,6 +244,36 @@ def test_causal_mask_then_padding_bias(dtype, side):
 def test_padding_then_causal_masks(dtype):
     q, k, v = qkv(2, 2, 29, 41, 48)
     assert_compiles_equivalent(PaddingThenCausal(), (q, k, v, padding_masks(2, 41, "right")[0]), dtype, "attention")
+
+
+def multihead_case(name: str):
+    """(module, inputs) of one nn.MultiheadAttention use."""
+    generator = torch.Generator().manual_seed(len(name))
+    x = torch.randn(2, 37, 96, generator=generator)
+    padding = padding_masks(2, 37, "right")[0]
+    causal = nn.Transformer.generate_square_subsequent_mask(37)
+    if name == "self":
+        return TorchMultihead(), (x,)
+    if name == "weights_dropped_padding_causal":
+        return TorchMultihead(need_weights=True), (x, None, padding, causal < 0)
+    if name == "is_causal":
+        return TorchMultihead(is_causal=True), (x, None, None, causal)
+    if name == "cross_kdim_sequence_first":
+        memory = torch.randn(113, 2, 40, generator=generator)
+        return TorchMultihead(kdim=40, batch_first=False), (x.transpose(0, 1), memory, padding_masks(2, 113, "left")[0])
+    if name == "unbatched_bool_attn_mask":
+        return TorchMultihead(heads=3), (x[0], None, None, causal)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["self", "weights_dropped_padding_causal", "is_causal", "cross_kdim_sequence_first",
+                                  "unbatched_bool_attn_mask"])
+def test_torch_multihead_attention(dtype, name):
+    module, args = multihead_case(name)
+    compiled = assert_compiles_equivalent(module, args, dtype, "attention")
+    assert "nn.MultiheadAttention" in compiled.report()
+    assert ("causal (top_left)" in compiled.report()) == (name == "is_causal")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

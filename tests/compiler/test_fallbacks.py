@@ -68,6 +68,19 @@ class TwoMasksSoftFill(nn.Module):
         return torch.softmax(scores.masked_fill(k[..., 0].unsqueeze(-2) > 1, -100.0), dim=-1) @ v
 
 
+class MultiheadWeightsRead(nn.Module):
+    """nn.MultiheadAttention whose averaged attention weights the model returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, q, k, v):
+        x = q.flatten(1, 2)[:, :, :16]
+        out, weights = self.attention(x, x, x)
+        return out, weights
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -91,6 +104,7 @@ def test_model_without_attention_runs_unchanged():
     (SoftmaxOverQueries(), "not over the last"),
     (Float64Attention(), "float64"),
     (ThreeMasks(), "more than 2 masks"),
+    (MultiheadWeightsRead(), "the attention weights are read"),
     (TwoMasksSoftFill(), "which does not drop them"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
@@ -139,3 +153,10 @@ def test_grad_mode_runs_reference_and_keeps_autograd():
     expected = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
     torch.testing.assert_close(out.detach(), expected)
     assert "require grad" in compiled.report()
+
+
+def test_transformer_encoder_fast_path_is_reported():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    compiled, ours, eager = run_both(layer, torch.randn(2, 9, 32))
+    torch.testing.assert_close(ours, eager)
+    assert "inference fast path is one native op" in compiled.report()
