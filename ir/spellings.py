@@ -24,6 +24,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     mha         F.multi_head_attention_forward (nn.MultiheadAttention): attrs hold its flags, "roles" names
                 each tensor input (query, key, value, weights and biases, masks), "unsupported" the
                 features present that flashfx does not fuse
+    encoder_layer  torch._transformer_encoder_layer_fwd (nn.TransformerEncoderLayer's inference fast path):
+                attrs num_heads, use_gelu, norm_first, eps, mask_type, "roles" as for mha
     repeat_interleave  torch.repeat_interleave(x, n, dim)
     linear      F.linear(x, w, b=None) (nn.Linear inlined); attrs["has_bias"]
     index       x[idx], x[:, idx], x[..., idx], x.index_select(d, idx), torch.index_select: an int32/int64
@@ -369,6 +371,25 @@ def multi_head_attention(node) -> Normalised | None:
     return "mha", attrs, [arguments[role] for role in roles]
 
 
+ENCODER_LAYER_ARGS = ("src", "embed_dim", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+                      "out_proj_bias", "use_gelu", "norm_first", "eps", "norm1_weight", "norm1_bias", "norm2_weight",
+                      "norm2_bias", "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias", "mask",
+                      "mask_type")
+
+
+def encoder_layer(node) -> Normalised | None:
+    if node.kwargs or len(node.args) > len(ENCODER_LAYER_ARGS):
+        return None
+    arguments = dict(zip(ENCODER_LAYER_ARGS, node.args))
+    roles = tuple(role for role in ENCODER_LAYER_ARGS if _is_tensor_node(arguments.get(role)))
+    flags = ("num_heads", "use_gelu", "norm_first", "eps")
+    if not all(isinstance(arguments.get(name), (bool, int, float)) for name in flags):
+        return None
+    attrs = {name: arguments[name] for name in flags}
+    attrs.update(roles=roles, mask_type=arguments.get("mask_type"))
+    return "encoder_layer", attrs, [arguments[role] for role in roles]
+
+
 def dropout(node) -> Normalised:
     training_default = node.target is not torch.dropout
     p = _arg(node, 1, "p", 0.5)
@@ -533,6 +554,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.where: where, torch.masked_fill: masked_fill,
     F.dropout: dropout, torch.dropout: dropout,
     F.scaled_dot_product_attention: sdpa, F.multi_head_attention_forward: multi_head_attention,
+    torch._transformer_encoder_layer_fwd: encoder_layer,
     torch.repeat_interleave: repeat_interleave,
     getattr: attribute,
     F.linear: linear,

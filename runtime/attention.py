@@ -357,3 +357,55 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     return mask
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """torch._transformer_encoder_layer_fwd's tensors as the graph passes them (`roles`) and its flags;
+    mask_type 1 is a key padding mask (batch, src_len), 2 a merged (batch, heads, len, len) mask."""
+
+    roles: tuple[str, ...]
+    num_heads: int
+    use_gelu: bool
+    norm_first: bool
+    eps: float
+    mask_type: int | None
+
+
+class EncoderLayerOp(MultiheadAttentionOp):
+    """nn.TransformerEncoderLayer's inference fast path (torch._transformer_encoder_layer_fwd, batch
+    first): the layer norms and the feed-forward block in PyTorch, the self-attention as
+    MultiheadAttentionOp with the mask as the native op reads it."""
+
+    def __init__(self, replaced, layer: EncoderLayout, head_dim: int, out_dtype: torch.dtype,
+                 static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default"):
+        mask_role = {1: ("key_padding_mask",), 2: ("attn_mask",)}.get(layer.mask_type, ())
+        roles = ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")
+        super().__init__(replaced, MultiheadLayout(roles + mask_role, layer.num_heads, need_weights=False), head_dim,
+                         out_dtype, static_form, tensor_form, mode=mode)
+        self.layer = layer
+
+    def forward(self, *tensors):
+        operands = dict(zip(self.layer.roles, tensors))
+        x = operands["src"]
+        if self.layer.norm_first:
+            x = x + self._self_attention(self._norm(x, operands, 1), operands)
+            return x + self._feed_forward(self._norm(x, operands, 2), operands)
+        x = self._norm(x + self._self_attention(x, operands), operands, 1)
+        return self._norm(x + self._feed_forward(x, operands), operands, 2)
+
+    def _self_attention(self, x, operands):
+        x = x.transpose(0, 1)
+        weights = [operands[role] for role in ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")]
+        masks = [operands["mask"]] if "mask" in operands else []
+        out, _ = super().forward(x, x, x, *weights, *masks)
+        return out.transpose(0, 1)
+
+    def _norm(self, x, operands, index: int):
+        return F.layer_norm(x, x.shape[-1:], operands[f"norm{index}_weight"], operands[f"norm{index}_bias"],
+                            self.layer.eps)
+
+    def _feed_forward(self, x, operands):
+        hidden = F.linear(x, operands["linear1_weight"], operands["linear1_bias"])
+        hidden = F.gelu(hidden) if self.layer.use_gelu else F.relu(hidden)
+        return F.linear(hidden, operands["linear2_weight"], operands["linear2_bias"])

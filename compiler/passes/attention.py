@@ -8,6 +8,8 @@ Recognised (after ir.canonicalize folded the spellings):
              at most two masks: scores + bias | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
     out, _ = multi_head_attention_forward(...)                        nn.MultiheadAttention (its weights unread)
+    out = _transformer_encoder_layer_fwd(...)                         nn.TransformerEncoderLayer's inference fast
+                                                                      path: norms and MLP stay in PyTorch
 
 K and V may come through repeat_kv (GQA/MQA); the kernel reads the shared heads directly.
 The scores and probabilities may be reshaped on the way when the reshape only regroups the
@@ -33,14 +35,12 @@ from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
 from ir.pattern import Any, Op, Skip, match
-from runtime.attention import (MASKED_OUT, AttentionLayout, AttentionOp, MaskForm, MultiheadAttentionOp,
-                               MultiheadLayout)
+from runtime.attention import (MASKED_OUT, AttentionLayout, AttentionOp, EncoderLayerOp, EncoderLayout, MaskForm,
+                               MultiheadAttentionOp, MultiheadLayout)
 
 PATTERN = "attention"
 MAX_MASKS = 2
-NATIVE_LAYERS = {  # PyTorch's fused inference fast paths, which Dynamo records as one op
-    "_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's inference fast path is one native op "
-                                      "(left to PyTorch)",
+NATIVE_LAYERS = {  # PyTorch's fused inference fast paths Dynamo records as one op, left to PyTorch
     "_native_multi_head_attention": "nn.MultiheadAttention's native fast path is one op (left to PyTorch)",
 }
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,6 +85,8 @@ def run(graph: Graph, context: PassContext) -> None:
             _fuse_sdpa(graph, node, context)
         elif node.op == "mha":
             _fuse_multihead(graph, node, context)
+        elif node.op == "encoder_layer":
+            _fuse_encoder_layer(graph, node, context)
         elif node.op == "torch" and node.attrs["target"] in NATIVE_LAYERS:
             raise NoMatch(node, NATIVE_LAYERS[node.attrs["target"]])
         elif node.op == "matmul":
@@ -319,6 +321,29 @@ def _fuse_multihead(graph: Graph, node: Node, context: PassContext) -> None:
     op.prepare(*(_heads_view(operands[role].value, attrs["num_heads"]) for role in ("query", "key", "value")))
     context.fuse(graph, node, op, list(node.inputs), [node.name],
                  f"nn.MultiheadAttention, {attrs['num_heads']} heads: {(static_form or tensor_form).describe()}")
+
+
+def _fuse_encoder_layer(graph: Graph, node: Node, context: PassContext) -> None:
+    attrs = node.attrs
+    operands = dict(zip(attrs["roles"], (graph.node(name) for name in node.inputs)))
+    src = operands["src"]
+    if src.type.dtype not in KERNEL_DTYPES or src.type.rank != 3 or attrs["mask_type"] not in (None, 1, 2):
+        raise NoMatch(src, f"encoder layer input of dtype {src.type.dtype}, rank {src.type.rank}, "
+                           f"mask type {attrs['mask_type']}")
+    head_dim = int(src.type.shape[-1]) // attrs["num_heads"]
+    if head_dim > MAX_HEAD_DIM:
+        raise NoMatch(node, f"head dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}")
+    masked = "mask" in operands
+    static_form = None if masked else MaskForm()  # the native layer gives fully masked rows NaN
+    tensor_form = MaskForm(kind="additive") if masked else None
+    layer = EncoderLayout(attrs["roles"], attrs["num_heads"], attrs["use_gelu"], attrs["norm_first"], attrs["eps"],
+                          attrs["mask_type"] if masked else None)
+    op = EncoderLayerOp([node.name], layer, head_dim, src.type.dtype, static_form, tensor_form, mode=context.mode)
+    sequence_first = src.value.transpose(0, 1)
+    op.prepare(*(_heads_view(sequence_first, attrs["num_heads"]),) * 3)
+    context.fuse(graph, node, op, list(node.inputs), [node.name],
+                 f"nn.TransformerEncoderLayer fast path, {attrs['num_heads']} heads: "
+                 f"{(static_form or tensor_form).describe()}")
 
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -147,6 +147,22 @@ class TorchMultihead(nn.Module):
         return out
 
 
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoderLayer (batch first), or an nn.TransformerEncoder of several: in eval without
+    gradients each layer runs PyTorch's fused fast path, one op per layer. (TransformerEncoder's own
+    padding-mask checks are data-dependent, so masks go to a single layer.)"""
+
+    def __init__(self, layers=1, **options):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(96, 4, 160, batch_first=True, **options)
+        self.encoder = layer if layers == 1 else nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x, mask=None, padding=None):
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            return self.encoder(x)
+        return self.encoder(x, src_mask=mask, src_key_padding_mask=padding)
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -274,6 +290,33 @@ def test_torch_multihead_attention(dtype, name):
     compiled = assert_compiles_equivalent(module, args, dtype, "attention")
     assert "nn.MultiheadAttention" in compiled.report()
     assert ("causal (top_left)" in compiled.report()) == (name == "is_causal")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options, masks", [
+    ({"layers": 2}, ""),
+    ({"activation": "gelu", "norm_first": True}, "padding"),
+    ({}, "causal+padding"),
+], ids=["two_layers", "gelu_norm_first_padding", "causal_padding"])
+def test_torch_transformer_encoder_fast_path(dtype, options, masks):
+    x = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(3))
+    causal = nn.Transformer.generate_square_subsequent_mask(37) < 0 if "causal" in masks else None
+    padding = padding_masks(2, 37, "right")[0] if "padding" in masks else None
+    compiled = assert_compiles_equivalent(TorchEncoder(**options), (x, causal, padding), dtype, "attention",
+                                          count=options.get("layers", 1))
+    assert "nn.TransformerEncoderLayer fast path" in compiled.report()
+
+
+def test_fully_masked_rows_stay_nan_as_in_the_native_encoder_layer():
+    layer = TorchEncoder().eval()
+    padding = torch.zeros(2, 37, dtype=torch.bool)
+    padding[1] = True
+    x = torch.randn(2, 37, 96)
+    compiled = compiler.compile(layer, strict=True)
+    with torch.no_grad():
+        ours, eager = compiled(x, None, padding), layer(x, None, padding)
+    assert "attention" in compiled.patterns
+    torch.testing.assert_close(ours, eager, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
