@@ -4,6 +4,7 @@ The sparse-MLP pass hands over the MLP's operands as the graph holds them
 
     gathered:  y = act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2      idx (K,) from the graph
     masked:    y = (act(x W1^T + b1) * mask) W2^T + b2               mask (..., F) bool or float
+               or where(mask == keeps, act(x W1^T + b1), 0) W2^T + b2  (where / masked_fill with 0)
 
 and the op computes exactly that, in x's dtype, for x of any rank (leading dims are rows):
 
@@ -32,9 +33,12 @@ from codegen import sparse_mlp as sparse_mlp_codegen
 from runtime.dispatch import FusedOp, Kernel
 
 
-def masked_sparse_mlp_reference(x, w1, b1, w2, b2, mask, *, activation: str) -> torch.Tensor:
-    """The masked form as eager writes it: fc2(act(fc1(x)) * mask)."""
-    return F.linear(sparse_mlp_codegen.ACTIVATIONS[activation](F.linear(x, w1, b1)) * mask, w2, b2)
+def masked_sparse_mlp_reference(x, w1, b1, w2, b2, mask, *, activation: str, keeps: bool | None = None):
+    """The masked form as eager writes it: fc2(act(fc1(x)) * mask), or with `keeps`
+    fc2(where(mask == keeps, act(fc1(x)), 0))."""
+    activated = sparse_mlp_codegen.ACTIVATIONS[activation](F.linear(x, w1, b1))
+    selected = activated * mask if keeps is None else torch.where(mask == keeps, activated, 0.0)
+    return F.linear(selected, w2, b2)
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,12 @@ class SparseMLPLayout:
     w1_transposed: bool = False  # the graph holds W1^T (D, F)
     w2_transposed: bool = False  # the graph holds W2^T (F, D)
     indices_proven: bool = True  # gathered idx provably in [0, F) (top-k/sort indices); else checked per call
+    mask_keeps: bool | None = None  # masked by selection: a bool mask keeps where it equals this; None: a product
 
     def describe(self) -> str:
         biases = [name for name, present in (("b1", self.has_b1), ("b2", self.has_b2)) if present]
-        return f"{self.form}, bias {'+'.join(biases) or 'none'}"
+        form = self.form if self.mask_keeps is None else f"{self.form} (selected where mask is {self.mask_keeps})"
+        return f"{form}, bias {'+'.join(biases) or 'none'}"
 
 
 def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
@@ -83,8 +89,9 @@ class SparseMLPOp(FusedOp):
         reason = self.why_not_kernel([t for t in (x, w1, b1, w2, b2, selector) if t is not None])
         idx = selector
         if reason is None and self.layout.form == "masked":
-            idx, reason = self._kept_neurons(selector, w1.shape[0], rows.shape[0])
-            if reason is None and not torch.isfinite(rows).all():
+            keeps = self.layout.mask_keeps
+            idx, reason = self._kept_neurons(selector if keeps is None else selector == keeps, w1.shape[0], rows.shape[0])
+            if reason is None and keeps is None and not torch.isfinite(rows).all():
                 reason = "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
         if reason is None and not self.layout.indices_proven:
             reason = _index_range_reason(idx, w1.shape[0])
@@ -165,5 +172,6 @@ class SparseMLPOp(FusedOp):
 
     def _reference(self, x, w1, b1, w2, b2, selector):
         if self.layout.form == "masked":
-            return masked_sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation)
+            return masked_sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation,
+                                               keeps=self.layout.mask_keeps)
         return sparse_mlp_codegen.sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation)

@@ -7,6 +7,8 @@ with W1 (F, D), W2 (D, F) and the biases b1 (F,), b2 (D,) each optional:
     gathered:  down(act(up(x, W1[idx], b1[idx])), W2[:, idx], b2)     idx (K,) int32/int64, one node
     masked:    down(act(up(x, W1, b1)) * mask, W2, b2)                mask (..., F) bool or float,
                                                                       on either side of the product
+               down(where(mask, act(...), 0), W2, b2)                 bool mask, keeping where True, or
+               down(act(...).masked_fill(mask, 0), W2, b2)            where False
     up, down   F.linear(x, W, b) (nn.Linear) | x @ W^T + b | x @ W^T    W^T as .T, .t(), .mT, transpose
     W1[idx]    w[idx], w.index_select(0, idx), torch.index_select(w, 0, idx); W2[:, idx] likewise on
                dim 1 (w[:, idx], w[..., idx]); either weight may be stored transposed (w.T[:, idx])
@@ -91,9 +93,22 @@ def _fuse_candidate(graph: Graph, node: Node, context: PassContext) -> None:
     if w2.idx is not None:
         _fuse(graph, node, context, down, w2, down.input, mask=None)
         return
-    split = _masked_product(graph, down.input)
+    split = _masked_product(graph, down.input) or _masked_select(graph, down.input)
     if split is not None:
         _fuse(graph, node, context, down, w2, *split)
+
+
+def _masked_select(graph: Graph, node: Node) -> tuple[Node, Node, bool] | None:
+    """(activation, bool mask, the mask value that keeps a neuron) of where(mask, act, 0) or
+    act.masked_fill(mask, 0); None when `node` is no such selection."""
+    if node.op != "where" or len(node.inputs) != 2:
+        return None
+    mask, activated = (graph.node(name) for name in node.inputs)
+    then_scalar, else_scalar = node.attrs["then_scalar"], node.attrs["else_scalar"]
+    fill = then_scalar if then_scalar is not None else else_scalar
+    if mask.type.dtype != torch.bool or fill != 0 or _activation_name(activated) is None or _reads(graph, mask, activated):
+        return None
+    return activated, mask, then_scalar is None
 
 
 def _masked_product(graph: Graph, node: Node) -> tuple[Node, Node] | None:
@@ -134,7 +149,8 @@ def _is_gate(graph: Graph, node: Node) -> bool:
 
 
 # -- the rest of the MLP ----------------------------------------------------------------------
-def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, activated: Node, mask: Node | None) -> None:
+def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, activated: Node, mask: Node | None,
+          mask_keeps: bool | None = None) -> None:
     """Match the MLP below its down projection and replace it by a SparseMLPOp."""
     _check_activation(activated, "the down projection" if mask is None else "the mask")
     up = _projection(graph, graph.node(activated.inputs[0]))
@@ -152,7 +168,8 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, activated:
         _check_mask(mask, down.input, activated, ffn)
     layout = SparseMLPLayout("gathered" if mask is None else "masked", has_b1=bool(b1.operands),
                              has_b2=down.bias is not None, w1_transposed=w1.transposed, w2_transposed=w2.transposed,
-                             indices_proven=mask is not None or _indices_in_range(graph, w2.idx, ffn))
+                             indices_proven=mask is not None or _indices_in_range(graph, w2.idx, ffn),
+                             mask_keeps=mask_keeps)
     replaced = _in_order(graph, computed + w1.nodes + b1.nodes + w2.nodes)
     op = SparseMLPOp(replaced, _activation_name(activated), layout, mode=context.mode)
     op.prepare()

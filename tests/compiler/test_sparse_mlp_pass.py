@@ -201,6 +201,32 @@ class MaskFirst(nn.Module):
         return (mask * F.gelu(x @ self.fc1.weight.T + self.fc1.bias)) @ self.fc2.weight.mT
 
 
+class SelectKept(nn.Module):
+    """A bool mask selecting neurons: torch.where(keep, h, 0) or h.masked_fill(~keep, 0.0)."""
+
+    def __init__(self, d: int, ffn: int, spelling: str = "where"):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.spelling = spelling
+
+    def forward(self, x, keep):
+        h = F.gelu(self.fc1(x))
+        h = torch.where(keep, h, 0.0) if self.spelling == "where" else h.masked_fill(~keep, 0.0)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("spelling", ["where", "masked_fill"])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_bool_selection_masks(spelling, batch):
+    torch.manual_seed(batch)
+    d, ffn = 59, 173
+    keep = torch.zeros(ffn, dtype=torch.bool).index_fill(0, torch.randperm(ffn)[:17], True)
+    compiled = assert_compiles_equivalent(SelectKept(d, ffn, spelling), (torch.randn(batch, d), keep), fp32,
+                                          "sparse_mlp")
+    assert_kernels_ran(compiled)
+    assert "selected where mask is True" in compiled.report() or "selected where mask is False" in compiled.report()
+
+
 @pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, AddmmConv1D, MaskFirst],
                          ids=lambda t: t.__name__)
 @pytest.mark.parametrize("batch", [1, 16])
