@@ -17,6 +17,7 @@ A preallocated (static) KV cache avoids both.
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -27,6 +28,29 @@ from compiler.report import Report
 from runtime import knobs
 from runtime.autotune import MODES
 from runtime.dispatch import Kernel
+
+
+DYNAMO_LOG = logging.getLogger("torch._dynamo.convert_frame")
+RECOMPILE_LIMIT_NOTE = ("TorchDynamo hit its recompile limit (config.{limit}): later calls of {function} run "
+                        "eagerly, unfused. Raise torch._dynamo.config.{limit}, or compile with dynamic=None so a "
+                        "changing size becomes symbolic.")
+
+
+class _RecompileLimitNotes(logging.Handler):
+    """Turns TorchDynamo's "hit config.recompile_limit" warning, logged while this module runs, into a
+    report() note: past the limit Dynamo runs the frame eagerly and flashfx never sees it."""
+
+    def __init__(self, report: Report):
+        super().__init__(logging.WARNING)
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("torch._dynamo hit config."):
+            return
+        args = tuple(record.args or ()) + ("recompile_limit", None, "a function")
+        note = RECOMPILE_LIMIT_NOTE.format(limit=args[0], function=str(args[2]).split(" (")[0])
+        if note not in self.report.notes:
+            self.report.notes.append(note)
 
 
 class CompiledModule(torch.nn.Module):
@@ -40,9 +64,14 @@ class CompiledModule(torch.nn.Module):
         self._backend = Backend(self._report, strict=strict, mode=mode)
         self._compiled = model if knobs.disabled() else torch.compile(
             model, backend=self._backend, dynamic=dynamic, fullgraph=fullgraph)
+        self._limit_notes = _RecompileLimitNotes(self._report)
 
     def forward(self, *args, **kwargs):
-        return self._compiled(*args, **kwargs)
+        DYNAMO_LOG.addHandler(self._limit_notes)
+        try:
+            return self._compiled(*args, **kwargs)
+        finally:
+            DYNAMO_LOG.removeHandler(self._limit_notes)
 
     @property
     def kernels(self) -> list[Kernel]:

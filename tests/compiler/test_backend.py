@@ -41,3 +41,17 @@ def test_graph_break_runs_rest_eagerly():
     with torch.no_grad():
         torch.testing.assert_close(compiled(q, k, v), Breaks()(q, k, v), atol=2e-5, rtol=2e-5)
     assert compiled.patterns.count("attention") == 2
+
+
+def test_recompile_limit_is_reported():
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    model, compiled = Attention(), compiler.compile(Attention())
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for length in (3, 4, 5, 6):
+            q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-5)
+    assert compiled.patterns.count("attention") == 2
+    assert "TorchDynamo hit its recompile limit (config.recompile_limit)" in compiled.report()
