@@ -2,8 +2,9 @@
 
     fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...) --dce--> verify --to_fx--> GraphModule
 
-Module buffers among the graph's inputs are "pinned": passes may evaluate masks computed
-from them at compile time, guarded at run time on the buffers' identity and version.
+Module state among the graph's inputs (buffers and plain tensor attributes, not parameters) is
+"pinned": passes may evaluate masks and scales computed from it at compile time, guarded at run
+time on the tensors' identity and version.
 """
 from __future__ import annotations
 
@@ -40,13 +41,17 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
 
 
 def _pinned_buffers(gm: torch.fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
-    """Placeholders that hold module buffers (not parameters, not user inputs), with their tensors."""
+    """Placeholders that hold module state (buffers, tensor attributes; not parameters, not user
+    inputs), with their tensors."""
+    from torch._dynamo.source import AttrSource  # here: importing Dynamo imports Triton (see runtime.interpret)
+
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     pinned = {}
     for node, value in zip(placeholders, example_inputs):
         source = getattr(node.meta.get("grapharg"), "source", None)
-        if (source is not None and "_buffers[" in source.name and isinstance(value, torch.Tensor)
-                and not isinstance(value, torch._subclasses.FakeTensor)):
+        state = source is not None and ("_buffers[" in source.name or (
+            isinstance(source, AttrSource) and "_parameters[" not in source.name))
+        if state and isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
             pinned[node.name] = value
     return pinned
 

@@ -38,7 +38,7 @@ def evaluate(graph: Graph, node: Node, pinned: dict[str, torch.Tensor]):
 
 def pinned_dependencies(graph: Graph, node: Node, pinned: dict[str, torch.Tensor]) -> list[str]:
     """The pinned placeholders that `node`'s value depends on."""
-    return sorted(name for name in graph.ancestors(node.name) if name in pinned)
+    return sorted(name for name in graph.ancestors(node.name) | {node.name} if name in pinned)
 
 
 def _elements(node: Node) -> int:

@@ -109,22 +109,37 @@ class AttentionLayout:
     mask_batches: tuple = ()  # per mask: None, or the batch dims it was written for
 
 
+def _snapshot(tensors) -> list[tuple]:
+    return [(weakref.ref(t), t._version) for t in tensors]
+
+
+def _unchanged(snapshot: list[tuple], tensors) -> bool:
+    """Are these the same tensors, at the same in-place version, as in the snapshot?"""
+    return all(ref() is t and t._version == version for (ref, version), t in zip(snapshot, tensors))
+
+
 class AttentionOp(FusedOp):
     pattern = "attention"
 
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
-                 guards: list[torch.Tensor] = (), mode: str = "default"):
+                 guards: list[torch.Tensor] = (), mode: str = "default", scale_factors: tuple = (),
+                 scale_guards: list[torch.Tensor] = ()):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.layout = layout
         self.static_form = static_form
         self.tensor_form = tensor_form
-        self._guards = [(weakref.ref(t), t._version) for t in guards]
+        self._guards = _snapshot(guards)
+        # factors (value, exponent) of the scale read from module state, re-read when it changes
+        self.scale_exponents = tuple(exponent for _, exponent in scale_factors)
+        self._fixed_scale = scale / math.prod(value ** exponent for value, exponent in scale_factors)
+        self._scale_guards = _snapshot(scale_guards)
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
-        masks, guard_tensors = self._split_rest(rest)
+        masks, guard_tensors, rest = self._split_rest(rest)
+        self._refresh_scale(rest)
         q, k, v, masks = self._to_4d(q, k, v, masks)
         form = self._choose_form(guard_tensors)
         mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
@@ -137,8 +152,18 @@ class AttentionOp(FusedOp):
         return self._from_4d(out)
 
     def _split_rest(self, rest):
+        """(masks, their guard tensors, the scale factors and their guard tensors) from the operands after v."""
         count = 0 if self.tensor_form is None else max(1, len(self.tensor_form.chain))
-        return list(rest[:count]), rest[count:]
+        guarded = count + len(self._guards)
+        return list(rest[:count]), rest[count:guarded], rest[guarded:]
+
+    def _refresh_scale(self, rest) -> None:
+        """Re-read the scale when the module state it was computed from changed since compile time."""
+        factors, state = rest[:len(self.scale_exponents)], rest[len(self.scale_exponents):]
+        if not factors or _unchanged(self._scale_guards, state):
+            return
+        self.scale = self._fixed_scale * math.prod(float(f) ** e for f, e in zip(factors, self.scale_exponents))
+        self._scale_guards = _snapshot(state)
 
     @staticmethod
     def _mask_operand(masks, form: MaskForm) -> tuple[torch.Tensor, str | None]:
@@ -156,7 +181,7 @@ class AttentionOp(FusedOp):
         return self.tensor_form
 
     def _guards_hold(self, tensors) -> bool:
-        return all(ref() is t and t._version == version for (ref, version), t in zip(self._guards, tensors))
+        return _unchanged(self._guards, tensors)
 
     # -- layout ----------------------------------------------------------------------
     def _to_4d(self, q, k, v, masks):

@@ -26,7 +26,7 @@ Anything else is left to PyTorch and reported as a near-miss naming the node tha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -70,13 +70,27 @@ class MaskOp:
     batch_shape: tuple = ()  # the batch dims of the scores it is applied to
 
 
-@dataclass
+@dataclass(frozen=True)
+class StateScale:
+    """A scale read from module state (a buffer or tensor attribute): folded in at compile time,
+    re-read at run time when that state changes."""
+
+    factor: Node  # the scalar the scores are multiplied by (exponent 1) or divided by (-1)
+    value: float  # its value at compile time
+    exponent: int
+    masks_below: int  # masks applied before it: those after it would be scaled by it too
+
+
+@dataclass(frozen=True)
 class Scores:
-    qk: Node
-    scale: float
-    masks: list[MaskOp]  # from the softmax down: the outermost first
-    nodes: list[str]
+    """What the walk from the softmax input down to QK^T has collected (qk once it arrives)."""
+
+    qk: Node | None = None
+    scale: float = 1.0
+    masks: tuple = ()  # MaskOps from the softmax down: the outermost first
+    nodes: tuple = ()
     regrouped: bool = False  # a reshape between QK^T and softmax regroups the batch dims
+    state_scales: tuple = ()  # StateScales
 
 
 def run(graph: Graph, context: PassContext) -> None:
@@ -103,15 +117,16 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
             raise NoMatch(graph.node(found.node), found.reason)
         _explain_probabilities(graph, node)
         return
-    scores = _parse_scores(graph, found["scores"], context, multiplier=1.0, masks=[], nodes=[])
+    scores = _parse_scores(graph, found["scores"], context, Scores())
     probabilities = _probability_chain(graph, node, found["softmax"])
-    replaced = scores.nodes[::-1] + probabilities
+    replaced = list(scores.nodes[::-1]) + probabilities
     _check_private(graph, replaced)
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
-    _fuse(graph, node, context, query, key, found["value"], scores.scale, scores.masks[::-1],
-          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped)
+    _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
+          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
+          state_scales=scores.state_scales)
 
 
 def _regroups_batch(graph, node: Node) -> bool:
@@ -158,25 +173,28 @@ def _explain_probabilities(graph: Graph, node: Node) -> None:
             raise NoMatch(blocker, reasons[blocker.op])
 
 
-def _parse_scores(graph, node: Node, context, multiplier: float, masks: list[MaskOp], nodes: list[str],
-                  regrouped: bool = False) -> Scores:
+def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
     """Walk from the softmax input down to QK^T, collecting scales and at most MAX_MASKS masks."""
-    nodes = nodes + [node.name]
+    walk = replace(walk, nodes=walk.nodes + (node.name,))
+    below = graph.node(node.inputs[0]) if node.inputs else None
     if node.op == "matmul":
-        return Scores(node, multiplier, masks, nodes, regrouped)
+        if any(scale.masks_below != len(walk.masks) for scale in walk.state_scales):
+            raise NoMatch(node, "a scale read from module state also scales a mask")
+        return replace(walk, qk=node)
     if node.op in ("cast", "identity"):
-        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, masks, nodes, regrouped)
+        return _parse_scores(graph, below, context, walk)
     if node.op == "reshape" and _regroups_batch(graph, node):
-        return _parse_scores(graph, graph.node(node.inputs[0]), context, multiplier, masks, nodes, True)
+        return _parse_scores(graph, below, context, replace(walk, regrouped=True))
     if node.op in ("mul", "div"):
-        scores, factor = _scale_operands(graph, node, context)
-        return _parse_scores(graph, scores, context, multiplier * factor, masks, nodes, regrouped)
+        scores, factor, state_scale = _scale_operands(graph, node, context, len(walk.masks))
+        walk = replace(walk, scale=walk.scale * factor, state_scales=walk.state_scales + state_scale)
+        return _parse_scores(graph, scores, context, walk)
     if node.op == "add" and (scores := _zero_added(graph, node)) is not None:
-        return _parse_scores(graph, scores, context, multiplier, masks, nodes, regrouped)
+        return _parse_scores(graph, scores, context, walk)
     if node.op in ("add", "where"):
-        if len(masks) == MAX_MASKS:
+        if len(walk.masks) == MAX_MASKS:
             raise NoMatch(node, f"more than {MAX_MASKS} masks between QK^T and softmax")
-        return _parse_masked(graph, node, context, multiplier, masks, nodes, regrouped)
+        return _parse_masked(graph, node, context, walk)
     raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
 
 
@@ -194,37 +212,39 @@ def _zero_added(graph, node: Node) -> Node | None:
     return None
 
 
-def _scale_operands(graph, node: Node, context) -> tuple[Node, float]:
+def _scale_operands(graph, node: Node, context, masks_below: int) -> tuple[Node, float, tuple]:
+    """(the scores, the factor, (StateScale,) when the factor is read from module state, else ())."""
     scalar = node.attrs.get("scalar")
     if scalar is not None and len(node.inputs) == 1:
         if node.op == "div" and node.attrs["scalar_first"]:
             raise NoMatch(node, "scores divide a scalar")
-        return graph.node(node.inputs[0]), (1.0 / scalar if node.op == "div" else float(scalar))
+        return graph.node(node.inputs[0]), (1.0 / scalar if node.op == "div" else float(scalar)), ()
     if len(node.inputs) == 2:
         first, second = (graph.node(name) for name in node.inputs)
-        candidates = [(second, first)] if node.op == "div" else [(first, second), (second, first)]
+        candidates = [(first, second)] if node.op == "div" else [(first, second), (second, first)]
         for scores, factor_node in candidates:
-            factor = _constant_scalar(graph, factor_node, context)
-            if factor is not None:
-                return scores, (1.0 / factor if node.op == "div" else factor)
+            factor = _constant_scalar(graph, factor_node, context.pinned)
+            if factor is None:
+                continue
+            exponent = -1 if node.op == "div" else 1
+            state = consteval.pinned_dependencies(graph, factor_node, context.pinned)
+            return scores, factor ** exponent, ((StateScale(factor_node, factor, exponent, masks_below),) if state else ())
     raise NoMatch(node, f"scores {node.op} by a tensor that is not a compile-time scalar")
 
 
-def _constant_scalar(graph, node: Node, context) -> float | None:
+def _constant_scalar(graph, node: Node, pinned: dict | None = None) -> float | None:
     if node.type is None or node.type.static_shape() is None or math.prod(node.type.static_shape()) != 1:
         return None
-    value = consteval.evaluate(graph, node, {})
+    value = consteval.evaluate(graph, node, pinned or {})
     return None if value is None else float(value.reshape(()).item())
 
 
-def _parse_masked(graph, node: Node, context, multiplier: float, masks: list[MaskOp], nodes: list[str],
-                  regrouped: bool) -> Scores:
+def _parse_masked(graph, node: Node, context, walk: Scores) -> Scores:
     failure: NoMatch | None = None
-    for scores_name, mask in _mask_readings(graph, node, context, multiplier):
+    for scores_name, mask in _mask_readings(graph, node, context, walk.scale):
         mask.batch_shape = tuple(node.type.shape[:-2])
         try:
-            return _parse_scores(graph, graph.node(scores_name), context, multiplier, masks + [mask], nodes,
-                                 regrouped)
+            return _parse_scores(graph, graph.node(scores_name), context, replace(walk, masks=walk.masks + (mask,)))
         except NoMatch as miss:
             failure = failure or miss
     raise failure or NoMatch(node, f"{node.op} is not a mask the kernel supports")
@@ -263,7 +283,7 @@ def _where_branches(graph, node: Node, context):
         return
     then_name, else_name = node.inputs[1:]
     for scores, fill_name, keep_when in ((else_name, then_name, False), (then_name, else_name, True)):
-        fill = _constant_scalar(graph, graph.node(fill_name), context)
+        fill = _constant_scalar(graph, graph.node(fill_name))
         if fill is not None:
             yield scores, keep_when, fill
             return
@@ -368,7 +388,7 @@ def _multihead_forms(attrs, operands) -> tuple[MaskForm | None, MaskForm | None]
 # -- shared ------------------------------------------------------------------------------
 def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[MaskOp], *,
           key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
-          regrouped: bool = False) -> None:
+          regrouped: bool = False, state_scales: tuple = ()) -> None:
     """Replace `anchor` by an AttentionOp; `masks` in the order they apply (the innermost first)."""
     if regrouped:
         batch = _check_regrouped(anchor, query, key, value)
@@ -385,12 +405,19 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
             graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero)
     layout = AttentionLayout(key_transposed=key_transposed, rank=value.type.rank, out_dtype=anchor.type.dtype,
                              regroup_qk=regrouped, mask_batches=mask_batches)
+    scale_state = sorted({name for scale in state_scales
+                          for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
-                     guards=[context.pinned[name] for name in guards], mode=context.mode)
+                     guards=[context.pinned[name] for name in guards], mode=context.mode,
+                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales),
+                     scale_guards=[context.pinned[name] for name in scale_state])
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
     if static_form is not None and tensor_form is not None:
         detail += f" while buffers {', '.join(guards)} are unchanged, else {tensor_form.describe()}"
+    if scale_state:
+        detail += f"; scale {scale:.6g} from {', '.join(scale_state)}, re-read when they change"
+    extra_inputs += [scale.factor.name for scale in state_scales] + scale_state
     context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
 
 

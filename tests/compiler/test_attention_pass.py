@@ -163,6 +163,22 @@ class TorchEncoder(nn.Module):
         return self.encoder(x, src_mask=mask, src_key_padding_mask=padding)
 
 
+class StateScaled(nn.Module):
+    """Scales held as module state: GPT-J's former tensor attribute sqrt(d) (divided by), a registered
+    buffer (multiplied by), and old GPT-2's torch.full([], sqrt(d)) built in the graph."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.scale_attn = torch.sqrt(torch.tensor(float(head_dim)))
+        self.register_buffer("temperature", torch.tensor(1.5))
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.scale_attn.to(q.dtype)
+        scores = scores / torch.full([], 2.0, dtype=q.dtype, device=q.device) * self.temperature.to(q.dtype)
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return torch.matmul(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), v)
+
+
 class WithMask(nn.Module):
     """A run-time mask: bool via masked_fill (fill where True) or additive."""
 
@@ -320,6 +336,12 @@ def test_fully_masked_rows_stay_nan_as_in_the_native_encoder_layer():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scales_from_module_state(dtype):
+    compiled = assert_compiles_equivalent(StateScaled(64), qkv(2, 2, 37, 37, 64), dtype, "attention")
+    assert "re-read when they change" in compiled.report()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bmm_without_mask(dtype):
     assert_compiles_equivalent(Bmm3d(), qkv(2, 3, 113, 203, 64, value_dim=96), dtype, "attention")
 
@@ -372,6 +394,39 @@ def test_constant_causal_mask_becomes_block_skipping():
     assert "causal (top_left)" in compiled.report()
     compiled = assert_compiles_equivalent(NaiveCausal(), qkv(1, 2, 16, 64, 64), torch.float32, "attention")
     assert "causal (bottom_right)" in compiled.report()
+
+
+class BufferBias(nn.Module):
+    """The scores plus a registered (L, L) causal bias buffer, read as is."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.register_buffer("bias", torch.full((length, length), float("-inf")).triu(1))
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.125 + self.bias, dim=-1) @ v
+
+
+def change_scales(module: StateScaled) -> None:
+    module.temperature.fill_(3.0)
+    module.scale_attn.mul_(0.5)
+
+
+@pytest.mark.parametrize("module, folded, change", [
+    (StateScaled(64), "re-read when they change", change_scales),
+    (BufferBias(29), "causal (top_left) while buffers", lambda module: module.bias.zero_()),
+], ids=["scales", "mask"])
+def test_module_state_changed_in_place_is_followed(module, folded, change):
+    """Scales and masks folded in from module state at compile time follow in-place changes to it."""
+    module = module.eval()
+    compiled = compiler.compile(module, strict=True)
+    q, k, v = qkv(1, 2, 29, 29, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+        assert folded in compiled.report()
+        change(module)
+        torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+    assert compiled.patterns == ["attention"]
 
 
 def test_kernel_sources_are_listed_and_cached():

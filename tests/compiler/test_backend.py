@@ -1,6 +1,12 @@
 """torch.compile(model, backend="flashfx") and compiler.compile share one pipeline."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 import compiler
@@ -55,3 +61,25 @@ def test_recompile_limit_is_reported():
             torch.testing.assert_close(compiled(q, k, v), model(q, k, v), atol=2e-5, rtol=2e-5)
     assert compiled.patterns.count("attention") == 2
     assert "TorchDynamo hit its recompile limit (config.recompile_limit)" in compiled.report()
+
+
+
+FRESH_PROCESS = """
+import compiler, torch
+from models.gpt import GPT, GPTConfig
+model = GPT(GPTConfig.tiny()).eval()
+compiled = compiler.compile(model)
+with torch.no_grad():
+    compiled(torch.randint(0, 96, (1, 9)))
+print(compiled.report())
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the interpreter only on machines without CUDA")
+def test_kernels_run_through_the_interpreter_in_a_fresh_process():
+    """Importing flashfx must not import Triton before the interpreter is decided (runtime.interpret):
+    every kernel would fall back to PyTorch, correct but never run."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, check=True,
+                            env=environment, cwd=Path(__file__).parents[2])
+    assert "attention" in result.stdout and "ran in PyTorch" not in result.stdout, result.stdout

@@ -81,6 +81,17 @@ class MultiheadWeightsRead(nn.Module):
         return out, weights
 
 
+class StateScaleOverMask(nn.Module):
+    """A buffer scale applied after a run-time bias: the bias would be scaled by module state."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.transpose(-1, -2) + q.mean()) * self.scale, dim=-1) @ v
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -104,6 +115,7 @@ def test_model_without_attention_runs_unchanged():
     (SoftmaxOverQueries(), "not over the last"),
     (Float64Attention(), "float64"),
     (ThreeMasks(), "more than 2 masks"),
+    (StateScaleOverMask(), "a scale read from module state also scales a mask"),
     (MultiheadWeightsRead(), "the attention weights are read"),
     (TwoMasksSoftFill(), "which does not drop them"),
 ])
