@@ -453,3 +453,15 @@ def test_cuda_real_sizes(dtype, module, shape, kv_heads):
     batch, heads, q_len, kv_len, head_dim = shape
     args = qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=kv_heads, device="cuda")
     assert_compiles_equivalent(module, args, dtype, "attention")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_regrouped_scores_two_masks_and_torch_modules(dtype):
+    q, k, v = qkv(2, 8, 1024, 1024, 64, device="cuda")
+    padding, padding_bias = (mask.cuda() for mask in padding_masks(2, 1024, "right"))
+    assert_compiles_equivalent(FairseqPaddingMask(), (q, k, v, padding), dtype, "attention")
+    assert_compiles_equivalent(CausalThenPadding(), (q, k, v, padding_bias), dtype, "attention")
+    x = torch.randn(2, 1024, 512, device="cuda")
+    assert_compiles_equivalent(TorchMultihead(512, 8).cuda(), (x, None, padding), dtype, "attention")
+    assert_compiles_equivalent(TorchEncoder(layers=2).cuda(), (x[..., :96],), dtype, "attention", count=2)
