@@ -76,24 +76,22 @@ def combined_bias(masks: list[torch.Tensor], chain: tuple) -> tuple[torch.Tensor
     masks add) instead: the same zero weight as long as that stays at or below MASKED_OUT and the
     row has a score well above it. A row whose every bias is that low (padding queries that see
     only padding) gets eager's weights only from eager's math."""
-    bias = torch.zeros((), dtype=torch.float32, device=masks[0].device)
-    dropped_at_most = None  # the largest value eager gives a dropped score, so far
+    device = masks[0].device
+    bias = torch.zeros((), dtype=torch.float32, device=device)
+    dropped_at_most = torch.tensor(-math.inf, device=device)  # the largest value eager gives a dropped score
     for mask, form in zip(masks, chain):
         if mask.dtype == torch.bool:
             bias = torch.where(mask == form.keep_when, bias, -math.inf)
-            dropped_at_most = max(form.fill_value, dropped_at_most if dropped_at_most is not None else -math.inf)
+            dropped_at_most = dropped_at_most.clamp(min=form.fill_value)
         else:
             added = mask.float() * form.multiplier
             bias = bias + added
-            if dropped_at_most is not None:
-                dropped_at_most += added.max().item()
-    if torch.isnan(bias).any():
-        return bias, "the masks hold NaN"
-    if dropped_at_most is not None and not dropped_at_most <= MASKED_OUT:
-        return bias, f"a dropped score reaches {dropped_at_most:g} once later masks add to it"
-    if bool((bias.amax(dim=-1) <= MASKED_OUT / 2).any()):
-        return bias, "a row of the combined masks keeps no clearly visible key"
-    return bias, None
+            dropped_at_most = dropped_at_most + added.max()
+    failures = torch.stack([torch.isnan(bias).any(), ~(dropped_at_most <= MASKED_OUT),
+                            (bias.amax(dim=-1) <= MASKED_OUT / 2).any()]).tolist()  # one host sync
+    reasons = ("the masks hold NaN", "a dropped score rises above the masked-out level once later masks add to it",
+               "a row of the combined masks keeps no clearly visible key")
+    return bias, next((reason for reason, failed in zip(reasons, failures) if failed), None)
 
 
 @dataclass(frozen=True)
