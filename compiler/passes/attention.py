@@ -216,15 +216,15 @@ def _scale_operands(graph, node: Node, context, masks_below: int) -> tuple[Node,
     """(the scores, the factor, (StateScale,) when the factor is read from module state, else ())."""
     scalar = node.attrs.get("scalar")
     if scalar is not None and len(node.inputs) == 1:
-        if node.op == "div" and node.attrs["scalar_first"]:
-            raise NoMatch(node, "scores divide a scalar")
+        if node.op == "div" and (node.attrs["scalar_first"] or scalar == 0):
+            raise NoMatch(node, "scores divide a scalar" if node.attrs["scalar_first"] else "scores divided by zero")
         return graph.node(node.inputs[0]), (1.0 / scalar if node.op == "div" else float(scalar)), ()
     if len(node.inputs) == 2:
         first, second = (graph.node(name) for name in node.inputs)
         candidates = [(first, second)] if node.op == "div" else [(first, second), (second, first)]
         for scores, factor_node in candidates:
             factor = _constant_scalar(graph, factor_node, context.pinned)
-            if factor is None:
+            if factor is None or not math.isfinite(factor) or factor == 0:
                 continue
             exponent = -1 if node.op == "div" else 1
             state = consteval.pinned_dependencies(graph, factor_node, context.pinned)

@@ -92,6 +92,11 @@ class StateScaleOverMask(nn.Module):
         return torch.softmax((q @ k.transpose(-1, -2) + q.mean()) * self.scale, dim=-1) @ v
 
 
+class DividedByZero(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 0.0, dim=-1) @ v
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -115,6 +120,7 @@ def test_model_without_attention_runs_unchanged():
     (SoftmaxOverQueries(), "not over the last"),
     (Float64Attention(), "float64"),
     (ThreeMasks(), "more than 2 masks"),
+    (DividedByZero(), "scores divided by zero"),
     (StateScaleOverMask(), "a scale read from module state also scales a mask"),
     (MultiheadWeightsRead(), "the attention weights are read"),
     (TwoMasksSoftFill(), "which does not drop them"),
