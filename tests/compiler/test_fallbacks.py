@@ -127,7 +127,7 @@ def test_model_without_attention_runs_unchanged():
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))
-    torch.testing.assert_close(ours, eager)
+    torch.testing.assert_close(ours, eager, equal_nan=True)
     assert "attention" not in compiled.patterns
     assert reason in compiled.report()
 
