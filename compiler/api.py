@@ -73,6 +73,13 @@ class CompiledModule(torch.nn.Module):
         finally:
             DYNAMO_LOG.removeHandler(self._limit_notes)
 
+    def state_dict(self, *args, **kwargs):
+        """The model's state dict, with the model's own keys (loadable into the uncompiled model)."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def kernels(self) -> list[Kernel]:
         unique: dict[str, Kernel] = {}

@@ -83,3 +83,14 @@ def test_kernels_run_through_the_interpreter_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, check=True,
                             env=environment, cwd=Path(__file__).parents[2])
     assert "attention" in result.stdout and "ran in PyTorch" not in result.stdout, result.stdout
+
+
+def test_state_dict_round_trips_with_the_models_keys():
+    model = GPT(GPTConfig.tiny()).eval()
+    compiled = compiler.compile(model)
+    assert compiled.state_dict().keys() == model.state_dict().keys()
+    trained = GPT(GPTConfig.tiny()).eval()
+    compiled.load_state_dict(trained.state_dict())
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), trained(ids), atol=2e-5, rtol=2e-5)
