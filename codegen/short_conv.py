@@ -6,10 +6,10 @@ codegen/templates/short_conv.py.jinja. Each program owns a [BLOCK_H channels, BL
 tile of one batch row and reads K shifted copies of its input tile (the overlap stays in cache):
 
     acc[h, t] = bias[h] + sum_{j < K} w[h, j] * x[h, t - K + 1 + j]     x = 0 before t = 0, fp32
-    out[h, t] = act(acc[h, t])                                          act: identity or SiLU
+    out[h, t] = act(acc[h, t])                       act: identity, SiLU, ReLU or GELU (exact or tanh)
 
 That is F.conv1d(x, w[:, None], bias, padding=K - 1, groups=H)[..., :L], optionally followed by
-F.silu, without the padded (L + K - 1)-long intermediate.
+the activation, without the padded (L + K - 1)-long intermediate.
 
 This module does not import triton: loading a generated module does, after runtime.interpret
 has chosen between compiled kernels and the interpreter.
@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from codegen.activations import REFERENCES
 from codegen.render import render
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_WIDTH, MAX_WIDTH = 2, 8
-ACTIVATIONS = (None, "silu")
+ACTIVATIONS = (None, *REFERENCES)
 MAX_GRID_YZ = 65535
 
 
@@ -115,7 +116,7 @@ def unsupported_reason(x, weight, bias=None, out=None, activation=None) -> str |
         if name in given and tuple(given[name].shape) != shape:
             return f"{name} has shape {tuple(given[name].shape)}, expected {shape}"
     if activation not in ACTIVATIONS:
-        return f"activation {activation!r} is not fused (only SiLU)"
+        return f"activation {activation!r} is not fused (only {', '.join(REFERENCES)})"
     if not MIN_WIDTH <= width <= MAX_WIDTH:
         return f"filter width {width} is outside {MIN_WIDTH}..{MAX_WIDTH}"
     if min(batch, channels, seqlen) == 0:
@@ -146,13 +147,13 @@ def short_conv_reference(
 
     out[b, h, t] = act(bias[h] + sum_j weight[h, j] x[b, h, t - K + 1 + j]) with x = 0 at negative
     times, i.e. F.conv1d(x, weight[:, None], bias, padding=K - 1, groups=channels)[..., :L];
-    act is the identity or SiLU (activation "silu"). Computes in float32 (float64 for float64
+    act is the identity or REFERENCES[activation]. Computes in float32 (float64 for float64
     inputs) and returns x's dtype.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     width, seqlen = weight.shape[1], x.shape[2]
     y = F.conv1d(x.to(compute), weight.to(compute)[:, None, :], None if bias is None else bias.to(compute),
                  padding=width - 1, groups=x.shape[1])[..., :seqlen]
-    if activation == "silu":
-        y = F.silu(y)
+    if activation is not None:
+        y = REFERENCES[activation](y)
     return y.to(x.dtype)

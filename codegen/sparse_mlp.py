@@ -29,13 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from codegen.activations import REFERENCES
 from codegen.render import render
 
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-}
+ACTIVATIONS = {name: REFERENCES[name] for name in ("relu", "gelu", "gelu_tanh")}
 MAX_GRID_Z = 65535  # CUDA's limit on grid axes 1 and 2; the row tiles run along axis 2
 MIN_BLOCK_M = 16  # the smallest row tile a config uses for more than a handful of rows
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

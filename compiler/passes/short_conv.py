@@ -1,12 +1,12 @@
-"""Short-convolution pass (Mamba's and Hyena's short filters): a depthwise causal conv1d, and the SiLU
-after it, become one kernel.
+"""Short-convolution pass (Mamba's and Hyena's short filters): a depthwise causal conv1d, and the
+activation after it, become one kernel.
 
 Recognised (after ir.canonicalize folded the spellings), anchored at each conv1d:
 
     y   = conv1d(x, w, b, padding=K-1, groups=C)[..., :L]     nn.Conv1d inlined; the slice also as
                                                                [:, :, :L], [..., :-(K-1)], narrow
         | conv1d(pad(x, (K-1, 0)), w, b, groups=C)             F.pad with zeros, conv1d unpadded
-    out = silu(y) | y * sigmoid(y)                             optional (F.silu, nn.SiLU)
+    out = silu(y) | y * sigmoid(y) | relu(y) | gelu(y)        optional (F.silu, nn.SiLU, F.relu, nn.GELU...)
 
     x   (B, C, L), any strides;  w (C, 1, K) with K in 2..8;  b (C,) or None;  stride 1, dilation 1
 
@@ -119,10 +119,13 @@ def _check_pad(pad: Node, width: int) -> None:
 
 
 def _activation(graph: Graph, y: Node) -> tuple[Node, str | None]:
-    """(silu(y) and "silu") when y's readers compute silu(y) or y * sigmoid(y) and nothing else; else (y, None)."""
+    """(act(y), its name in codegen.activations) when y's only reader applies a fused activation
+    (SiLU also as y * sigmoid(y)); else (y, None)."""
     users = graph.users(y.name)
-    if len(users) == 1 and users[0].op == "silu":
-        return users[0], "silu"
+    if len(users) == 1 and users[0].op in ("silu", "relu"):
+        return users[0], users[0].op
+    if len(users) == 1 and users[0].op == "gelu":
+        return users[0], "gelu" if users[0].attrs["approximate"] == "none" else "gelu_tanh"
     if len(users) == 2:
         sigmoid = next((user for user in users if user.op == "sigmoid"), None)
         product = next((user for user in users if user.op == "mul"), None)

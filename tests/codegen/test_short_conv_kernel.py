@@ -3,7 +3,7 @@
 Every case draws fresh random inputs (weights and bias in the dtype under test, as a model in that
 dtype holds them), poisons `out` with NaN, launches the generated kernel and holds it to the
 tolerance rule of tests/numerics.py: the reference is short_conv_reference in fp64, the baseline
-plain F.conv1d (+ F.silu) in the dtype under test. Channel counts are odd so that the last
+plain F.conv1d (+ the activation) in the dtype under test. Channel counts are odd so that the last
 channel tile is partial; lengths shorter than the filter check the zero padding.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codegen.activations import REFERENCES
 from codegen.short_conv import (
     ShortConvSpec,
     config_space,
@@ -71,6 +72,9 @@ CASES = [
     Case(4, 1, 111, 300, fp32, bias=True, activation="silu", layout="blh"),
     Case(4, 2, 3, 5, fp16, activation="silu"),
     Case(7, 2, 37, 300, fp16, bias=True, activation="silu", layout="blh"),
+    Case(3, 2, 37, 300, bf16, bias=True, activation="relu"),
+    Case(4, 1, 37, 113, fp32, activation="gelu"),
+    Case(5, 2, 3, 300, fp16, bias=True, activation="gelu_tanh", layout="blh"),
     Case(7, 1, 3, 1000, fp32),
     Case(7, 2, 5, 6, bf16, bias=True),
     Case(8, 1, 37, 300, fp32, bias=True),
@@ -127,7 +131,7 @@ def test_spec_validates():
     with pytest.raises(ValueError, match="width"):
         ShortConvSpec(1)
     with pytest.raises(ValueError, match="activation"):
-        ShortConvSpec(4, activation="gelu")
+        ShortConvSpec(4, activation="tanh")
     assert ShortConvSpec.for_args(torch.ones(3, 4), torch.ones(3), "silu") == ShortConvSpec(4, True, "silu")
 
 
@@ -179,7 +183,7 @@ def _operands(x=(2, 3, 10), weight=(3, 4), dtype=fp16, **optional):
     (_operands(weight=(4, 4)), "weight has shape (4, 4), expected (3, 4)"),
     (_operands(bias=torch.ones(4, dtype=fp16)), "bias has shape"),
     (_operands(out=torch.empty(2, 3, 11, dtype=fp16)), "out has shape"),
-    (_operands(activation="gelu"), "activation 'gelu' is not fused"),
+    (_operands(activation="tanh"), "activation 'tanh' is not fused"),
     (_operands(weight=(3, 9)), "filter width 9"),
     (_operands(weight=(3, 1)), "filter width 1"),
     (_operands(x=(2, 3, 0)), "empty"),
@@ -209,8 +213,8 @@ def run_case(case: Case, out_dtype: torch.dtype | None = None, config: dict | No
     out = poisoned_like(torch.empty(x.shape, dtype=out_dtype or case.dtype, device=DEVICE))
     load_kernel(case.spec).launch(x, weight, out, bias=bias, activation=case.activation, config=config)
     baseline = F.conv1d(x, weight[:, None, :], bias, padding=case.width - 1, groups=case.channels)[..., :case.seqlen]
-    if case.activation == "silu":
-        baseline = F.silu(baseline)
+    if case.activation is not None:
+        baseline = REFERENCES[case.activation](baseline)
     reference = short_conv_reference(x.double(), weight.double(), bias=None if bias is None else bias.double(),
                                      activation=case.activation)
     return out, baseline, reference

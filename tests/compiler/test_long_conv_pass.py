@@ -299,7 +299,8 @@ def test_inputs_requiring_grad_fall_back_to_the_reference():
 
 # -- short convolutions ----------------------------------------------------------------------------
 class ShortConv(nn.Module):
-    """nn.Conv1d(padding=K-1, groups=C) cut to [..., :L], then nothing, F.silu, nn.SiLU or y * sigmoid(y)."""
+    """nn.Conv1d(padding=K-1, groups=C) cut to [..., :L], then nothing, F.silu, nn.SiLU, y * sigmoid(y),
+    F.relu, nn.GELU or F.gelu(approximate="tanh")."""
 
     def __init__(self, channels: int, width: int, activation: str = "none", transposed: bool = False):
         super().__init__()
@@ -314,6 +315,8 @@ class ShortConv(nn.Module):
             return F.silu(y)
         if self.activation == "nn.SiLU":
             return self.act(y)
+        if self.activation in ("F.relu", "nn.GELU", "gelu_tanh"):
+            return {"F.relu": F.relu, "nn.GELU": nn.GELU(), "gelu_tanh": nn.GELU("tanh")}[self.activation](y)
         return y * torch.sigmoid(y) if self.activation == "sigmoid" else y
 
 
@@ -340,6 +343,9 @@ class ReferenceShortConv(ShortConv):
     (PaddedShortConv, 7, "sigmoid", 2, 3, 1024, fp32, False),
     (PaddedShortConv, 4, "none", 1, 3, 1, bf16, False),
     (ReferenceShortConv, 3, "F.silu", 2, 8, 4096, fp32, False),
+    (ShortConv, 4, "F.relu", 2, 37, 300, bf16, False),
+    (ShortConv, 3, "nn.GELU", 1, 8, 113, fp32, True),
+    (ShortConv, 5, "gelu_tanh", 2, 3, 256, fp16, False),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)
 def test_short_convolutions_fuse_and_match(form, width, activation, batch, channels, seqlen, dtype, transposed):
     """transposed: x is a (B, L, H) activation the module transposes first."""
@@ -347,8 +353,9 @@ def test_short_convolutions_fuse_and_match(form, width, activation, batch, chann
     module = form(channels, width, activation, transposed)
     x = sequence(batch, seqlen, channels) if transposed else sequence(batch, channels, seqlen)
     compiled = assert_compiles_equivalent(module, (x,), dtype, "short_conv")
-    fused_silu = activation != "none" or form is ReferenceShortConv
-    assert ("silu)" in compiled.report()) == fused_silu, compiled.report()
+    fused = {"none": "no activation)", "F.relu": "relu)", "nn.GELU": "gelu)", "gelu_tanh": "gelu_tanh)"}
+    expected = "silu)" if form is ReferenceShortConv else fused.get(activation, "silu)")
+    assert expected in compiled.report(), compiled.report()
 
 
 # -- whole models ----------------------------------------------------------------------------------
