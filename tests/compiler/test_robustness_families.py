@@ -308,16 +308,18 @@ def test_long_conv_rows_of_different_scales_keep_their_precision():
 
 # -- NaN and inf: short convolutions ---------------------------------------------------------------
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
-@pytest.mark.parametrize("activation", ["none", "F.silu"])
+@pytest.mark.parametrize("activation", ["none", "F.silu", "F.relu", "nn.GELU"])
 def test_short_conv_special_values_reach_the_next_width_steps(value, activation):
-    """x[t] feeds outputs t .. t + K - 1 of its channel (silu(-inf) is NaN, so the kind may change)."""
+    """x[t] feeds outputs t .. t + K - 1 of its channel (silu(-inf) is NaN, so the kind may change;
+    relu and gelu turn -inf into 0, so there only the values are compared with eager's)."""
     torch.manual_seed(0)
     width = 4
     x = sequence(2, 3, 20)
     x[1, 2, 5] = value
     compiled, ours, eager = run(ShortConv(3, width, activation), x)
     assert_kernel_ran(compiled, "short_conv")
-    assert torch.equal(~eager.isfinite(), nonfinite_at(eager.shape, 1, 2, slice(5, 5 + width)))
+    if activation in ("none", "F.silu"):
+        assert torch.equal(~eager.isfinite(), nonfinite_at(eager.shape, 1, 2, slice(5, 5 + width)))
     assert_same_special_values(ours, eager)
 
 
