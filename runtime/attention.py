@@ -96,15 +96,21 @@ def combined_bias(masks: list[torch.Tensor], chain: tuple) -> tuple[torch.Tensor
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Where q/k/v come from in the graph: key given transposed, rank of the operands (v's); q and k
-    regrouped into v's batch dims (scores reshaped (b*h, ...) <-> (b, h, ...) in the graph), and the
-    batch dims of the scores the mask was written for when they differ from v's."""
+    """Where q/k/v come from in the graph: key given transposed; scores regrouped between batch
+    layouts ((b*h, ...) <-> (b, h, ...)) on the way, and the batch dims of the scores each mask was
+    written for when they differ from v's (the output's)."""
 
     key_transposed: bool = False
-    rank: int = 4
     out_dtype: torch.dtype = torch.float32
     regroup_qk: bool = False
     mask_batches: tuple = ()  # per mask: None, or the batch dims it was written for
+
+
+def _regrouped_mask(mask: torch.Tensor, written_for: tuple, batch: tuple) -> torch.Tensor:
+    """A mask written for scores with batch dims `written_for`, for the same scores regrouped into
+    `batch` dims: only its batch dims are expanded (its own query and key dims stay as they are)."""
+    mask = mask.reshape((1,) * max(0, 2 - mask.dim()) + tuple(mask.shape))
+    return mask.expand(*written_for, *mask.shape[-2:]).reshape(*batch, *mask.shape[-2:])
 
 
 def _snapshot(tensors) -> list[tuple]:
@@ -138,16 +144,19 @@ class AttentionOp(FusedOp):
     def forward(self, q, k, v, *rest):
         masks, guard_tensors, rest = self._split_rest(rest)
         self._refresh_scale(rest)
+        out_batch = self._out_batch(q, v)
         q, k, v, masks = self._to_4d(q, k, v, masks)
         form = self._choose_form(guard_tensors)
         mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
+        if mask is not None:
+            mask = mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         reason = self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
         if reason is None:
             out = self._launch(q, k, v, mask, form)
         else:
             self.fell_back(reason)
             out = self._chain_reference(q, k, v, masks) if form.chain else self._reference(q, k, v, mask, form)
-        return self._from_4d(out)
+        return self._from_4d(out, out_batch)
 
     def _split_rest(self, rest):
         """(masks, their guard tensors, the scale factors and their guard tensors) from the operands after v."""
@@ -183,30 +192,31 @@ class AttentionOp(FusedOp):
 
     # -- layout ----------------------------------------------------------------------
     def _to_4d(self, q, k, v, masks):
+        """(q, k, v, masks) as 4-d kernel operands. Masks stay broadcast views (a combined chain is
+        formed at the masks' own broadcast shape); regrouped scores run in the batch dims the first
+        regrouped mask was written for, so that mask needs no copy."""
         if self.layout.key_transposed:
             k = k.transpose(-1, -2)
+        out_batch = self._out_batch(q, v)
+        written_for = [batch or out_batch for batch in self.layout.mask_batches] or [out_batch] * len(masks)
+        batch = next((written for written in written_for if written != out_batch), out_batch)
         if self.layout.regroup_qk:
-            q, k = q.reshape(*v.shape[:-2], *q.shape[-2:]), k.reshape(*v.shape[:-2], *k.shape[-2:])
-        scores_shape = (*q.shape[:-1], k.shape[-2])
-        written_for = self.layout.mask_batches or (None,) * len(masks)
-        masks = [self._broadcast_mask(mask, batch, scores_shape) for mask, batch in zip(masks, written_for)]
-        missing = 4 - self.layout.rank
-        for _ in range(missing):
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        return q, k, v, [mask[(None,) * missing] for mask in masks]
+            q, k, v = (x.reshape(*batch, *x.shape[-2:]) for x in (q, k, v))
+        masks = [mask if written == batch else _regrouped_mask(mask, written, batch)
+                 for mask, written in zip(masks, written_for)]
+        missing = 4 - (len(batch) + 2)
+        if self.tensor_form is None or not self.tensor_form.chain:
+            masks = [mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2]))) for mask in masks]
+        q, k, v = (x[(None,) * missing] for x in (q, k, v))
+        return q, k, v, [mask.reshape((1,) * max(0, 4 - mask.dim()) + tuple(mask.shape)) for mask in masks]
 
-    @staticmethod
-    def _broadcast_mask(mask, batch: tuple | None, scores_shape) -> torch.Tensor:
-        """`mask` expanded to the scores' shape; first regrouped when written for other batch dims."""
-        if batch is not None:
-            written_for = (*batch, *scores_shape[-2:])
-            mask = mask.expand(torch.broadcast_shapes(mask.shape, written_for)).reshape(scores_shape)
-        return mask.expand(torch.broadcast_shapes(mask.shape, scores_shape))
+    def _out_batch(self, q, v) -> tuple:
+        """The batch dims of the graph's output: v's when the scores were regrouped, else q's."""
+        return tuple((v if self.layout.regroup_qk else q).shape[:-2])
 
-    def _from_4d(self, out):
-        for _ in range(4 - self.layout.rank):
-            out = out.squeeze(0)
-        return out
+    def _from_4d(self, out, out_batch: tuple):
+        """The kernel's 4-d output in the graph's batch dims (v's)."""
+        return out.reshape(*out_batch, *out.shape[-2:])
 
     # -- kernels ---------------------------------------------------------------------
     def spec_for(self, q, k, v, form: MaskForm) -> attention_codegen.AttentionSpec:
@@ -316,7 +326,7 @@ class MultiheadAttentionOp(AttentionOp):
 
     def __init__(self, replaced, layout: MultiheadLayout, head_dim: int, out_dtype: torch.dtype,
                  static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default"):
-        super().__init__(replaced, 1.0 / math.sqrt(head_dim), AttentionLayout(rank=4, out_dtype=out_dtype),
+        super().__init__(replaced, 1.0 / math.sqrt(head_dim), AttentionLayout(out_dtype=out_dtype),
                          static_form, tensor_form, mode=mode)
         self.heads = layout
 

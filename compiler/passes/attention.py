@@ -403,7 +403,7 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
     else:
         static_form, tensor_form, extra_inputs, guards = _mask_forms(
             graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero)
-    layout = AttentionLayout(key_transposed=key_transposed, rank=value.type.rank, out_dtype=anchor.type.dtype,
+    layout = AttentionLayout(key_transposed=key_transposed, out_dtype=anchor.type.dtype,
                              regroup_qk=regrouped, mask_batches=mask_batches)
     scale_state = sorted({name for scale in state_scales
                           for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
