@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,10 +46,12 @@ from tests.codegen.test_attention_kernel import (  # noqa: F401  (pytestmark: th
     DEVICE,
     FP32_MIN,
     NEG_INF,
+    _generator,
     assert_attention_close,
     bf16,
     fp16,
     fp32,
+    make_qkv,
     pytestmark,
 )
 from tests.compiler.equivalence import assert_compiles_equivalent
@@ -484,26 +485,6 @@ def assert_decode_close(case: Case, ours, baseline, reference):
     assert_attention_close(ours, baseline, reference)
     if case.empty_rows_zero:
         assert not ours.isnan().any()
-
-
-def _generator(case: Case, salt: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(f"{case}/{salt}".encode()))
-
-
-def make_qkv(case: Case):
-    """Random q, k, v on DEVICE, as (B, H, L, D) or as transposed views of (B, L, H, D)."""
-    value_dim = case.value_dim or case.head_dim
-    shapes = {"q": (case.q_heads, case.q_len, case.head_dim), "k": (case.kv_heads, case.kv_len, case.head_dim),
-              "v": (case.kv_heads, case.kv_len, value_dim)}
-    tensors = []
-    for name, (heads, length, dim) in shapes.items():
-        generator = _generator(case, name)
-        if case.layout == "blhd":
-            tensor = torch.randn(case.batch, length, heads, dim, generator=generator).transpose(1, 2)
-        else:
-            tensor = torch.randn(case.batch, heads, length, dim, generator=generator)
-        tensors.append(tensor.to(device=DEVICE, dtype=case.dtype))
-    return tensors
 
 
 def qkv(case: Case):
