@@ -333,16 +333,20 @@ def test_mamba_lm_fuses_one_scan_per_layer():
     assert_compiles_equivalent(MambaLM(config), (ids,), fp32, "ssm_scan", count=config.n_layer)
 
 
-def hugging_face_mamba(associative: bool, layers: int = 2):
+def hugging_face_mamba(associative: bool, layers: int = 2, falcon: bool = False):
+    """Hugging Face's Mamba, or FalconMamba (B, C and Δ RMS-normalised before the scan)."""
     torch.manual_seed(0)
-    config = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=layers,
-                                      use_associative_scan=associative)
-    return transformers.MambaForCausalLM(config).eval()
+    config_type, model_type = ((transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM) if falcon
+                               else (transformers.MambaConfig, transformers.MambaForCausalLM))
+    config = config_type(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=layers,
+                         use_associative_scan=associative)
+    return model_type(config).eval()
 
 
+@pytest.mark.parametrize("falcon", [False, True], ids=["mamba", "falcon_mamba"])
 @pytest.mark.parametrize("associative", [False, True], ids=["loop", "associative_scan"])
-def test_hugging_face_mamba_fuses_one_scan_per_layer(associative):
-    model = hugging_face_mamba(associative)
+def test_hugging_face_mamba_fuses_one_scan_per_layer(associative, falcon):
+    model = hugging_face_mamba(associative, falcon=falcon)
     ids = torch.randint(0, 64, (1, 9))
     compiled = compiler.compile(model, strict=True)
     with torch.no_grad():

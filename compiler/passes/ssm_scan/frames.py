@@ -135,13 +135,15 @@ def _inputs_and_frames(graph: Graph, node: Node, frame: Frame, products: bool):
     return list(zip(inputs, frames))
 
 
-def factor_leaves(graph: Graph, node: Node, frame: Frame, products: bool = True) -> tuple[list[Leaf], list[str]]:
+def factor_leaves(graph: Graph, node: Node, frame: Frame, products: bool = True,
+                  keep: frozenset = frozenset()) -> tuple[list[Leaf], list[str]]:
     """The factors of the product `node` (or, without `products`, the tensor under its views),
-    looking only through nodes nobody else reads; and the nodes looked through."""
+    looking only through nodes nobody else reads, nor into those named in `keep`; and the nodes
+    looked through."""
     leaves, through, pending = [], [], [(node, frame, True)]
     while pending:
         current, current_frame, root = pending.pop()
-        private = root or len(graph.nx.succ[current.name]) == 1
+        private = root or (len(graph.nx.succ[current.name]) == 1 and current.name not in keep)
         expanded = _inputs_and_frames(graph, current, current_frame, products) if private else None
         if expanded is None:
             leaves.append(Leaf(current, unit_free(current, current_frame)))

@@ -68,19 +68,40 @@ def discretisation(graph: Graph, decay: Leaf, update: Leaf, c_sequence: Leaf, n:
     if exp.op != "exp":
         raise NoMatch(exp, f"Ā is {exp.op}, not exp(Δ ⊗ A)")
     decay_leaves, _ = factor_leaves(graph, graph.node(exp.inputs[0]), decay.frame)
-    update_leaves, _ = factor_leaves(graph, update.node, update.frame)
+    update_leaves, through = factor_leaves(graph, update.node, update.frame)
     shared = [leaf for leaf in decay_leaves if any(leaf.same(other) for other in update_leaves)]
     if len(decay_leaves) != 2 or not shared:
         raise NoMatch(exp, f"Ā is not exp(Δ ⊗ A) with Δ shared with B̄u: its factors are "
                            f"{[leaf.node.name for leaf in decay_leaves]}")
     delta = shared[0]
     A = next(leaf for leaf in decay_leaves if leaf is not delta)
-    rest = list(update_leaves)
-    rest.remove(next(leaf for leaf in rest if leaf.same(delta)))
+    rest = _other_factors(update_leaves, delta)
+    if len(rest) > 2:
+        rest = _grouped_b(graph, update, delta, through, n) or rest
     if len(rest) != 2:
         raise NoMatch(update.node, f"B̄u is not Δ ⊗ B ⊗ u: its factors are {[leaf.node.name for leaf in update_leaves]}")
     C, _ = view_leaf(graph, c_sequence.node, c_sequence.frame)
     return Core(delta, A, (rest[0], rest[1]), C, n)
+
+
+def _other_factors(leaves: list[Leaf], delta: Leaf) -> list[Leaf]:
+    """The factors of B̄u besides Δ."""
+    rest = list(leaves)
+    shared = next((leaf for leaf in rest if leaf.same(delta)), None)
+    if shared is not None:
+        rest.remove(shared)
+    return rest
+
+
+def _grouped_b(graph: Graph, update: Leaf, delta: Leaf, through: list[str], n: int) -> list[Leaf] | None:
+    """[B, u] when a product among B̄u's factors is B as the graph computes it, along the state dim
+    n (FalconMamba's RMS-normalised B * rsqrt(mean(B^2) + eps)); None when none is."""
+    for product in (name for name in through if graph.node(name).op == "mul"):
+        leaves, _ = factor_leaves(graph, update.node, update.frame, keep=frozenset({product}))
+        rest = _other_factors(leaves, delta)
+        if len(rest) == 2 and sum(n in leaf.frame for leaf in rest) == 1:
+            return rest
+    return None
 
 
 def find_epilogues(graph: Graph, y: Node, frame: Frame) -> list[Epilogue]:
