@@ -73,6 +73,16 @@ class CompiledModule(torch.nn.Module):
         finally:
             DYNAMO_LOG.removeHandler(self._limit_notes)
 
+    def __getattr__(self, name: str):
+        """Attributes the model has and this wrapper does not (a Hugging Face model's config...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
     def state_dict(self, *args, **kwargs):
         """The model's state dict, with the model's own keys (loadable into the uncompiled model)."""
         return self.model.state_dict(*args, **kwargs)

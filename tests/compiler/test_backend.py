@@ -94,3 +94,11 @@ def test_state_dict_round_trips_with_the_models_keys():
     ids = torch.randint(0, 96, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), trained(ids), atol=2e-5, rtol=2e-5)
+
+
+def test_model_attributes_are_reachable_through_the_compiled_module():
+    model = GPT(GPTConfig.tiny()).eval()
+    compiled = compiler.compile(model)
+    assert compiled.config is model.config
+    with pytest.raises(AttributeError):
+        compiled.no_such_attribute
