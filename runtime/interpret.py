@@ -2,7 +2,8 @@
 
 Triton reads TRITON_INTERPRET when its own library and each kernel are *defined*, so the
 choice must be made before `import triton`. Importing flashfx (runtime/__init__) does it:
-on a machine without CUDA it switches the interpreter on. On a CUDA machine kernels run
+on a machine without CUDA it switches the interpreter on, unless TRITON_INTERPRET is set
+explicitly (TRITON_INTERPRET=0 keeps kernels compiled, as runtime.cross_compile needs). On a CUDA machine kernels run
 compiled, and a fused op whose tensors are on the CPU falls back to its PyTorch
 reference instead (see runtime.dispatch). If Triton was imported earlier with the
 interpreter off and there is no CUDA, generated kernels cannot run; fused ops then fall
@@ -25,7 +26,7 @@ def ensure_mode() -> bool:
     """Return True when kernels run on Triton's interpreter (CPU tensors); decided once per process."""
     global _late_switch, _interpreted
     if _interpreted is None:
-        if not knobs.triton_interpret() and not torch.cuda.is_available():
+        if not knobs.triton_interpret_set() and not torch.cuda.is_available():
             _late_switch = "triton" in sys.modules
             os.environ["TRITON_INTERPRET"] = "1"
         _interpreted = knobs.triton_interpret()

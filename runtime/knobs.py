@@ -9,8 +9,8 @@ flags follow one convention: "1", "true", "yes", "on" (any case) mean true.
     FLASHFX_DISABLE     compile() returns the model's own forward (bisecting aid)
     FLASHFX_STRICT_CACHE  a kernel source or tuned config missing from the cache at run
                         time is an error (production: ship a warmed cache)
-    TRITON_INTERPRET    run Triton kernels on the CPU interpreter (set automatically
-                        when no CUDA device is present)
+    TRITON_INTERPRET    run Triton kernels on the CPU interpreter (set to 1 automatically
+                        when no CUDA device is present and it is not set explicitly)
 """
 from __future__ import annotations
 
@@ -49,3 +49,8 @@ def strict_cache() -> bool:
 
 def triton_interpret() -> bool:
     return env_flag("TRITON_INTERPRET")
+
+
+def triton_interpret_set() -> bool:
+    """Has TRITON_INTERPRET been given a value (even a false one)?"""
+    return os.environ.get("TRITON_INTERPRET") is not None
