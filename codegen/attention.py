@@ -136,18 +136,28 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
 
     Short queries (decode) get BLOCK_M 16, head dims above 128 smaller tiles, few keys a BLOCK_N
     no larger than needed; num_stages is the deepest K/V pipeline (3, 2, else 1) that fits
-    DEFAULT_SMEM_BUDGET. Callers should pass `itemsize`: fp32 tiles take twice the memory.
+    DEFAULT_SMEM_BUDGET. Tiles stay within the registers ptxas gives a thread on an H100
+    without spilling (tests/codegen/cuda_compile_grid.py --markdown shows the counts):
+    fp32 dots (exact, on FMA units) hold their operands in registers, and so do K/V rows whose
+    bytes are not a multiple of 16 (a head dim of 59 or 111 in 16 bits), which cp.async cannot
+    stream through shared memory. Callers should pass `itemsize`.
     """
     widest = max(block_dim(spec.head_dim), block_dim(spec.value_dim))
     if q_len <= 16:
         block_m = 16
-    elif q_len <= 64 or widest > 128:
+    elif q_len <= 64 or widest > 128 or itemsize == 4:
         block_m = 64
     else:
         block_m = 128
-    block_n = min(64 if widest <= 128 else 32, block_dim(kv_len))
-    num_warps = 8 if block_m == 128 and widest >= 128 else 4
-    fitting = [s for s in (3, 2) if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
+    stages = (3, 2)
+    if itemsize == 4:
+        block_n, num_warps, stages = (32 if widest <= 64 else 16), 8, (2,)
+    else:
+        streamed = all(dim * itemsize % 16 == 0 for dim in (spec.head_dim, spec.value_dim))
+        block_n = 64 if widest <= 128 and streamed else 32
+        num_warps = 8 if widest > 128 or (block_m == 128 and (widest == 128 or not streamed)) else 4
+    block_n = min(block_n, block_dim(kv_len))
+    fitting = [s for s in stages if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
     num_stages = fitting[0] if fitting else 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 

@@ -45,7 +45,8 @@ def load(name: Callable, render: Callable, spec):
 def attention_cases() -> Iterator[tuple[str, Callable[[], None]]]:
     grid = [(dtype, d, causal, "none", 1) for dtype in (BF16, FP16) for d in (64, 128) for causal in (False, True)]
     grid += [(BF16, d, False, mask, 1) for d in (59, 96, 111, 256) for mask in ("bool", "additive")]
-    grid += [(BF16, 128, True, "none", 4), (BF16, 64, False, "none", 8), (FP32, 64, True, "additive", 1)]
+    grid += [(BF16, 128, True, "none", 4), (BF16, 64, False, "none", 8), (BF16, 59, True, "none", 1),
+             (FP32, 64, True, "additive", 1), (FP32, 128, False, "none", 1), (FP32, 256, False, "bool", 1)]
     for dtype, d, causal, mask, group in grid:
         yield f"{dtype} d{d} causal={causal} mask={mask} group={group}", \
             lambda dtype=dtype, d=d, causal=causal, mask=mask, group=group: _attention(dtype, d, causal, mask, group)

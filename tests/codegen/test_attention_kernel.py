@@ -244,7 +244,9 @@ def test_default_config():
     spec = AttentionSpec(128, 128, causal=True)
     assert default_config(spec, 1, 4096)["BLOCK_M"] == 16
     assert default_config(spec, 4096, 4096) == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    assert default_config(spec, 4096, 4096, itemsize=4)["num_stages"] == 1
+    assert default_config(spec, 4096, 4096, itemsize=4) == {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 8,
+                                                            "num_stages": 2}
+    assert default_config(AttentionSpec(111, 111), 4096, 4096)["BLOCK_N"] == 32  # rows not 16-byte aligned
     assert default_config(AttentionSpec(256, 256), 4096, 4096)["BLOCK_M"] == 64
     assert default_config(AttentionSpec(64, 64), 113, 20)["BLOCK_N"] == 32
 
