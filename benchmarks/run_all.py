@@ -21,19 +21,20 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
     attention         420 s  24 configs x (flex + inductor-naive compiles ~12 s, 6 timings)
     attention_decode   60 s  10 configs, SDPA peers need no compile
     long_conv         380 s  18 convs x a torch.compile peer, 4 real-size models x (ours, Inductor)
-    warm_start         90 s  5 fresh processes that import torch and compile GPT-2 small
+    warm_start        150 s  5 fresh processes each for GPT-2 small and Mamba-130M (eager's
+                             first call of the scan loop at L 2048: ~6 s)
     ssm_scan          240 s  unrolled capture at L 256 and 512 (~20 s), assoc-compile at 3 lengths
                              (~15 s each); the Mamba-130M row: eager 2 calls x ~6 s, Inductor on
                              the associative form ~60-120 s
     sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
     end_to_end        140 s  4 models x (ours ~12 s + torch.compile ~15 s to first call)
-    total            ~29 min, plus ~1-2 min to start a machine
+    total            ~30 min, plus ~1-2 min to start a machine
 
 That is three times one call's 10-minute limit and about a session's 30 minutes of device time,
 so the full set does not fit one call. Run it as four calls (each ~6-8 min, the budget a
 safety net; each call's $OUT holds at most 6 files), then merge them on any machine:
 
-    1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~450 s
+    1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~510 s
     2. run_all.py --suites attention --skip-tests --budget-s 500            # ~420 s
     3. run_all.py --suites long_conv,sparse_mlp --skip-tests --budget-s 500 # ~500 s
     4. run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500  # ~380 s
@@ -71,7 +72,7 @@ SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, 
           "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
           "end_to_end": end_to_end.run}
 TESTS = "GPU tests"
-ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 90, "long_conv": 380,
+ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
               "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
 
 
