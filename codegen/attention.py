@@ -60,6 +60,8 @@ class AttentionSpec:
     causal:         key j is visible to query i only when j <= i + causal_offset
     empty_rows_zero: a row with no visible key (all scores -inf) gives 0, as SDPA does, instead
                     of eager softmax's NaN
+    softcap:        scores are capped before the mask, softcap * tanh(scale * q . k) (Gemma 2's
+                    and Grok's logit soft-capping); the cap is a launch argument
     """
 
     head_dim: int
@@ -68,6 +70,7 @@ class AttentionSpec:
     mask_keep_when: bool = True
     causal: bool = False
     empty_rows_zero: bool = False
+    softcap: bool = False
 
     def __post_init__(self):
         for field in ("head_dim", "value_dim"):
@@ -97,6 +100,8 @@ def kernel_name(spec: AttentionSpec) -> str:
         parts.append(_MASK_NAMES[spec.mask, spec.mask_keep_when])
     if spec.empty_rows_zero:
         parts.append("zeroempty")
+    if spec.softcap:
+        parts.append("softcap")
     return "_".join(parts)
 
 
@@ -122,6 +127,17 @@ def to_base2(value: float) -> float:
     if math.isinf(value):
         return value
     return max(-FP32_MAX, min(FP32_MAX, value * LOG2E))
+
+
+def scalar_args(spec: AttentionSpec, scale: float, softcap: float | None, fill_value: float) -> tuple[float, ...]:
+    """The kernel's scalar arguments: qk_scale, then softcap and fill when the spec takes them.
+
+    Scores live in base 2 (t = s * log2(e)): qk_scale is to_base2(scale), or with a softcap the
+    plain scale inside the tanh and to_base2(softcap) outside it."""
+    if spec.softcap != (softcap is not None):
+        raise ValueError(f"{kernel_name(spec)}: softcap={softcap} does not fit a kernel rendered for {spec}")
+    scalars = (scale, to_base2(softcap)) if spec.softcap else (to_base2(scale),)
+    return scalars + ((to_base2(fill_value),) if spec.mask == "bool" else ())
 
 
 def _smem_bytes(spec: AttentionSpec, block_m: int, block_n: int, num_stages: int, itemsize: int) -> int:
@@ -240,6 +256,7 @@ def attention_reference(
     causal: bool = False,
     causal_offset: int = 0,
     empty_rows_zero: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """out = softmax(masked(scale * q @ k^T)) @ v, per batch and query head.
 
@@ -252,7 +269,8 @@ def attention_reference(
         mask  broadcastable to (batch, q_heads, q_len, kv_len), or None
         out   (batch, q_heads, q_len, value_dim)     launch: preallocated, any float dtype
 
-    Scores s = (q . k) * scale are computed in fp32 (fp64 for fp64 inputs). A bool mask keeps s
+    Scores s = (q . k) * scale are computed in fp32 (fp64 for fp64 inputs), then capped to
+    s = softcap * tanh(s) when softcap is given. A bool mask keeps s
     where mask == mask_keep_when and replaces it with fill_value elsewhere (masked_fill: fill
     -inf gives a fully masked row NaN, a finite fill gives it uniform weights); a float mask is
     added to s. causal: key j is visible to query i iff j <= i + causal_offset (0 aligns top-left
@@ -264,7 +282,7 @@ def attention_reference(
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    scores = capped_scores(q, k, scale, softcap)
     mask = broadcast_mask(mask, scores.shape)
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(mask != mask_keep_when, fill_value)
@@ -277,3 +295,10 @@ def attention_reference(
     if empty_rows_zero:
         weights = weights.masked_fill(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
     return torch.matmul(weights.to(v.dtype), v)
+
+
+def capped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
+    """(q @ k^T) * scale in fp32 (fp64 for fp64 inputs), as softcap * tanh(...) when softcap is given;
+    k already has q's heads."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    return scores if softcap is None else softcap * torch.tanh(scores)

@@ -51,6 +51,7 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
                 or "same"/"valid"), attrs["dilation"], attrs["groups"], attrs["has_bias"]
     pad         F.pad, torch.constant_pad_nd; attrs["pad"] (a tuple), attrs["mode"], attrs["value"]
     sigmoid     torch.sigmoid, F.sigmoid, x.sigmoid()
+    tanh        torch.tanh, F.tanh, x.tanh(), nn.Tanh (inlined)
 """
 from __future__ import annotations
 
@@ -528,10 +529,16 @@ def pad(node) -> Normalised | None:
     return "pad", {"pad": tuple(widths), "mode": mode, "value": 0.0 if value is None else value}, [x]
 
 
-def sigmoid(node) -> Normalised | None:
-    if node.kwargs.get("out") is not None or not _is_tensor_node(node.args[0]):
-        return None
-    return "sigmoid", {}, [node.args[0]]
+def _elementwise(op: str) -> Callable[[torch.fx.Node], Normalised | None]:
+    """A one-tensor elementwise function with no options (sigmoid, tanh)."""
+    def normalise_elementwise(node) -> Normalised | None:
+        if node.kwargs.get("out") is not None or not _is_tensor_node(node.args[0]):
+            return None
+        return op, {}, [node.args[0]]
+    return normalise_elementwise
+
+
+sigmoid, tanh = _elementwise("sigmoid"), _elementwise("tanh")
 
 
 FUNCTIONS: dict[Callable, Callable] = {
@@ -567,7 +574,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.exp: exp, F.softplus: softplus, F.silu: silu, torch.sum: reduce_sum,
     torch.narrow: narrow, torch.real: real, torch.conv1d: conv1d, F.conv1d: conv1d,
     F.pad: pad, torch._C._nn.pad: pad, torch.constant_pad_nd: pad,
-    torch.sigmoid: sigmoid, F.sigmoid: sigmoid,
+    torch.sigmoid: sigmoid, F.sigmoid: sigmoid, torch.tanh: tanh, F.tanh: tanh,
     **{getattr(torch.fft, op): _transform(op) for op in ("rfft", "irfft", "fft", "ifft")},
 }
 
@@ -589,7 +596,7 @@ METHODS: dict[str, Callable] = {
     "index_select": index_select,
     "relu": relu,
     "select": select, "exp": exp, "sum": reduce_sum,
-    "narrow": narrow, "sigmoid": sigmoid,
+    "narrow": narrow, "sigmoid": sigmoid, "tanh": tanh,
 }
 
 

@@ -3,6 +3,7 @@
 The attention pass hands over everything it proved about the scores
 
     scores = (q @ k^T) * scale,  masked by one MaskForm,  out = softmax(scores) @ v
+    (with a softcap: scores = softcap * tanh((q @ k^T) * scale) before the mask)
 
 A mask the pass could evaluate at compile time becomes a `static_form` (no mask at all,
 or causal with block skipping); a mask known only at run time is passed as a tensor and
@@ -128,9 +129,10 @@ class AttentionOp(FusedOp):
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
                  guards: list[torch.Tensor] = (), mode: str = "default", scale_factors: tuple = (),
-                 scale_guards: list[torch.Tensor] = ()):
+                 scale_guards: list[torch.Tensor] = (), softcap: float | None = None):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
+        self.softcap = softcap
         self.layout = layout
         self.static_form = static_form
         self.tensor_form = tensor_form
@@ -234,6 +236,7 @@ class AttentionOp(FusedOp):
             mask_keep_when=form.keep_when,
             causal=form.causal is not None,
             empty_rows_zero=form.empty_rows_zero,
+            softcap=self.softcap is not None,
         )
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
@@ -258,7 +261,7 @@ class AttentionOp(FusedOp):
 
         def run(config):
             return module.launch(q, k, v, out, scale=self.scale, mask=mask, fill_value=form.fill_value,
-                                 causal_offset=self._causal_offset(q, k, form), config=config)
+                                 causal_offset=self._causal_offset(q, k, form), softcap=self.softcap, config=config)
 
         lengths, default, candidates = self._tuning(spec, q, k)
         config = self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run)
@@ -286,7 +289,7 @@ class AttentionOp(FusedOp):
         additive one adds to them (scaled by what follows it)."""
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * self.scale
+        scores = attention_codegen.capped_scores(q, k, self.scale, self.softcap)
         for mask, form in zip(masks, self.tensor_form.chain):
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(mask != form.keep_when, form.fill_value)
@@ -304,6 +307,7 @@ class AttentionOp(FusedOp):
             causal=form.causal is not None,
             causal_offset=self._causal_offset(q, k, form),
             empty_rows_zero=form.empty_rows_zero,
+            softcap=self.softcap,
         )
         return out.to(self.layout.out_dtype)
 

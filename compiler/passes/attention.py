@@ -5,7 +5,8 @@ Recognised (after ir.canonicalize folded the spellings):
     out = matmul(cast?(softmax(scores, dim=-1)), V)                  naive attention
     scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
              casts, scales (mul/div by a scalar or a constant 0-d tensor),
-             at most two masks: scores + bias | where(m, fill, scores) | masked_fill
+             at most one tanh between scales (logit soft-capping, cap * tanh(s / cap)),
+             at most two masks above it: scores + bias | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
     out, _ = multi_head_attention_forward(...)                        nn.MultiheadAttention (its weights unread)
     out = _transformer_encoder_layer_fwd(...)                         nn.TransformerEncoderLayer's inference fast
@@ -91,6 +92,7 @@ class Scores:
     nodes: tuple = ()
     regrouped: bool = False  # a reshape between QK^T and softmax regroups the batch dims
     state_scales: tuple = ()  # StateScales
+    softcap: float | None = None  # scores = softcap * tanh(scale * QK^T) below the masks
 
 
 def run(graph: Graph, context: PassContext) -> None:
@@ -118,6 +120,8 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
         _explain_probabilities(graph, node)
         return
     scores = _parse_scores(graph, found["scores"], context, Scores())
+    if scores.softcap is not None and scores.state_scales:
+        raise NoMatch(scores.qk, "a scale read from module state inside a softcap's tanh")
     probabilities = _probability_chain(graph, node, found["softmax"])
     replaced = list(scores.nodes[::-1]) + probabilities
     _check_private(graph, replaced)
@@ -126,7 +130,7 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
     _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
           key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
-          state_scales=scores.state_scales)
+          state_scales=scores.state_scales, softcap=scores.softcap)
 
 
 def _regroups_batch(graph, node: Node) -> bool:
@@ -191,11 +195,25 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
         return _parse_scores(graph, scores, context, walk)
     if node.op == "add" and (scores := _zero_added(graph, node)) is not None:
         return _parse_scores(graph, scores, context, walk)
+    if node.op == "tanh":
+        return _parse_softcap(graph, node, context, walk)
     if node.op in ("add", "where"):
+        if walk.softcap is not None:
+            raise NoMatch(node, "a mask under the softcap's tanh (the kernel masks after capping)")
         if len(walk.masks) == MAX_MASKS:
             raise NoMatch(node, f"more than {MAX_MASKS} masks between QK^T and softmax")
         return _parse_masked(graph, node, context, walk)
     raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
+
+
+def _parse_softcap(graph, node: Node, context, walk: Scores) -> Scores:
+    """Logit soft-capping, cap * tanh(s / cap) (Gemma 2, Grok): the scales collected above the
+    tanh multiply its output and become the cap; those below it scale QK^T inside the tanh."""
+    if walk.softcap is not None:
+        raise NoMatch(node, "tanh applied twice between QK^T and softmax")
+    if walk.state_scales:
+        raise NoMatch(node, "a scale read from module state multiplies a softcap's tanh")
+    return _parse_scores(graph, graph.node(node.inputs[0]), context, replace(walk, softcap=walk.scale, scale=1.0))
 
 
 def _zero_added(graph, node: Node) -> Node | None:
@@ -388,7 +406,7 @@ def _multihead_forms(attrs, operands) -> tuple[MaskForm | None, MaskForm | None]
 # -- shared ------------------------------------------------------------------------------
 def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[MaskOp], *,
           key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
-          regrouped: bool = False, state_scales: tuple = ()) -> None:
+          regrouped: bool = False, state_scales: tuple = (), softcap: float | None = None) -> None:
     """Replace `anchor` by an AttentionOp; `masks` in the order they apply (the innermost first)."""
     if regrouped:
         batch = _check_regrouped(anchor, query, key, value)
@@ -410,9 +428,11 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
                      guards=[context.pinned[name] for name in guards], mode=context.mode,
                      scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales),
-                     scale_guards=[context.pinned[name] for name in scale_state])
+                     scale_guards=[context.pinned[name] for name in scale_state], softcap=softcap)
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
+    if softcap is not None:
+        detail += f"; scores soft-capped: {softcap:.6g} * tanh({scale:.6g} * QK^T)"
     if static_form is not None and tensor_form is not None:
         detail += f" while buffers {', '.join(guards)} are unchanged, else {tensor_form.describe()}"
     if scale_state:

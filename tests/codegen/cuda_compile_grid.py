@@ -51,16 +51,17 @@ def attention_cases() -> Iterator[tuple[str, Callable[[], None]]]:
         yield f"{dtype} d{d} causal={causal} mask={mask} group={group}", \
             lambda dtype=dtype, d=d, causal=causal, mask=mask, group=group: _attention(dtype, d, causal, mask, group)
     yield "bf16 d128 causal q 1023 kv 1024", lambda: _attention(BF16, 128, True, "none", 1, q_len=1023, kv_len=1024)
+    yield "bf16 d256 causal additive softcap (Gemma 2)", lambda: _attention(BF16, 256, True, "additive", 2, softcap=50.0)
 
 
-def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16):
-    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal)
+def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16, softcap=None):
+    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal, softcap=softcap is not None)
     module = load(attention.kernel_name, attention.render_attention, spec)
     q = meta(batch, heads, q_len, d, dtype=dtype)
     k = meta(batch, heads // group, kv_len, d, dtype=dtype)
     masks = {"none": None, "bool": meta(batch, heads, q_len, kv_len, dtype=torch.bool),
              "additive": meta(batch, heads, q_len, kv_len, dtype=dtype)}
-    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask])
+    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask], softcap=softcap)
 
 
 def decode_cases() -> Iterator[tuple[str, Callable[[], None]]]:

@@ -84,11 +84,12 @@ class Case:
     empty_rows_zero: bool = False
     layout: str = "bhld"
     config: tuple[int, int, int] | None = None
+    softcap: float | None = None
 
     @property
     def spec(self) -> DecodeSpec:
         return DecodeSpec(self.head_dim, self.value_dim or self.head_dim, self.mask, self.mask_keep_when,
-                          self.causal, self.empty_rows_zero)
+                          self.causal, self.empty_rows_zero, softcap=self.softcap is not None)
 
     @property
     def offset(self) -> int:
@@ -105,6 +106,7 @@ class Case:
         parts += ["maskedrow"] if self.masked_row else []
         parts += ["zeroempty"] if self.empty_rows_zero else []
         parts += [self.layout] if self.layout != "bhld" else []
+        parts += [f"softcap{self.softcap:g}"] if self.softcap is not None else []
         parts += ["config" + "x".join(map(str, self.config))] if self.config else []
         return "-".join(parts)
 
@@ -134,6 +136,10 @@ CASES = [
     Case(1, 1100, 64, fp16, batch=2, mask="bool", mask_keep_when=False, mask_shape="keys", config=(16, 64, 8)),
     Case(4, 500, 64, fp32, batch=2, mask="additive", fill=FP32_MIN, mask_shape="keys",
          causal=True, causal_offset="bottom_right"),
+    # logit soft-capping (Gemma 2), alone and under a causal tree of queries with a padding bias
+    Case(1, 600, 128, bf16, q_heads=8, kv_heads=4, softcap=50.0),
+    Case(4, 500, 64, fp32, batch=2, mask="additive", mask_shape="keys", causal=True, causal_offset="bottom_right",
+         softcap=1.5),
     # strided operands; more splits than blocks; several row tiles (group * q_len > BLOCK_M)
     Case(3, 513, 64, fp16, batch=2, q_heads=4, kv_heads=2, layout="blhd"),
     Case(1, 200, 64, fp32, q_heads=2, kv_heads=2, config=(16, 16, 64)),
@@ -384,7 +390,8 @@ def run_case(case: Case, out_dtype: torch.dtype | None = None, config: dict | No
     """(kernel output, baseline in case.dtype, fp64 reference) for one case."""
     q, k, v = make_qkv(case)
     mask = make_mask(case)
-    options = dict(scale=case.head_dim ** -0.5, mask=mask, fill_value=case.fill, causal_offset=case.offset)
+    options = dict(scale=case.head_dim ** -0.5, mask=mask, fill_value=case.fill, causal_offset=case.offset,
+                   softcap=case.softcap)
     if config is None and case.config is not None:
         block_m, block_n, splits = case.config
         config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_splits": splits, "num_warps": 4, "num_stages": 2}

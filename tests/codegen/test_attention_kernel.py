@@ -71,10 +71,12 @@ class Case:
     masked_row: bool = False
     layout: str = "bhld"
     block: tuple[int, int] | None = None
+    softcap: float | None = None
 
     @property
     def spec(self) -> AttentionSpec:
-        return AttentionSpec(self.head_dim, self.value_dim or self.head_dim, self.mask, self.mask_keep_when, self.causal)
+        return AttentionSpec(self.head_dim, self.value_dim or self.head_dim, self.mask, self.mask_keep_when, self.causal,
+                             softcap=self.softcap is not None)
 
     @property
     def offset(self) -> int:
@@ -90,6 +92,7 @@ class Case:
             parts += [f"{self.mask}{polarity}-{self.mask_shape}-fill{'inf' if math.isinf(self.fill) else 'min'}"]
         parts += ["maskedrow"] if self.masked_row else []
         parts += [self.layout] if self.layout != "bhld" else []
+        parts += [f"softcap{self.softcap:g}"] if self.softcap is not None else []
         parts += [f"block{self.block[0]}x{self.block[1]}"] if self.block else []
         return "-".join(parts)
 
@@ -124,6 +127,10 @@ CASES = [
     # non-contiguous q, k, v: transposed views of (B, L, H, D)
     Case(113, 203, 64, fp16, batch=2, q_heads=4, kv_heads=2, causal=True, layout="blhd"),
     Case(113, 113, 96, fp32, q_heads=2, kv_heads=1, mask="bool", mask_shape="2d", layout="blhd"),
+    # logit soft-capping (Gemma 2: 50; a small cap saturates tanh), then masks
+    Case(113, 203, 64, fp32, causal=True, causal_offset="bottom_right", softcap=50.0),
+    Case(150, 150, 59, fp16, mask="additive", masked_row=True, softcap=0.5),
+    Case(113, 113, 128, bf16, q_heads=4, kv_heads=1, mask="bool", fill=FP32_MIN, softcap=2.0),
 ]
 
 GPU_CASES = [
@@ -199,13 +206,17 @@ def test_every_autotuning_candidate_runs(head_dim):
         assert_attention_close(*run_case(case, config=config))
 
 
-def test_launcher_rejects_a_mask_it_was_not_generated_for():
+def test_launcher_rejects_a_mask_or_softcap_it_was_not_generated_for():
     q, k, v = make_qkv(Case(16, 16, 64, fp32))
     out = poisoned_like(q)
     with pytest.raises(ValueError, match="without a mask"):
         load_kernel(AttentionSpec(64, 64)).launch(q, k, v, out, scale=1.0, mask=torch.zeros(16, 16))
     with pytest.raises(ValueError, match="needs a bool mask"):
         load_kernel(AttentionSpec(64, 64, mask="bool")).launch(q, k, v, out, scale=1.0, mask=torch.zeros(16, 16))
+    with pytest.raises(ValueError, match="softcap=None does not fit"):
+        load_kernel(AttentionSpec(64, 64, softcap=True)).launch(q, k, v, out, scale=1.0)
+    with pytest.raises(ValueError, match="softcap=30.0 does not fit"):
+        load_kernel(AttentionSpec(64, 64)).launch(q, k, v, out, scale=1.0, softcap=30.0)
 
 
 # -- spec, names, configs ------------------------------------------------------------------
@@ -313,7 +324,7 @@ def run_case(case: Case, out_dtype: torch.dtype | None = None, config: dict | No
     q, k, v = make_qkv(case)
     mask = make_mask(case)
     scale = case.head_dim ** -0.5
-    options = dict(scale=scale, mask=mask, fill_value=case.fill, causal_offset=case.offset)
+    options = dict(scale=scale, mask=mask, fill_value=case.fill, causal_offset=case.offset, softcap=case.softcap)
     if config is None and case.block is not None:
         config = {"BLOCK_M": case.block[0], "BLOCK_N": case.block[1], "num_warps": 4, "num_stages": 2}
     out = poisoned_like(torch.empty(*q.shape[:3], v.shape[-1], dtype=out_dtype or case.dtype, device=DEVICE))

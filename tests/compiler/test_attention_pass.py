@@ -201,6 +201,29 @@ class RepeatKv(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+class Gemma2SoftCap(nn.Module):
+    """Gemma 2's eager attention: scale, logit soft-capping (divide, tanh, multiply), then an
+    additive mask, fp32 softmax."""
+
+    def forward(self, q, k, v, mask):
+        scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+        scores = torch.tanh(scores / 50.0) * 50.0
+        return torch.matmul(F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+class GrokSoftCap(nn.Module):
+    """Grok-1's spelling: cap * tanh(s * (1 / cap)) through nn.Tanh, a causal masked_fill after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tanh = nn.Tanh()
+
+    def forward(self, q, k, v):
+        scores = 30.0 * self.tanh(torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.08 * (1 / 30.0))
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+
 class Sdpa(nn.Module):
     def __init__(self, **options):
         super().__init__()
@@ -333,6 +356,24 @@ def test_fully_masked_rows_stay_nan_as_in_the_native_encoder_layer():
         ours, eager = compiled(x, None, padding), layer(x, None, padding)
     assert "attention" in compiled.patterns
     torch.testing.assert_close(ours, eager, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("q_len,kv_len,head_dim", [(1, 300, 64), (113, 113, 59), (37, 203, 128)])
+def test_logit_softcap_then_mask(dtype, q_len, kv_len, head_dim):
+    q, k, v = qkv(2, 4, q_len, kv_len, head_dim, kv_heads=2)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    q = q * 8  # scores well past the cap: tanh saturates
+    mask = torch.zeros(2, 1, q_len, kv_len)
+    mask[1, ..., :5] = torch.finfo(torch.float32).min  # left padding
+    compiled = assert_compiles_equivalent(Gemma2SoftCap(), (q, k, v, mask), dtype, "attention")
+    assert "scores soft-capped: 50 * tanh" in compiled.report()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logit_softcap_with_module_tanh_and_causal_fill(dtype):
+    compiled = assert_compiles_equivalent(GrokSoftCap(), qkv(1, 2, 77, 77, 32), dtype, "attention")
+    assert "causal (top_left)" in compiled.report() and "soft-capped: 30 * tanh" in compiled.report()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -97,6 +97,19 @@ class DividedByZero(nn.Module):
         return torch.softmax(q @ k.transpose(-1, -2) / 0.0, dim=-1) @ v
 
 
+class MaskUnderSoftCap(nn.Module):
+    """A bias added before the tanh: the cap would bound the mask too, so it no longer drops keys."""
+
+    def forward(self, q, k, v):
+        scores = 5.0 * torch.tanh((q @ k.transpose(-1, -2) + q.mean()) / 5.0)
+        return torch.softmax(scores, dim=-1) @ v
+
+
+class TwiceSoftCapped(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(torch.tanh(torch.tanh(q @ k.transpose(-1, -2))), dim=-1) @ v
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -124,6 +137,8 @@ def test_model_without_attention_runs_unchanged():
     (StateScaleOverMask(), "a scale read from module state also scales a mask"),
     (MultiheadWeightsRead(), "the attention weights are read"),
     (TwoMasksSoftFill(), "which does not drop them"),
+    (MaskUnderSoftCap(), "a mask under the softcap's tanh"),
+    (TwiceSoftCapped(), "tanh applied twice"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))

@@ -4,7 +4,7 @@ GPT-2 and Llama in both attention implementations, and a spread of other archite
 eager attention is spelled differently: Falcon's in-place scale, GPT-NeoX, OPT's pre-scaled
 query, Mistral's MQA, BERT's padding mask (an additive bias built from the input), GPT-Neo's causal where
 followed by the padding bias (two masks), BLOOM's ALiBi bias from baddbmm on (b*h, L, L) scores
-regrouped to (b, h, L, L) for the causal mask."""
+regrouped to (b, h, L, L) for the causal mask, Gemma 2's logit soft-capping (tanh) before the mask."""
 from __future__ import annotations
 
 import pytest
@@ -72,13 +72,20 @@ def bert(implementation: str):
     return transformers.BertModel(config)
 
 
+def gemma2(implementation: str):
+    config = transformers.Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                       attn_implementation=implementation)
+    return transformers.Gemma2ForCausalLM(config)
+
+
 def outputs(model, ids, mask):
     result = model(ids, attention_mask=mask)
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
 CONFIGURATIONS = [(factory, implementation) for factory in (gpt2, llama, falcon, gpt_neox, opt, mistral, bert)
-                  for implementation in ("eager", "sdpa")] + [(gpt_neo, "eager"), (bloom, "eager")]  # no SDPA path
+                  for implementation in ("eager", "sdpa")] + [(gpt_neo, "eager"), (bloom, "eager"),
+                                                              (gemma2, "eager")]  # no SDPA path
 
 
 @pytest.mark.parametrize("factory, implementation", CONFIGURATIONS,
