@@ -44,6 +44,7 @@ class CompiledKernel:
     registers: int
     spill_bytes: int  # spill stores + spill loads, per thread
     pipelined: bool  # some global loads stream through shared memory (cp.async stages)
+    tensor_cores: str  # "wgmma" (Hopper's warp-group MMA), "mma" (warp MMA) or "none"
 
     def fits(self, capability: int) -> bool:
         return self.shared_bytes <= SHARED_MEMORY_LIMIT.get(capability, SHARED_MEMORY_LIMIT[80])
@@ -103,7 +104,14 @@ def _describe(kernel, capability: int) -> CompiledKernel:
     return CompiledKernel(name=kernel.name, constants=constants, num_warps=kernel.metadata.num_warps,
                           num_stages=kernel.metadata.num_stages, shared_bytes=kernel.metadata.shared,
                           registers=registers, spill_bytes=spills,
-                          pipelined="async_copy_global_to_local" in kernel.asm["ttgir"])
+                          pipelined="async_copy_global_to_local" in kernel.asm["ttgir"],
+                          tensor_cores=_tensor_cores(kernel.asm["ptx"]))
+
+
+def _tensor_cores(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "none"
 
 
 def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:

@@ -73,7 +73,7 @@ def decode_cases() -> Iterator[tuple[str, Callable[[], None]]]:
             (spec(128, 128, mask="bool"), BF16, 16, 8192, 4),
             (spec(96, 96, mask="additive", causal=True, empty_rows_zero=True), BF16, 4, 8192, 8)]
     for spec, dtype, q_len, kv_len, group in grid:
-        yield f"{dtype} {spec} q {q_len} kv {kv_len} group={group}", \
+        yield f"{dtype} {attention_decode.kernel_name(spec)} q {q_len} kv {kv_len} group={group}", \
             lambda spec=spec, dtype=dtype, q_len=q_len, kv_len=kv_len, group=group: \
             _decode(spec, dtype, q_len, kv_len, group)
 
@@ -199,11 +199,11 @@ def compile_family(family: str) -> Iterator[dict]:
 
 def markdown_row(record: dict) -> str:
     if "error" in record:
-        return f"| {record['family']} | {record['case']} | FAILED | | | | | |"
+        return f"| {record['family']} | {record['case']} | FAILED | | | | | | |"
     blocks = ", ".join(f"{key}={value}" for key, value in record["constants"].items() if key.startswith("BLOCK"))
     return (f"| {record['family']} | {record['case']} | {record['name']} | {blocks} | "
             f"{record['num_warps']}/{record['num_stages']} | {record['shared_bytes'] // 1024} | "
-            f"{record['registers']} | {record['spill_bytes']} |")
+            f"{record['registers']} | {record['spill_bytes']} | {record['tensor_cores']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     if args.markdown:
-        print("| family | case | kernel | blocks | warps/stages | smem KiB | regs | spill B |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| family | case | kernel | blocks | warps/stages | smem KiB | regs | spill B | tensor cores |")
+        print("|---|---|---|---|---|---|---|---|---|")
     failed = False
     for family in args.families or FAMILIES:
         for record in compile_family(family):

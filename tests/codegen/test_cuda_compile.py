@@ -41,5 +41,7 @@ def test_kernels_compile_for_h100(family, tmp_path):
     if family == "attention":  # default_config keeps tiles within the registers ptxas gives a thread
         spilled = [(record["case"], record["spill_bytes"]) for record in records if record["spill_bytes"]]
         assert not spilled, f"default configs spill registers: {spilled}"
+        half = [record for record in records if "float32" not in record["case"]]
+        assert all(record["tensor_cores"] == "wgmma" for record in half), "16-bit tiles run on Hopper's wgmma"
     if family == "attention_decode":  # K/V blocks stream through cp.async stages
         assert all(record["pipelined"] for record in records if record["name"].startswith("attention_decode"))
