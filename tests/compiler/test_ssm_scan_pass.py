@@ -114,6 +114,22 @@ class SumCatScan(nn.Module):
         return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
 
 
+class MatmulCatScan(nn.Module):
+    """Channel-major (b, d, L) sequences, each step read out by matmul with C_t[..., None] and the
+    (b, d, 1) results concatenated along time, unsqueezed by the matmul itself."""
+
+    def forward(self, u, delta, A, B, C, D=None, z=None, delta_bias=None):
+        delta = F.softplus(delta + delta_bias[:, None])
+        decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
+        update = delta.unsqueeze(-1) * B.permute(0, 2, 1).unsqueeze(1) * u.unsqueeze(-1)
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        ys = []
+        for t in range(u.shape[-1]):
+            h = decay[:, :, t] * h + update[:, :, t]
+            ys.append(h @ C[:, :, t].unsqueeze(-1))
+        return torch.cat(ys, dim=-1) + u * D.view(-1, 1)
+
+
 class StackedStatesScan(nn.Module):
     """mamba.py's selective_scan_seq: time-major (b, L, d) sequences, the states stacked, then read
     out with C all at once (matmul with C[..., None], einsum, or mul + sum over the state dim)."""
@@ -199,6 +215,12 @@ def test_associative_scan_higher_order_op_fuses():
 def test_sum_cat_spelling_fuses(dtype):
     assert_compiles_equivalent(SumCatScan(), scan_inputs(Case(seqlen=7, dim=4, groups=2, dtype=dtype)), dtype,
                                "ssm_scan")
+
+
+@pytest.mark.parametrize("dtype", [fp32, fp16])
+def test_matmul_readouts_concatenated_fuse(dtype):
+    case = Case(seqlen=9, dim=37, dstate=4, batch=2, z=False, dtype=dtype)
+    assert_compiles_equivalent(MatmulCatScan(), scan_inputs(case), dtype, "ssm_scan")
 
 
 @pytest.mark.parametrize("readout,stack_dim", [("matmul", 1), ("einsum", 1), ("sum", 1), ("einsum", 2)])

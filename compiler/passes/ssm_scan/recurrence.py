@@ -3,7 +3,8 @@
     readout   y = <h, C> over the state dim n, spelled einsum("bdn,bn->bd", h, C),
               matmul(h, C[..., None])[..., 0] (or .squeeze(-1)), or sum(h * C, dim=n)
     loop      h_i = select(Ā, t, i) * h_{i-1} + select(B̄u, t, i), h_{-1} = zeros,
-              y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None]),
+              y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None])
+              | cat(matmul(h_i, C_i[..., None]), dim=-1),
               or the states stacked first and read out at once: y = readout(stack(h_i), C)
     decode    h = exp(Δ ⊗ A) * S + Δ ⊗ B ⊗ x with a carried state S, y = readout(h, C)
 
@@ -58,7 +59,7 @@ def find_readout(graph: Graph, y: Node) -> Readout | None:
     base, casts = through_casts(graph, y)
     if base.op == "einsum" and len(base.inputs) == 2:
         found = _einsum_readout(graph, base)
-    elif base.op in ("select", "reshape") and base.inputs:
+    elif base.op in ("select", "reshape", "matmul") and base.inputs:
         found = _matmul_readout(graph, base)
     elif base.op == "sum":
         found = _sum_readout(graph, base)
@@ -95,9 +96,10 @@ def _einsum_readout(graph: Graph, node: Node) -> Readout | None:
 
 def _matmul_readout(graph: Graph, node: Node) -> Readout | None:
     """matmul(h, C_i[..., None]) then [..., 0] or .squeeze(-1): h is a batch (its first dim) of
-    (rows, state) matrices, C_i a batch (its first dim, or none) of state columns."""
-    product = graph.node(node.inputs[0])
-    if product.op != "matmul" or static_shape(node) + (1,) != static_shape(product):
+    (d, n) matrices, C_i a column per batch element (or one shared column). The matmul alone,
+    its (b, d, 1) result unsqueezed, when the steps are concatenated along that last dim."""
+    product, wrappers = (node, []) if node.op == "matmul" else (graph.node(node.inputs[0]), [node.name])
+    if product.op != "matmul" or (wrappers and static_shape(node) + (1,) != static_shape(product)):
         return None
     if node.op == "select" and node.attrs["dim"] != len(static_shape(product)) - 1:
         return None
@@ -110,8 +112,8 @@ def _matmul_readout(graph: Graph, node: Node) -> Readout | None:
     if static_shape(column) != c_shape + (1,) or len(c_shape) not in (1, 2) or c_shape[-1] != static_shape(h)[-1]:
         return None
     c_frame = (0, 2) if len(c_shape) == 2 else (2,)
-    return Readout(h, c, unit_free(c, c_frame), 2, (0, 1), h_casts[::-1] + c_casts[::-1] + [column.name, product.name,
-                   node.name], ("matmul", node.op, len(c_shape)))
+    return Readout(h, c, unit_free(c, c_frame), 2, (0, 1), h_casts[::-1] + c_casts[::-1] + [column.name, product.name]
+                   + wrappers, ("matmul", node.op, len(c_shape)))
 
 
 def _sum_readout(graph: Graph, node: Node) -> Readout | None:
@@ -298,13 +300,17 @@ def _stacked(graph: Graph, anchor: Node) -> tuple[list[Node], int, list[str]]:
     dim = anchor.attrs["dim"]
     if anchor.op == "stack":
         return parts, dim, []
-    ys = []
+    ys, wrappers = [], []
     for part in parts:
         shape = static_shape(part)
+        if part.op == "matmul" and shape[dim] == 1 and dim in (-1, len(shape) - 1):
+            ys.append(part)  # matmul(h, C_i[..., None]) kept (b, d, 1): its unit dim is time
+            continue
         if part.op != "reshape" or shape[dim] != 1 or static_shape(graph.node(part.inputs[0])) != shape[:dim] + shape[dim + 1:]:
             return [], dim, []
         ys.append(graph.node(part.inputs[0]))
-    return ys, dim, [part.name for part in parts]
+        wrappers.append(part.name)
+    return ys, dim, wrappers
 
 
 def _steps(graph: Graph, ys: list[Node]) -> list[Step]:
