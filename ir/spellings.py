@@ -30,7 +30,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     linear      F.linear(x, w, b=None) (nn.Linear inlined); attrs["has_bias"]
     index       x[idx], x[:, idx], x[..., idx], x.index_select(d, idx), torch.index_select: an int32/int64
                 tensor idx picks entries along one dim (1-D for index_select, any rank for [])
-    relu        F.relu, torch.relu, x.relu(), nn.ReLU (inlined); attrs["inplace"]
+    relu        F.relu, torch.relu, x.relu(), nn.ReLU (inlined), and in place (torch.relu_, x.relu_(),
+                inplace=True); attrs["inplace"] only when another reader could see the old value
     gelu        F.gelu, nn.GELU (inlined); attrs["approximate"] is "none" or "tanh"
     select      x[:, i], x[..., i, :], torch.select, x.select: one Python int among full slices picks
                 entry i of one dim (the dim disappears); attrs["dim"], attrs["index"] (non-negative)
@@ -311,13 +312,7 @@ def _in_place(op: str) -> Callable:
     functional = _binary(op)
 
     def normalise_in_place(node) -> Normalised | None:
-        target = node.args[0]
-        if not _is_tensor_node(target) or len(target.users) != 1:
-            return None
-        produced_by = normalise(target)
-        if produced_by is None or produced_by[0] not in FRESH_RESULTS:
-            return None
-        return functional(node)
+        return functional(node) if _unobserved_fresh(node.args[0]) else None
 
     return normalise_in_place
 
@@ -426,7 +421,17 @@ def linear(node) -> Normalised | None:
 
 
 def relu(node) -> Normalised:
-    return "relu", {"inplace": bool(_arg(node, 1, "inplace", False))}, [node.args[0]]
+    """attrs["inplace"] stays True only when something else can observe the input's old value."""
+    in_place = node.target in (torch.relu_, "relu_") or bool(_arg(node, 1, "inplace", False))
+    return "relu", {"inplace": in_place and not _unobserved_fresh(node.args[0])}, [node.args[0]]
+
+
+def _unobserved_fresh(target) -> bool:
+    """Is `target` a fresh result (of an op in FRESH_RESULTS) that only the node at hand reads?"""
+    if not _is_tensor_node(target) or len(target.users) != 1:
+        return False
+    produced_by = normalise(target)
+    return produced_by is not None and produced_by[0] in FRESH_RESULTS
 
 
 def gelu(node) -> Normalised | None:
@@ -566,7 +571,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     getattr: attribute,
     F.linear: linear,
     torch.index_select: index_select,
-    F.relu: relu, torch.relu: relu,
+    F.relu: relu, torch.relu: relu, torch.relu_: relu,
     F.gelu: gelu,
     torch.select: select,
     torch.stack: _joined("stack", 1), torch.cat: _joined("cat", 0), torch.concat: _joined("cat", 0),
@@ -594,7 +599,7 @@ METHODS: dict[str, Callable] = {
     "masked_fill": masked_fill,
     "repeat_interleave": repeat_interleave,
     "index_select": index_select,
-    "relu": relu,
+    "relu": relu, "relu_": relu,
     "select": select, "exp": exp, "sum": reduce_sum,
     "narrow": narrow, "sigmoid": sigmoid, "tanh": tanh,
 }

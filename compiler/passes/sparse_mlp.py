@@ -239,7 +239,7 @@ def _check_activation(node: Node, before: str) -> None:
     if node.op == "dropout":
         raise NoMatch(node, f"dropout is active (training mode) between the activation and {before}")
     if node.op == "relu":
-        raise NoMatch(node, "in-place relu (nn.ReLU(inplace=True)) would keep the dense projection alive")
+        raise NoMatch(node, "in-place relu (nn.ReLU(inplace=True)) over a projection something else also reads")
     name = node.attrs.get("target", node.op)
     raise NoMatch(node, f"{name} is not an activation the kernel fuses ({KERNEL_ACTIVATIONS})")
 

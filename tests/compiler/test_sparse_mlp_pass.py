@@ -201,6 +201,14 @@ class MaskFirst(nn.Module):
         return (mask * F.gelu(x @ self.fc1.weight.T + self.fc1.bias)) @ self.fc2.weight.mT
 
 
+class InplaceReluMasked(MaskFirst):
+    """mask * relu_(x @ W1^T + b1) @ W2^T with the ReLU in place (nn.ReLU(inplace=True), x.relu_()):
+    no other reader sees the projection's old value, so it is the functional ReLU."""
+
+    def forward(self, x, mask):
+        return (mask * (x @ self.fc1.weight.T + self.fc1.bias).relu_()) @ self.fc2.weight.mT
+
+
 class SelectKept(nn.Module):
     """A bool mask selecting neurons: torch.where(keep, h, 0) or h.masked_fill(~keep, 0.0)."""
 
@@ -227,14 +235,14 @@ def test_bool_selection_masks(spelling, batch):
     assert "selected where mask is True" in compiled.report() or "selected where mask is False" in compiled.report()
 
 
-@pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, AddmmConv1D, MaskFirst],
-                         ids=lambda t: t.__name__)
+@pytest.mark.parametrize("module_type", [IndexSelectMatmul, TransposedStorage, EllipsisGather, AddmmConv1D, MaskFirst,
+                                         InplaceReluMasked], ids=lambda t: t.__name__)
 @pytest.mark.parametrize("batch", [1, 16])
 def test_spellings(module_type, batch):
     torch.manual_seed(batch)
     d, ffn = 59, 173
     idx = torch.randperm(ffn)[:17]
-    selector = torch.zeros(ffn).index_fill(0, idx, 1.0) if module_type is MaskFirst else idx
+    selector = torch.zeros(ffn).index_fill(0, idx, 1.0) if issubclass(module_type, MaskFirst) else idx
     x = torch.randn(batch, d) if batch > 1 else torch.randn(d)
     compiled = assert_compiles_equivalent(module_type(d, ffn), (x, selector), fp32, "sparse_mlp")
     assert_kernels_ran(compiled)
@@ -388,10 +396,16 @@ class SiluMasked(MaskedMLP):
         self.act = nn.SiLU()
 
 
-class InplaceRelu(MaskedMLP):
+class InplaceReluObserved(MaskedMLP):
+    """nn.ReLU(inplace=True) over a projection the model also returns: the ReLU overwrites it."""
+
     def __init__(self, d, ffn):
         super().__init__(d, ffn)
         self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x, mask):
+        projected = self.fc1(x)
+        return self.fc2(self.act(projected) * mask), projected
 
 
 class TrainingDropout(GatheredMLP):
@@ -434,7 +448,7 @@ def near_miss_args(module_type):
 @pytest.mark.parametrize("module_type, node, reason", [
     (SiluGathered, "h", "silu is not an activation the kernel fuses (relu, gelu, gelu tanh)"),
     (SiluMasked, "silu", "silu is not an activation the kernel fuses"),
-    (InplaceRelu, "relu", "in-place relu"),
+    (InplaceReluObserved, "relu", "in-place relu"),
     (TrainingDropout, "h", "dropout is active (training mode) between the activation and the down projection"),
     (PerRowIndices, "getitem_2", "idx is 2-D: the kernels take one 1-D set of neurons"),
     (TwoIndices, "getitem", "W1 and W2 are not gathered by the same idx"),
