@@ -8,6 +8,10 @@
                                                            terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
+    x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
+    out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
+    reads out                                           -> stack([y_0, ...], dim)  (a loop filling
+                                                           a preallocated buffer, functionalised)
 
 Nodes created here have no fx call; ir.to_fx lowers them through its op table. Their
 fake values are computed by running the canonical torch op on the inputs' fake values.
@@ -34,7 +38,14 @@ def canonicalize(graph: Graph) -> Graph:
             _rewrite_addmm(graph, node)
         elif node.op in ("reshape", "repeat_interleave"):
             _rewrite_repeat_kv(graph, node)
+        elif node.op == "torch" and node.attrs["target"] in ALLOCATIONS:
+            _rewrite_filled_buffer(graph, node)
+        elif node.op == "torch" and node.attrs["target"] == "getitem":
+            _rewrite_select_unsqueeze(graph, node)
     return graph
+
+
+ALLOCATIONS = ("empty", "empty_like", "new_empty", "zeros", "zeros_like", "new_zeros")
 
 
 def _is_noop_dropout(node: Node) -> bool:
@@ -148,3 +159,81 @@ def _repeat_kv_source(graph: Graph, node: Node) -> tuple[Node, int] | None:
     if tuple(expanded.type.shape) != (b, h, n, l, d) or tuple(node.type.shape) != (b, h * n, l, d):
         return None
     return source, int(n)
+
+
+# -- x[:, None, ..., i] ----------------------------------------------------------------
+def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
+    """One int among full slices, Nones and at most one Ellipsis: select that dim, then a reshape
+    adds the unit dims (x[i] alone, without Nones, is already a select)."""
+    source = graph.node(node.inputs[0]) if len(node.inputs) == 1 else None
+    index = node.call.args[1] if node.call is not None and len(node.call.args) == 2 else None
+    index = index if isinstance(index, tuple) else (index,)
+    if source is None or source.type is None or node.type is None or index.count(Ellipsis) > 1:
+        return
+    ints = [position for position, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
+    others_ok = all(item is None or item is Ellipsis or item == slice(None)
+                    for position, item in enumerate(index) if position not in ints)
+    if len(ints) != 1 or not others_ok:
+        return
+    consumed = [item for item in index[:ints[0]] if item is not None]
+    rank = source.type.rank
+    dim = (rank - sum(1 for item in index[ints[0]:] if item is not None) if Ellipsis in consumed
+           else len(consumed))
+    size, shape = source.value.shape[dim], node.type.static_shape()
+    if not -size <= index[ints[0]] < size or shape is None:
+        return
+    value = torch.select(source.value, dim, index[ints[0]])
+    selected = _new_node(graph, node, "select", [source.name], {"dim": dim, "index": index[ints[0]] % size}, value)
+    result = _new_node(graph, node, "reshape", [selected.name], {"shape": tuple(shape)}, value.reshape(shape))
+    graph.replace_uses(node.name, result.name)
+
+
+# -- a buffer filled slice by slice ----------------------------------------------------
+def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
+    """stack(y_i, dim) for a fresh buffer whose every slice i along one dim is written once
+    (buffer[..., i, ...] = y_i, y_i of the slice's shape, dtype and device, read by nothing
+    else, so no later in-place change can reach it) before any other use of the buffer; anything
+    else stays as written."""
+    shape = buffer.type.static_shape() if buffer.type is not None else None
+    users = graph.users(buffer.name)
+    writes = [user for user in users if user.op == "torch" and user.attrs["target"] == "setitem"
+              and user.inputs[:1] == [buffer.name] and len(user.inputs) == 2]
+    if shape is None or not writes or any(user.order < max(w.order for w in writes) for user in users
+                                          if user not in writes):
+        return
+    slices = [_written_slice(write, shape) for write in writes]
+    dims = {dim for dim, _ in filter(None, slices)}
+    if None in slices or len(dims) != 1:
+        return
+    (dim,) = dims
+    values = {index: graph.node(write.inputs[1]) for (_, index), write in zip(slices, writes)}
+    expected = shape[:dim] + shape[dim + 1:]
+    if sorted(values) != list(range(shape[dim])) or len(writes) != shape[dim] or any(
+            value.type is None or value.type.static_shape() != expected
+            or (value.type.dtype, value.type.device) != (buffer.type.dtype, buffer.type.device)
+            or len(graph.users(value.name)) != 1 for value in values.values()):
+        return
+    ys = [values[index] for index in range(shape[dim])]
+    last = max(writes, key=lambda write: write.order)
+    stacked = _new_node(graph, last, "stack", [y.name for y in ys], {"dim": dim},
+                        torch.stack([y.value for y in ys], dim))
+    for write in writes:
+        graph.remove(write.name)
+    graph.replace_uses(buffer.name, stacked.name)
+
+
+def _written_slice(write: Node, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dim, index >= 0) when setitem `write` assigns buffer[:, ..., index, ..., :] (one int, full slices)."""
+    index = write.call.args[1] if write.call is not None and len(write.call.args) == 3 else None
+    index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) > 1 or len(index) - index.count(Ellipsis) > len(shape):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    ints = [(dim, entry) for dim, entry in enumerate(index) if isinstance(entry, int) and not isinstance(entry, bool)]
+    if len(ints) != 1 or any(entry != slice(None) for entry in index if not isinstance(entry, int)):
+        return None
+    (dim, entry), = ints
+    return (dim, entry % shape[dim]) if -shape[dim] <= entry < shape[dim] else None

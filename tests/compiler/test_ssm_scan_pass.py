@@ -130,6 +130,21 @@ class MatmulCatScan(nn.Module):
         return torch.cat(ys, dim=-1) + u * D.view(-1, 1)
 
 
+class PreallocatedOutputScan(nn.Module):
+    """Each step's readout written into a preallocated output, out[:, :, t] = sum(h * C[:, None, :, t])."""
+
+    def forward(self, u, delta, A, B, C, D=None, z=None, delta_bias=None):
+        delta = F.softplus(delta + delta_bias[:, None])
+        decay = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
+        update = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)
+        h = torch.zeros(u.shape[0], A.shape[0], A.shape[1], dtype=u.dtype)
+        out = torch.empty_like(u)
+        for t in range(u.shape[-1]):
+            h = decay[:, :, t] * h + update[:, :, t]
+            out[:, :, t] = (h * C[:, None, :, t]).sum(-1)
+        return (out + D[:, None] * u) * F.silu(z)
+
+
 class StackedStatesScan(nn.Module):
     """mamba.py's selective_scan_seq: time-major (b, L, d) sequences, the states stacked, then read
     out with C all at once (matmul with C[..., None], einsum, or mul + sum over the state dim)."""
@@ -221,6 +236,12 @@ def test_sum_cat_spelling_fuses(dtype):
 def test_matmul_readouts_concatenated_fuse(dtype):
     case = Case(seqlen=9, dim=37, dstate=4, batch=2, z=False, dtype=dtype)
     assert_compiles_equivalent(MatmulCatScan(), scan_inputs(case), dtype, "ssm_scan")
+
+
+@pytest.mark.parametrize("dtype", [fp32, bf16])
+def test_preallocated_output_fuses(dtype):
+    case = Case(seqlen=9, dim=37, dstate=4, batch=2, dtype=dtype)
+    assert_compiles_equivalent(PreallocatedOutputScan(), scan_inputs(case), dtype, "ssm_scan")
 
 
 @pytest.mark.parametrize("readout,stack_dim", [("matmul", 1), ("einsum", 1), ("sum", 1), ("einsum", 2)])

@@ -86,6 +86,40 @@ def test_addmm_family_becomes_matmul_scale_and_add():
         torch.testing.assert_close(ours, eager)
 
 
+class FilledBuffers(nn.Module):
+    """Buffers filled slice by slice in a loop: one fully along its last dim (Ellipsis and negative
+    indices, in any order), one read before it is full, one of another dtype than its slices, one
+    left partly unwritten; and a select among unit dims, x[:, None, :, 1]."""
+
+    def forward(self, x):
+        full = torch.empty_like(x)
+        for t in (3, 0, 2, 1):
+            full[..., t - 4 if t % 2 else t] = torch.sin(x[:, :, t])
+        early = x.new_zeros(2, 4)
+        early[0] = x[0, 0]
+        peek = early.sum()
+        early[1] = x[1, 0]
+        wider = torch.zeros(2, 4, dtype=torch.float64)
+        wider[0], wider[1] = x[0, 1], x[1, 1]
+        part = torch.zeros(3, 2, 3, 4)
+        part[0], part[2] = x, x
+        return full + peek, early, wider, part, x[:, None, :, 1]
+
+
+def test_filled_buffers_become_stacks():
+    x = torch.randn(2, 3, 4)
+    _, graph = imported(FilledBuffers(), x)
+    graph.eliminate_dead_code(lambda node: node.attrs.get("target") != "setitem")
+    verify(graph)
+    stacks = [node for node in graph if node.op == "stack"]
+    assert len(stacks) == 1 and stacks[0].attrs["dim"] == 2 and len(stacks[0].inputs) == 4
+    assert sum(node.attrs.get("target") == "setitem" for node in graph) == 6  # early, wider, part as written
+    unsqueezed = [node for node in graph if node.op == "reshape" and graph.node(node.inputs[0]).op == "select"]
+    assert [graph.node(node.inputs[0]).attrs for node in unsqueezed] == [{"dim": 2, "index": 1}]
+    for ours, eager in zip(to_fx(graph)(x), FilledBuffers()(x)):
+        torch.testing.assert_close(ours, eager)
+
+
 def test_pattern_reports_the_breaking_node():
     class SoftmaxMatmul(nn.Module):
         def forward(self, s, v):

@@ -7,7 +7,10 @@ Tracing a Python loop over L unrolls the recurrence into L copies of one step. R
     y_i = <h_i, C_i> over the state dim n                       C_i = select(C, t', i), spelled
           einsum("bdn,bn->bd", h, C_i) | matmul(h, C_i[..., None])[..., 0] | sum(h * C_i, n)
     y   = stack([y_0, ..., y_{L-1}], dim) | cat([y_i[..., None], ...], dim)       the anchor
+        | cat([matmul(h_i, C_i[..., None]), ...], -1)
         | <stack([h_0, ..., h_{L-1}], dim), C>     the states stacked, then read out (mamba.py)
+        (a preallocated output filled in the loop, out[:, :, i] = y_i, arrives as a stack:
+        ir.canonicalize functionalises it)
 
 and folded into the fused op around it (each part optional, casts and views anywhere):
 
