@@ -9,6 +9,8 @@
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
+    cat([zeros(...), x, zeros(...)], dim) (either zeros optional) -> pad(x, widths)  (zero padding
+                                                           spelled as a concatenation)
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
@@ -42,10 +44,13 @@ def canonicalize(graph: Graph) -> Graph:
             _rewrite_filled_buffer(graph, node)
         elif node.op == "torch" and node.attrs["target"] == "getitem":
             _rewrite_select_unsqueeze(graph, node)
+        elif node.op == "cat":
+            _rewrite_zero_padding(graph, node)
     return graph
 
 
-ALLOCATIONS = ("empty", "empty_like", "new_empty", "zeros", "zeros_like", "new_zeros")
+ZEROS = ("zeros", "zeros_like", "new_zeros")
+ALLOCATIONS = ("empty", "empty_like", "new_empty", *ZEROS)
 
 
 def _is_noop_dropout(node: Node) -> bool:
@@ -186,6 +191,30 @@ def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
     selected = _new_node(graph, node, "select", [source.name], {"dim": dim, "index": index[ints[0]] % size}, value)
     result = _new_node(graph, node, "reshape", [selected.name], {"shape": tuple(shape)}, value.reshape(shape))
     graph.replace_uses(node.name, result.name)
+
+
+# -- zero padding spelled as a concatenation -------------------------------------------
+def _rewrite_zero_padding(graph: Graph, node: Node) -> None:
+    """cat([zeros, x, zeros], dim) with zeros of x's dtype and device on one or both sides: pad(x)."""
+    parts = [graph.node(name) for name in node.inputs]
+    zeros = [part.op == "torch" and part.attrs["target"] in ZEROS for part in parts]
+    if len(parts) not in (2, 3) or zeros.count(False) != 1 or (len(parts) == 3 and zeros[1]):
+        return
+    at = zeros.index(False)
+    x = parts[at]
+    if any(part.type is None or part.type.static_shape() is None
+           or (part.type.dtype, part.type.device) != (x.type.dtype, x.type.device) for part in parts):
+        return
+    rank = x.type.rank
+    dim = node.attrs["dim"] % rank
+    shapes = [part.type.static_shape() for part in parts]
+    if any(shape[:dim] + shape[dim + 1:] != shapes[at][:dim] + shapes[at][dim + 1:] for shape in shapes):
+        return
+    widths = (0,) * (2 * (rank - dim - 1)) + (sum(shape[dim] for shape in shapes[:at]),
+                                              sum(shape[dim] for shape in shapes[at + 1:]))
+    value = torch.nn.functional.pad(x.value, widths)
+    padded = _new_node(graph, node, "pad", [x.name], {"pad": widths, "mode": "constant", "value": 0.0}, value)
+    graph.replace_uses(node.name, padded.name)
 
 
 # -- a buffer filled slice by slice ----------------------------------------------------

@@ -24,6 +24,8 @@ LOWERINGS = {
     "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
     "add": lambda node: Call("call_function", torch.add, (Ref(0), Ref(1))),
     "mul": lambda node: Call("call_function", torch.mul, (Ref(0), node.attrs["scalar"])),
+    "pad": lambda node: Call("call_function", torch.nn.functional.pad, (Ref(0), node.attrs["pad"]),
+                             {"mode": node.attrs["mode"], "value": node.attrs["value"]}),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),

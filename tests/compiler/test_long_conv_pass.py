@@ -329,6 +329,15 @@ class PaddedShortConv(ShortConv):
         return y * y.sigmoid() if self.activation == "sigmoid" else y
 
 
+class ConcatPaddedShortConv(ShortConv):
+    """Causal padding by concatenating zeros in front, then an unpadded F.conv1d with the bias."""
+
+    def forward(self, x):
+        width = self.conv.weight.shape[-1]
+        padded = torch.cat([x.new_zeros(x.shape[0], x.shape[1], width - 1), x], dim=-1)
+        return F.silu(F.conv1d(padded, self.conv.weight, self.conv.bias, groups=x.shape[1]))
+
+
 class ReferenceShortConv(ShortConv):
     """The pass's own reference: silu(conv1d(x, w, b, padding=K-1, groups=C)[..., :L])."""
 
@@ -342,6 +351,7 @@ class ReferenceShortConv(ShortConv):
     (ShortConv, 4, "nn.SiLU", 2, 8, 256, fp16, True),
     (PaddedShortConv, 7, "sigmoid", 2, 3, 1024, fp32, False),
     (PaddedShortConv, 4, "none", 1, 3, 1, bf16, False),
+    (ConcatPaddedShortConv, 4, "F.silu", 2, 37, 300, bf16, False),
     (ReferenceShortConv, 3, "F.silu", 2, 8, 4096, fp32, False),
     (ShortConv, 4, "F.relu", 2, 37, 300, bf16, False),
     (ShortConv, 3, "nn.GELU", 1, 8, 113, fp32, True),
@@ -354,7 +364,7 @@ def test_short_convolutions_fuse_and_match(form, width, activation, batch, chann
     x = sequence(batch, seqlen, channels) if transposed else sequence(batch, channels, seqlen)
     compiled = assert_compiles_equivalent(module, (x,), dtype, "short_conv")
     fused = {"none": "no activation)", "F.relu": "relu)", "nn.GELU": "gelu)", "gelu_tanh": "gelu_tanh)"}
-    expected = "silu)" if form is ReferenceShortConv else fused.get(activation, "silu)")
+    expected = "silu)" if form in (ReferenceShortConv, ConcatPaddedShortConv) else fused.get(activation, "silu)")
     assert expected in compiled.report(), compiled.report()
 
 

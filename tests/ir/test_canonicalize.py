@@ -120,6 +120,28 @@ def test_filled_buffers_become_stacks():
         torch.testing.assert_close(ours, eager)
 
 
+class ZeroPadded(nn.Module):
+    """Zero padding spelled with cat: causal left padding, both sides, and a cat that pads with zeros
+    of another dtype (promoting the result), which stays a cat."""
+
+    def forward(self, x):
+        left = torch.cat([torch.zeros(2, 3, 2), x], dim=-1)
+        both = torch.cat((x.new_zeros(1, 3, 4), x, torch.zeros_like(x)), dim=0)
+        promoted = torch.cat([torch.zeros(2, 3, 1, dtype=torch.float64), x], dim=2)
+        return left, both, promoted
+
+
+def test_concatenated_zeros_become_padding():
+    x = torch.randn(2, 3, 4)
+    _, graph = imported(ZeroPadded(), x)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    assert sorted(node.attrs["pad"] for node in graph if node.op == "pad") == [(0, 0, 0, 0, 1, 2), (2, 0)]
+    assert [node.op for node in graph].count("cat") == 1
+    for ours, eager in zip(to_fx(graph)(x), ZeroPadded()(x)):
+        torch.testing.assert_close(ours, eager)
+
+
 def test_pattern_reports_the_breaking_node():
     class SoftmaxMatmul(nn.Module):
         def forward(self, s, v):
