@@ -13,11 +13,27 @@ from ir.spellings import normalise
 from ir.types import TensorType
 
 
+IN_PLACE_METHODS = ("masked_fill_", "mul_", "div_", "add_", "sub_", "relu_")
+
+
 def from_fx(gm: torch.fx.GraphModule) -> Graph:
+    _read_through_in_place_calls(gm.graph)
     graph = Graph(owner=gm)
     for order, fx_node in enumerate(gm.graph.nodes):
         graph.add(_import_node(fx_node, float(order)))
     return graph
+
+
+def _read_through_in_place_calls(fx_graph: torch.fx.Graph) -> None:
+    """`x.masked_fill_(m, v)` written as a statement, x read again after it: those later reads
+    read the call's result instead, the same tensor (these methods return x), so the rewrite is
+    exact. x's last reads then go through the call, which ir.spellings may read functionally."""
+    position = {node: index for index, node in enumerate(fx_graph.nodes)}
+    for node in fx_graph.nodes:
+        target = node.args[0] if node.op == "call_method" and node.target in IN_PLACE_METHODS and node.args else None
+        if isinstance(target, torch.fx.Node):
+            for user in [user for user in target.users if position[user] > position[node]]:
+                user.replace_input_with(target, node)
 
 
 def _import_node(fx_node: torch.fx.Node, order: float) -> Node:

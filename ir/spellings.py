@@ -18,7 +18,7 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     softmax     F.softmax, torch.softmax, x.softmax (optional dtype)
     mul/div/add/sub  operators, torch functions and methods, one operand may be a scalar; the in-place
                 forms (`x /= s`, `x.mul_(s)`) too when x is a fresh result read by nothing else
-    where       torch.where(c, a, b), x.masked_fill(m, v) == where(m, v, x)
+    where       torch.where(c, a, b), x.masked_fill(m, v) == where(m, v, x) (x.masked_fill_ as the in-place ops)
     dropout     F.dropout, torch.dropout, nn.Dropout (inlined)
     sdpa        F.scaled_dot_product_attention
     mha         F.multi_head_attention_forward (nn.MultiheadAttention): attrs hold its flags, "roles" names
@@ -307,9 +307,10 @@ def _binary(op: str) -> Callable:
 FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast"}
 
 
-def _in_place(op: str) -> Callable:
-    """`x op= y`: the functional op when nothing else can observe x's old value."""
-    functional = _binary(op)
+def _in_place(functional: str | Callable) -> Callable:
+    """`x op= y`, `x.op_(...)`: the functional op (a binary op's name, or a normaliser) when nothing
+    else can observe x's old value. ir.from_fx routes later reads of x through the call first."""
+    functional = _binary(functional) if isinstance(functional, str) else functional
 
     def normalise_in_place(node) -> Normalised | None:
         return functional(node) if _unobserved_fresh(node.args[0]) else None
@@ -596,7 +597,7 @@ METHODS: dict[str, Callable] = {
     "softmax": softmax,
     "mul": _binary("mul"), "div": _binary("div"), "add": _binary("add"), "sub": _binary("sub"),
     "mul_": _in_place("mul"), "div_": _in_place("div"), "add_": _in_place("add"), "sub_": _in_place("sub"),
-    "masked_fill": masked_fill,
+    "masked_fill": masked_fill, "masked_fill_": _in_place(masked_fill),
     "repeat_interleave": repeat_interleave,
     "index_select": index_select,
     "relu": relu, "relu_": relu,

@@ -203,7 +203,8 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
         if len(walk.masks) == MAX_MASKS:
             raise NoMatch(node, f"more than {MAX_MASKS} masks between QK^T and softmax")
         return _parse_masked(graph, node, context, walk)
-    raise NoMatch(node, f"{node.op} between QK^T and softmax is neither a scale nor a mask")
+    what = node.attrs["target"] if node.op == "torch" else node.op
+    raise NoMatch(node, f"{what} between QK^T and softmax is neither a scale nor a mask")
 
 
 def _parse_softcap(graph, node: Node, context, walk: Scores) -> Scores:

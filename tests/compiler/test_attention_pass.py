@@ -201,6 +201,17 @@ class RepeatKv(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+class InPlaceStatements(nn.Module):
+    """In-place calls written as statements on fresh scores, the scores read again after them:
+    scores.div_(s); scores.masked_fill_(mask, -inf); softmax(scores)."""
+
+    def forward(self, q, k, v, mask):
+        scores = q @ k.transpose(-1, -2)
+        scores.div_(math.sqrt(q.shape[-1]))
+        scores.masked_fill_(mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+
+
 class Gemma2SoftCap(nn.Module):
     """Gemma 2's eager attention: scale, logit soft-capping (divide, tanh, multiply), then an
     additive mask, fp32 softmax."""
@@ -356,6 +367,13 @@ def test_fully_masked_rows_stay_nan_as_in_the_native_encoder_layer():
         ours, eager = compiled(x, None, padding), layer(x, None, padding)
     assert "attention" in compiled.patterns
     torch.testing.assert_close(ours, eager, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_in_place_statements_on_fresh_scores(dtype):
+    q, k, v = qkv(2, 3, 57, 80, 48)
+    mask = torch.rand(2, 1, 57, 80, generator=torch.Generator().manual_seed(1)) < 0.3
+    assert_compiles_equivalent(InPlaceStatements(), (q, k, v, mask), dtype, "attention")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

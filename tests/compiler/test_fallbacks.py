@@ -110,6 +110,16 @@ class TwiceSoftCapped(nn.Module):
         return torch.softmax(torch.tanh(torch.tanh(q @ k.transpose(-1, -2))), dim=-1) @ v
 
 
+class ScoresObservedBeforeMasking(nn.Module):
+    """The unmasked scores are returned too: masked_fill_ on them is observable, not a mask."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        raw = scores * 1.0
+        scores.masked_fill_(k[..., 0].unsqueeze(-2) > 1, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v, raw
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -139,6 +149,7 @@ def test_model_without_attention_runs_unchanged():
     (TwoMasksSoftFill(), "which does not drop them"),
     (MaskUnderSoftCap(), "a mask under the softcap's tanh"),
     (TwiceSoftCapped(), "tanh applied twice"),
+    (ScoresObservedBeforeMasking(), "masked_fill_ between QK^T and softmax is neither a scale nor a mask"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))
