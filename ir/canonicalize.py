@@ -8,6 +8,8 @@
                                                            terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
+    x.expand_as(y), x.view_as(y), x.type_as(y)          -> the same op from its attrs, no longer reading y
+                                                           (only y's shape or dtype mattered; static shapes)
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
     cat([zeros(...), x, zeros(...)], dim) (either zeros optional) -> pad(x, widths)  (zero padding
                                                            spelled as a concatenation)
@@ -46,6 +48,8 @@ def canonicalize(graph: Graph) -> Graph:
             _rewrite_select_unsqueeze(graph, node)
         elif node.op == "cat":
             _rewrite_zero_padding(graph, node)
+        if node.name in graph and node.op in ("expand", "reshape", "cast"):
+            _drop_metadata_reads(graph, node)
     return graph
 
 
@@ -164,6 +168,18 @@ def _repeat_kv_source(graph: Graph, node: Node) -> tuple[Node, int] | None:
     if tuple(expanded.type.shape) != (b, h, n, l, d) or tuple(node.type.shape) != (b, h * n, l, d):
         return None
     return source, int(n)
+
+
+# -- reads of a tensor's shape or dtype alone --------------------------------------------
+def _drop_metadata_reads(graph: Graph, node: Node) -> None:
+    """Inputs read only for the shape or dtype the attrs already hold are dropped; the node then
+    lowers from its attrs (ir.to_fx), so no pattern sees them as readers of that tensor."""
+    if node.value_inputs is None or len(node.inputs) <= node.value_inputs:
+        return
+    if node.op != "cast" and not all(isinstance(size, int) for size in node.attrs["shape"]):
+        return
+    graph.set_inputs(node.name, node.inputs[:node.value_inputs])
+    node.call = None
 
 
 # -- x[:, None, ..., i] ----------------------------------------------------------------

@@ -13,6 +13,7 @@ from ir.spellings import normalise
 from ir.types import TensorType
 
 
+OPAQUE = ("torch", "placeholder", "output", "get_attr")  # ops whose inputs all count as read
 IN_PLACE_METHODS = ("masked_fill_", "mul_", "div_", "add_", "sub_", "relu_")
 
 
@@ -63,6 +64,7 @@ def _import_node(fx_node: torch.fx.Node, order: float) -> Node:
         value=value,
         fx_node=fx_node,
         order=order,
+        value_inputs=None if op in OPAQUE else len(canonical_inputs),
     )
 
 

@@ -58,6 +58,9 @@ class Node:
     value: Any = None
     fx_node: torch.fx.Node | None = None
     order: float = 0.0
+    # inputs[:value_inputs] are read for their values; later ones only for their shape or dtype
+    # (y in x.expand_as(y), x.type_as(y)). None: every input is read for its values.
+    value_inputs: int | None = None
 
     def __repr__(self) -> str:
         return f"{self.name} = {self.op}({', '.join(self.inputs)})"

@@ -427,9 +427,18 @@ def relu(node) -> Normalised:
     return "relu", {"inplace": in_place and not _unobserved_fresh(node.args[0])}, [node.args[0]]
 
 
+METADATA_READS = ("expand_as", "view_as", "reshape_as", "type_as")  # x.expand_as(y) reads y's shape only
+
+
 def _unobserved_fresh(target) -> bool:
-    """Is `target` a fresh result (of an op in FRESH_RESULTS) that only the node at hand reads?"""
-    if not _is_tensor_node(target) or len(target.users) != 1:
+    """Is `target` a fresh result (of an op in FRESH_RESULTS) whose values only the node at hand
+    reads (others may read its shape or dtype)?"""
+    if not _is_tensor_node(target):
+        return False
+    value_readers = [user for user in target.users if not (
+        user.op == "call_method" and user.target in METADATA_READS and user.args[1:] == (target,)
+        and user.args[0] is not target)]
+    if len(value_readers) != 1:
         return False
     produced_by = normalise(target)
     return produced_by is not None and produced_by[0] in FRESH_RESULTS

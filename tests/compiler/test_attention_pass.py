@@ -212,6 +212,15 @@ class InPlaceStatements(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+class ExpandedAsScores(nn.Module):
+    """mask.expand_as(scores) reads the scores' shape only; type_as(scores) their dtype."""
+
+    def forward(self, q, k, v, mask):
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(mask.expand_as(scores), torch.finfo(scores.dtype).min)
+        return torch.softmax(scores.float(), -1).type_as(scores) @ v
+
+
 class Gemma2SoftCap(nn.Module):
     """Gemma 2's eager attention: scale, logit soft-capping (divide, tanh, multiply), then an
     additive mask, fp32 softmax."""
@@ -367,6 +376,13 @@ def test_fully_masked_rows_stay_nan_as_in_the_native_encoder_layer():
         ours, eager = compiled(x, None, padding), layer(x, None, padding)
     assert "attention" in compiled.patterns
     torch.testing.assert_close(ours, eager, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_expanded_as_the_scores(dtype):
+    q, k, v = qkv(2, 3, 57, 57, 32)
+    mask = torch.rand(2, 1, 1, 57, generator=torch.Generator().manual_seed(2)) < 0.3
+    assert_compiles_equivalent(ExpandedAsScores(), (q, k, v, mask), dtype, "attention")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

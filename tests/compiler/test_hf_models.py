@@ -4,7 +4,8 @@ GPT-2 and Llama in both attention implementations, and a spread of other archite
 eager attention is spelled differently: Falcon's in-place scale, GPT-NeoX, OPT's pre-scaled
 query, Mistral's MQA, BERT's padding mask (an additive bias built from the input), GPT-Neo's causal where
 followed by the padding bias (two masks), BLOOM's ALiBi bias from baddbmm on (b*h, L, L) scores
-regrouped to (b, h, L, L) for the causal mask, Gemma 2's logit soft-capping (tanh) before the mask."""
+regrouped to (b, h, L, L) for the causal mask, Gemma 2's logit soft-capping (tanh) before the mask,
+XLM's in-place masked_fill_ statement with a mask expanded as the scores."""
 from __future__ import annotations
 
 import pytest
@@ -78,6 +79,12 @@ def gemma2(implementation: str):
     return transformers.Gemma2ForCausalLM(config)
 
 
+def xlm(implementation: str):
+    config = transformers.XLMConfig(emb_dim=64, n_layers=LAYERS, n_heads=4, vocab_size=128,
+                                    attn_implementation=implementation)
+    return transformers.XLMModel(config)
+
+
 def outputs(model, ids, mask):
     result = model(ids, attention_mask=mask)
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
@@ -85,7 +92,7 @@ def outputs(model, ids, mask):
 
 CONFIGURATIONS = [(factory, implementation) for factory in (gpt2, llama, falcon, gpt_neox, opt, mistral, bert)
                   for implementation in ("eager", "sdpa")] + [(gpt_neo, "eager"), (bloom, "eager"),
-                                                              (gemma2, "eager")]  # no SDPA path
+                                                              (gemma2, "eager"), (xlm, "eager")]  # no SDPA path
 
 
 @pytest.mark.parametrize("factory, implementation", CONFIGURATIONS,

@@ -142,6 +142,23 @@ def test_concatenated_zeros_become_padding():
         torch.testing.assert_close(ours, eager)
 
 
+class MetadataReads(nn.Module):
+    """y read for its shape or dtype alone: mask.expand_as(y), x.view_as(y), x.type_as(y)."""
+
+    def forward(self, x, mask, y):  # in the order of first use: Dynamo's placeholders follow it
+        return x.masked_fill(mask.expand_as(y), 0.0).view_as(y) + x.type_as(y)
+
+
+def test_reads_of_shape_or_dtype_alone_drop_the_tensor():
+    x, mask, y = torch.randn(2, 3, 4), torch.rand(2, 1, 1) < 0.5, torch.randn(2, 3, 4, dtype=torch.float64)
+    _, graph = imported(MetadataReads(), x, mask, y)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    (y_node,) = [node for node in graph.placeholders() if node.name.endswith("y_")]
+    assert graph.users(y_node.name) == []  # the expand, the view and the cast no longer read y
+    torch.testing.assert_close(to_fx(graph)(x, mask, y)[0], MetadataReads()(x, mask, y))
+
+
 def test_pattern_reports_the_breaking_node():
     class SoftmaxMatmul(nn.Module):
         def forward(self, s, v):
