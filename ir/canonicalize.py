@@ -188,25 +188,34 @@ def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
     adds the unit dims (x[i] alone, without Nones, is already a select)."""
     source = graph.node(node.inputs[0]) if len(node.inputs) == 1 else None
     index = node.call.args[1] if node.call is not None and len(node.call.args) == 2 else None
-    index = index if isinstance(index, tuple) else (index,)
-    if source is None or source.type is None or node.type is None or index.count(Ellipsis) > 1:
+    if source is None or source.type is None or node.type is None or node.type.static_shape() is None:
         return
-    ints = [position for position, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
-    others_ok = all(item is None or item is Ellipsis or item == slice(None)
-                    for position, item in enumerate(index) if position not in ints)
-    if len(ints) != 1 or not others_ok:
+    picked = _int_index(index, source.value.shape)
+    if picked is None:
         return
-    consumed = [item for item in index[:ints[0]] if item is not None]
-    rank = source.type.rank
-    dim = (rank - sum(1 for item in index[ints[0]:] if item is not None) if Ellipsis in consumed
-           else len(consumed))
-    size, shape = source.value.shape[dim], node.type.static_shape()
-    if not -size <= index[ints[0]] < size or shape is None:
-        return
-    value = torch.select(source.value, dim, index[ints[0]])
-    selected = _new_node(graph, node, "select", [source.name], {"dim": dim, "index": index[ints[0]] % size}, value)
+    dim, position = picked
+    shape = node.type.static_shape()
+    value = torch.select(source.value, dim, position)
+    selected = _new_node(graph, node, "select", [source.name], {"dim": dim, "index": position}, value)
     result = _new_node(graph, node, "reshape", [selected.name], {"shape": tuple(shape)}, value.reshape(shape))
     graph.replace_uses(node.name, result.name)
+
+
+def _int_index(index, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dim, position >= 0) for an index holding one Python int (in range) among full slices,
+    Nones (new unit dims) and at most one Ellipsis, trailing dims left out; None otherwise."""
+    index = index if isinstance(index, tuple) else (index,)
+    ints = [at for at, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
+    if len(ints) != 1 or index.count(Ellipsis) > 1 or not all(
+            item is None or item is Ellipsis or item == slice(None) for at, item in enumerate(index) if at != ints[0]):
+        return None
+    before = [item for item in index[:ints[0]] if item is not None]
+    after = [item for item in index[ints[0] + 1:] if item is not None and item is not Ellipsis]
+    dim = len(shape) - 1 - len(after) if Ellipsis in before else len(before)
+    if len(before) + 1 + len(after) - (Ellipsis in before) > len(shape) or not 0 <= dim < len(shape):
+        return None
+    position = index[ints[0]]
+    return (dim, position % shape[dim]) if -shape[dim] <= position < shape[dim] else None
 
 
 # -- zero padding spelled as a concatenation -------------------------------------------
@@ -246,7 +255,8 @@ def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
     if shape is None or not writes or any(user.order < max(w.order for w in writes) for user in users
                                           if user not in writes):
         return
-    slices = [_written_slice(write, shape) for write in writes]
+    slices = [_int_index(write.call.args[1], shape) if write.call is not None and len(write.call.args) == 3
+              else None for write in writes]
     dims = {dim for dim, _ in filter(None, slices)}
     if None in slices or len(dims) != 1:
         return
@@ -265,20 +275,3 @@ def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
     for write in writes:
         graph.remove(write.name)
     graph.replace_uses(buffer.name, stacked.name)
-
-
-def _written_slice(write: Node, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """(dim, index >= 0) when setitem `write` assigns buffer[:, ..., index, ..., :] (one int, full slices)."""
-    index = write.call.args[1] if write.call is not None and len(write.call.args) == 3 else None
-    index = index if isinstance(index, tuple) else (index,)
-    if index.count(Ellipsis) > 1 or len(index) - index.count(Ellipsis) > len(shape):
-        return None
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1:]
-    index = index + (slice(None),) * (len(shape) - len(index))
-    ints = [(dim, entry) for dim, entry in enumerate(index) if isinstance(entry, int) and not isinstance(entry, bool)]
-    if len(ints) != 1 or any(entry != slice(None) for entry in index if not isinstance(entry, int)):
-        return None
-    (dim, entry), = ints
-    return (dim, entry % shape[dim]) if -shape[dim] <= entry < shape[dim] else None
