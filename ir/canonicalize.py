@@ -13,6 +13,8 @@
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
     cat([zeros(...), x, zeros(...)], dim) (either zeros optional) -> pad(x, widths)  (zero padding
                                                            spelled as a concatenation)
+    e = exp(x - max(x, -1, keepdim)); e / sum(e, -1, keepdim) -> softmax(x, -1)  (softmax written out,
+                                                           the max as amax, max(...).values or [0])
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
@@ -48,6 +50,8 @@ def canonicalize(graph: Graph) -> Graph:
             _rewrite_select_unsqueeze(graph, node)
         elif node.op == "cat":
             _rewrite_zero_padding(graph, node)
+        elif node.op == "div" and len(node.inputs) == 2:
+            _rewrite_written_out_softmax(graph, node)
         if node.name in graph and node.op in ("expand", "reshape", "cast"):
             _drop_metadata_reads(graph, node)
     return graph
@@ -240,6 +244,41 @@ def _rewrite_zero_padding(graph: Graph, node: Node) -> None:
     value = torch.nn.functional.pad(x.value, widths)
     padded = _new_node(graph, node, "pad", [x.name], {"pad": widths, "mode": "constant", "value": 0.0}, value)
     graph.replace_uses(node.name, padded.name)
+
+
+# -- softmax written out ---------------------------------------------------------------
+def _rewrite_written_out_softmax(graph: Graph, node: Node) -> None:
+    """e / sum(e, -1, keepdim=True) with e = exp(x - rowmax(x)) over the same last dim: softmax(x).
+    (Without the max subtracted it is not rewritten: eager overflows where softmax does not.)"""
+    e, total = (graph.node(name) for name in node.inputs)
+    shifted = graph.node(e.inputs[0]) if e.op == "exp" else None
+    if shifted is None or shifted.op != "sub" or len(shifted.inputs) != 2 or e.type is None:
+        return
+    last = e.type.rank - 1
+    if total.op != "sum" or total.inputs != [e.name] or total.attrs != {"dim": (last,), "keepdim": True, "dtype": None}:
+        return
+    x, row_max = (graph.node(name) for name in shifted.inputs)
+    if not _is_row_max(graph, row_max, x, last):
+        return
+    value = torch.softmax(x.value, dim=last)
+    softmax = _new_node(graph, node, "softmax", [x.name], {"dim": last, "dtype": None}, value)
+    graph.replace_uses(node.name, softmax.name)
+
+
+def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
+    """Is `node` x.amax(last, keepdim=True), or x.max(last, keepdim=True) values ([0] or .values)?"""
+    if node.op == "torch" and node.attrs["target"] == "getitem" and node.call.args[1:] == (0,):
+        node = graph.node(node.inputs[0])
+        reduction = "max"
+    else:
+        reduction = "amax"
+    if node.op != "torch" or node.attrs["target"] != reduction or node.inputs != [x.name] or node.call is None:
+        return False
+    args, kwargs = node.call.args, node.call.kwargs
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % (last + 1) == last
 
 
 # -- a buffer filled slice by slice ----------------------------------------------------

@@ -28,6 +28,7 @@ LOWERINGS = {
     "mul": lambda node: Call("call_function", torch.mul, (Ref(0), node.attrs["scalar"])),
     "pad": lambda node: Call("call_function", torch.nn.functional.pad, (Ref(0), node.attrs["pad"]),
                              {"mode": node.attrs["mode"], "value": node.attrs["value"]}),
+    "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),

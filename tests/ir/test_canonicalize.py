@@ -159,6 +159,28 @@ def test_reads_of_shape_or_dtype_alone_drop_the_tensor():
     torch.testing.assert_close(to_fx(graph)(x, mask, y)[0], MetadataReads()(x, mask, y))
 
 
+class WrittenOutSoftmaxes(nn.Module):
+    """exp(x - rowmax) / sum over the last dim, the max as amax, max().values and max()[0]; and two
+    that are not softmax: no max subtracted, a max over another dim."""
+
+    def forward(self, s):
+        a = torch.exp(s - s.amax(-1, keepdim=True))
+        b = (s - s.max(dim=-1, keepdim=True).values).exp()
+        c = torch.exp(s - torch.max(s, 2, True)[0])
+        unshifted, other = s.exp(), torch.exp(s - s.amax(1, keepdim=True))
+        return [t / t.sum(-1, keepdim=True) for t in (a, b, c, unshifted, other)]
+
+
+def test_written_out_softmax_becomes_softmax():
+    s = torch.randn(2, 5, 7) * 10
+    _, graph = imported(WrittenOutSoftmaxes(), s)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    assert [node.op for node in graph].count("softmax") == 3 and [node.op for node in graph].count("div") == 2
+    for ours, eager in zip(to_fx(graph)(s), WrittenOutSoftmaxes()(s)):
+        torch.testing.assert_close(ours, eager)
+
+
 def test_pattern_reports_the_breaking_node():
     class SoftmaxMatmul(nn.Module):
         def forward(self, s, v):
