@@ -22,7 +22,7 @@ from ir.verify import verify
 PASSES = (attention.run, sparse_mlp.run, ssm_scan.run, long_conv.run, short_conv.run)
 # Calls kept even when nobody reads their result: vmap's level bookkeeping (torch's
 # associative_scan traces into vmapped combines on CPU) brackets the calls between them.
-EFFECTFUL = ("setitem", "print", "_vmap_increment_nesting", "_vmap_decrement_nesting")
+EFFECTFUL = ("print", "_vmap_increment_nesting", "_vmap_decrement_nesting")
 
 
 def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
@@ -57,13 +57,14 @@ def _pinned_buffers(gm: torch.fx.GraphModule, example_inputs) -> dict[str, torch
 
 
 def _is_pure(node: Node) -> bool:
-    """May this node be dropped when nobody reads it? In-place and effectful calls may not."""
+    """May this node be dropped when nobody reads it? Calls that write memory others may observe
+    (ir.mutation) and effectful calls may not."""
+    if node.writes:
+        return False
     call = node.call
     if call is None or node.op != "torch":
         return True
     if call.kind not in ("call_function", "call_method"):
         return False
     name = call.target if isinstance(call.target, str) else getattr(call.target, "__name__", "")
-    in_place = name.endswith("_") and not name.endswith("__")
-    return not (in_place or name in EFFECTFUL or call.kwargs.get("out") is not None
-                or call.kwargs.get("inplace"))
+    return name not in EFFECTFUL

@@ -19,6 +19,10 @@
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
 
+ir.from_fx has already read every in-place write as a new version of what it writes, and a
+rewrite whose new node would read a tensor across such a write is abandoned (StaleRead), so
+none of these trusts a producer that a write changed.
+
 Nodes created here have no fx call; ir.to_fx lowers them through its op table. Their
 fake values are computed by running the canonical torch op on the inputs' fake values.
 """
@@ -26,35 +30,41 @@ from __future__ import annotations
 
 import torch
 
-from ir.graph import Graph, Node
+from ir.graph import Graph, Node, StaleRead
 from ir.types import TensorType
 
 
 def canonicalize(graph: Graph) -> Graph:
     for node in list(graph):
-        if node.name not in graph:
-            continue
-        if (node.op == "identity" and node.attrs["alias"]) or (node.op == "dropout" and _is_noop_dropout(node)):
-            graph.replace_uses(node.name, node.inputs[0])
-        elif node.op == "div" and node.attrs["scalar"] not in (None, 0) and not node.attrs["scalar_first"]:
-            node.op, node.attrs = "mul", {"scalar": 1.0 / node.attrs["scalar"], "scalar_first": False}
-        elif node.op == "einsum":
-            _rewrite_einsum(graph, node)
-        elif node.op == "addmm":
-            _rewrite_addmm(graph, node)
-        elif node.op in ("reshape", "repeat_interleave"):
-            _rewrite_repeat_kv(graph, node)
-        elif node.op == "torch" and node.attrs["target"] in ALLOCATIONS:
-            _rewrite_filled_buffer(graph, node)
-        elif node.op == "torch" and node.attrs["target"] == "getitem":
-            _rewrite_select_unsqueeze(graph, node)
-        elif node.op == "cat":
-            _rewrite_zero_padding(graph, node)
-        elif node.op == "div" and len(node.inputs) == 2:
-            _rewrite_written_out_softmax(graph, node)
-        if node.name in graph and node.op in ("expand", "reshape", "cast"):
-            _drop_metadata_reads(graph, node)
+        if node.name in graph:
+            try:
+                _rewrite(graph, node)
+            except StaleRead:
+                pass  # the nodes made so far are read by nothing: dead code removes them
     return graph
+
+
+def _rewrite(graph: Graph, node: Node) -> None:
+    if (node.op == "identity" and node.attrs["alias"]) or (node.op == "dropout" and _is_noop_dropout(node)):
+        graph.replace_uses(node.name, node.inputs[0])
+    elif node.op == "div" and node.attrs["scalar"] not in (None, 0) and not node.attrs["scalar_first"]:
+        node.op, node.attrs = "mul", {"scalar": 1.0 / node.attrs["scalar"], "scalar_first": False}
+    elif node.op == "einsum":
+        _rewrite_einsum(graph, node)
+    elif node.op == "addmm":
+        _rewrite_addmm(graph, node)
+    elif node.op in ("reshape", "repeat_interleave"):
+        _rewrite_repeat_kv(graph, node)
+    elif node.op == "torch" and node.attrs["target"] in ALLOCATIONS:
+        _rewrite_filled_buffer(graph, node)
+    elif node.op == "torch" and node.attrs["target"] == "getitem":
+        _rewrite_select_unsqueeze(graph, node)
+    elif node.op == "cat":
+        _rewrite_zero_padding(graph, node)
+    elif node.op == "div" and len(node.inputs) == 2:
+        _rewrite_written_out_softmax(graph, node)
+    if node.name in graph and node.op in ("expand", "reshape", "cast"):
+        _drop_metadata_reads(graph, node)
 
 
 ZEROS = ("zeros", "zeros_like", "new_zeros")
@@ -285,14 +295,12 @@ def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
 def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
     """stack(y_i, dim) for a fresh buffer whose every slice i along one dim is written once
     (buffer[..., i, ...] = y_i, y_i of the slice's shape, dtype and device, read by nothing
-    else, so no later in-place change can reach it) before any other use of the buffer; anything
-    else stays as written."""
+    else, so no later in-place change can reach it) before anything else reads it: the writes
+    form one chain of versions (ir.mutation: each `assign` returns the buffer it wrote, and
+    each version's only reader is the next write); anything else stays as written."""
     shape = buffer.type.static_shape() if buffer.type is not None else None
-    users = graph.users(buffer.name)
-    writes = [user for user in users if user.op == "torch" and user.attrs["target"] == "setitem"
-              and user.inputs[:1] == [buffer.name] and len(user.inputs) == 2]
-    if shape is None or not writes or any(user.order < max(w.order for w in writes) for user in users
-                                          if user not in writes):
+    writes = _write_chain(graph, buffer)
+    if shape is None or not writes:
         return
     slices = [_int_index(write.call.args[1], shape) if write.call is not None and len(write.call.args) == 3
               else None for write in writes]
@@ -308,9 +316,23 @@ def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
             or len(graph.users(value.name)) != 1 for value in values.values()):
         return
     ys = [values[index] for index in range(shape[dim])]
-    last = max(writes, key=lambda write: write.order)
-    stacked = _new_node(graph, last, "stack", [y.name for y in ys], {"dim": dim},
+    stacked = _new_node(graph, writes[-1], "stack", [y.name for y in ys], {"dim": dim},
                         torch.stack([y.value for y in ys], dim))
-    for write in writes:
+    graph.replace_uses(writes[-1].name, stacked.name)
+    for write in reversed(writes):
         graph.remove(write.name)
-    graph.replace_uses(buffer.name, stacked.name)
+
+
+def _write_chain(graph: Graph, buffer: Node) -> list[Node]:
+    """The assigns buffer -> a_0 -> a_1 -> ..., each the only reader of the version before it."""
+    chain, version = [], buffer
+    while True:
+        users = graph.users(version.name)
+        if len(users) != 1 or not _is_assign(users[0]) or users[0].inputs[:1] != [version.name]:
+            return chain
+        version = users[0]
+        chain.append(version)
+
+
+def _is_assign(node: Node) -> bool:
+    return node.op == "torch" and node.attrs["target"] == "assign" and len(node.inputs) == 2

@@ -7,13 +7,15 @@ what the value *is* (a scalar, a causal mask, no mask at all).
 
 `pinned` maps placeholder names to the real tensors they hold now (module buffers): a
 result that depends on them is only valid while they are unchanged, so callers that rely
-on it must guard on them at run time (see runtime.guards).
+on it must guard on them at run time (see runtime.guards). A value whose computation writes
+into a placeholder's storage is not evaluated (that would change the model's state).
 """
 from __future__ import annotations
 
 import torch
 
 from ir.graph import Call, Graph, Node, Ref, map_refs
+from ir.mutation import storages
 from ir.to_fx import LOWERINGS
 
 MAX_ELEMENTS = 1 << 26
@@ -22,6 +24,9 @@ MAX_ELEMENTS = 1 << 26
 def evaluate(graph: Graph, node: Node, pinned: dict[str, torch.Tensor]):
     """The real value of `node`, or None when it depends on a non-pinned input or is too big."""
     needed = graph.ancestors(node.name) | {node.name}
+    inputs = storages([graph.node(name).value for name in needed if graph.node(name).op == "placeholder"])
+    if any(graph.node(name).writes & inputs for name in needed):
+        return None  # evaluating it would write into the model's own state
     for name in needed:
         ancestor = graph.node(name)
         if ancestor.op == "placeholder" and name not in pinned:

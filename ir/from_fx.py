@@ -1,40 +1,31 @@
 """Import a torch.fx GraphModule (as TorchDynamo hands it over) into the IR.
 
-Every fx node becomes one IR node. Calls that ir.spellings recognises get their canonical
-op and attrs; everything else becomes an opaque "torch" op. Either way the node keeps its
-original fx call (with Refs to its inputs), so lowering can write it back unchanged.
+In-place writes are read first as new versions of the tensors they write (ir.mutation), so
+every read after a write reads the write. Every fx node then becomes one IR node. Calls that
+ir.spellings recognises get their canonical op and attrs; everything else becomes an opaque
+"torch" op. Either way the node keeps its original fx call (with Refs to its inputs), so
+lowering can write it back unchanged. A node whose write another node may observe records the
+storages it writes (`Node.writes`): it is never dropped, and nothing reads across it.
 """
 from __future__ import annotations
 
 import torch.fx
 
+from ir import mutation
 from ir.graph import Call, Graph, Node, Ref
 from ir.spellings import normalise
 from ir.types import TensorType
 
 
 OPAQUE = ("torch", "placeholder", "output", "get_attr")  # ops whose inputs all count as read
-IN_PLACE_METHODS = ("masked_fill_", "mul_", "div_", "add_", "sub_", "relu_")
 
 
 def from_fx(gm: torch.fx.GraphModule) -> Graph:
-    _read_through_in_place_calls(gm.graph)
+    mutation.functionalise(gm.graph)
     graph = Graph(owner=gm)
     for order, fx_node in enumerate(gm.graph.nodes):
         graph.add(_import_node(fx_node, float(order)))
     return graph
-
-
-def _read_through_in_place_calls(fx_graph: torch.fx.Graph) -> None:
-    """`x.masked_fill_(m, v)` written as a statement, x read again after it: those later reads
-    read the call's result instead, the same tensor (these methods return x), so the rewrite is
-    exact. x's last reads then go through the call, which ir.spellings may read functionally."""
-    position = {node: index for index, node in enumerate(fx_graph.nodes)}
-    for node in fx_graph.nodes:
-        target = node.args[0] if node.op == "call_method" and node.target in IN_PLACE_METHODS and node.args else None
-        if isinstance(target, torch.fx.Node):
-            for user in [user for user in target.users if position[user] > position[node]]:
-                user.replace_input_with(target, node)
 
 
 def _import_node(fx_node: torch.fx.Node, order: float) -> Node:
@@ -54,6 +45,8 @@ def _import_node(fx_node: torch.fx.Node, order: float) -> Node:
         torch.fx.node.map_arg(fx_node.kwargs, to_ref),
     )
     value = fx_node.meta.get("example_value", fx_node.meta.get("val"))
+    observable = op in OPAQUE or attrs.get("inplace") is True  # else ir.spellings read the write functionally
+    written = [arg.meta.get("example_value") for arg in mutation.writes(fx_node)] if observable else []
     return Node(
         name=fx_node.name,
         op=op,
@@ -65,6 +58,7 @@ def _import_node(fx_node: torch.fx.Node, order: float) -> Node:
         fx_node=fx_node,
         order=order,
         value_inputs=None if op in OPAQUE else len(canonical_inputs),
+        writes=frozenset(mutation.storages(written)),
     )
 
 

@@ -4,6 +4,12 @@ A Node has a canonical `op` name with normalised `attrs` (what passes match on),
 of the nodes it reads (`inputs`, in order), its TensorType, and a `call`: how to lower it
 back to fx (the original fx call with `Ref(i)` standing for the i-th input). Nodes created
 by rewrites have no call; ir.to_fx lowers them from the op table instead.
+
+A node that writes a tensor in place lists the storages it writes (`writes`). The graph keeps
+one invariant about them: no node reads a tensor across a write to its storage, that is, for
+an input made at order a and a reader at order c, no write at a < b < c, unless the reader
+names the write among its inputs (ir.mutation's new versions do). `add` refuses a node that
+would break it (StaleRead), so a rewrite that looks through a producer cannot miss a write.
 """
 from __future__ import annotations
 
@@ -14,7 +20,16 @@ from typing import Any, Iterator
 import networkx as nx
 import torch.fx
 
+from ir.mutation import storages
 from ir.types import TensorType
+
+
+class StaleRead(ValueError):
+    """A node would read `source` across the in-place write `write` to its storage."""
+
+    def __init__(self, reader: str, source: str, write: str):
+        super().__init__(f"{reader} would read {source} across the in-place write {write}")
+        self.reader, self.source, self.write = reader, source, write
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class Node:
     # inputs[:value_inputs] are read for their values; later ones only for their shape or dtype
     # (y in x.expand_as(y), x.type_as(y)). None: every input is read for its values.
     value_inputs: int | None = None
+    writes: frozenset = frozenset()  # storages this node writes in place (observably)
 
     def __repr__(self) -> str:
         return f"{self.name} = {self.op}({', '.join(self.inputs)})"
@@ -71,11 +87,18 @@ class Graph:
         self.owner = owner
         self.nx = nx.DiGraph()
         self._names = itertools.count()
+        self._writers: dict[object, list[str]] = {}  # storage -> names of the nodes that write it
 
     # -- building -------------------------------------------------------------
-    def add(self, node: Node) -> Node:
+    def add(self, node: Node, allowed_writes=()) -> Node:
+        """Add `node`; StaleRead when it would read an input across a write (but `allowed_writes`)."""
         if node.name in self.nx:
             raise ValueError(f"duplicate IR node name {node.name!r}")
+        stale = self.stale_read(node, allowed=allowed_writes)
+        if stale is not None:
+            raise StaleRead(node.name, *stale)
+        for key in node.writes:
+            self._writers.setdefault(key, []).append(node.name)
         self.nx.add_node(node.name, node=node)
         for source in node.inputs:
             self.nx.add_edge(source, node.name)
@@ -107,6 +130,27 @@ class Graph:
     def ancestors(self, name: str) -> set[str]:
         return nx.ancestors(self.nx, name)
 
+    def stale_read(self, node: Node, position=None, allowed=()) -> tuple[str, str] | None:
+        """(input, write) when `node` reads an input across a write to its storage, else None.
+
+        `position` places nodes (default: their order); writes named in `allowed` do not count."""
+        if not self._writers:
+            return None
+        position = position or (lambda name: node.order if name == node.name else self.node(name).order)
+        for source in node.inputs:
+            made = self.node(source) if source in self.nx else None
+            for key in storages(made.value) if made is not None else ():
+                for write in self._writers.get(key, ()):
+                    between = write in self.nx and position(source) < position(write) < position(node.name)
+                    if between and write not in node.inputs and write != node.name and write not in allowed:
+                        return source, write
+        return None
+
+    def writers_of(self, names) -> set[str]:
+        """The nodes that write the storage of any of these nodes' values."""
+        keys = set().union(*(storages(self.node(name).value) for name in names))
+        return {write for key in keys for write in self._writers.get(key, ()) if write in self.nx}
+
     def placeholders(self) -> list[Node]:
         return [node for node in self if node.op == "placeholder"]
 
@@ -133,6 +177,8 @@ class Graph:
     def remove(self, name: str) -> None:
         if any(True for _ in self.nx.successors(name)):
             raise ValueError(f"cannot remove {name}: it still has users")
+        for key in self.node(name).writes:
+            self._writers[key].remove(name)
         self.nx.remove_node(name)
 
     def eliminate_dead_code(self, is_pure) -> int:

@@ -65,8 +65,11 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from ir import mutation
+
 Normalised = tuple[str, dict, list]
 INDEX_DTYPES = (torch.int32, torch.int64)
+IN_PLACE_AWARE: set[Callable] = set()  # normalisers that read an in-place call (see _in_place, relu)
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default=None):
@@ -304,7 +307,7 @@ def _binary(op: str) -> Callable:
     return normalise
 
 
-FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast"}
+FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast", "conv1d"}
 
 
 def _in_place(functional: str | Callable) -> Callable:
@@ -313,8 +316,9 @@ def _in_place(functional: str | Callable) -> Callable:
     functional = _binary(functional) if isinstance(functional, str) else functional
 
     def normalise_in_place(node) -> Normalised | None:
-        return functional(node) if _unobserved_fresh(node.args[0]) else None
+        return functional(node) if _unobserved_write(node) else None
 
+    IN_PLACE_AWARE.add(normalise_in_place)
     return normalise_in_place
 
 
@@ -423,8 +427,14 @@ def linear(node) -> Normalised | None:
 
 def relu(node) -> Normalised:
     """attrs["inplace"] stays True only when something else can observe the input's old value."""
-    in_place = node.target in (torch.relu_, "relu_") or bool(_arg(node, 1, "inplace", False))
-    return "relu", {"inplace": in_place and not _unobserved_fresh(node.args[0])}, [node.args[0]]
+    in_place = bool(mutation.writes(node))
+    return "relu", {"inplace": in_place and not _unobserved_write(node)}, [node.args[0]]
+
+
+def _unobserved_write(node) -> bool:
+    """Can `node`, which writes its first argument in place, be read as the functional op? Yes when
+    that argument is a fresh result nothing else reads and no view of it reads the write."""
+    return _unobserved_fresh(node.args[0]) and not mutation.seen_through_alias(node)
 
 
 METADATA_READS = ("expand_as", "view_as", "reshape_as", "type_as")  # x.expand_as(y) reads y's shape only
@@ -594,6 +604,7 @@ FUNCTIONS: dict[Callable, Callable] = {
 }
 
 TUPLE_RESULTS = {multi_head_attention}  # normalisers of calls that return a tuple of tensors
+IN_PLACE_AWARE.add(relu)
 
 METHODS: dict[str, Callable] = {
     "matmul": matmul, "bmm": matmul, "mm": matmul, "__matmul__": matmul, "addmm": addmm, "baddbmm": addmm,
@@ -624,4 +635,6 @@ def normalise(node: torch.fx.Node) -> Normalised | None:
         normaliser = None
     if normaliser is None or not (_is_tensor_node(node) or normaliser in TUPLE_RESULTS):
         return None
+    if normaliser not in IN_PLACE_AWARE and mutation.writes(node):
+        return None  # a call that writes one of its arguments (out=, inplace=True) stays as written
     return normaliser(node)

@@ -3,6 +3,8 @@
     - the graph is acyclic and every input names a node in the graph
     - edges mirror inputs exactly
     - there is exactly one output node, and every node has a way to be lowered
+    - no node reads a tensor across an in-place write to its storage, in the order lowering
+      emits them (ir.graph's invariant)
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def verify(graph: Graph) -> None:
     outputs = [node for node in graph if node.op == "output"]
     if len(outputs) != 1:
         raise VerificationError(f"expected one output node, found {len(outputs)}")
+    position = {node.name: index for index, node in enumerate(graph)}
     for node in graph:
         for source in node.inputs:
             if source not in graph:
@@ -30,3 +33,6 @@ def verify(graph: Graph) -> None:
             raise VerificationError(f"{node.name}: edges do not match inputs {node.inputs}")
         if node.call is None and "module" not in node.attrs and node.op not in LOWERINGS:
             raise VerificationError(f"{node.name}: op {node.op} cannot be lowered")
+        stale = graph.stale_read(node, position.__getitem__)
+        if stale is not None:
+            raise VerificationError(f"{node.name} reads {stale[0]} across the in-place write {stale[1]}")

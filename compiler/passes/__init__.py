@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compiler.report import Fused, NearMiss, Report
-from ir.graph import Graph, Node
+from ir.graph import Graph, Node, StaleRead
 
 
 class NoMatch(Exception):
@@ -31,16 +31,36 @@ class PassContext:
     mode: str = "default"
 
     def fuse(self, graph: Graph, anchor: Node, op, inputs: list[str], replaced: list[str], detail: str) -> Node:
-        """Replace `anchor` (the last node of a match) by a call to the fused op module `op`."""
+        """Replace `anchor` (the last node of a match) by a call to the fused op module `op`.
+
+        Raises NoMatch when a replaced node writes memory someone else may see, or when the fused
+        op would read an input across an in-place write to it (ir.graph's invariant). A write that
+        reads the match's own results (state.copy_(h) of a decode step) comes after the fused op."""
+        writers = [graph.node(name) for name in replaced if name in graph and graph.node(name).writes]
+        if writers:
+            raise NoMatch(writers[0], "writes a tensor in place that something else reads afterwards")
+        written = graph.writers_of([anchor.name]) - set(replaced)
+        if written:  # the fused op's output need not alias what the anchor's did
+            raise NoMatch(graph.node(min(written)), f"writes {anchor.name} (or a view of it) in place")
         name = graph.fresh_name(op.pattern)
         op.label = name
         fused = Node(name=name, op=op.pattern, inputs=inputs, attrs={"module": op},
                      type=anchor.type, value=anchor.value, order=anchor.order)
-        graph.add(fused)
+        try:
+            graph.add(fused, allowed_writes=self._writes_after(graph, replaced, inputs))
+        except StaleRead as stale:
+            raise NoMatch(graph.node(stale.write), f"writes {stale.source} in place before the fused op "
+                                                   "would read it") from None
         graph.replace_uses(anchor.name, name)
         self.report.fused.append(Fused(self.graph_index, op.pattern, name, detail, tuple(replaced)))
         self.report.ops.append(op)
         return fused
+
+    @staticmethod
+    def _writes_after(graph: Graph, replaced: list[str], inputs: list[str]) -> set[str]:
+        """Writes to the inputs' storage that read a replaced node: they follow the fused op."""
+        replaced = set(replaced)
+        return {write for write in graph.writers_of(inputs) if graph.ancestors(write) & replaced}
 
     def near_miss(self, pattern: str, anchor: Node, node: str, reason: str) -> None:
         self.report.near_misses.append(NearMiss(self.graph_index, pattern, anchor.name, node, reason))

@@ -397,7 +397,8 @@ class SiluMasked(MaskedMLP):
 
 
 class InplaceReluObserved(MaskedMLP):
-    """nn.ReLU(inplace=True) over a projection the model also returns: the ReLU overwrites it."""
+    """nn.ReLU(inplace=True) over a projection the model also returns: the ReLU overwrites it, so the
+    output reads the ReLU's result (ir.mutation), which the fused op would keep private."""
 
     def __init__(self, d, ffn):
         super().__init__(d, ffn)
@@ -448,7 +449,7 @@ def near_miss_args(module_type):
 @pytest.mark.parametrize("module_type, node, reason", [
     (SiluGathered, "h", "silu is not an activation the kernel fuses (relu, gelu, gelu tanh)"),
     (SiluMasked, "silu", "silu is not an activation the kernel fuses"),
-    (InplaceReluObserved, "relu", "in-place relu"),
+    (InplaceReluObserved, "relu", "also read by output"),
     (TrainingDropout, "h", "dropout is active (training mode) between the activation and the down projection"),
     (PerRowIndices, "getitem_2", "idx is 2-D: the kernels take one 1-D set of neurons"),
     (TwoIndices, "getitem", "W1 and W2 are not gathered by the same idx"),

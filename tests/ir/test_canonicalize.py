@@ -109,11 +109,11 @@ class FilledBuffers(nn.Module):
 def test_filled_buffers_become_stacks():
     x = torch.randn(2, 3, 4)
     _, graph = imported(FilledBuffers(), x)
-    graph.eliminate_dead_code(lambda node: node.attrs.get("target") != "setitem")
+    graph.eliminate_dead_code(lambda node: not node.writes)
     verify(graph)
     stacks = [node for node in graph if node.op == "stack"]
     assert len(stacks) == 1 and stacks[0].attrs["dim"] == 2 and len(stacks[0].inputs) == 4
-    assert sum(node.attrs.get("target") == "setitem" for node in graph) == 6  # early, wider, part as written
+    assert sum(node.attrs.get("target") == "assign" for node in graph) == 6  # early, wider, part as written
     unsqueezed = [node for node in graph if node.op == "reshape" and graph.node(node.inputs[0]).op == "select"]
     assert [graph.node(node.inputs[0]).attrs for node in unsqueezed] == [{"dim": 2, "index": 1}]
     for ours, eager in zip(to_fx(graph)(x), FilledBuffers()(x)):
