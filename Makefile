@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
-.PHONY: demo test gpu-bench
+.PHONY: demo test gpu-bench gpu-check
 demo: $(STAMP)
 	$(PY) -m compiler demo
 
@@ -19,3 +19,6 @@ test: $(STAMP)
 
 gpu-bench:  # one suite group per call on the GPU machine: see benchmarks/run_all.py
 	PYTHONPATH=. python benchmarks/run_all.py --budget-s 500 $(if $(SUITES),--suites $(SUITES))
+
+gpu-check:  # the five-minute GPU check: tests, then headline configs; see benchmarks/gpu_check.py
+	PYTHONPATH=. python3 benchmarks/gpu_check.py --out $${OUT:-gpu-check-out}

@@ -31,14 +31,19 @@ class SdpaDecode(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, *mask, enable_gqa=True)
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    """headline (benchmarks/gpu_check.py): the small-cache GQA row where SDPA is furthest from the
+    floor, a large-batch row at it, and a 64-token tree (quick: the batch-1 rows)."""
     if quick:
-        return [dict(batch=1, q_heads=4, kv_heads=2, q_len=1, kv_len=512, head_dim=32, mask="none"),
-                dict(batch=2, q_heads=4, kv_heads=4, q_len=1, kv_len=300, head_dim=32, mask="none"),
-                dict(batch=1, q_heads=4, kv_heads=2, q_len=4, kv_len=512, head_dim=32, mask="tree")]
+        configs = [dict(batch=1, q_heads=4, kv_heads=2, q_len=1, kv_len=512, head_dim=32, mask="none"),
+                   dict(batch=2, q_heads=4, kv_heads=4, q_len=1, kv_len=300, head_dim=32, mask="none"),
+                   dict(batch=1, q_heads=4, kv_heads=2, q_len=4, kv_len=512, head_dim=32, mask="tree")]
+        return [config for config in configs if config["batch"] == 1] if headline else configs
     decode = [(1, 8192, 32, 4), (1, 8192, 32, 32), (1, 32768, 32, 8), (8, 8192, 32, 4), (1, 131072, 32, 4),
               (16, 32768, 32, 32), (64, 4096, 32, 8)]
     trees = [(1, 16, 8192, 32, 8), (1, 64, 8192, 32, 8), (8, 16, 4096, 32, 8)]
+    if headline:
+        decode, trees = [(1, 8192, 32, 4), (64, 4096, 32, 8)], [(1, 64, 8192, 32, 8)]
     return ([dict(batch=b, q_heads=hq, kv_heads=hkv, q_len=1, kv_len=lk, head_dim=128, mask="none")
              for b, lk, hq, hkv in decode]
             + [dict(batch=b, q_heads=hq, kv_heads=hkv, q_len=lq, kv_len=lk, head_dim=128, mask="tree")
@@ -104,6 +109,6 @@ def measure(config: dict, device, dtype) -> Row:
     return Row("attention_decode", config, ours, peer_ms, work=work, notes="" if used else "decode kernel not used")
 
 
-def run(quick: bool, device: torch.device) -> list[Row]:
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("attention_decode", grid(quick), lambda config: measure(config, device, dtype))
+    return run_configs("attention_decode", grid(quick, headline), lambda config: measure(config, device, dtype))

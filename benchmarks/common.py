@@ -4,16 +4,23 @@ Timing uses triton.testing.do_bench (median of many runs, L2 flushed) on CUDA an
 wall-clock loop on the CPU (only for `--quick` smoke runs of the harness itself). Peers that
 take seconds per call (Python loops over a sequence) use `wall_ms`, which calls them twice.
 
-Time budget: run_all gives each suite a deadline (`set_time_budget`) and a hook that writes
-each finished row out (`set_row_hook`); `run_configs` measures configs until the deadline passes
-and reports the rest as rows that did not run, so a call on the GPU machine ends inside its
-limit, and a call killed at its limit still leaves every finished row behind.
+Time budget: `Budget` shares a call's seconds among its parts (GPU tests, suites) in proportion
+to their estimates. run_all and gpu_check run each suite through `run_suite`, which gives it a
+deadline (`set_time_budget`) and a hook that writes each finished row out (`set_row_hook`);
+`run_configs` measures configs until the deadline passes and reports the rest as rows that did
+not run, so a call on the GPU machine ends inside its limit, and a call killed at its limit
+still leaves every finished row behind. `run_pytest` runs the GPU tests in a subprocess that is
+stopped, xdist workers and all, when its share of the budget is spent.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository: pytest runs from here
 _deadline = math.inf  # time.monotonic() after which run_configs starts no new config
 _row_hook: Callable[[Row], None] | None = None  # called with each row run_configs finishes
 
@@ -161,6 +169,23 @@ def seconds_left() -> float:
     return _deadline - time.monotonic()
 
 
+class Budget:
+    """Shares `total_s` among the parts still to run, in proportion to their estimated seconds;
+    time a part leaves unused passes to the parts after it."""
+
+    def __init__(self, total_s: float | None, estimates_s: dict[str, float]):
+        self.end = None if total_s is None else time.monotonic() + total_s
+        self.estimates_s = dict(estimates_s)  # the parts still to run
+
+    def share(self, part: str) -> float | None:
+        """Seconds for `part`, which runs now; None without a budget."""
+        remaining = sum(self.estimates_s.values())
+        estimate = self.estimates_s.pop(part)
+        if self.end is None:
+            return None
+        return max(0.0, self.end - time.monotonic()) * estimate / remaining
+
+
 def _finished(rows: list[Row], row: Row) -> None:
     rows.append(row)
     if _row_hook is not None:
@@ -185,6 +210,43 @@ def run_configs(suite: str, configs: Iterable[dict], measure: Callable[[dict], R
             torch.cuda.empty_cache()
         _finished(rows, row)
     return rows
+
+
+def run_suite(name: str, run: Callable[[], list[Row]], payload: dict, write: Callable[[], None],
+              seconds: float | None) -> None:
+    """run() with `seconds` of budget into payload["suites"][name], calling write() after each
+    row; a suite that raises keeps the rows it finished and gets a row saying why it stopped."""
+    finished = payload["suites"][name] = []
+
+    def write_row(row: Row) -> None:
+        finished.extend(rows_payload([row]))
+        write()
+
+    set_time_budget(seconds)
+    set_row_hook(write_row)
+    try:
+        payload["suites"][name] = rows_payload(run())
+    except Exception as error:  # recorded in the results, the next suite runs
+        write_row(Row(name, {}, None, notes=f"suite stopped: {type(error).__name__}: {error}"[:300]))
+    finally:
+        set_row_hook(None)
+
+
+def run_pytest(args: list[str], log: Path, timeout_s: float | None) -> dict:
+    """`python -m pytest *args` from the repository root, its output in `log`, stopped with its
+    xdist workers (one process group) after timeout_s: {"returncode", "summary": pytest's last
+    line} or {"timed_out_s"}."""
+    command = [sys.executable, "-m", "pytest", *args]
+    with log.open("w") as stream:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, process_group=0,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return {"timed_out_s": round(timeout_s)}
+    return {"returncode": returncode, "summary": (log.read_text().strip().splitlines() or [""])[-1]}
 
 
 def device_name() -> str:

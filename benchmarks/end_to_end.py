@@ -60,10 +60,13 @@ def llama_gqa(tiny: bool, max_length: int) -> tuple[nn.Module, int]:
 MODELS = {"gpt2-small": gpt2_small, "llama-gqa": llama_gqa}
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    """headline (benchmarks/gpu_check.py): GPT-2 small at L 1024, the anchors' row."""
     if quick:
-        return [dict(model=name, batch=1, seqlen=64) for name in MODELS]
-    return [dict(model=name, batch=8, seqlen=length) for length in (1024, 4096) for name in MODELS]
+        configs = [dict(model=name, batch=1, seqlen=64) for name in MODELS]
+    else:
+        configs = [dict(model=name, batch=8, seqlen=length) for length in (1024, 4096) for name in MODELS]
+    return configs[:1] if headline else configs
 
 
 def _seconds(value: float | None) -> str:
@@ -91,6 +94,6 @@ def measure(config: dict, device, dtype, quick: bool) -> Row:
     return Row("end_to_end", config, ours, peer_ms, notes=notes)
 
 
-def run(quick: bool, device: torch.device) -> list[Row]:
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("end_to_end", grid(quick), lambda config: measure(config, device, dtype, quick))
+    return run_configs("end_to_end", grid(quick, headline), lambda config: measure(config, device, dtype, quick))

@@ -23,6 +23,8 @@ from models.h3 import fftconv_ref
 
 FULL_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 ROWS_AT = {32768: 32, 65536: 16}  # batch where 64 rows of fp32 spectra would not fit in 80 GB
+HEADLINE = {False: {"long": (2048, 16384), "short": (8192,)},  # H3's length and a Hyena-long one
+            True: {"long": (64, 256), "short": (256,)}}  # by quick
 MODELS = {
     "h3-tiny": lambda batch, length: h3.example(h3.H3Config.tiny(), batch, length),
     "hyena-tiny": lambda batch, length: hyena.example(hyena.HyenaConfig.tiny(), batch, length),
@@ -55,14 +57,19 @@ class ShortConv(nn.Module):
         return torch.nn.functional.silu(self.conv(x)[..., :x.shape[-1]])
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    """headline (benchmarks/gpu_check.py): the convolutions at HEADLINE's lengths, no models."""
     if quick:
         convs = [dict(op=op, batch=1, channels=8, seqlen=length) for op in ("long", "short") for length in (64, 256)]
-        return convs + [dict(op="model", model=name, batch=1, seqlen=64) for name in ("h3-tiny", "hyena-tiny")]
-    convs = [dict(op=op, batch=ROWS_AT.get(length, 64), channels=768, seqlen=length)
-             for op in ("long", "short") for length in FULL_LENGTHS]
-    return convs + [dict(op="model", model=name, batch=8, seqlen=length)
-                    for name in ("h3-125m", "hyena-150m") for length in (2048, 8192)]
+        models = [dict(op="model", model=name, batch=1, seqlen=64) for name in ("h3-tiny", "hyena-tiny")]
+    else:
+        convs = [dict(op=op, batch=ROWS_AT.get(length, 64), channels=768, seqlen=length)
+                 for op in ("long", "short") for length in FULL_LENGTHS]
+        models = [dict(op="model", model=name, batch=8, seqlen=length)
+                  for name in ("h3-125m", "hyena-150m") for length in (2048, 8192)]
+    if headline:
+        return [config for config in convs if config["seqlen"] in HEADLINE[quick][config["op"]]]
+    return convs + models
 
 
 def _workload(config: dict, device, dtype) -> tuple[nn.Module, tuple, dict, str]:
@@ -93,6 +100,6 @@ def measure(config: dict, device, dtype) -> Row:
     return Row("long_conv", config, ours, peer_ms, work=work, notes=notes)
 
 
-def run(quick: bool, device: torch.device) -> list[Row]:
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("long_conv", grid(quick), lambda config: measure(config, device, dtype))
+    return run_configs("long_conv", grid(quick, headline), lambda config: measure(config, device, dtype))

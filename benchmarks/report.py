@@ -18,6 +18,14 @@ def _unit(row: dict) -> str:
     return "TB/s" if "bytes" in row["work"] else ""
 
 
+def ceiling_fraction(row: dict, ceilings: dict) -> float | None:
+    """Our rate over the measured ceiling of its unit (bf16 matmul or copy bandwidth); None for
+    rows that only compare times, rows that did not run and runs without ceilings."""
+    ours_rate = _rate(row, row["ours_ms"])
+    ceiling = ceilings.get("matmul_tflops" if _unit(row) == "TFLOP/s" else "copy_tbps")
+    return ours_rate / ceiling if ours_rate and ceiling else None
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -40,7 +48,6 @@ def _groups(rows: list[dict]) -> list[list[dict]]:
 def _table(rows: list[dict], ceilings: dict) -> list[str]:
     peers = list(rows[0]["peers_ms"])
     unit = _unit(rows[0])
-    ceiling = ceilings.get("matmul_tflops" if unit == "TFLOP/s" else "copy_tbps")
     if unit:
         header = ["config", "ours ms", f"ours {unit}"] + [f"{p} {unit}" for p in peers]
     else:
@@ -56,7 +63,7 @@ def _table(rows: list[dict], ceilings: dict) -> list[str]:
             cells += [_fmt(row["peers_ms"][p], 3) for p in peers]
         cells += [_fmt(row["ratios"][p], 2) for p in peers]
         if unit:
-            cells.append(_fmt(ours_rate / ceiling, 2) if ours_rate and ceiling else "")
+            cells.append(_fmt(ceiling_fraction(row, ceilings), 2))
         lines.append("| " + " | ".join(cells) + " |" + (f" {row['notes']}" if row["notes"] else ""))
     return lines + [""]
 
@@ -70,20 +77,38 @@ def suite_table(name: str, rows: list[dict], ceilings: dict) -> list[str]:
     return lines
 
 
-def markdown(payload: dict) -> str:
+def _tests_lines(tests: dict) -> list[str]:
+    """The GPU tests' summary, then, where the outcomes were recorded, one line per test."""
+    lines = ["## GPU tests", ""] + [f"- {key}: {value}" for key, value in tests.items() if key != "outcomes"]
+    if tests.get("outcomes"):
+        lines += ["", "| test | outcome |", "|---|---|"]
+        lines += [f"| {test} | {outcome} |" for test, outcome in tests["outcomes"].items()]
+    return lines + [""]
+
+
+def _not_run_lines(payload: dict) -> list[str]:
+    """Every test and config that did not run, and why."""
+    tests = [f"- {test}: {outcome}" for test, outcome in payload["gpu_tests"].get("outcomes", {}).items()
+             if outcome.startswith("not run")]
+    rows = [f"- {name} {_config_label(row['config'])}: {row['notes']}" for name, rows in payload["suites"].items()
+            for row in rows if row["notes"].startswith("not run")]
+    return ["## Not run", ""] + (tests + rows or ["- nothing: every test and config ran"]) + [""]
+
+
+def markdown(payload: dict, title: str = "flashfx benchmarks") -> str:
     ceilings = payload["ceilings"]
     lines = [
-        f"# flashfx benchmarks, {payload['date']}, {payload['device']} (torch {payload['torch']})",
+        f"# {title}, {payload['date']}, {payload['device']} (torch {payload['torch']})",
         "",
         f"Ceilings measured in this run: {ceilings or 'none (no GPU)'}. Ratios are peer time / our time "
         "(above 1: we are faster).",
-        f"GPU tests: {payload['gpu_tests']}",
         f"Seconds per part: {payload.get('elapsed_s') or 'not recorded'}",
         "",
     ]
+    lines += _tests_lines(payload["gpu_tests"])
     for name, rows in payload["suites"].items():
         lines += suite_table(name, rows, ceilings)
-    return "\n".join(lines)
+    return "\n".join(lines + _not_run_lines(payload))
 
 
 def _draw(axis, rows: list[dict], x_key: str, value) -> None:

@@ -1,4 +1,6 @@
 """GPU tests, then benchmark suites, written under $OUT; also merges the results of several calls.
+For the five-minute overview (a test subset and each family's headline configs in one call), see
+benchmarks/gpu_check.py; this runs the full suites, one or a few per call.
 
     PYTHONPATH=. python benchmarks/run_all.py                 # everything, results in $OUT (~29 min: see below)
     PYTHONPATH=. python benchmarks/run_all.py --quick --out d  # smoke run of the harness (CPU ok)
@@ -56,7 +58,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,8 +66,7 @@ import torch
 
 from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan,
                         warm_start)
-from benchmarks.common import (Row, device_name, measure_ceilings, rows_payload, set_row_hook, set_time_budget,
-                               write_json)
+from benchmarks.common import Budget, device_name, measure_ceilings, run_pytest, run_suite, write_json
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
           "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
@@ -79,16 +79,7 @@ ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start"
 def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"]
-    log = out / "gpu_tests.txt"
-    with log.open("w") as stream:
-        try:
-            result = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                    env={**os.environ, "PYTHONPATH": "."})
-        except subprocess.TimeoutExpired:
-            return {"timed_out_s": timeout_s}
-    summary = (log.read_text().strip().splitlines() or [""])[-1]
-    return {"returncode": result.returncode, "summary": summary}
+    return run_pytest(["-q", "-m", "gpu", "tests"], out / "gpu_tests.txt", timeout_s)
 
 
 def write_results(out: Path, payload: dict, plots: bool = True) -> None:
@@ -98,44 +89,10 @@ def write_results(out: Path, payload: dict, plots: bool = True) -> None:
         report.plots(payload, out)
 
 
-class Budget:
-    """Shares `total_s` among the parts still to run, in proportion to ESTIMATE_S."""
-
-    def __init__(self, total_s: float | None, parts: list[str]):
-        self.end = None if total_s is None else time.monotonic() + total_s
-        self.parts = list(parts)
-
-    def share(self, part: str) -> float | None:
-        """Seconds for `part`, which runs now; None without a budget."""
-        later = self.parts[self.parts.index(part):]
-        self.parts.remove(part)
-        if self.end is None:
-            return None
-        left = max(0.0, self.end - time.monotonic())
-        return left * ESTIMATE_S[part] / sum(ESTIMATE_S[name] for name in later)
-
-
-def run_suite(name: str, quick: bool, device, payload: dict, out: Path) -> None:
-    """Run one suite, writing the results after each of its rows; a suite that raises keeps the
-    rows it finished and gets a row saying why it stopped."""
-    finished = payload["suites"][name] = []
-
-    def write_row(row: Row) -> None:
-        finished.extend(rows_payload([row]))
-        write_results(out, payload, plots=False)
-
-    set_row_hook(write_row)
-    try:
-        payload["suites"][name] = rows_payload(SUITES[name](quick, device))
-    except Exception as error:  # recorded in the results, the next suite runs
-        write_row(Row(name, {}, None, notes=f"suite stopped: {type(error).__name__}: {error}"[:300]))
-    finally:
-        set_row_hook(None)
-
-
 def measure(options, suites: list[str], out: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    budget = Budget(options.budget_s, ([] if options.skip_tests else [TESTS]) + suites)
+    parts = ([] if options.skip_tests else [TESTS]) + suites
+    budget = Budget(options.budget_s, {part: ESTIMATE_S[part] for part in parts})
     payload = {
         "date": datetime.date.today().isoformat(),
         "device": device_name(),
@@ -152,8 +109,8 @@ def measure(options, suites: list[str], out: Path) -> None:
         write_results(out, payload)
     for name in suites:
         start = time.monotonic()
-        set_time_budget(budget.share(name))
-        run_suite(name, options.quick, device, payload, out)
+        run_suite(name, lambda: SUITES[name](options.quick, device), payload,
+                  lambda: write_results(out, payload, plots=False), budget.share(name))
         payload["elapsed_s"][name] = round(time.monotonic() - start, 1)
         write_results(out, payload)
 

@@ -58,15 +58,21 @@ def index_select_mlp(mlp: GatheredMLP, x, idx):
     return F.linear(F.relu(F.linear(x, w1, mlp.fc1.bias.index_select(0, idx))), w2, mlp.fc2.bias)
 
 
-def grid(quick: bool) -> list[dict]:
-    """MLP rows grouped by width (one set of weights each), then the layer rows."""
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    """MLP rows grouped by width (one set of weights each), then the layer rows. headline
+    (benchmarks/gpu_check.py): the anchors' d 4096 rows at 10%, batch 1 and 16 (quick: d 64, 1 and 4)."""
     if quick:
         mlps = [dict(op="mlp", d=64, ffn=256, batch=batch, density=density)
                 for batch in (1, 4) for density in (0.1, 0.25)]
-        return mlps + [dict(op="layer", model="dejavu-tiny", batch=1)]
-    mlps = [dict(op="mlp", d=d, ffn=4 * d, batch=batch, density=density)
-            for d in (4096, 8192, 12288) for batch in (1, 4, 16, 64) for density in (0.05, 0.1, 0.25)]
-    return mlps + [dict(op="layer", model="opt-6.7b", batch=batch) for batch in (1, 16)]
+        layers = [dict(op="layer", model="dejavu-tiny", batch=1)]
+    else:
+        mlps = [dict(op="mlp", d=d, ffn=4 * d, batch=batch, density=density)
+                for d in (4096, 8192, 12288) for batch in (1, 4, 16, 64) for density in (0.05, 0.1, 0.25)]
+        layers = [dict(op="layer", model="opt-6.7b", batch=batch) for batch in (1, 16)]
+    if headline:
+        batches = (1, 4) if quick else (1, 16)
+        return [mlp for mlp in mlps if mlp["d"] == mlps[0]["d"] and mlp["batch"] in batches and mlp["density"] == 0.1]
+    return mlps + layers
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,9 +133,10 @@ def measure_layer(config: dict, device, dtype) -> Row:
     return Row("sparse_mlp", config, ours, peer_ms, notes=f"{fired}first calls: {firsts}")
 
 
-def run(quick: bool, device: torch.device) -> list[Row]:
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measure = {"mlp": measure_mlp, "layer": measure_layer}
-    rows = run_configs("sparse_mlp", grid(quick), lambda config: measure[config["op"]](config, device, dtype))
+    rows = run_configs("sparse_mlp", grid(quick, headline),
+                       lambda config: measure[config["op"]](config, device, dtype))
     _weights.cache_clear()
     return rows

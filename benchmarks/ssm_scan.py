@@ -115,18 +115,21 @@ def scan_in_models(fn):
 
 
 # -- configs and inputs ----------------------------------------------------------------------
-def grid(quick: bool) -> list[dict]:
-    """Scan rows first (issue 5's targets), then decode, then the model (the slowest row)."""
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    """Scan rows first (issue 5's targets), then decode, then the model (the slowest row).
+    headline (benchmarks/gpu_check.py): one scan row and one decode row, a kernel each."""
     if quick:
         scans = [dict(op="scan", batch=1, dim=8, dstate=4, seqlen=length, loop=loop)
                  for length, loop in ((16, "unrolled"), (64, "rolled"))]
         decodes = [dict(op="decode", batch=batch, dim=8, dstate=4) for batch in (1, 2)]
-        return scans + decodes + [dict(op="model", model="mamba-tiny", batch=1, seqlen=16, loop="rolled")]
+        model = dict(op="model", model="mamba-tiny", batch=1, seqlen=16, loop="rolled")
+        return [scans[1], decodes[0]] if headline else scans + decodes + [model]
     scans = [dict(op="scan", batch=8, dim=1536, dstate=16, seqlen=length,
                   loop="rolled" if length >= ROLLED_FROM else "unrolled")
              for length in (256, 512, 1024, 2048, 4096, 8192)]
     decodes = [dict(op="decode", batch=batch, dim=1536, dstate=16) for batch in (1, 8, 64, 256)]
-    return scans + decodes + [dict(op="model", model="mamba-130m", batch=8, seqlen=2048, loop="rolled")]
+    model = dict(op="model", model="mamba-130m", batch=8, seqlen=2048, loop="rolled")
+    return [scans[3], decodes[2]] if headline else scans + decodes + [model]  # L 2048, batch 64
 
 
 def _channel_params(dim: int, dstate: int, device) -> tuple:
@@ -239,6 +242,6 @@ def measure_model(config: dict, device, dtype) -> Row:
 MEASURE = {"scan": measure_scan, "decode": measure_decode, "model": measure_model}
 
 
-def run(quick: bool, device: torch.device) -> list[Row]:
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("ssm_scan", grid(quick), lambda config: MEASURE[config["op"]](config, device, dtype))
+    return run_configs("ssm_scan", grid(quick, headline), lambda config: MEASURE[config["op"]](config, device, dtype))
