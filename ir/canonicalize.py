@@ -18,6 +18,9 @@
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
+    s = dst.copy_(src), src of dst's shape, dtype and device; readers of s's values
+    (not writes, not views of it)                       -> read src  (the copy stays: a cache
+                                                           update; mamba_ssm's decode step)
 
 ir.from_fx has already read every in-place write as a new version of what it writes, and a
 rewrite whose new node would read a tensor across such a write is abandoned (StaleRead), so
@@ -31,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ir.graph import Graph, Node, StaleRead
+from ir.mutation import storages
 from ir.types import TensorType
 
 
@@ -41,6 +45,9 @@ def canonicalize(graph: Graph) -> Graph:
                 _rewrite(graph, node)
             except StaleRead:
                 pass  # the nodes made so far are read by nothing: dead code removes them
+    for node in list(graph):  # after the identities are gone, so readers through them count
+        if node.op == "torch" and node.attrs["target"] == "copy_":
+            _forward_copied_value(graph, node)
     return graph
 
 
@@ -289,6 +296,26 @@ def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % (last + 1) == last
+
+
+# -- the value a copy_ wrote -------------------------------------------------------------
+def _forward_copied_value(graph: Graph, copy: Node) -> None:
+    """Readers of dst.copy_(src)'s values read src, which holds the same values: the copy (a write
+    the caller may see) stays, and a pattern sees through it. Readers that write, stand for a
+    later version, or view dst's memory keep reading dst."""
+    if len(copy.inputs) != 2 or copy.call is None or len(copy.call.args) != 2:
+        return
+    dst, src = (graph.node(name) for name in copy.inputs)
+    if dst.type is None or dst.type != src.type or dst.type.static_shape() is None:
+        return
+    memory = storages(copy.value)
+    for reader in graph.users(copy.name):
+        if reader.writes or reader.attrs.get("target") == "read_after_write" or storages(reader.value) & memory:
+            continue
+        inputs = list(reader.inputs)
+        graph.set_inputs(reader.name, [src.name if name == copy.name else name for name in inputs])
+        if graph.stale_read(reader) is not None:
+            graph.set_inputs(reader.name, inputs)
 
 
 # -- a buffer filled slice by slice ----------------------------------------------------

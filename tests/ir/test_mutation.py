@@ -14,6 +14,7 @@ from ir.from_fx import from_fx
 from ir.graph import Node, StaleRead
 from ir.verify import VerificationError, verify
 from tests.ir.test_canonicalize import capture, imported
+from tests.numerics import assert_close_by_rule
 
 
 class Writes(nn.Module):
@@ -203,3 +204,34 @@ def test_hugging_face_mamba_decodes_as_eager():
     for ours, eager in zip(decode(compiled), decode(model)):
         torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-4)
     assert "decode step" in compiled.report()
+
+
+class MambaSsmStep(nn.Module):
+    """mamba_ssm's Mamba.step without its Triton kernels: the state is written in place with copy_
+    and read back for the output (the caller's cache is that tensor)."""
+
+    def forward(self, ssm_state, x, dt, A, B, C, D, z, dt_bias):
+        dt = F.softplus(dt + dt_bias.to(dtype=dt.dtype))
+        dA = torch.exp(torch.einsum("bd,dn->bdn", dt, A))
+        dB = torch.einsum("bd,bn->bdn", dt, B)
+        ssm_state.copy_(ssm_state * dA + x[:, :, None] * dB)
+        y = torch.einsum("bdn,bn->bd", ssm_state.to(x.dtype), C)
+        y = y + D.to(x.dtype) * x
+        return y * F.silu(z)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_that_reads_its_state_back_fuses(dtype):
+    b, d, n = 3, 37, 16
+    args = [torch.randn(b, d, n), torch.randn(b, d), torch.randn(b, d) - 1, -torch.rand(d, n) - 0.5,
+            torch.randn(b, n), torch.randn(b, n), torch.randn(d), torch.randn(b, d), torch.randn(d)]
+    ours_args, baseline_args = [a.to(dtype) for a in args], [a.to(dtype) for a in args]
+    reference_args = [a.double() for a in args]
+    compiled = compiler.compile(MambaSsmStep())
+    with torch.no_grad():
+        ours = compiled(*ours_args)
+        baseline = MambaSsmStep()(*baseline_args)
+        reference = MambaSsmStep()(*reference_args)
+    assert compiled.patterns == ["ssm_scan"] and "decode step" in compiled.report(), compiled.report()
+    assert_close_by_rule(ours, baseline, reference)
+    assert_close_by_rule(ours_args[0], baseline_args[0], reference_args[0])  # the state, written in place
