@@ -22,6 +22,9 @@
     (not writes, not views of it)                       -> read src  (the copy stays: a cache
                                                            update; mamba_ssm's decode step)
 
+The rules are a table, REWRITES (op -> rewrites), that one driver applies to every node something
+reads, sweep after sweep, until a sweep changes nothing.
+
 ir.from_fx has already read every in-place write as a new version of what it writes, and a
 rewrite whose new node would read a tensor across such a write is abandoned (StaleRead), so
 none of these trusts a producer that a write changed.
@@ -31,6 +34,8 @@ fake values are computed by running the canonical torch op on the inputs' fake v
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ir.graph import Graph, Node, StaleRead
@@ -39,47 +44,45 @@ from ir.types import TensorType
 
 
 def canonicalize(graph: Graph) -> Graph:
-    for node in list(graph):
-        if node.name in graph:
-            try:
-                _rewrite(graph, node)
-            except StaleRead:
-                pass  # the nodes made so far are read by nothing: dead code removes them
-    for node in list(graph):  # after the identities are gone, so readers through them count
-        if node.op == "torch" and node.attrs["target"] == "copy_":
-            _forward_copied_value(graph, node)
+    """Apply REWRITES to every node that something reads, sweep after sweep, until a sweep changes
+    nothing (a rewrite may enable another: an identity dropped brings a copy's readers into view)."""
+    for _ in range(MAX_SWEEPS):
+        before = graph.changes
+        for node in list(graph):
+            for rewrite in REWRITES.get(_key(node), ()) if node.name in graph and graph.users(node.name) else ():
+                try:
+                    rewrite(graph, node)
+                except StaleRead:
+                    pass  # the nodes made so far are read by nothing: dead code removes them
+                if node.name not in graph:
+                    break
+        if graph.changes == before:
+            break
     return graph
 
 
-def _rewrite(graph: Graph, node: Node) -> None:
-    if (node.op == "identity" and node.attrs["alias"]) or (node.op == "dropout" and _is_noop_dropout(node)):
+def _key(node: Node) -> str:
+    return node.attrs["target"] if node.op == "torch" else node.op
+
+
+def _drop_alias(graph: Graph, node: Node) -> None:
+    if node.attrs["alias"]:
         graph.replace_uses(node.name, node.inputs[0])
-    elif node.op == "div" and node.attrs["scalar"] not in (None, 0) and not node.attrs["scalar_first"]:
+
+
+def _drop_noop_dropout(graph: Graph, node: Node) -> None:
+    if not node.attrs["training"] or node.attrs["p"] == 0:
+        graph.replace_uses(node.name, node.inputs[0])
+
+
+def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
+    if node.attrs["scalar"] not in (None, 0) and not node.attrs["scalar_first"]:
         node.op, node.attrs = "mul", {"scalar": 1.0 / node.attrs["scalar"], "scalar_first": False}
-    elif node.op == "einsum":
-        _rewrite_einsum(graph, node)
-    elif node.op == "addmm":
-        _rewrite_addmm(graph, node)
-    elif node.op in ("reshape", "repeat_interleave"):
-        _rewrite_repeat_kv(graph, node)
-    elif node.op == "torch" and node.attrs["target"] in ALLOCATIONS:
-        _rewrite_filled_buffer(graph, node)
-    elif node.op == "torch" and node.attrs["target"] == "getitem":
-        _rewrite_select_unsqueeze(graph, node)
-    elif node.op == "cat":
-        _rewrite_zero_padding(graph, node)
-    elif node.op == "div" and len(node.inputs) == 2:
-        _rewrite_written_out_softmax(graph, node)
-    if node.name in graph and node.op in ("expand", "reshape", "cast"):
-        _drop_metadata_reads(graph, node)
+        graph.changes += 1
 
 
 ZEROS = ("zeros", "zeros_like", "new_zeros")
 ALLOCATIONS = ("empty", "empty_like", "new_empty", *ZEROS)
-
-
-def _is_noop_dropout(node: Node) -> bool:
-    return not node.attrs["training"] or node.attrs["p"] == 0
 
 
 def _new_node(graph: Graph, anchor: Node, op: str, inputs: list[str], attrs: dict, value) -> Node:
@@ -267,6 +270,8 @@ def _rewrite_zero_padding(graph: Graph, node: Node) -> None:
 def _rewrite_written_out_softmax(graph: Graph, node: Node) -> None:
     """e / sum(e, -1, keepdim=True) with e = exp(x - rowmax(x)) over the same last dim: softmax(x).
     (Without the max subtracted it is not rewritten: eager overflows where softmax does not.)"""
+    if len(node.inputs) != 2:
+        return
     e, total = (graph.node(name) for name in node.inputs)
     shifted = graph.node(e.inputs[0]) if e.op == "exp" else None
     if shifted is None or shifted.op != "sub" or len(shifted.inputs) != 2 or e.type is None:
@@ -312,9 +317,8 @@ def _forward_copied_value(graph: Graph, copy: Node) -> None:
     for reader in graph.users(copy.name):
         if reader.writes or reader.attrs.get("target") == "read_after_write" or storages(reader.value) & memory:
             continue
-        inputs = list(reader.inputs)
-        graph.set_inputs(reader.name, [src.name if name == copy.name else name for name in inputs])
-        if graph.stale_read(reader) is not None:
+        inputs = [src.name if name == copy.name else name for name in reader.inputs]
+        if graph.stale_read(dataclasses.replace(reader, inputs=inputs)) is None:
             graph.set_inputs(reader.name, inputs)
 
 
@@ -363,3 +367,21 @@ def _write_chain(graph: Graph, buffer: Node) -> list[Node]:
 
 def _is_assign(node: Node) -> bool:
     return node.op == "torch" and node.attrs["target"] == "assign" and len(node.inputs) == 2
+
+
+MAX_SWEEPS = 8
+REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
+    "identity": [_drop_alias],
+    "dropout": [_drop_noop_dropout],
+    "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
+    "einsum": [_rewrite_einsum],
+    "addmm": [_rewrite_addmm],
+    "reshape": [_rewrite_repeat_kv, _drop_metadata_reads],
+    "repeat_interleave": [_rewrite_repeat_kv],
+    "expand": [_drop_metadata_reads],
+    "cast": [_drop_metadata_reads],
+    "getitem": [_rewrite_select_unsqueeze],
+    "cat": [_rewrite_zero_padding],
+    "copy_": [_forward_copied_value],
+    **{allocation: [_rewrite_filled_buffer] for allocation in ALLOCATIONS},
+}

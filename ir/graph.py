@@ -88,6 +88,7 @@ class Graph:
         self.nx = nx.DiGraph()
         self._names = itertools.count()
         self._writers: dict[object, list[str]] = {}  # storage -> names of the nodes that write it
+        self.changes = 0  # bumped by every edit, so a rewrite driver can tell a sweep changed nothing
 
     # -- building -------------------------------------------------------------
     def add(self, node: Node, allowed_writes=()) -> Node:
@@ -99,6 +100,7 @@ class Graph:
             raise StaleRead(node.name, *stale)
         for key in node.writes:
             self._writers.setdefault(key, []).append(node.name)
+        self.changes += 1
         self.nx.add_node(node.name, node=node)
         for source in node.inputs:
             self.nx.add_edge(source, node.name)
@@ -160,6 +162,7 @@ class Graph:
     # -- rewriting ------------------------------------------------------------
     def set_inputs(self, name: str, inputs: list[str]) -> None:
         node = self.node(name)
+        self.changes += node.inputs != list(inputs)
         for source in set(node.inputs) - set(inputs):
             self.nx.remove_edge(source, name)
         node.inputs = list(inputs)
@@ -179,6 +182,7 @@ class Graph:
             raise ValueError(f"cannot remove {name}: it still has users")
         for key in self.node(name).writes:
             self._writers[key].remove(name)
+        self.changes += 1
         self.nx.remove_node(name)
 
     def eliminate_dead_code(self, is_pure) -> int:
