@@ -1,6 +1,7 @@
 """The pass pipeline for one captured graph.
 
-    fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...) --dce--> verify --to_fx--> GraphModule
+    fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...) --dce--> unmatched anchors
+    reported --> verify --to_fx--> GraphModule
 
 Module state among the graph's inputs (buffers and plain tensor attributes, not parameters) is
 "pinned": passes may evaluate masks and scales computed from it at compile time, guarded at run
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssm_scan
+from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssm_scan, unmatched
 from compiler.report import Report
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
@@ -36,6 +37,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
     for run_pass in PASSES:
         run_pass(graph, context)
     graph.eliminate_dead_code(_is_pure)
+    unmatched.run(graph, context)
     verify(graph)
     return to_fx(graph)
 
