@@ -10,12 +10,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	touch $(STAMP)
 
-.PHONY: demo test gpu-bench gpu-check
+.PHONY: demo test fuzz gpu-bench gpu-check
 demo: $(STAMP)
 	$(PY) -m compiler demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+fuzz: $(STAMP)  # the differential fuzzer's long run (~30 min): see tests/fuzz/test_differential.py
+	FLASHFX_FUZZ=long $(PY) -m pytest -q -x tests/fuzz -p no:cacheprovider --hypothesis-show-statistics
 
 gpu-bench:  # one suite group per call on the GPU machine: see benchmarks/run_all.py
 	PYTHONPATH=. python benchmarks/run_all.py --budget-s 500 $(if $(SUITES),--suites $(SUITES))
