@@ -49,7 +49,7 @@ def canonicalize(graph: Graph) -> Graph:
     for _ in range(MAX_SWEEPS):
         before = graph.changes
         for node in list(graph):
-            for rewrite in REWRITES.get(_key(node), ()) if node.name in graph and graph.users(node.name) else ():
+            for rewrite in REWRITES.get(_key(node), ()) if _rewritable(graph, node) else ():
                 try:
                     rewrite(graph, node)
                 except StaleRead:
@@ -59,6 +59,14 @@ def canonicalize(graph: Graph) -> Graph:
         if graph.changes == before:
             break
     return graph
+
+
+def _rewritable(graph: Graph, node: Node) -> bool:
+    """Something reads it, and no write reaches its memory (a rewrite's result would be a new tensor
+    the write misses), but for the rules that stay exact then (copy_, an alias, a buffer being filled)."""
+    if node.name not in graph or not graph.users(node.name):
+        return False
+    return _key(node) in WRITE_RULES or not graph.writers_of([node.name]) - {node.name}
 
 
 def _key(node: Node) -> str:
@@ -370,6 +378,7 @@ def _is_assign(node: Node) -> bool:
 
 
 MAX_SWEEPS = 8
+WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when a write reaches the node
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],

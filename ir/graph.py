@@ -8,7 +8,7 @@ by rewrites have no call; ir.to_fx lowers them from the op table instead.
 A node that writes a tensor in place lists the storages it writes (`writes`). The graph keeps
 one invariant about them: no node reads a tensor across a write to its storage, that is, for
 an input made at order a and a reader at order c, no write at a < b < c, unless the reader
-names the write among its inputs (ir.mutation's new versions do). `add` refuses a node that
+is a new version that names the write (ir.mutation's read_after_write). `add` refuses a node that
 would break it (StaleRead), so a rewrite that looks through a producer cannot miss a write.
 """
 from __future__ import annotations
@@ -144,12 +144,15 @@ class Graph:
             for key in storages(made.value) if made is not None else ():
                 for write in self._writers.get(key, ()):
                     between = write in self.nx and position(source) < position(write) < position(node.name)
-                    if between and write not in node.inputs and write != node.name and write not in allowed:
+                    names_it = write in node.inputs and node.attrs.get("target") == "read_after_write"
+                    if between and not names_it and write != node.name and write not in allowed:
                         return source, write
         return None
 
     def writers_of(self, names) -> set[str]:
         """The nodes that write the storage of any of these nodes' values."""
+        if not self._writers:
+            return set()
         keys = set().union(*(storages(self.node(name).value) for name in names))
         return {write for key in keys for write in self._writers.get(key, ()) if write in self.nx}
 

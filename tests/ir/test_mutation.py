@@ -235,3 +235,21 @@ def test_decode_step_that_reads_its_state_back_fuses(dtype):
     assert compiled.patterns == ["ssm_scan"] and "decode step" in compiled.report(), compiled.report()
     assert_close_by_rule(ours, baseline, reference)
     assert_close_by_rule(ours_args[0], baseline_args[0], reference_args[0])  # the state, written in place
+
+
+class RewrittenThenWritten(nn.Module):
+    """Found by the fuzzer: baddbmm (rewritten to matmul, mul and add, a new tensor) written by add_
+    after a copy_ took its value; the copy's reader must see the value before the write."""
+
+    def forward(self, x0):
+        v3 = torch.baddbmm(x0, x0[:, :, :3], x0, beta=0.5, alpha=2.0)
+        v6 = torch.zeros(2, 3, 4)
+        v6.copy_(v3)
+        v3.add_(x0)
+        return v3, v6
+
+
+def test_a_written_result_is_not_rewritten():
+    x = torch.randn(2, 3, 4)
+    for ours, eager in zip(compiler.compile(RewrittenThenWritten())(x), RewrittenThenWritten()(x)):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
