@@ -147,6 +147,9 @@ def _smem_bytes(spec: AttentionSpec, block_m: int, block_n: int, num_stages: int
     return itemsize * block_m * d + num_stages * block_n * (itemsize * (d + dv) + mask_itemsize * block_m)
 
 
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")  # what default_config and config_space set
+
+
 def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: int = 2) -> dict:
     """A launch configuration that runs well untuned; `itemsize` is q's element size in bytes.
 

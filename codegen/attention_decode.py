@@ -114,6 +114,10 @@ def _block_m(rows: int) -> int:
     return min(block_dim(rows), MAX_BLOCK_M)
 
 
+# What default_config and config_space set.
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_splits", "num_warps", "num_stages")
+
+
 def default_config(spec: DecodeSpec, q_len: int, kv_len: int, *, group: int = 1, kv_rows: int = 1,
                    sm_count: int = CPU_SM_COUNT, itemsize: int = 2) -> dict:
     """A launch configuration that runs well untuned.

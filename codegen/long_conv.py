@@ -173,6 +173,9 @@ def scratch_buffer(plan: FFTPlan, programs: int, device: torch.device) -> torch.
 # -- launch configurations -------------------------------------------------------------------
 
 
+CONFIG_KEYS = ("BLOCK_COLS", "num_warps", "num_stages")  # what default_config and config_space set
+
+
 def default_config(plan: FFTPlan) -> dict:
     """BLOCK_COLS columns per step of the P-point column DFTs (about 4096 elements a tile);
     8 warps for rows of 512 points and more. Compiled for sm_90, 4 warps take all 255 registers

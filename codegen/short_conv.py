@@ -77,6 +77,9 @@ def _block(n: int, cap: int) -> int:
     return min(cap, 1 << max(n - 1, 0).bit_length())
 
 
+CONFIG_KEYS = ("BLOCK_H", "BLOCK_L", "num_warps")  # what default_config and config_space set
+
+
 def default_config(x: torch.Tensor) -> dict:
     """Tiles of 2048 elements along the contiguous axis: [4, 512] when time is contiguous
     ((B, H, L) tensors), [64, 32] when channels are ((B, L, H) tensors seen transposed)."""

@@ -149,10 +149,13 @@ def _kernel_config(m: int, n_out: int, n_red: int, block_out: int, block_red: in
     return block_m, block_out, block_red, split, num_warps, num_stages
 
 
+# What default_config and config_space set: meta-parameters of the up and down kernels.
+CONFIG_KEYS = {"up": ("BLOCK_M", "BLOCK_K", "BLOCK_D", "SPLIT_D", "num_warps", "num_stages"),
+               "down": ("BLOCK_M", "BLOCK_D", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")}
+
+
 def _config(up: tuple, down: tuple) -> dict:
-    names = ("BLOCK_M", "BLOCK_K", "BLOCK_D", "SPLIT_D", "num_warps", "num_stages")
-    down_names = ("BLOCK_M", "BLOCK_D", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
-    return {"up": dict(zip(names, up)), "down": dict(zip(down_names, down))}
+    return {"up": dict(zip(CONFIG_KEYS["up"], up)), "down": dict(zip(CONFIG_KEYS["down"], down))}
 
 
 def _gemv_narrow(block_m: int, wide: int) -> int:

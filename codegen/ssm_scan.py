@@ -163,6 +163,11 @@ def scan_grid(config: dict, batch: int, dim: int, groups: int) -> tuple[int, int
     return _cdiv(dim // groups, config["BLOCK_D"]), groups, batch
 
 
+# What default_config and config_space set, for the scan and for the decode step.
+CONFIG_KEYS = ("BLOCK_D", "BLOCK_L", "num_warps")
+STATE_UPDATE_CONFIG_KEYS = ("BLOCK_D", "num_warps")
+
+
 def default_config(spec: ScanSpec | StateUpdateSpec, *, batch: int, dim: int, groups: int, dstate: int,
                    seqlen: int = 1) -> dict:
     """A first guess before autotuning: the channel tile is halved while the grid has fewer than

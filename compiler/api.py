@@ -129,7 +129,12 @@ def warmup(model: torch.nn.Module, inputs: Iterable, *, mode: str = "max-autotun
 
     Each distinct shape is captured, matched, its kernels generated, loaded and (in
     "max-autotune" mode) tuned now and persisted, so later processes start warm.
+    `inputs` is a list of those inputs: a bare tensor or dict is a TypeError (iterating over it
+    would warm the model on its rows or keys), so warm one input set as [x].
     """
+    if isinstance(inputs, (torch.Tensor, dict)):
+        raise TypeError(f"compiler.warmup expects a list of inputs, one per shape, got a {type(inputs).__name__}; "
+                        "for one input set pass [x] (a tensor), [(x, y)] (args) or [{'x': x}] (kwargs)")
     compiled = model if isinstance(model, CompiledModule) else compile(model, mode=mode)
     inputs = list(inputs)
     with torch.no_grad():

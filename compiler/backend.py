@@ -13,6 +13,7 @@ import torch.fx
 
 from compiler.pipeline import compile_graph
 from compiler.report import Report
+from runtime.cache import CacheMissError
 
 
 class Backend:
@@ -24,6 +25,8 @@ class Backend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         try:
             return compile_graph(gm, example_inputs, self.report, self.mode)
+        except CacheMissError:
+            raise  # FLASHFX_STRICT_CACHE=1: a missing kernel is an error, never an unfused run
         except Exception as error:
             if self.strict:
                 raise

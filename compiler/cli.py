@@ -9,13 +9,19 @@
 
 A factory is any importable function returning (model, example args tuple); `--shapes`
 calls it once per entry with those keyword arguments (e.g. batch=8,length=1024).
+
+A mistake in the command (a factory that cannot be imported or called so, a bad --shapes entry,
+a missing or broken cache file, a missing export folder) prints one line saying what to fix,
+"python -m compiler: error: ...", and exits with status 2 (usage) or 1 (a file), no traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect as pyinspect
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,17 +29,46 @@ import torch
 import compiler
 from runtime import knobs
 from runtime.autotune import MODES, default_autotuner
+from runtime.bundle import ArchiveError
+
+EXAMPLE = "models.gpt:tiny_naive"
+
+
+class UsageError(Exception):
+    """A mistake in the command line: printed as one line, exit status 2."""
 
 
 def load_factory(spec: str):
     module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise SystemExit(f"expected MODULE:FACTORY, got {spec!r}")
-    return getattr(importlib.import_module(module_name), attribute)
+    if not module_name or not attribute:
+        raise UsageError(f"expected MODULE:FACTORY (e.g. {EXAMPLE}), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"cannot import module {module_name!r} ({error}); check the name and PYTHONPATH") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise UsageError(f"module {module_name!r} has no factory {attribute!r} (a function returning "
+                         f"(model, args)); e.g. {EXAMPLE}")
+    return factory
+
+
+def call_factory(spec: str, factory, shape: dict) -> tuple:
+    """factory(**shape) as (model, args), after checking that it takes these keywords."""
+    signature = pyinspect.signature(factory)
+    try:
+        signature.bind(**shape)
+    except TypeError as error:
+        raise UsageError(f"{spec} cannot be called with {shape or 'no arguments'} ({error}); "
+                         f"its parameters are {signature}") from None
+    example = factory(**shape)
+    if not (isinstance(example, tuple) and len(example) == 2):
+        raise UsageError(f"{spec} must return (model, args), got a {type(example).__name__}")
+    return example
 
 
 def inspect(spec: str, dump: str | None) -> None:
-    model, args = load_factory(spec)()
+    model, args = call_factory(spec, load_factory(spec), {})
     compiled = compiler.compile(model)
     with torch.no_grad():
         compiled(*args)
@@ -53,14 +88,17 @@ def parse_shape(text: str) -> dict:
     """"batch=8,length=1024" -> {"batch": 8, "length": 1024}."""
     shape = {}
     for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
+        key, equals, value = item.partition("=")
+        if not key.isidentifier() or not equals:
+            raise UsageError(f"bad --shapes entry {item!r}: expected key=value pairs separated by commas, "
+                             "e.g. batch=8,length=1024")
         shape[key] = int(value) if value.lstrip("-").isdigit() else value
     return shape
 
 
 def warmup(spec: str, shapes: list[str], mode: str) -> None:
     factory = load_factory(spec)
-    examples = [factory(**parse_shape(shape)) for shape in shapes or [""]]
+    examples = [call_factory(spec, factory, parse_shape(shape)) for shape in shapes or [""]]
     model = examples[0][0]
     tuner = default_autotuner()
     tuned_before = tuner.benchmarks_run
@@ -75,6 +113,16 @@ def warmup(spec: str, shapes: list[str], mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    options = _parser().parse_args(argv)
+    try:
+        return _run(options)
+    except UsageError as error:
+        return _fail(str(error), 2)
+    except (OSError, ArchiveError, zipfile.BadZipFile) as error:
+        return _fail(_describe(error), 1)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compiler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     cache_parser = commands.add_parser("cache", help="export or import the kernel cache")
     cache_parser.add_argument("action", choices=("export", "import"))
     cache_parser.add_argument("file")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def _run(options: argparse.Namespace) -> int:
     if options.command == "demo":
         from compiler.demo import run_demo
 
@@ -103,6 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"imported {compiler.import_cache(options.file)} entries from {options.file}")
     return 0
+
+
+def _describe(error: Exception) -> str:
+    """One line for a file error: "No such file or directory: x.zip" rather than "[Errno 2] ..."."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return str(error)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"python -m compiler: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -15,8 +15,16 @@ kernel (Triton specialises on dtypes and alignment, not on lengths) nor re-tunes
 Modes: "default" uses a stored winner if there is one, else the template's heuristic
 config, and never benchmarks; "max-autotune" benchmarks the template's candidates on a
 miss. Writes are atomic and serialised by a file lock, so concurrent processes warming
-one cache never see half a file. A truncated, corrupt or version-mismatched entry is
-reported once, removed and rebuilt. With FLASHFX_STRICT_CACHE=1 a miss is an error.
+one cache never see half a file.
+
+A checksum proves integrity, not validity, so a stored config is also checked against its
+template (config_problem): exactly the keys its family declares beside its default_config
+(FAMILY_CONFIG_KEYS), each a positive int, block sizes and warp counts powers of two, within
+Triton's limits. An entry that is unreadable, truncated, corrupt, from another version or
+invalid is a miss, reported once: it is removed if it can be (an unreadable one is left to
+its owner), and the template's default config is used ("default") or it is tuned again
+("max-autotune"). With FLASHFX_STRICT_CACHE=1 any miss is a CacheMissError naming the kernel
+and the shape bucket.
 """
 from __future__ import annotations
 
@@ -32,11 +40,27 @@ import filelock
 import torch
 import triton
 
+from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan
 from runtime import knobs
-from runtime.cache import CacheMissError, atomic_write_text
+from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_text, read_cache_file, read_problem,
+                           sweep_stale_temps, warn_once)
 
 FORMAT_VERSION = 1
 MODES = ("default", "max-autotune")
+
+# The launch meta-parameters of each family's template, by kernel-name prefix (longest first);
+# codegen/<family>.py declares them beside its default_config.
+FAMILY_CONFIG_KEYS = (
+    ("attention_decode", attention_decode.CONFIG_KEYS),
+    ("attention", attention.CONFIG_KEYS),
+    ("long_conv", long_conv.CONFIG_KEYS),
+    ("short_conv", short_conv.CONFIG_KEYS),
+    ("sparse_mlp", sparse_mlp.CONFIG_KEYS),
+    ("ssm_state_update", ssm_scan.STATE_UPDATE_CONFIG_KEYS),
+    ("ssm_scan", ssm_scan.CONFIG_KEYS),
+)
+MAX_META = 1 << 20  # Triton's largest tensor (TRITON_MAX_TENSOR_NUMEL): no meta-parameter goes past it
+LARGEST = {"num_warps": 32, "num_stages": 8}
 
 
 def shape_bucket(size: int) -> int:
@@ -71,6 +95,56 @@ def _key_body(key: TuningKey) -> dict:
     return asdict(key) | {"bucket": list(key.bucket)}
 
 
+def family_config_keys(kernel: str) -> tuple | dict | None:
+    """The config keys `kernel`'s family declares (a dict of key tuples for a nested config)."""
+    return next((keys for prefix, keys in FAMILY_CONFIG_KEYS if kernel == prefix or kernel.startswith(prefix + "_")),
+                None)
+
+
+def config_problem(kernel: str, config, default: dict | None = None) -> str | None:
+    """Why `config` cannot launch `kernel`'s template, or None when it can.
+
+    The keys are those its family declares (else the keys of `default`, when given)."""
+    keys = family_config_keys(kernel)
+    layout = _layout(keys) if keys is not None else _layout_of(default) if default is not None else None
+    return _config_problem(config, layout, "")
+
+
+def _layout(keys: tuple | dict) -> dict:
+    """{name: None for a value, or the layout of a nested part}."""
+    return {name: _layout(part) for name, part in keys.items()} if isinstance(keys, dict) else dict.fromkeys(keys)
+
+
+def _layout_of(config: dict) -> dict:
+    return {name: _layout_of(value) if isinstance(value, dict) else None for name, value in config.items()}
+
+
+def _config_problem(config, layout: dict | None, where: str) -> str | None:
+    if not isinstance(config, dict):
+        return f"{where.rstrip('.') or 'the config'} is not a mapping"
+    if layout is not None and set(config) != set(layout):
+        unknown, missing = sorted(set(config) - set(layout)), sorted(set(layout) - set(config))
+        return f"{where}keys {unknown} are unknown" if unknown else f"{where}keys {missing} are missing"
+    for name, value in config.items():
+        nested = layout[name] is not None if layout is not None else isinstance(value, dict)
+        inner = layout[name] if layout is not None else None
+        problem = (_config_problem(value, inner, f"{where}{name}.") if nested
+                   else _value_problem(f"{where}{name}", name, value))
+        if problem:
+            return problem
+    return None
+
+
+def _value_problem(path: str, name: str, value) -> str | None:
+    """Triton's rules for one meta-parameter: tl.arange sizes (BLOCK_*) and warp counts are powers of two."""
+    if type(value) is not int or value < 1:
+        return f"{path}={value!r} is not a positive integer"
+    if (name.startswith("BLOCK_") or name == "num_warps") and value & (value - 1):
+        return f"{path}={value} is not a power of two"
+    largest = LARGEST.get(name, MAX_META)
+    return f"{path}={value} is larger than {largest}" if value > largest else None
+
+
 def entry_is_valid(entry) -> bool:
     """Is `entry` (parsed JSON) a complete tuning entry of this format with a matching checksum?"""
     try:
@@ -84,7 +158,6 @@ class Autotuner:
     def __init__(self, root: Path | str | None = None):
         self.root = Path(root) if root is not None else knobs.cache_dir()
         self._memory: dict[TuningKey, dict] = {}
-        self._reported: set[Path] = set()
         self.benchmarks_run = 0
 
     @property
@@ -96,31 +169,42 @@ class Autotuner:
 
     # -- lookup ----------------------------------------------------------------------
     def lookup(self, key: TuningKey) -> dict | None:
+        """The stored config for `key`; None when there is none or it cannot be used."""
+        return self._stored(key)[0]
+
+    def _stored(self, key: TuningKey, default: dict | None = None) -> tuple[dict | None, str | None]:
+        """(config, None), or (None, what is wrong with the entry; None when there is none)."""
         if key in self._memory:
-            return self._memory[key]
-        path = self.path_for(key)
-        if not path.exists():
-            return None
-        config = self._read_entry(path, key)
-        if config is not None:
-            self._memory[key] = config
-        return config
-
-    def _read_entry(self, path: Path, key: TuningKey) -> dict | None:
+            return self._memory[key], None
+        sweep_stale_temps(self.directory)
         try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
+            text = read_cache_file(self.path_for(key))
+        except (OSError, UnicodeDecodeError) as error:
+            problem = read_problem(error)
+            return None, None if problem == MISSING else problem
+        try:
+            entry = json.loads(text)
+        except ValueError:
             entry = None
-        if entry_is_valid(entry) and entry["key"] == _key_body(key):
-            return entry["config"]
-        self._discard(path, "corrupt, truncated or from another version")
-        return None
+        if not entry_is_valid(entry) or entry["key"] != _key_body(key):
+            return None, "corrupt, truncated or from another version"
+        problem = config_problem(key.kernel, entry["config"], default)
+        if problem is not None:
+            return None, f"invalid for its template ({problem})"
+        self._memory[key] = entry["config"]
+        return entry["config"], None
 
-    def _discard(self, path: Path, why: str) -> None:
-        if path not in self._reported:
-            warnings.warn(f"flashfx: autotune cache entry {path} is {why}; rebuilding it", stacklevel=3)
-            self._reported.add(path)
-        path.unlink(missing_ok=True)
+    def _discard(self, path: Path, problem: str, action: str) -> None:
+        """Remove an unusable entry if it can be (an unreadable one is not ours); say so once per process."""
+        if problem.startswith(UNREADABLE):
+            outcome = "left it in place"
+        else:
+            try:
+                path.unlink(missing_ok=True)
+                outcome = "removed it"
+            except OSError as error:
+                outcome = f"could not remove it ({error.strerror or error})"
+        warn_once((path, problem), f"flashfx: autotune cache entry {path} is {problem}; {outcome}; {action}")
 
     # -- choose ----------------------------------------------------------------------
     def config_for(self, key: TuningKey, default: dict, candidates: list[dict],
@@ -128,14 +212,21 @@ class Autotuner:
         """The config to launch with (see module docstring for modes)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        stored = self.lookup(key)
+        stored, problem = self._stored(key, default)
         if stored is not None:
             return stored
-        if mode == "default":
-            return default
+        path = self.path_for(key)
         if knobs.strict_cache():
-            raise CacheMissError(f"no tuned config for {key.kernel} {key.bucket} on {key.device} "
-                                 "(FLASHFX_STRICT_CACHE=1; run compiler.warmup first)")
+            where = f"its entry {path} is {problem}" if problem else f"none in the cache {self.root}"
+            raise CacheMissError(f"no tuned config for kernel {key.kernel} at shape bucket {key.bucket} "
+                                 f"({key.dtype}, {key.device}): {where} (FLASHFX_STRICT_CACHE=1; run "
+                                 "compiler.warmup with mode='max-autotune' for this shape first)")
+        if mode == "default":
+            if problem:
+                self._discard(path, problem, "using the template's default config")
+            return default
+        if problem:
+            self._discard(path, problem, "tuning it again")
         return self.tune(key, candidates or [default], run)
 
     def tune(self, key: TuningKey, candidates: list[dict], run: Callable[[dict], object]) -> dict:

@@ -47,7 +47,8 @@ def test_strict_cache_turns_a_miss_into_an_error(tmp_path, monkeypatch):
     tuner = Autotuner(tmp_path)
     with pytest.raises(CacheMissError):
         tuner.config_for(KEY, {"BLOCK": 1}, [{"BLOCK": 2}], run=lambda config: None, mode="max-autotune")
-    assert tuner.config_for(KEY, {"BLOCK": 1}, [], run=lambda config: None, mode="default") == {"BLOCK": 1}
+    with pytest.raises(CacheMissError, match="shape bucket"):
+        tuner.config_for(KEY, {"BLOCK": 1}, [], run=lambda config: None, mode="default")
 
 
 def test_shape_buckets_are_powers_of_two():
@@ -80,11 +81,12 @@ def test_damaged_tuning_entry_is_reported_once_and_rebuilt(tmp_path, damage):
         entry["format"] = 0
         path.write_text(json.dumps(entry))
     fresh = Autotuner(tmp_path)
-    with pytest.warns(UserWarning, match="rebuilding"):
-        assert fresh.lookup(KEY) is None
+    assert fresh.lookup(KEY) is None
+    with pytest.warns(UserWarning, match="tuning it again"):
+        assert fresh.config_for(KEY, {"BLOCK": 1}, [{"BLOCK": 5}], run=lambda c: None, mode="max-autotune") == {"BLOCK": 5}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fresh.config_for(KEY, {"BLOCK": 1}, [{"BLOCK": 5}], run=lambda c: None, mode="max-autotune") == {"BLOCK": 5}
+        assert fresh.config_for(KEY, {"BLOCK": 1}, [{"BLOCK": 6}], run=lambda c: None, mode="max-autotune") == {"BLOCK": 5}
     assert Autotuner(tmp_path).lookup(KEY) == {"BLOCK": 5}
 
 
