@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import compiler  # noqa: F401  (switches Triton's interpreter on before the benchmarks import Triton)
 from benchmarks.gpu_check import GPU_TESTS, NO_BACKWARD, SUITES, TRAINING
 
 ROOT = Path(__file__).resolve().parents[2]
