@@ -49,7 +49,8 @@ def canonicalize(graph: Graph) -> Graph:
     for _ in range(MAX_SWEEPS):
         before = graph.changes
         for node in list(graph):
-            for rewrite in REWRITES.get(_key(node), ()) if _rewritable(graph, node) else ():
+            rules = REWRITES.get(_key(node), ())
+            for rewrite in rules if rules and _rewritable(graph, node) else ():
                 try:
                     rewrite(graph, node)
                 except StaleRead:

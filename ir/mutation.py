@@ -168,7 +168,7 @@ class _Versions:
         self.graph = graph
         self.made: dict[torch.fx.Node, float] = {}
         self.writes_to: dict[int, list[torch.fx.Node]] = {}
-        self.members: dict[Any, dict[int, Any]] = {}
+        self.members: dict[Any, set[int]] = {}  # storage -> identities of the tensors in it
         self.versions: dict[tuple, torch.fx.Node] = {}
 
     def register(self, node: torch.fx.Node, position: float) -> None:
@@ -176,7 +176,7 @@ class _Versions:
         value = _value(node)
         if _holds_tensors(value):
             for key in storages(value):
-                self.members.setdefault(key, {})[id(value)] = value
+                self.members.setdefault(key, set()).add(id(value))
 
     def read(self, arg: torch.fx.Node, reader: torch.fx.Node, position: float) -> torch.fx.Node:
         """The node `reader` reads for `arg`: arg itself unless something wrote it since it was made;
@@ -198,7 +198,7 @@ class _Versions:
 
     def wrote(self, node: torch.fx.Node, written: torch.fx.Node) -> None:
         for key in storages(_value(written)):
-            for member in self.members.get(key, {}):
+            for member in self.members.get(key, ()):
                 if node not in self.writes_to.setdefault(member, []):
                     self.writes_to[member].append(node)
 

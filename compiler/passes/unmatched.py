@@ -48,7 +48,7 @@ def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6) -> bool:
 def _attention(graph: Graph, node: Node) -> str | None:
     if node.op != "softmax" or not _behind(graph, graph.node(node.inputs[0]), {"matmul", "sdpa"}):
         return None
-    readers = [user for user in graph.users(node.name)]
+    readers = graph.users(node.name)
     while readers and readers[0].op in ("cast", "identity", "dropout") and len(readers) == 1:
         readers = graph.users(readers[0].name)
     return "softmax over matmul scores, read by a matmul" if any(r.op == "matmul" for r in readers) else None
