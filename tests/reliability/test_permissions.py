@@ -18,6 +18,7 @@ from runtime.cache import SourceCache
 
 REPO = Path(__file__).parents[2]
 OTHER_USER = 65534  # nobody
+PACKAGES = ("runtime", "codegen")  # what the child imports
 SOURCE = "VALUE = 42\n"
 DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 TUNED = DEFAULT | {"BLOCK_M": 128}
@@ -53,18 +54,31 @@ def shared():
 
 
 def as_other_user(shared: Path, expression: str) -> dict:
-    """Evaluate `expression` (see CHILD) as uid 65534 over the cache shared/cache."""
+    """Evaluate `expression` (see CHILD) as uid 65534 over the cache shared/cache, with flashfx's
+    packages copied into `shared` (the checkout may sit in a folder only root can enter)."""
     if os.geteuid() != 0:
         pytest.skip("acting as another user needs root (setpriv or setuid to uid 65534)")
-    command = [sys.executable, "-c", CHILD, str(shared / "cache"), expression]
+    source = shared / "src"
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, source / package, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    env = os.environ | {"HOME": str(shared / "home"), "TRITON_CACHE_DIR": str(shared / "home" / "triton"),
+                        "PYTHONPATH": str(source)}
+    probe = _run_as_other_user([sys.executable, "-c", "import torch, triton, filelock"], source, env)
+    if probe.returncode != 0:
+        pytest.skip(f"uid {OTHER_USER} cannot run this Python environment (its folder is private to root): "
+                    f"{probe.stderr.strip().splitlines()[-1:]}")
+    result = _run_as_other_user([sys.executable, "-c", CHILD, str(shared / "cache"), expression], source, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _run_as_other_user(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     setpriv = shutil.which("setpriv")
     options = {"user": OTHER_USER, "group": OTHER_USER, "extra_groups": []}
     if setpriv:
         command, options = [setpriv, f"--reuid={OTHER_USER}", f"--regid={OTHER_USER}", "--clear-groups", *command], {}
-    env = os.environ | {"HOME": str(shared / "home"), "TRITON_CACHE_DIR": str(shared / "home" / "triton")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env, **options)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env, **options)
 
 
 def warm(root: Path) -> None:
