@@ -17,7 +17,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-fuzz: $(STAMP)  # the differential fuzzer's long run (~30 min): see tests/fuzz/test_differential.py
+fuzz: $(STAMP)  # the differential fuzzer's long run (25,000 examples, ~30 min): see tests/fuzz/test_differential.py
 	FLASHFX_FUZZ=long $(PY) -m pytest -q -x tests/fuzz -p no:cacheprovider --hypothesis-show-statistics
 
 gpu-bench:  # one suite group per call on the GPU machine: see benchmarks/run_all.py

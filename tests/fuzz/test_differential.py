@@ -3,7 +3,7 @@ canonicalised spellings with in-place writes (tests/fuzz/generator.py). Outputs 
 program writes must match eager; programs where nothing fuses must match exactly.
 
     make test                    the "ci" profile: a fixed, derandomised set of examples
-    make fuzz                    FLASHFX_FUZZ=long: 6000 random examples (FLASHFX_FUZZ_EXAMPLES),
+    make fuzz                    FLASHFX_FUZZ=long: 25,000 random examples (FLASHFX_FUZZ_EXAMPLES),
                                  about 30 minutes on one CPU core
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.fuzz.generator import BLOCKS, FUSING, SHAPE, VALUES, WRITES, Step, bu
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=int(os.environ.get("FLASHFX_FUZZ_EXAMPLES", 6000)), deadline=None,
+settings.register_profile("long", max_examples=int(os.environ.get("FLASHFX_FUZZ_EXAMPLES", 25_000)), deadline=None,
                           print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("FLASHFX_FUZZ", "ci"))
