@@ -340,8 +340,8 @@ def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
     each version's only reader is the next write); anything else stays as written."""
     shape = buffer.type.static_shape() if buffer.type is not None else None
     writes = _write_chain(graph, buffer)
-    if shape is None or not writes:
-        return
+    if shape is None or not writes or graph.writers_of([buffer.name]) - {write.name for write in writes}:
+        return  # (a later write to the buffer would miss the stack, a new tensor)
     slices = [_int_index(write.call.args[1], shape) if write.call is not None and len(write.call.args) == 3
               else None for write in writes]
     dims = {dim for dim, _ in filter(None, slices)}

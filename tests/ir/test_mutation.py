@@ -253,3 +253,23 @@ def test_a_written_result_is_not_rewritten():
     x = torch.randn(2, 3, 4)
     for ours, eager in zip(compiler.compile(RewrittenThenWritten())(x), RewrittenThenWritten()(x)):
         torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
+class FilledThenWritten(nn.Module):
+    """Found by the fuzzer: a buffer filled slice by slice (read as a stack, a new tensor), copied,
+    then written again with add_; the copy must keep the values from before the add_."""
+
+    def forward(self, x0):
+        v5 = torch.empty(2, 3, 4)
+        for i in range(4):
+            v5[:, :, i] = x0[:, :, i] + 1.0
+        v6 = torch.zeros(2, 3, 4)
+        v6.copy_(v5)
+        v5.add_(x0)
+        return v5, v6
+
+
+def test_a_filled_buffer_written_again_stays_a_buffer():
+    x = torch.randn(2, 3, 4)
+    for ours, eager in zip(compiler.compile(FilledThenWritten())(x), FilledThenWritten()(x)):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
