@@ -7,10 +7,11 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 30 of the 68 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 31 of the 69 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts, every autotuning candidate of the attention (head dim
-                   128), long-conv, short-conv and sparse-MLP kernels, and compile() on real-size
-                   modules; pytest-xdist, one worker per core (16), so the JIT compiles overlap
+                   128), long-conv, short-conv and sparse-MLP kernels, compile() on real-size
+                   modules, and eight threads sharing one compiled model; pytest-xdist, one
+                   worker per core (16), so the JIT compiles overlap
     2. ceilings    bf16 matmul, device-to-device copy, tl.exp2 rate (benchmarks.common)
     3. headline    each suite's run(..., headline=True), reusing the suites' measurements:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
@@ -131,6 +132,8 @@ GPU_TESTS = [
     "tests/compiler/test_long_conv_pass.py::test_real_size_models[hyena_150m]",
     "tests/compiler/test_sparse_mlp_pass.py::test_opt_6_7b_layer_bf16[1-GatheredMLP]",
     "tests/compiler/test_sparse_mlp_pass.py::test_opt_6_7b_layer_bf16[16-MaskedMLP]",
+    # eight threads calling one compiled model (kernels run concurrently, not serialised as on the interpreter)
+    "tests/reliability/test_threads.py::test_threads_share_one_compiled_model_on_the_gpu",
 ]
 OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 TEST_ID = re.compile(r"tests/\S+\.py::\S+")

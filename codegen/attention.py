@@ -11,6 +11,7 @@ with scores kept in base 2 so that every exponential is an exp2:
         m'  = max(m, rowmax(t));  p = 2^(t - m')
         l   = l * 2^(m - m') + rowsum(p);  acc = acc * 2^(m - m') + p v;  m = m'
     out = acc / l                                       0 / 0 = NaN where no key is visible
+    (empty_rows_zero: 0 where l = 0, i.e. every score was -inf; a NaN score makes l NaN instead)
 
 This module holds what the compiler and runtime need around the generated kernel: the spec and
 its name, the renderer, launch configurations (a heuristic default and the autotuning space), the
@@ -278,9 +279,9 @@ def attention_reference(
     -inf gives a fully masked row NaN, a finite fill gives it uniform weights); a float mask is
     added to s. causal: key j is visible to query i iff j <= i + causal_offset (0 aligns top-left
     like SDPA's is_causal, kv_len - q_len bottom-right like flash-attn); invisible scores are
-    -inf, applied after the mask. Rows whose scores are all -inf come out NaN, as in eager
-    softmax, or 0 with empty_rows_zero (SDPA's convention). The softmax weights are cast to v's
-    dtype before the product with v.
+    -inf, applied after the mask. Rows whose scores are all -inf (or that have no keys) come out
+    NaN, as in eager softmax, or 0 with empty_rows_zero (SDPA's convention); a NaN score makes its
+    row NaN either way. The softmax weights are cast to v's dtype before the product with v.
     """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -295,8 +296,8 @@ def attention_reference(
         visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(causal_offset)
         scores = scores.masked_fill(~visible, float("-inf"))
     weights = scores.softmax(dim=-1)
-    if empty_rows_zero:
-        weights = weights.masked_fill(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
+    if empty_rows_zero:  # every score -inf (true of no keys at all); a NaN score is not, and stays NaN
+        weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     return torch.matmul(weights.to(v.dtype), v)
 
 

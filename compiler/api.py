@@ -34,6 +34,13 @@ DYNAMO_LOG = logging.getLogger("torch._dynamo.convert_frame")
 RECOMPILE_LIMIT_NOTE = ("TorchDynamo hit its recompile limit (config.{limit}): later calls of {function} run "
                         "eagerly, unfused. Raise torch._dynamo.config.{limit}, or compile with dynamic=None so a "
                         "changing size becomes symbolic.")
+FULL_CACHE_NOTE = ("TorchDynamo's recompile limit is used up for {function} (config.recompile_limit = {limit} "
+                   "entries in its cache): calls that need a new graph run eagerly, unfused. The cache belongs to the "
+                   "function's code object, which every instance of the class shares, and each compiled instance "
+                   "adds entries to it as each new shape does, so other models may have filled it. Compile one "
+                   "instance and reuse it, call torch._dynamo.reset() before compiling another, or raise "
+                   "torch._dynamo.config.recompile_limit.")
+DISABLED_NOTE = "flashfx is disabled (FLASHFX_DISABLE=1): the model runs eagerly; nothing is captured or fused."
 
 
 class _RecompileLimitNotes(logging.Handler):
@@ -53,6 +60,15 @@ class _RecompileLimitNotes(logging.Handler):
             self.report.notes.append(note)
 
 
+def _dynamo_cache_full(function) -> bool:
+    """Has TorchDynamo's cache for `function`'s code object (shared by every instance of its class)
+    reached config.recompile_limit? Past it, Dynamo runs the function eagerly for new guards."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # Dynamo is imported by now (torch.compile)
+
+    code = getattr(function, "__code__", None)
+    return code is not None and len(_debug_get_cache_entry_list(code)) >= torch._dynamo.config.recompile_limit
+
+
 class CompiledModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
                  fullgraph: bool = False, strict: bool = False):
@@ -65,6 +81,9 @@ class CompiledModule(torch.nn.Module):
         self._compiled = model if knobs.disabled() else torch.compile(
             model, backend=self._backend, dynamic=dynamic, fullgraph=fullgraph)
         self._limit_notes = _RecompileLimitNotes(self._report)
+        self._watch_cache = self._compiled is not model  # until the full-cache note is given
+        if not self._watch_cache:
+            self._report.notes.append(DISABLED_NOTE)
 
     def forward(self, *args, **kwargs):
         DYNAMO_LOG.addHandler(self._limit_notes)
@@ -72,6 +91,16 @@ class CompiledModule(torch.nn.Module):
             return self._compiled(*args, **kwargs)
         finally:
             DYNAMO_LOG.removeHandler(self._limit_notes)
+            self._note_full_cache()
+
+    def _note_full_cache(self) -> None:
+        """Note in report() once Dynamo's cache for the model's forward is full, whoever filled it:
+        Dynamo logs the limit only to the call that reaches it."""
+        forward = type(self.model).forward
+        if self._watch_cache and _dynamo_cache_full(forward):
+            self._watch_cache = False
+            self._report.notes.append(FULL_CACHE_NOTE.format(
+                function=f"{type(self.model).__qualname__}.forward", limit=torch._dynamo.config.recompile_limit))
 
     def __getattr__(self, name: str):
         """Attributes the model has and this wrapper does not (a Hugging Face model's config...)."""

@@ -4,8 +4,9 @@
     reported --> verify --to_fx--> GraphModule
 
 Module state among the graph's inputs (buffers and plain tensor attributes, not parameters) is
-"pinned": passes may evaluate masks and scales computed from it at compile time, guarded at run
-time on the tensors' identity and version.
+"pinned": passes may evaluate masks and scales computed from it at compile time. The fused op then
+checks on every call that the value the graph computes from that state is still the one folded in
+(runtime.attention), since writes through `.data`, `.numpy()` or the storage bypass the version counter.
 """
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ The attention pass hands over everything it proved about the scores
 A mask the pass could evaluate at compile time becomes a `static_form` (no mask at all,
 or causal with block skipping); a mask known only at run time is passed as a tensor and
 applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
-registered tril) is only trusted while those buffers are the same objects at the same
-version; otherwise the op uses the mask tensor the graph computed. Two masks applied in turn
+registered tril) is only trusted while the mask the graph computes from them equals the one
+it was read from (`folded_mask`, compared on every call: writes through `.data`, `.numpy()` or
+the storage bypass the version counter); otherwise the op applies that mask tensor. A scale
+read from module state is recomputed whenever the factors the graph computes change. Two masks applied in turn
 (a causal where, then a padding bias) arrive as two tensors with a `chain` form; the op combines
 them into one additive bias (combined_bias), which equals eager wherever a row keeps a clearly
 visible key, and runs eager's math in PyTorch for calls where some row does not.
@@ -29,7 +31,6 @@ decoding (1) and speculative-decoding trees (Medusa: up to 64 tokens with a tree
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -114,41 +115,33 @@ def _regrouped_mask(mask: torch.Tensor, written_for: tuple, batch: tuple) -> tor
     return mask.expand(*written_for, *mask.shape[-2:]).reshape(*batch, *mask.shape[-2:])
 
 
-def _snapshot(tensors) -> list[tuple]:
-    return [(weakref.ref(t), t._version) for t in tensors]
-
-
-def _unchanged(snapshot: list[tuple], tensors) -> bool:
-    """Are these the same tensors, at the same in-place version, as in the snapshot?"""
-    return all(ref() is t and t._version == version for (ref, version), t in zip(snapshot, tensors))
-
-
 class AttentionOp(FusedOp):
     pattern = "attention"
 
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
-                 guards: list[torch.Tensor] = (), mode: str = "default", scale_factors: tuple = (),
-                 scale_guards: list[torch.Tensor] = (), softcap: float | None = None):
+                 folded_mask: torch.Tensor | None = None, mode: str = "default", scale_factors: tuple = (),
+                 softcap: float | None = None):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.softcap = softcap
         self.layout = layout
         self.static_form = static_form
         self.tensor_form = tensor_form
-        self._guards = _snapshot(guards)
-        # factors (value, exponent) of the scale read from module state, re-read when it changes
+        # the mask the static form was read from (a copy: it may be the module's buffer itself)
+        self._folded_mask = None if folded_mask is None else folded_mask.detach().clone()
+        # factors (value, exponent) of the scale read from module state, recomputed when they change
         self.scale_exponents = tuple(exponent for _, exponent in scale_factors)
+        self._scale_values = [value for value, _ in scale_factors]
         self._fixed_scale = scale / math.prod(value ** exponent for value, exponent in scale_factors)
-        self._scale_guards = _snapshot(scale_guards)
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
-        masks, guard_tensors, rest = self._split_rest(rest)
-        self._refresh_scale(rest)
+        masks, factors = self._split_rest(rest)
+        self._refresh_scale(factors)
+        form = self._choose_form(masks)
         out_batch = self._out_batch(q, v)
         q, k, v, masks = self._to_4d(q, k, v, masks)
-        form = self._choose_form(guard_tensors)
         mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
         if mask is not None:
             mask = mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
@@ -161,18 +154,18 @@ class AttentionOp(FusedOp):
         return self._from_4d(out, out_batch)
 
     def _split_rest(self, rest):
-        """(masks, their guard tensors, the scale factors and their guard tensors) from the operands after v."""
+        """(masks, the scale factors read from module state) from the operands after v."""
         count = 0 if self.tensor_form is None else max(1, len(self.tensor_form.chain))
-        guarded = count + len(self._guards)
-        return list(rest[:count]), rest[count:guarded], rest[guarded:]
+        return list(rest[:count]), rest[count:]
 
-    def _refresh_scale(self, rest) -> None:
-        """Re-read the scale when the module state it was computed from changed since compile time."""
-        factors, state = rest[:len(self.scale_exponents)], rest[len(self.scale_exponents):]
-        if not factors or _unchanged(self._scale_guards, state):
+    def _refresh_scale(self, factors) -> None:
+        """Recompute the scale when the factors the graph computed from module state differ from
+        those it was computed from (one host sync per factor)."""
+        values = [float(factor) for factor in factors]
+        if values == self._scale_values:
             return
-        self.scale = self._fixed_scale * math.prod(float(f) ** e for f, e in zip(factors, self.scale_exponents))
-        self._scale_guards = _snapshot(state)
+        self.scale = self._fixed_scale * math.prod(value ** e for value, e in zip(values, self.scale_exponents))
+        self._scale_values = values
 
     @staticmethod
     def _mask_operand(masks, form: MaskForm) -> tuple[torch.Tensor, str | None]:
@@ -182,15 +175,13 @@ class AttentionOp(FusedOp):
         mask = masks[0]
         return (mask * form.multiplier if form.multiplier != 1.0 else mask), None
 
-    def _choose_form(self, guard_tensors) -> MaskForm:
+    def _choose_form(self, masks) -> MaskForm:
+        """The static form while the graph's mask is the one it was read from (one host sync), else the tensor form."""
         if self.static_form is None:
             return self.tensor_form
-        if self.tensor_form is None or self._guards_hold(guard_tensors):
+        if self.tensor_form is None or torch.equal(masks[0], self._folded_mask):
             return self.static_form
         return self.tensor_form
-
-    def _guards_hold(self, tensors) -> bool:
-        return _unchanged(self._guards, tensors)
 
     # -- layout ----------------------------------------------------------------------
     def _to_4d(self, q, k, v, masks):

@@ -7,7 +7,9 @@ nodes it fused. On each call it decides:
     if reason is None: out = launch(...)  # generated Triton kernel (loaded from the cache)
     else:              out = reference(...) and count `reason` for report()
 
-so it never returns an answer the kernel could not compute correctly.
+so it never returns an answer the kernel could not compute correctly. On Triton's interpreter
+(CPU) fused ops run one at a time in the process, since the interpreter is not thread-safe
+(runtime.interpret.launch_lock).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
 from runtime.cache import source_hash
-from runtime.interpret import kernel_unavailable_reason
+from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
 
 
@@ -47,6 +49,11 @@ class FusedOp(torch.nn.Module):
         self.fallbacks: Counter[str] = Counter()
         self._loaded: dict[object, tuple[object, Kernel]] = {}
         self._configs: dict[tuple, dict] = {}
+
+    def __call__(self, *args, **kwargs):
+        """Run the op (forward); under the interpreter while holding the process-wide launch lock."""
+        with launch_lock():
+            return super().__call__(*args, **kwargs)
 
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""

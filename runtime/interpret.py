@@ -8,11 +8,17 @@ compiled, and a fused op whose tensors are on the CPU falls back to its PyTorch
 reference instead (see runtime.dispatch). If Triton was imported earlier with the
 interpreter off and there is no CUDA, generated kernels cannot run; fused ops then fall
 back with that reason.
+
+Triton's interpreter is not thread-safe (while a kernel runs it patches triton.language and
+keeps the program id in shared state), so fused ops hold one process-wide lock around their
+launches when kernels are interpreted (`launch_lock`); compiled kernels need none.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 
 import torch
 
@@ -20,6 +26,7 @@ from runtime import knobs
 
 _late_switch = False
 _interpreted: bool | None = None
+_INTERPRETER_LOCK = threading.RLock()
 
 
 def ensure_mode() -> bool:
@@ -41,3 +48,9 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
     if (device.type == "cpu") != interpreted or device.type not in ("cpu", "cuda"):
         return f"no Triton kernel for {device.type} tensors in this process"
     return None
+
+
+def launch_lock():
+    """The process-wide lock to hold around kernel launches on Triton's interpreter, or a no-op
+    context when kernels run compiled."""
+    return _INTERPRETER_LOCK if ensure_mode() else contextlib.nullcontext()

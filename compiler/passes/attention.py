@@ -74,7 +74,7 @@ class MaskOp:
 @dataclass(frozen=True)
 class StateScale:
     """A scale read from module state (a buffer or tensor attribute): folded in at compile time,
-    re-read at run time when that state changes."""
+    recomputed at run time when the factor the graph computes differs from `value`."""
 
     factor: Node  # the scalar the scores are multiplied by (exponent 1) or divided by (-1)
     value: float  # its value at compile time
@@ -418,27 +418,26 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
     _check_operands(anchor, query, key, value, key_transposed, batch)
     if len(masks) > 1:
         static_form, tensor_form = None, _mask_chain(masks, causal, empty_rows_zero)
-        extra_inputs, guards = [mask.tensor.name for mask in masks], []
+        extra_inputs, state, folded_mask = [mask.tensor.name for mask in masks], [], None
     else:
-        static_form, tensor_form, extra_inputs, guards = _mask_forms(
+        static_form, tensor_form, extra_inputs, state, folded_mask = _mask_forms(
             graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero)
     layout = AttentionLayout(key_transposed=key_transposed, out_dtype=anchor.type.dtype,
                              regroup_qk=regrouped, mask_batches=mask_batches)
     scale_state = sorted({name for scale in state_scales
                           for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
-    op = AttentionOp(replaced, scale, layout, static_form, tensor_form,
-                     guards=[context.pinned[name] for name in guards], mode=context.mode,
-                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales),
-                     scale_guards=[context.pinned[name] for name in scale_state], softcap=softcap)
+    op = AttentionOp(replaced, scale, layout, static_form, tensor_form, folded_mask=folded_mask, mode=context.mode,
+                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap)
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
     if softcap is not None:
         detail += f"; scores soft-capped: {softcap:.6g} * tanh({scale:.6g} * QK^T)"
     if static_form is not None and tensor_form is not None:
-        detail += f" while buffers {', '.join(guards)} are unchanged, else {tensor_form.describe()}"
+        detail += (f" while buffers {', '.join(state)} give the mask they gave at compile time (checked each call), "
+                   f"else {tensor_form.describe()}")
     if scale_state:
-        detail += f"; scale {scale:.6g} from {', '.join(scale_state)}, re-read when they change"
-    extra_inputs += [scale.factor.name for scale in state_scales] + scale_state
+        detail += f"; scale {scale:.6g} from {', '.join(scale_state)}, re-read when they change (checked each call)"
+    extra_inputs += [scale.factor.name for scale in state_scales]
     context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
 
 
@@ -504,25 +503,26 @@ def _mask_chain(masks: list[MaskOp], causal, empty_rows_zero) -> MaskForm:
 
 
 def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_transposed, causal, empty_rows_zero):
-    """(static_form, tensor_form, extra fused-op inputs, guard placeholders) for this mask."""
+    """(static_form, tensor_form, extra fused-op inputs, the module state the mask was computed from,
+    the mask's value when the static form was read from that state, else None) for this mask."""
     base = dict(causal=causal, empty_rows_zero=empty_rows_zero)
     if mask is None:
-        return MaskForm(**base), None, [], []
+        return MaskForm(**base), None, [], [], None
     tensor_form = MaskForm(kind=mask.kind, keep_when=mask.keep_when, fill_value=mask.fill_value,
                            multiplier=mask.multiplier, **base)
     value = consteval.evaluate(graph, mask.tensor, context.pinned)
     if value is None:
-        return None, tensor_form, [mask.tensor.name], []
+        return None, tensor_form, [mask.tensor.name], [], None
     lq = int(query.type.shape[-2])
     lk = int(key.type.shape[-1] if key_transposed else key.type.shape[-2])
     alignment = _classify(value, mask, lq, lk)
     if alignment is None:
-        return None, tensor_form, [mask.tensor.name], []
+        return None, tensor_form, [mask.tensor.name], [], None
     static_form = MaskForm(causal=None if alignment == "none" else alignment, empty_rows_zero=empty_rows_zero)
-    guards = consteval.pinned_dependencies(graph, mask.tensor, context.pinned)
-    if not guards:
-        return static_form, None, [], []
-    return static_form, tensor_form, [mask.tensor.name] + guards, guards
+    state = consteval.pinned_dependencies(graph, mask.tensor, context.pinned)
+    if not state:
+        return static_form, None, [], [], None
+    return static_form, tensor_form, [mask.tensor.name], state, value
 
 
 def _classify(value: torch.Tensor, mask: MaskOp, lq: int, lk: int) -> str | None:
