@@ -1,9 +1,10 @@
 """Lower the IR back to a torch.fx GraphModule.
 
 Nodes imported from fx are written back with their original call; nodes created by
-rewrites are written from LOWERINGS (canonical op -> torch function); fused ops carry an
-nn.Module in `attrs["module"]` and become `call_module` nodes on that module, which the
-runtime implements (generated kernel, or its PyTorch reference when it cannot run).
+rewrites are written from LOWERINGS (canonical op -> torch function); fused ops carry their
+runtime op in `attrs["module"]` and become a call of its custom op, `op.custom_op([inputs], op.key)`
+(runtime.library), followed by `op.graph_output` where the replaced node returned more than
+tensors. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
 """
 from __future__ import annotations
 
@@ -40,15 +41,17 @@ def to_fx(graph: Graph) -> torch.fx.GraphModule:
     fx_graph = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
     for node in graph:
-        env[node.name] = _emit(fx_graph, root, node, env)
+        env[node.name] = _emit(fx_graph, node, env)
     module = torch.fx.GraphModule(root, fx_graph)
+    module.flashfx_ops = [node.attrs["module"] for node in graph if "module" in node.attrs]
     module.graph.lint()
     return module
 
 
 def _call_for(node: Node) -> Call:
     if "module" in node.attrs:
-        return Call("call_module", node.name, tuple(Ref(i) for i in range(len(node.inputs))))
+        op = node.attrs["module"]
+        return Call("call_function", op.custom_op, ([Ref(i) for i in range(len(node.inputs))], op.key))
     if node.call is not None:
         return node.call
     if node.op not in LOWERINGS:
@@ -56,15 +59,17 @@ def _call_for(node: Node) -> Call:
     return LOWERINGS[node.op](node)
 
 
-def _emit(fx_graph: torch.fx.Graph, root: torch.nn.Module, node: Node, env) -> torch.fx.Node:
+def _emit(fx_graph: torch.fx.Graph, node: Node, env) -> torch.fx.Node:
     call = _call_for(node)
-    if call.kind == "call_module" and "module" in node.attrs:
-        root.add_module(node.name, node.attrs["module"])
 
     def resolve(ref: Ref) -> torch.fx.Node:
         return env[node.inputs[ref.index]]
 
     args, kwargs = map_refs(call.args, resolve), map_refs(call.kwargs, resolve)
+    graph_output = getattr(node.attrs.get("module"), "graph_output", None)
+    if graph_output is not None:
+        tensors = fx_graph.create_node(call.kind, call.target, args, kwargs, name=f"{node.name}_tensors")
+        args, kwargs, call = (tensors,), {}, Call("call_function", graph_output, ())
     fx_node = fx_graph.create_node(call.kind, call.target, args, kwargs, name=node.name)
     if node.value is not None:
         fx_node.meta["example_value"] = node.value

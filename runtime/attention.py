@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from codegen import attention as attention_codegen
 from codegen import attention_decode as decode_codegen
+from runtime import library
 from runtime.dispatch import FusedOp, Kernel
 
 DECODE_MAX_Q_LEN = 64
@@ -152,6 +153,10 @@ class AttentionOp(FusedOp):
             self.fell_back(reason)
             out = self._chain_reference(q, k, v, masks) if form.chain else self._reference(q, k, v, mask, form)
         return self._from_4d(out, out_batch)
+
+    def output_like(self, q, k, v, *rest):
+        return torch.empty((*self._out_batch(q, v), q.shape[-2], v.shape[-1]), dtype=self.layout.out_dtype,
+                           device=q.device)
 
     def _split_rest(self, rest):
         """(masks, the scale factors read from module state) from the operands after v."""
@@ -325,6 +330,17 @@ class MultiheadAttentionOp(AttentionOp):
                          static_form, tensor_form, mode=mode)
         self.heads = layout
 
+    library_op = "multihead_attention"
+    graph_output = staticmethod(library.with_no_weights)
+
+    def call_tensors(self, *operands):
+        return self(*operands)[0]
+
+    def output_like(self, *tensors):
+        operands = dict(zip(self.heads.roles, tensors))
+        query, weight = operands["query"], operands["out_proj_weight"]
+        return torch.empty((*query.shape[:-1], weight.shape[0]), dtype=query.dtype, device=query.device)
+
     def forward(self, *tensors):
         operands = dict(zip(self.heads.roles, tensors))
         query = operands["query"]
@@ -412,6 +428,14 @@ class EncoderLayerOp(MultiheadAttentionOp):
         super().__init__(replaced, MultiheadLayout(roles + mask_role, layer.num_heads, need_weights=False), head_dim,
                          out_dtype, static_form, tensor_form, mode=mode)
         self.layer = layer
+
+    library_op = "transformer_encoder_layer"
+    call_tensors = FusedOp.call_tensors
+    graph_output = None
+
+    def output_like(self, *tensors):
+        src = dict(zip(self.layer.roles, tensors))["src"]
+        return torch.empty_like(src, memory_format=torch.contiguous_format)
 
     def forward(self, *tensors):
         operands = dict(zip(self.layer.roles, tensors))

@@ -1,19 +1,24 @@
 """Fused ops at run time: launch the generated kernel, or fall back to PyTorch.
 
-A FusedOp is the nn.Module a compiler pass puts in the lowered fx graph in place of the
-nodes it fused. On each call it decides:
+A FusedOp is what a compiler pass puts in place of the nodes it fused; the lowered fx graph
+calls it through its custom op, torch.ops.flashfx.<library_op>(operands, key) (runtime.library).
+On each call it decides:
 
     reason = why_not_kernel(tensors)      # device, dtype, autograd, unsupported shape...
     if reason is None: out = launch(...)  # generated Triton kernel (loaded from the cache)
     else:              out = reference(...) and count `reason` for report()
 
-so it never returns an answer the kernel could not compute correctly. On Triton's interpreter
+so it never returns an answer the kernel could not compute correctly. Its backward recomputes
+the reference under autograd from the saved operands (no backward kernels yet), counted in the
+report like a fallback. On Triton's interpreter
 (CPU) fused ops run one at a time in the process, since the interpreter is not thread-safe
 (runtime.interpret.launch_lock).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,8 +26,31 @@ import torch
 
 from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
 from runtime.cache import source_hash
+from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
+
+RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
+_recomputing: ContextVar[bool] = ContextVar("flashfx_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Grad mode, and autograd's dispatch keys back on: inside a custom op's kernel (the backward
+    op's) the dispatcher excludes them, so nothing would be recorded."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set() - torch._C.DispatchKeySet(
+        torch._C.DispatchKey.AutogradFunctionality)
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def _like(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """`grad` (zeros if None) laid out as torch.empty_like(leaf), which the backward's fake kernel returns."""
+    if grad is not None and grad.stride() == torch.empty_like(leaf).stride():
+        return grad
+    out = torch.empty_like(leaf)
+    return out.zero_() if grad is None else out.copy_(grad)
 
 
 @dataclass
@@ -42,6 +70,7 @@ class FusedOp(torch.nn.Module):
 
     def __init__(self, replaced: tuple[str, ...], mode: str = "default"):
         super().__init__()
+        self.key = library.register(self)
         self.replaced = replaced
         self.mode = mode
         self.label = replaced[-1] if replaced else self.pattern
@@ -55,8 +84,45 @@ class FusedOp(torch.nn.Module):
         with launch_lock():
             return super().__call__(*args, **kwargs)
 
+    @property
+    def library_op(self) -> str:
+        """The name of this op's custom op in runtime.library.SCHEMAS."""
+        return self.pattern
+
+    @property
+    def custom_op(self):
+        return library.custom_op(self.library_op)
+
+    graph_output = None  # a function from the custom op's result to what the replaced node returned, if not that
+
+    def call_tensors(self, *operands):
+        """What the custom op returns: forward's tensors."""
+        return self(*operands)
+
+    def output_like(self, *operands: torch.Tensor):
+        """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
+        raise NotImplementedError
+
+    def backward(self, operands: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradient of each floating-point operand, from the reference recomputed under autograd."""
+        inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in operands]
+        token = _recomputing.set(True)
+        try:
+            with _autograd_on():
+                outputs = self.call_tensors(*inputs)
+        finally:
+            _recomputing.reset(token)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
+        leaves = [t for t in inputs if t.is_floating_point()]
+        found = torch.autograd.grad([out for out, _ in pairs], leaves, [grad for _, grad in pairs],
+                                    allow_unused=True) if pairs else [None] * len(leaves)
+        return [_like(leaf, grad) for grad, leaf in zip(found, leaves)]
+
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""
+        if _recomputing.get():
+            return RECOMPUTED
         devices = {t.device for t in tensors}
         if len(devices) != 1:
             return f"tensors on several devices {sorted(map(str, devices))}"

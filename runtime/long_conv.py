@@ -110,6 +110,12 @@ class LongConvOp(FusedOp):
         moved = [_time_last(tensor, time) for tensor in (u, k, *rest)]
         return self._forward_time_last(*moved).movedim(-1, time)
 
+    def output_like(self, u, k, *rest):
+        time = self.layout.time
+        if time == -1:
+            return self.layout.out.empty(u.shape, u.device)
+        return self.layout.out.empty(_time_last(u, time).shape, u.device).movedim(-1, time)
+
     def _forward_time_last(self, u, k, *rest):
         out = self.layout.out.empty(u.shape, u.device)
         rows = self._rows(u, k, *self._unpack(rest))
@@ -187,6 +193,9 @@ class ShortConvOp(FusedOp):
         return ", ".join(["bias"] * self.has_bias + [self.activation or "no activation"])
 
     # -- call ------------------------------------------------------------------------
+    def output_like(self, x, weight, *bias):
+        return self.out.empty(x.shape, x.device)
+
     def forward(self, x, weight, *bias):
         bias = bias[0] if bias else None
         weight = weight.reshape(weight.shape[0], weight.shape[-1])

@@ -104,6 +104,10 @@ class SparseMLPOp(FusedOp):
         out = self._launch(rows, w1, b1, w2, b2, idx)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
+    def output_like(self, x, *operands):
+        w2 = self._unpack(operands)[2]
+        return torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
+
     def _unpack(self, operands):
         """(w1 (F, D), b1, w2 (D, F), b2, idx or mask) from the operands the pass wired in."""
         operands = list(operands)

@@ -84,8 +84,8 @@ class _SSMOp(FusedOp):
     out_target = ""
     state_target = "bdn"
 
-    def __init__(self, replaced, layout: SSMLayout):
-        super().__init__(tuple(replaced))
+    def __init__(self, replaced, layout: SSMLayout, mode: str = "default"):
+        super().__init__(tuple(replaced), mode)
         self.layout = layout
         self.sizes = dict(layout.sizes)
 
@@ -103,6 +103,15 @@ class _SSMOp(FusedOp):
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
         return self.load_kernel(spec, ssm_codegen.kernel_name, self.render)
+
+    @property
+    def library_op(self) -> str:
+        return "ssm_scan_with_state" if self.layout.state is not None else "ssm_scan"
+
+    def output_like(self, *tensors):
+        results = [self.layout.out] + ([self.layout.state] if self.layout.state is not None else [])
+        outputs = tuple(torch.empty(result.shape, dtype=result.dtype, device=tensors[0].device) for result in results)
+        return outputs if len(outputs) > 1 else outputs[0]
 
     def prepare(self) -> None:
         """Generate (render, store, load) the kernel this op launches."""
@@ -166,6 +175,7 @@ class StateUpdateOp(_SSMOp):
     """One decoding step: y and the new state from a carried state (left unchanged)."""
 
     pattern = "ssm_scan"
+    library_op = "ssm_state_update"
     targets = {"state": "bdn", "x": "bd", "dt": "bd", "A": "dn", "B": "bn", "C": "bn", "D": "d", "z": "bd",
                "dt_bias": "d"}
     out_target = "bd"

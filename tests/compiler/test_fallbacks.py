@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compiler
+from runtime.dispatch import RECOMPUTED
 from tests.compiler.test_attention_pass import qkv
 
 
@@ -188,12 +189,16 @@ def test_compile_rejects_non_modules():
         compiler.compile(lambda x: x)
 
 
-def test_grad_mode_runs_reference_and_keeps_autograd():
+def test_grad_mode_runs_the_kernel_and_keeps_autograd():
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 9, 9, 16))
     compiled = compiler.compile(Sdpa())
     out = compiled(q, k, v)
     out.sum().backward()
-    assert q.grad is not None
-    expected = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
-    torch.testing.assert_close(out.detach(), expected)
-    assert "require grad" in compiled.report()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    expected.sum().backward()
+    torch.testing.assert_close(out.detach(), expected.detach())
+    for ours, eager in zip((q, k, v), leaves):
+        torch.testing.assert_close(ours.grad, eager.grad)
+    (line,) = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
+    assert line.endswith(f"ran in PyTorch 1x: {RECOMPUTED}")

@@ -66,7 +66,7 @@ def fuse_associative(graph: Graph, node: Node, context: PassContext) -> None:
     plan = assign_roles(graph, core, find_epilogues(graph, y, unit_free(y, y_frame)))
     layout = build_layout(plan, decay, final, seqlen)
     replaced = sorted(region, key=lambda name: graph.node(name).order) + [node.name] + readout_nodes + plan.epilogue.nodes
-    op = SelectiveScanOp(replaced, layout)
+    op = SelectiveScanOp(replaced, layout, mode=context.mode)
     detail = f"associative_scan ({form}), L={seqlen}, {describe(layout, plan.groups)}"
     fuse_op(graph, context, plan, op, detail, replaced, final, inside | set(plan.epilogue.nodes))
 

@@ -167,7 +167,7 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
     state = last_h if any(user.name not in loop.inside for user in graph.users(last_h.name)) else None
     layout = build_layout(plan, Leaf(last_h, (0, 1, 2)), state, seqlen=len(loop.steps))
     replaced = loop.nodes + plan.epilogue.nodes
-    op = SelectiveScanOp(replaced, layout)
+    op = SelectiveScanOp(replaced, layout, mode=context.mode)
     detail = f"unrolled loop{loop.form}, L={len(loop.steps)}, {describe(layout, plan.groups)}"
     fuse_op(graph, context, plan, op, detail, replaced, state, loop.inside)
     if len(loop.steps) >= LONG_LOOP and LONG_LOOP_NOTE not in context.report.notes:
@@ -417,7 +417,7 @@ def fuse_decode(graph: Graph, h: Node, context: PassContext) -> None:
     inside = {h.name, mul.name, *readout.nodes, *plan.epilogue.nodes, plan.epilogue.anchor.name}
     layout = build_layout(plan, Leaf(h, (0, 1, 2)), h, seqlen=1)
     replaced = [mul.name, h.name] + readout.nodes + plan.epilogue.nodes
-    op = StateUpdateOp(replaced, layout)
+    op = StateUpdateOp(replaced, layout, mode=context.mode)
     fuse_op(graph, context, plan, op, f"decode step, {describe(layout, plan.groups)}", replaced, h, inside)
 
 

@@ -104,7 +104,7 @@ def fuse_rolled(graph: Graph, node: Node, context: PassContext) -> None:
     out, state = (Result(roles, tuple(value.shape), value.dtype) for roles, value in zip((("b", "d", "l"), ("b", "d", "n")), node.value))
     layout = SSMLayout(tuple(Operand(name, labels[name]) for name in tensors), tuple(sizes.items()), out, state,
                        bool(arguments["delta_softplus"]))
-    op = SelectiveScanOp([node.name], layout)
+    op = SelectiveScanOp([node.name], layout, mode=context.mode)
     op.prepare()
     detail = f"rolled {_rolled[key].__name__}, L={seqlen}, {describe(layout, groups)}"
     context.fuse(graph, node, op, [tensor.name for tensor in tensors.values()], [node.name], detail)
