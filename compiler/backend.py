@@ -1,8 +1,18 @@
-"""The TorchDynamo backend: Dynamo captures, flashfx compiles each graph it hands over.
+"""The TorchDynamo backend: Dynamo captures, flashfx compiles each graph it hands over, and
+Inductor compiles what flashfx did not fuse.
 
-Registered as "flashfx" (entry point `torch_dynamo_backends`, and on `import compiler`),
-so `torch.compile(model, backend="flashfx")` works. `compiler.compile` uses a Backend of
-its own so that each compiled model keeps its own report.
+    graph --flashfx passes--> graph calling torch.ops.flashfx.* --Inductor (inductor=True)--> callable
+
+`inductor=None` (the default) uses Inductor for graphs whose tensors are on CUDA and leaves the
+rest of a CPU graph to run eagerly (Inductor's C++ backend compiles slowly and Triton's interpreter
+runs flashfx's kernels there anyway); True or False forces it. Inductor sees the fused ops as opaque
+custom ops, so it neither undoes nor repeats a match: its own attention rewrites see only what
+flashfx left.
+
+Registered as "flashfx" (entry point `torch_dynamo_backends`, and on `import compiler`), so
+`torch.compile(model, backend="flashfx")` works, and takes `mode` and `options={"inductor": ...}`
+as compile() does. `compiler.compile` uses a Backend of its own so that each compiled model keeps
+its own report.
 """
 from __future__ import annotations
 
@@ -13,35 +23,66 @@ import torch.fx
 
 from compiler.pipeline import compile_graph
 from compiler.report import Report
+from runtime.autotune import MODES
 from runtime.cache import CacheMissError
 
 
 class Backend:
-    def __init__(self, report: Report | None = None, strict: bool = False, mode: str = "default"):
+    def __init__(self, report: Report | None = None, strict: bool = False, mode: str = "default",
+                 inductor: bool | None = None):
         self.report = report if report is not None else Report()
         self.strict = strict
         self.mode = mode
+        self.inductor = inductor
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         try:
-            return compile_graph(gm, example_inputs, self.report, self.mode)
+            lowered = compile_graph(gm, example_inputs, self.report, self.mode)
         except CacheMissError:
             raise  # FLASHFX_STRICT_CACHE=1: a missing kernel is an error, never an unfused run
         except Exception as error:
-            if self.strict:
-                raise
-            message = f"graph left to PyTorch: flashfx failed to compile it ({type(error).__name__}: {error})"
-            self.report.notes.append(message)
-            warnings.warn(f"flashfx: {message}", stacklevel=2)
+            self._left_to_pytorch("flashfx failed to compile it", error)
             return gm.forward
+        if not self._uses_inductor(example_inputs):
+            return lowered
+        from torch._inductor.compile_fx import compile_fx  # imported on first use: it is slow to import
+
+        try:
+            compiled = compile_fx(lowered, example_inputs)
+        except Exception as error:
+            self._left_to_pytorch("Inductor failed to compile the rest of it", error)
+            return lowered
+        self.report.inductor_graphs += 1
+        return compiled
+
+    def _uses_inductor(self, example_inputs) -> bool:
+        if self.inductor is not None:
+            return self.inductor
+        return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+    def _left_to_pytorch(self, why: str, error: Exception) -> None:
+        if self.strict:
+            raise error
+        message = f"graph left to PyTorch: {why} ({type(error).__name__}: {error})"
+        self.report.notes.append(message)
+        warnings.warn(f"flashfx: {message}", stacklevel=3)
 
 
 default_backend = Backend()
 
 
-def flashfx_backend(gm: torch.fx.GraphModule, example_inputs):
-    """`torch.compile(model, backend="flashfx")`; its report is `compiler.backend.default_backend.report`."""
-    return default_backend(gm, example_inputs)
+def flashfx_backend(gm: torch.fx.GraphModule, example_inputs, mode: str = "default", options: dict | None = None):
+    """`torch.compile(model, backend="flashfx", mode=..., options={"inductor": ...})`; the report of
+    calls with neither is `compiler.backend.default_backend.report`."""
+    options = dict(options or {})
+    inductor = options.pop("inductor", None)
+    if options:
+        raise ValueError(f"flashfx backend options are 'inductor' only, got {sorted(options)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "default" and inductor is None:
+        return default_backend(gm, example_inputs)
+    return Backend(default_backend.report, mode=mode, inductor=inductor)(gm, example_inputs)
 
 
 def register() -> None:

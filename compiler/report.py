@@ -31,13 +31,15 @@ class NearMiss:
 @dataclass
 class Report:
     graphs: int = 0
+    inductor_graphs: int = 0  # graphs whose unfused rest Inductor compiled
     fused: list[Fused] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ops: list = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [f"flashfx: {self.graphs} graph(s) captured, {len(self.fused)} fused op(s)"]
+        lines = [f"flashfx: {self.graphs} graph(s) captured, {len(self.fused)} fused op(s)"
+                 + (f"; Inductor compiled the rest of {self.inductor_graphs}" if self.inductor_graphs else "")]
         for entry in self.fused:
             lines.append(f"  [graph {entry.graph}] {entry.pattern}: {entry.op_name} ({entry.detail}); "
                          f"replaced {len(entry.replaced)} nodes ending at {entry.replaced[-1]}")
