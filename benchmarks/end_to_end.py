@@ -7,9 +7,10 @@
                  SDPA attention; logits out
     batch 8, L 1024 and 4096, bf16, random init
 
-    ours           compiler.compile(model)
+    ours           compiler.compile(model): flashfx's kernels, the rest through Inductor on CUDA
+    eager rest     compiler.compile(model, inductor=False): flashfx's kernels, the rest eager (CUDA only)
     eager          the model in PyTorch
-    torch.compile  Inductor, default mode
+    torch.compile  Inductor, default mode (CUDA only)
 
 The notes give ours' and torch.compile's first call (capture and compilation) in seconds, and
 whether ours fused one attention per layer. H3-125M and Hyena-150M (L 2K and 8K) are in
@@ -82,10 +83,12 @@ def measure(config: dict, device, dtype, quick: bool) -> Row:
     peers = {"eager": model}
     if device.type == "cuda":
         peers["torch.compile"] = torch.compile(model)
+        peers["eager rest"] = compiler.compile(model, inductor=False)
     with torch.no_grad():
         first_s = {"ours": first_call_s(lambda: compiled(ids))}
-        if "torch.compile" in peers:
-            first_s["torch.compile"] = first_call_s(lambda: peers["torch.compile"](ids))
+        for name in ("torch.compile", "eager rest"):
+            if name in peers:
+                first_s[name] = first_call_s(lambda name=name: peers[name](ids))
         ours = bench_ms(lambda: compiled(ids))
         peer_ms = {name: bench_ms(lambda fn=fn: fn(ids)) for name, fn in peers.items()}
     fused = compiled.patterns.count("attention")

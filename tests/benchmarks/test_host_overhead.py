@@ -1,0 +1,12 @@
+"""benchmarks/host_overhead.py runs on the CPU and times every family's dispatch path."""
+from __future__ import annotations
+
+from benchmarks.host_overhead import markdown, rows
+
+
+def test_every_family_is_timed_both_ways():
+    table = rows(calls=2)
+    families = {op.split(" ")[0] for _, op, _, _ in table}
+    assert {"attention", "long_conv", "short_conv", "ssm_scan", "sparse_mlp"} <= families
+    assert all(module > 0 and custom > 0 for _, _, module, custom in table)
+    assert markdown(table).count("\n") == len(table) + 1
