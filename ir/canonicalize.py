@@ -13,6 +13,8 @@
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
     cat([zeros(...), x, zeros(...)], dim) (either zeros optional) -> pad(x, widths)  (zero padding
                                                            spelled as a concatenation)
+    where(c, x, zeros_like(x)) (zeros, new_zeros, full(.., 0), tensor(0.); either branch; not widening
+    the result's shape or dtype)                        -> where(c, x, 0.0)
     e = exp(x - max(x, -1, keepdim)); e / sum(e, -1, keepdim) -> softmax(x, -1)  (softmax written out,
                                                            the max as amax, max(...).values or [0])
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
@@ -275,6 +277,46 @@ def _rewrite_zero_padding(graph: Graph, node: Node) -> None:
     graph.replace_uses(node.name, padded.name)
 
 
+# -- zero spelled as a tensor in a where ------------------------------------------------
+ZERO_FILLS = {"full": 1, "full_like": 1, "new_full": 2, "tensor": 0, "scalar_tensor": 0}  # target -> fill arg
+
+
+def _is_zero_fill(node: Node) -> bool:
+    """A fresh tensor of zeros: zeros, zeros_like, new_zeros, full(..., 0), tensor(0.)..."""
+    if node.op != "torch":
+        return False
+    target = node.attrs["target"]
+    if target in ZEROS:
+        return True
+    position = ZERO_FILLS.get(target)
+    if position is None or node.call is None or len(node.call.args) <= position:
+        return False
+    fill = node.call.args[position]
+    return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
+
+
+def _rewrite_zero_branch(graph: Graph, node: Node) -> None:
+    """where(c, x, zeros) (either branch) with zeros that widen neither the result's shape nor its
+    dtype: where(c, x, 0.0), so passes that accept a scalar zero see one."""
+    branches = [key for key in ("then_scalar", "else_scalar") if node.attrs[key] is None]
+    if len(branches) != 2 or node.type is None or node.type.static_shape() is None:
+        return
+    condition, then, other = (graph.node(name) for name in node.inputs)
+    for key, zero, kept in (("then_scalar", then, other), ("else_scalar", other, then)):
+        if not _is_zero_fill(zero) or kept.type is None or condition.type is None:
+            continue
+        shapes = [t.type.static_shape() for t in (condition, kept)]
+        if None in shapes or tuple(torch.broadcast_shapes(*shapes)) != node.type.static_shape():
+            continue
+        if not kept.type.dtype.is_floating_point or kept.type.dtype != node.type.dtype:
+            continue
+        node.attrs = {**node.attrs, key: 0.0}
+        graph.set_inputs(node.name, [condition.name, kept.name])
+        node.call = None
+        graph.changes += 1
+        return
+
+
 # -- softmax written out ---------------------------------------------------------------
 def _rewrite_written_out_softmax(graph: Graph, node: Node) -> None:
     """e / sum(e, -1, keepdim=True) with e = exp(x - rowmax(x)) over the same last dim: softmax(x).
@@ -392,6 +434,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "cast": [_drop_metadata_reads],
     "getitem": [_rewrite_select_unsqueeze],
     "cat": [_rewrite_zero_padding],
+    "where": [_rewrite_zero_branch],
     "copy_": [_forward_copied_value],
     **{allocation: [_rewrite_filled_buffer] for allocation in ALLOCATIONS},
 }

@@ -18,6 +18,13 @@ def _repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return torch.repeat_interleave(x, repeats, dim=1)
 
 
+def _where_args(node: Node) -> tuple:
+    """(condition, then, else): each branch its scalar attr, or the next tensor input."""
+    tensors = iter(Ref(i) for i in range(1, len(node.inputs)))
+    return (Ref(0), *(next(tensors) if node.attrs[key] is None else node.attrs[key]
+                      for key in ("then_scalar", "else_scalar")))
+
+
 LOWERINGS = {
     "matmul": lambda node: Call("call_function", torch.matmul, (Ref(0), Ref(1))),
     "permute": lambda node: Call("call_function", torch.permute, (Ref(0), node.attrs["perm"])),
@@ -30,6 +37,7 @@ LOWERINGS = {
     "pad": lambda node: Call("call_function", torch.nn.functional.pad, (Ref(0), node.attrs["pad"]),
                              {"mode": node.attrs["mode"], "value": node.attrs["value"]}),
     "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
+    "where": lambda node: Call("call_function", torch.where, _where_args(node)),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),

@@ -512,3 +512,46 @@ def test_opt_6_7b_layer_bf16(module_type, batch):
     selector = torch.zeros(16384, device="cuda").index_fill(0, idx, 1.0) if module_type is MaskedMLP else idx
     compiled = assert_compiles_equivalent(module, (x, selector), bf16, "sparse_mlp")
     assert_kernels_ran(compiled)
+
+
+# -- zero spelled as a tensor ----------------------------------------------------------------------
+class WhereZerosMLP(GatheredMLP):
+    """fc2(where(keep, act(fc1(x)), zeros)) with the zeros spelled `zero(h)`, kept where True or False."""
+
+    def __init__(self, zero, keep_when: bool = True):
+        super().__init__(16, 48)
+        self.zero, self.keep_when = zero, keep_when
+
+    def forward(self, x, keep):
+        h = self.act(self.fc1(x))
+        return self.fc2(torch.where(keep, h, self.zero(h)) if self.keep_when else torch.where(keep, self.zero(h), h))
+
+
+ZERO_SPELLINGS = {
+    "zeros_like": torch.zeros_like,
+    "new_zeros": lambda h: h.new_zeros(h.shape),
+    "zeros_row": lambda h: torch.zeros(h.shape[-1], dtype=h.dtype, device=h.device),
+    "full_like": lambda h: torch.full_like(h, 0.0),
+    "tensor": lambda h: torch.tensor(0.0),  # 0-d: does not promote h's dtype
+}
+
+
+@pytest.mark.parametrize("keep_when", [True, False])
+@pytest.mark.parametrize("dtype", [fp32, bf16], ids=str)
+@pytest.mark.parametrize("zero", ZERO_SPELLINGS.values(), ids=ZERO_SPELLINGS.keys())
+def test_where_with_zeros_spelled_as_a_tensor_fuses(zero, dtype, keep_when):
+    torch.manual_seed(0)
+    keep = torch.zeros(48, dtype=torch.bool).index_fill(0, torch.randperm(48)[:9], True)
+    keep = keep if keep_when else ~keep
+    assert_compiles_equivalent(WhereZerosMLP(zero, keep_when), [torch.randn(3, 16), keep], dtype, "sparse_mlp")
+
+
+def test_zeros_that_widen_the_dtype_are_left_as_they_are():
+    """bf16 activations and fp32 zeros: eager's where computes in fp32, so no scalar zero replaces them."""
+    module = WhereZerosMLP(lambda h: torch.zeros(h.shape[-1])).eval().to(bf16)
+    x, keep = torch.randn(3, 16, dtype=bf16), torch.rand(48) > 0.5
+    with pytest.raises(RuntimeError, match="dtype"):
+        module(x, keep)  # eager itself: fc2 (bf16) cannot take the fp32 where
+    compiled = compiler.compile(module)
+    with pytest.raises(RuntimeError, match="dtype"):
+        compiled(x, keep)

@@ -22,6 +22,9 @@ VALUES = {  # template over {a}, {b}, {c}: the expression of a new (2, 3, 4) ten
     "cat_new_zeros": "torch.cat([{a}, {a}.new_zeros(2, 3, 1)], dim=-1)[..., 1:]",
     "stack_slices": "torch.stack([{a}[:, :, i] * 2 for i in range(4)], dim=-1)",
     "where_zero": "torch.where({a} > {b}, {a}, 0.0)",
+    "where_zeros_like": "torch.where({a} > {b}, torch.zeros_like({a}), {a})",
+    "where_zero_row": "torch.where({b} > 0, {a}, {a}.new_zeros(4))",
+    "where_tensor_zero": "torch.where({a} > {b}, {a}, torch.tensor(0.0))",
     "masked_fill": "{a}.masked_fill({b} > 0, -1.0)",
     "cast": "({a}.double() * 3).float()",
     "view": "{a}.view(2, 12).view(2, 3, 4) + {a}[:, None].squeeze(1)",
@@ -36,6 +39,7 @@ VALUES = {  # template over {a}, {b}, {c}: the expression of a new (2, 3, 4) ten
 BLOCKS = {  # multi-line values: {out} is the new tensor's name
     "filled": "{out} = torch.empty(2, 3, 4)\nfor i in range(4):\n    {out}[:, :, i] = {a}[:, :, i] + 1.0",
     "zeros_copy": "{out} = torch.zeros(2, 3, 4)\n{out}.copy_({a})",
+    "where_written_zeros": "{out} = torch.zeros_like({a})\n{out}.add_({b})\n{out} = torch.where({a} > 0, {a}, {out})",
     "in_place_scores": "{out} = {a} @ {b}.transpose(-2, -1)\n{out}.div_(2.0)\n{out}.masked_fill_({out} > 1.0, -1e9)\n"
                        "{out} = torch.softmax({out}, dim=-1) @ {c}",
 }
