@@ -18,6 +18,7 @@ own launch cost comes on top on a GPU; the target is at most 10 us beyond it. Ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -59,10 +60,19 @@ def median_us(fn, calls: int) -> float:
     return statistics.median(samples)
 
 
-def no_launch(op) -> None:
-    """Every kernel of `op` returns at once, with its output argument (the last positional, or out=)."""
-    for module, _ in op._loaded.values():
+@contextlib.contextmanager
+def no_launch(op):
+    """Every kernel of `op` returns at once, with its output argument (the last positional, or out=),
+    until the block ends (the generated modules are shared by every op in the process)."""
+    modules = {id(module): module for module, _ in op._loaded.values()}.values()
+    launches = [(module, module.launch) for module in modules]
+    for module, _ in launches:
         module.launch = lambda *args, **kwargs: kwargs.get("out", args[-1] if args else None)
+    try:
+        yield
+    finally:
+        for module, launch in launches:
+            module.launch = launch
 
 
 def rows(calls: int) -> list[tuple[str, str, float, float]]:
@@ -73,8 +83,7 @@ def rows(calls: int) -> list[tuple[str, str, float, float]]:
             if op.label in seen:
                 continue
             seen.add(op.label)
-            no_launch(op)
-            with torch.no_grad():
+            with no_launch(op), torch.no_grad():
                 module = median_us(lambda: op(*operands), calls)
                 custom = median_us(lambda: op.custom_op(operands, op.key), calls)
             table.append((name, f"{op.library_op} ({op.label})", module, custom))
