@@ -27,6 +27,7 @@ import torch
 
 import compiler
 from models import dejavu, gpt, hyena, mamba
+from runtime import library
 
 MODELS = {"gpt (attention, causal buffer)": gpt.tiny_naive, "gpt (sdpa, gqa)": gpt.tiny_sdpa_gqa,
           "hyena": hyena.tiny, "mamba": mamba.tiny, "dejavu": dejavu.tiny_gathered}
@@ -36,18 +37,11 @@ def recorded_calls(build) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
     """(op, operands) of each fused-op call one forward of the compiled model makes."""
     model, args = build()
     compiled = compiler.compile(model.eval())
-    recorded = []
     with torch.no_grad():
         compiled(*args)  # capture, generate, load
-        for op in compiled._report.ops:
-            op.call_tensors = lambda *tensors, op=op: recorded.append((op, list(tensors))) or \
-                type(op).call_tensors(op, *tensors)
-        try:
+        with library.recording() as calls:
             compiled(*args)
-        finally:
-            for op in compiled._report.ops:
-                del op.call_tensors
-    return recorded
+    return calls
 
 
 def median_us(fn, calls: int) -> float:

@@ -298,9 +298,8 @@ def _is_zero_fill(node: Node) -> bool:
 def _rewrite_zero_branch(graph: Graph, node: Node) -> None:
     """where(c, x, zeros) (either branch) with zeros that widen neither the result's shape nor its
     dtype: where(c, x, 0.0), so passes that accept a scalar zero see one."""
-    branches = [key for key in ("then_scalar", "else_scalar") if node.attrs[key] is None]
-    if len(branches) != 2 or node.type is None or node.type.static_shape() is None:
-        return
+    if len(node.inputs) != 3 or node.type is None or node.type.static_shape() is None:
+        return  # a branch is a scalar already
     condition, then, other = (graph.node(name) for name in node.inputs)
     for key, zero, kept in (("then_scalar", then, other), ("else_scalar", other, then)):
         if not _is_zero_fill(zero) or kept.type is None or condition.type is None:

@@ -331,10 +331,7 @@ class MultiheadAttentionOp(AttentionOp):
         self.heads = layout
 
     library_op = "multihead_attention"
-    graph_output = staticmethod(library.with_no_weights)
-
-    def call_tensors(self, *operands):
-        return self(*operands)[0]
+    graph_output = staticmethod(library.with_no_weights)  # forward returns the output; the graph, (output, None)
 
     def output_like(self, *tensors):
         operands = dict(zip(self.heads.roles, tensors))
@@ -353,7 +350,7 @@ class MultiheadAttentionOp(AttentionOp):
         tgt_len, bsz, embed_dim = operands["query"].shape
         out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
         out = F.linear(out, operands["out_proj_weight"], operands.get("out_proj_bias")).view(tgt_len, bsz, -1)
-        return (out if batched else out.squeeze(1)), None
+        return out if batched else out.squeeze(1)
 
     @staticmethod
     def _batched(role: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -430,7 +427,6 @@ class EncoderLayerOp(MultiheadAttentionOp):
         self.layer = layer
 
     library_op = "transformer_encoder_layer"
-    call_tensors = FusedOp.call_tensors
     graph_output = None
 
     def output_like(self, *tensors):
@@ -450,7 +446,7 @@ class EncoderLayerOp(MultiheadAttentionOp):
         x = x.transpose(0, 1)
         weights = [operands[role] for role in ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias")]
         masks = [operands["mask"]] if "mask" in operands else []
-        out, _ = super().forward(x, x, x, *weights, *masks)
+        out = super().forward(x, x, x, *weights, *masks)
         return out.transpose(0, 1)
 
     def _norm(self, x, operands, index: int):

@@ -10,9 +10,8 @@ On each call it decides:
 
 so it never returns an answer the kernel could not compute correctly. Its backward recomputes
 the reference under autograd from the saved operands (no backward kernels yet), counted in the
-report like a fallback. On Triton's interpreter
-(CPU) fused ops run one at a time in the process, since the interpreter is not thread-safe
-(runtime.interpret.launch_lock).
+report like a fallback. On Triton's interpreter (CPU) fused ops run one at a time in the
+process, since the interpreter is not thread-safe (runtime.interpret.launch_lock).
 """
 from __future__ import annotations
 
@@ -47,10 +46,10 @@ def _autograd_on():
 
 def _like(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """`grad` (zeros if None) laid out as torch.empty_like(leaf), which the backward's fake kernel returns."""
-    if grad is not None and grad.stride() == torch.empty_like(leaf).stride():
+    like = torch.empty_like(leaf)
+    if grad is not None and grad.stride() == like.stride():
         return grad
-    out = torch.empty_like(leaf)
-    return out.zero_() if grad is None else out.copy_(grad)
+    return like.zero_() if grad is None else like.copy_(grad)
 
 
 @dataclass
@@ -95,10 +94,6 @@ class FusedOp(torch.nn.Module):
 
     graph_output = None  # a function from the custom op's result to what the replaced node returned, if not that
 
-    def call_tensors(self, *operands):
-        """What the custom op returns: forward's tensors."""
-        return self(*operands)
-
     def output_like(self, *operands: torch.Tensor):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
         raise NotImplementedError
@@ -109,7 +104,7 @@ class FusedOp(torch.nn.Module):
         token = _recomputing.set(True)
         try:
             with _autograd_on():
-                outputs = self.call_tensors(*inputs)
+                outputs = self(*inputs)
         finally:
             _recomputing.reset(token)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)

@@ -18,6 +18,7 @@ OPS holds each FusedOp weakly: the compiled model's report and the lowered graph
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
 import weakref
 
@@ -60,8 +61,25 @@ def custom_op(name: str):
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
 
+_recordings: list[list] = []  # open recording() blocks
+
+
+@contextlib.contextmanager
+def recording():
+    """[(FusedOp, operands)] of every fused-op call made in the block (for tests and benchmarks)."""
+    calls = []
+    _recordings.append(calls)
+    try:
+        yield calls
+    finally:
+        _recordings.remove(calls)
+
+
 def _run(operands: list[torch.Tensor], op: str):
-    return lookup(op).call_tensors(*operands)
+    fused = lookup(op)
+    for calls in _recordings:
+        calls.append((fused, list(operands)))
+    return fused(*operands)
 
 
 def _fake(operands: list[torch.Tensor], op: str):

@@ -76,34 +76,19 @@ CASES = {
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
 
 
-def recorded_calls(build, monkeypatch):
+def recorded_calls(build):
     """(compiled model, [(custom op, (operands, key))] its lowered graph called)."""
     module, args = build()
     compiled = compiler.compile(module, strict=True)
-    calls, lookup = [], library.lookup
-
-    class Recording:
-        def __init__(self, op):
-            self.op = op
-
-        def __getattr__(self, name):
-            return getattr(self.op, name)
-
-        def call_tensors(self, *operands):
-            calls.append((self.op.custom_op, ([t.clone() for t in operands], self.op.key)))
-            return self.op.call_tensors(*operands)
-
-    monkeypatch.setattr(library, "lookup", lambda key: Recording(lookup(key)))
-    with torch.no_grad():
+    with torch.no_grad(), library.recording() as calls:
         compiled(*[a.clone() for a in args])
-    monkeypatch.undo()
     assert calls, compiled.report()
-    return compiled, calls
+    return compiled, [(op.custom_op, (operands, op.key)) for op, operands in calls]
 
 
 @pytest.mark.parametrize("build", CASES.values(), ids=CASES.keys())
-def test_opcheck(build, monkeypatch):
-    compiled, calls = recorded_calls(build, monkeypatch)
+def test_opcheck(build):
+    compiled, calls = recorded_calls(build)
     for op, (operands, key) in calls:
         operands = [t.detach().requires_grad_(t.is_floating_point()) for t in operands]
         torch.library.opcheck(op, (operands, key))
@@ -138,8 +123,8 @@ def test_gradients_through_compile_match_eager(name):
     assert fallbacks and all(line.endswith(RECOMPUTED) for line in fallbacks), compiled.report()
 
 
-def test_a_freed_op_is_a_clear_error(monkeypatch):
-    compiled, [(op, (operands, key))] = recorded_calls(CASES["attention"], monkeypatch)
+def test_a_freed_op_is_a_clear_error():
+    compiled, [(op, (operands, key))] = recorded_calls(CASES["attention"])
     library.OPS.pop(key)
     with pytest.raises(RuntimeError, match="compile the model again"):
         op(operands, key)
