@@ -3,8 +3,8 @@
 Nodes imported from fx are written back with their original call; nodes created by
 rewrites are written from LOWERINGS (canonical op -> torch function); fused ops carry their
 runtime op in `attrs["module"]` and become a call of its custom op, `op.custom_op([inputs], op.key)`
-(runtime.library), followed by `op.graph_output` where the replaced node returned more than
-tensors. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
+(runtime.library), followed by `op.graph_output`, which drops the residuals the op returns for its
+backward and rebuilds what the replaced node returned. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _emit(fx_graph: torch.fx.Graph, node: Node, env) -> torch.fx.Node:
 
     args, kwargs = map_refs(call.args, resolve), map_refs(call.kwargs, resolve)
     graph_output = getattr(node.attrs.get("module"), "graph_output", None)
-    if graph_output is not None:
+    if graph_output is not None:  # a fused op
         tensors = fx_graph.create_node(call.kind, call.target, args, kwargs, name=f"{node.name}_tensors")
         args, kwargs, call = (tensors,), {}, Call("call_function", graph_output, ())
     fx_node = fx_graph.create_node(call.kind, call.target, args, kwargs, name=node.name)

@@ -427,7 +427,7 @@ class EncoderLayerOp(MultiheadAttentionOp):
         self.layer = layer
 
     library_op = "transformer_encoder_layer"
-    graph_output = None
+    graph_output = staticmethod(library.visible_outputs)
 
     def output_like(self, *tensors):
         src = dict(zip(self.layer.roles, tensors))["src"]

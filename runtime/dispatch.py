@@ -8,9 +8,11 @@ On each call it decides:
     if reason is None: out = launch(...)  # generated Triton kernel (loaded from the cache)
     else:              out = reference(...) and count `reason` for report()
 
-so it never returns an answer the kernel could not compute correctly. Its backward recomputes
-the reference under autograd from the saved operands (no backward kernels yet), counted in the
-report like a fallback. On Triton's interpreter (CPU) fused ops run one at a time in the
+so it never returns an answer the kernel could not compute correctly. An op captured for
+training (`differentiable`, decided at compile time from whether its output requires grad, which
+TorchDynamo guards) also returns the residuals its backward kernels need (`forward_saving`). A
+family without backward kernels, or a call they cannot take, recomputes the reference under
+autograd from the saved operands instead, counted in the report like a fallback. On Triton's interpreter (CPU) fused ops run one at a time in the
 process, since the interpreter is not thread-safe (runtime.interpret.launch_lock).
 """
 from __future__ import annotations
@@ -92,13 +94,29 @@ class FusedOp(torch.nn.Module):
     def custom_op(self):
         return library.custom_op(self.library_op)
 
-    graph_output = None  # a function from the custom op's result to what the replaced node returned, if not that
+    # the custom op's result (outputs, then the residuals list) -> what the replaced node returned
+    graph_output = staticmethod(library.visible_outputs)
+    differentiable = False  # captured for training: forward_saving returns the backward's residuals
+    saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
 
     def output_like(self, *operands: torch.Tensor):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
         raise NotImplementedError
 
-    def backward(self, operands: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward_saving(self, *operands: torch.Tensor) -> tuple[object, list[torch.Tensor]]:
+        """(forward's outputs, the residuals its backward needs): none unless a family overrides it."""
+        return self(*operands), []
+
+    def residuals_like(self, *operands: torch.Tensor) -> list[torch.Tensor]:
+        """Empty tensors like the residuals forward_saving returns (the fake kernel)."""
+        return []
+
+    def backward(self, operands: list[torch.Tensor], outputs: list[torch.Tensor], residuals: list[torch.Tensor],
+                 grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradient of each floating-point operand; families with backward kernels override this."""
+        return self.recomputed_backward(operands, grads)
+
+    def recomputed_backward(self, operands: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """The gradient of each floating-point operand, from the reference recomputed under autograd."""
         inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in operands]
         token = _recomputing.set(True)

@@ -7,11 +7,17 @@ The lowered graph holds plain call_function nodes, one per fused op:
 
 so FakeTensor shape propagation, autograd, AOTAutograd and Inductor see an ordinary op. Each op's
 
-    implementation   OPS[op](*operands): the generated kernel, or its PyTorch reference (runtime.dispatch)
-    fake             OPS[op].output_like(*operands): empty outputs of the real ones' shapes, dtypes, strides
-    autograd         saves the operands; backward is torch.ops.flashfx.backward(operands, grads, op), which
-                     recomputes the op's PyTorch reference under autograd (no backward kernels yet) and
+    implementation   OPS[op].forward_saving(*operands): the outputs of the generated kernel (or its PyTorch
+                     reference, runtime.dispatch), then a list of residuals its backward needs (a row
+                     log-sum-exp, chunk states), empty unless the op was captured for training
+    fake             OPS[op].output_like(*operands) and OPS[op].residuals_like(*operands): empty tensors of
+                     the real ones' shapes, dtypes and strides
+    autograd         saves the operands, the outputs (when the op's backward reads them) and the residuals;
+                     backward is torch.ops.flashfx.backward(operands, outputs, residuals, grads, op): the
+                     op's backward kernels, or its PyTorch reference recomputed under autograd; it
                      returns one gradient per floating-point operand
+
+Every schema ends in `Tensor[] residuals`, which the lowered graph drops (`visible_outputs`).
 
 A key is random, so a graph cached by Inductor in one process never names another process's op.
 OPS holds each FusedOp weakly: the compiled model's report and the lowered graph keep it alive.
@@ -25,18 +31,20 @@ import weakref
 import torch
 
 NAMESPACE = "flashfx"
-SCHEMAS = {  # custom op -> its schema; `op` is the FusedOp's key in OPS
-    "attention": "(Tensor[] operands, str op) -> Tensor",
-    "multihead_attention": "(Tensor[] operands, str op) -> Tensor",
-    "transformer_encoder_layer": "(Tensor[] operands, str op) -> Tensor",
-    "long_conv": "(Tensor[] operands, str op) -> Tensor",
-    "short_conv": "(Tensor[] operands, str op) -> Tensor",
-    "sparse_mlp": "(Tensor[] operands, str op) -> Tensor",
-    "ssm_scan": "(Tensor[] operands, str op) -> Tensor",
-    "ssm_scan_with_state": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
-    "ssm_state_update": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
+OUTPUTS = {  # custom op -> how many tensors it returns before its residuals
+    "attention": 1,
+    "multihead_attention": 1,
+    "transformer_encoder_layer": 1,
+    "long_conv": 1,
+    "short_conv": 1,
+    "sparse_mlp": 1,
+    "ssm_scan": 1,
+    "ssm_scan_with_state": 2,
+    "ssm_state_update": 2,
 }
-BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] grads, str op) -> Tensor[]"
+SCHEMAS = {name: f"(Tensor[] operands, str op) -> ({'Tensor, ' * count}Tensor[] residuals)"
+           for name, count in OUTPUTS.items()}  # `op` is the FusedOp's key in OPS
+BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] outputs, Tensor[] residuals, Tensor[] grads, str op) -> Tensor[]"
 
 OPS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
 
@@ -75,38 +83,59 @@ def recording():
         _recordings.remove(calls)
 
 
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def _run(operands: list[torch.Tensor], op: str):
     fused = lookup(op)
     for calls in _recordings:
         calls.append((fused, list(operands)))
-    return fused(*operands)
+    outputs, residuals = fused.forward_saving(*operands)
+    return (*_as_tuple(outputs), residuals)
 
 
 def _fake(operands: list[torch.Tensor], op: str):
-    return lookup(op).output_like(*operands)
+    fused = lookup(op)
+    return (*_as_tuple(fused.output_like(*operands)), fused.residuals_like(*operands))
 
 
-def with_no_weights(out: torch.Tensor) -> tuple[torch.Tensor, None]:
+def visible_outputs(result: tuple):
+    """What the replaced node returned: the custom op's outputs without the residuals list."""
+    outputs = result[:-1]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def with_no_weights(result: tuple) -> tuple[torch.Tensor, None]:
     """F.multi_head_attention_forward's (output, attention weights) when the weights are not asked for."""
-    return out, None
+    return result[0], None
 
 
-def _save_operands(ctx, inputs, output) -> None:
+def _save_for_backward(ctx, inputs, output) -> None:
     operands, ctx.op = inputs
+    fused = lookup(ctx.op)
+    outputs, residuals = list(output[:-1]), list(output[-1])
+    outputs = outputs if fused.saves_outputs else []
     ctx.floating = [t.is_floating_point() for t in operands]
-    ctx.save_for_backward(*operands)
+    ctx.counts = (len(operands), len(outputs))
+    ctx.save_for_backward(*operands, *outputs, *residuals)
 
 
 def _backward(ctx, *grads):
-    found = iter(torch.ops.flashfx.backward(list(ctx.saved_tensors), list(grads), ctx.op))
+    saved = list(ctx.saved_tensors)
+    operands, outputs = ctx.counts
+    found = iter(torch.ops.flashfx.backward(saved[:operands], saved[operands:operands + outputs],
+                                            saved[operands + outputs:], list(grads[:-1]), ctx.op))
     return [next(found) if floating else None for floating in ctx.floating], None
 
 
-def _run_backward(operands: list[torch.Tensor], grads: list[torch.Tensor], op: str) -> list[torch.Tensor]:
-    return lookup(op).backward(operands, grads)
+def _run_backward(operands: list[torch.Tensor], outputs: list[torch.Tensor], residuals: list[torch.Tensor],
+                  grads: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+    return lookup(op).backward(operands, outputs, residuals, grads)
 
 
-def _fake_backward(operands: list[torch.Tensor], grads: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+def _fake_backward(operands: list[torch.Tensor], outputs: list[torch.Tensor], residuals: list[torch.Tensor],
+                   grads: list[torch.Tensor], op: str) -> list[torch.Tensor]:
     return [torch.empty_like(t) for t in operands if t.is_floating_point()]
 
 
@@ -114,7 +143,7 @@ def _define() -> None:
     for name, schema in SCHEMAS.items():
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", _run, mutates_args=(), schema=schema)
         op.register_fake(_fake)
-        op.register_autograd(_backward, setup_context=_save_operands)
+        op.register_autograd(_backward, setup_context=_save_for_backward)
     backward = torch.library.custom_op(f"{NAMESPACE}::backward", _run_backward, mutates_args=(),
                                        schema=BACKWARD_SCHEMA)
     backward.register_fake(_fake_backward)

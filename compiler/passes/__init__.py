@@ -15,6 +15,14 @@ from compiler.report import Fused, NearMiss, Report
 from ir.graph import Graph, Node, StaleRead
 
 
+def _requires_grad(value) -> bool:
+    """Does a captured value (a fake tensor, or a tuple of them) require grad? Then the graph was
+    captured for training, and TorchDynamo guards on that."""
+    if isinstance(value, (tuple, list)):
+        return any(_requires_grad(item) for item in value)
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
 class NoMatch(Exception):
     """A candidate that failed to match: `node` broke it, for `reason` (shown in report())."""
 
@@ -44,6 +52,7 @@ class PassContext:
             raise NoMatch(graph.node(min(written)), f"writes {anchor.name} (or a view of it) in place")
         name = graph.fresh_name(op.pattern)
         op.label = name
+        op.differentiable = _requires_grad(anchor.value)
         fused = Node(name=name, op=op.pattern, inputs=inputs, attrs={"module": op},
                      type=anchor.type, value=anchor.value, order=anchor.order)
         try:

@@ -146,3 +146,15 @@ def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
         compiled(*args)
     launched = {kernel.name for kernel in compiled.kernels if kernel.config}
     assert launched and set(tuned) == launched, compiled.report()
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_ops_know_at_compile_time_whether_they_train(grad):
+    """An op captured with grad enabled and inputs that require grad returns its backward's residuals;
+    one captured for inference does not (TorchDynamo guards on grad mode and requires_grad)."""
+    module, args = CASES["attention"]()
+    compiled = compiler.compile(module, strict=True)
+    inputs = [a.detach().requires_grad_(grad) for a in args]
+    with torch.set_grad_enabled(grad):
+        compiled(*inputs)
+    assert [op.differentiable for op in compiled._report.ops] == [grad]
