@@ -24,20 +24,20 @@ from transformers.models.mamba.modeling_mamba import mamba_selective_scan  # noq
 LAYERS = 2
 
 
-def hugging_face(family: str, associative: bool = True) -> nn.Module:
+def hugging_face(family: str, associative: bool = True, layers: int = LAYERS) -> nn.Module:
     """A tiny Mamba, FalconMamba (B, C and Δ RMS-normalised) or Jamba (a Mamba layer, then attention
     and a mixture of experts)."""
     torch.manual_seed(0)
     if family == "jamba":
         config = transformers.JambaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=2,
+            vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=layers, num_attention_heads=2,
             num_key_value_heads=1, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
             expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4,
             use_associative_scan=associative, experts_implementation="eager")  # grouped_mm has no float64
         return transformers.JambaForCausalLM(config).eval()
     config_type, model_type = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
                                "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[family]
-    config = config_type(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=LAYERS,
+    config = config_type(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=layers,
                          use_associative_scan=associative)
     return model_type(config).eval()
 
@@ -93,6 +93,20 @@ def test_decode_after_rolled_prefill_matches_eager():
     for step in zip(ours, baseline, reference, strict=True):
         assert_close_by_rule(*step)
     assert_caches_close(mamba_layers(model), ours_cache, baseline_cache, reference_cache)
+
+
+def test_a_new_length_under_automatic_dynamic_shapes():
+    """The second length makes Dynamo's sizes symbolic; the rolled op's fake output keeps a SymInt that the
+    fused op must not allocate with."""
+    model = hugging_face("mamba", layers=1)
+    reference_model = copy.deepcopy(model).double()
+    compiled = compiler.compile(model, strict=True, dynamic=None)
+    with torch.no_grad():
+        for length in (9, 13):
+            ids = torch.randint(0, 64, (1, length))
+            ours, baseline, reference = compiled(ids), model(ids), reference_model(ids)
+            assert_close_by_rule(ours.logits, baseline.logits, reference.logits)
+    assert "rolled mamba_selective_scan, L=13" in compiled.report(), compiled.report()
 
 
 def test_training_through_a_rolled_scan_matches_eager():

@@ -172,7 +172,9 @@ def fuse_rolled(graph: Graph, node: Node, context: PassContext) -> None:
     (batch, dim, seqlen), dstate = static_shape(tensors["u"]), static_shape(tensors["A"])[1]
     groups = static_shape(tensors["B" if tensors["B"].type.rank == 4 else "C"])[1] if 4 in ranks else 1
     sizes = dict(b=batch, d=dim, l=seqlen, n=dstate, g=groups)
-    out, state = (Result(roles, tuple(value.shape), value.dtype) for roles, value in zip((("b", "d", "l"), ("b", "d", "n")), node.value))
+    # shapes from the operands' static sizes: the fake kernel's may hold a SymInt Dynamo later specialised
+    out, state = (Result(roles, tuple(sizes[role] for role in roles), value.dtype)
+                  for roles, value in zip(("bdl", "bdn"), node.value))
     layout = SSMLayout(tuple(Operand(name, labels[name]) for name in tensors), tuple(sizes.items()), out, state,
                        bool(arguments["delta_softplus"]))
     op = SelectiveScanOp([node.name], layout, mode=context.mode)
