@@ -29,7 +29,7 @@ ZEROS = ("zeros", "new_zeros", "zeros_like")
 DECODE_NAMES = {"u": "x", "delta": "dt", "delta_bias": "dt_bias"}
 LONG_LOOP = 128  # steps from which an unrolled loop is pointed out in report()
 LONG_LOOP_NOTE = ("ssm_scan: TorchDynamo unrolled the {steps}-step scan loop in {where}; capture time grows with "
-                  "the number of steps (about 3-10 ms per step and layer on a CPU core). "
+                  "the number of steps (a few ms per step and layer on a CPU core). "
                   "compiler.register_rolled({function}) keeps it one op at any length (transformers' Mamba "
                   "family and mamba_ssm's selective_scan_ref are rolled by default, unless compiled with "
                   "rolled=False or FLASHFX_ROLLED=0).")

@@ -5,8 +5,8 @@
                                        -> the pass lowers it to SelectiveScanOp
 
 Unrolling makes capture cost grow with L: Dynamo traces every step (about 6 and 9 fx nodes per
-step for models.mamba and Hugging Face, 2.6 ms per step and layer for Hugging Face's Mamba on a
-CPU core). Once fn is registered, Dynamo traces a substitute for it
+step for models.mamba and Hugging Face, a few ms per step and layer for Hugging Face's Mamba on a
+CPU core; benchmarks/compile_time.py). Once fn is registered, Dynamo traces a substitute for it
 (`torch._dynamo.substitute_in_graph`) that calls one custom op. The op's fake implementation runs
 fn on the first time step only, so capture costs the same at every L and output dtypes are fn's
 own; its real implementation runs fn, so a call flashfx does not fuse (or another torch.compile
@@ -125,7 +125,8 @@ def _substitute(fn: types.FunctionType, when: Callable[[], bool] | None, free: f
         arguments = {**defaults, **dict(zip(names, args)), **kwargs}
         u, delta, A, B, C, D, z, delta_bias, softplus, last_state = (
             arguments[name] for name in names[:len(PARAMETERS)])
-        rollable = (_real_in_time(u, delta, A, B, C) and all(name in defaults for name in kwargs)
+        rollable = (_real_in_time(u, delta, A, B, C) and len(args) <= len(names)
+                    and all(name in defaults for name in kwargs)
                     and all(_is_default(arguments[name], defaults[name]) for name in others))
         if not rollable or (when is not None and not when()):
             return as_written(*args, **kwargs)
