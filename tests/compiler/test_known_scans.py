@@ -35,8 +35,9 @@ def hugging_face(family: str, associative: bool = True, layers: int = LAYERS) ->
             expert_layer_period=2, expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4,
             use_associative_scan=associative, experts_implementation="eager")  # grouped_mm has no float64
         return transformers.JambaForCausalLM(config).eval()
-    config_type, model_type = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
-                               "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[family]
+    config_type, model_type = {
+        "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
+        "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[family]
     config = config_type(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=layers,
                          use_associative_scan=associative)
     return model_type(config).eval()
