@@ -6,16 +6,19 @@
     compiler.export_cache("cache.zip"); compiler.import_cache("cache.zip")
     torch.compile(model, backend="flashfx")
     compiler.register_rolled(scan_fn)   # keep a selective-scan loop rolled under capture
+                                        # (transformers' Mamba family and mamba_ssm: by default)
     compiler.sparsify(model, batches, density=0.1)   # DejaVu predictors for a dense model's MLPs
 """
 from compiler.api import CompiledModule, compile, warmup
 from compiler.backend import register as _register_backend
 from compiler.calibrate import SparsifyReport, sparsify
+from compiler.known_scans import install as _install_known_scans
 from compiler.passes.ssm_scan import register_rolled
 from runtime.bundle import export_cache, import_cache
 from runtime.dispatch import Kernel
 
 _register_backend()
+_install_known_scans()
 
 __all__ = [
     "CompiledModule", "Kernel", "SparsifyReport", "compile", "export_cache", "import_cache",

@@ -71,13 +71,13 @@ def _dynamo_cache_full(function) -> bool:
 
 class CompiledModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
-                 fullgraph: bool = False, strict: bool = False, inductor: bool | None = None):
+                 fullgraph: bool = False, strict: bool = False, inductor: bool | None = None, rolled: bool = True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self._report = Report()
-        self._backend = Backend(self._report, strict=strict, mode=mode, inductor=inductor)
+        self._backend = Backend(self._report, strict=strict, mode=mode, inductor=inductor, rolled=rolled)
         self._compiled = model if knobs.disabled() else torch.compile(
             model, backend=self._backend, dynamic=dynamic, fullgraph=fullgraph)
         self._limit_notes = _RecompileLimitNotes(self._report)
@@ -137,7 +137,8 @@ class CompiledModule(torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
-            fullgraph: bool = False, strict: bool = False, inductor: bool | None = None) -> CompiledModule:
+            fullgraph: bool = False, strict: bool = False, inductor: bool | None = None,
+            rolled: bool = True) -> CompiledModule:
     """Compile `model` with flashfx.
 
     mode: "default" launches each kernel with a tuned config from the cache if there is one,
@@ -148,10 +149,14 @@ def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | No
     strict: raise instead of leaving a graph that flashfx failed to compile to PyTorch.
     inductor: compile what flashfx does not fuse with Inductor (True), run it eagerly (False), or
           (None) use Inductor for graphs on CUDA only (see compiler.backend).
+    rolled: keep the scan loops of transformers' Mamba family and mamba_ssm's selective_scan_ref
+          rolled at capture, so capture time does not grow with the sequence length (False: let
+          TorchDynamo unroll them, as it does any Python loop; see compiler.known_scans).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compiler.compile expects an nn.Module, got {type(model).__name__}")
-    return CompiledModule(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, strict=strict, inductor=inductor)
+    return CompiledModule(model, mode=mode, dynamic=dynamic, fullgraph=fullgraph, strict=strict, inductor=inductor,
+                          rolled=rolled)
 
 
 def warmup(model: torch.nn.Module, inputs: Iterable, *, mode: str = "max-autotune",

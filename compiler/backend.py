@@ -10,9 +10,9 @@ custom ops, so it neither undoes nor repeats a match: its own attention rewrites
 flashfx left.
 
 Registered as "flashfx" (entry point `torch_dynamo_backends`, and on `import compiler`), so
-`torch.compile(model, backend="flashfx")` works, and takes `mode` and `options={"inductor": ...}`
-as compile() does. `compiler.compile` uses a Backend of its own so that each compiled model keeps
-its own report.
+`torch.compile(model, backend="flashfx")` works, and takes `mode` and `options={"inductor": ...,
+"rolled": ...}` as compile() does. `compiler.compile` uses a Backend of its own so that each
+compiled model keeps its own report.
 """
 from __future__ import annotations
 
@@ -29,11 +29,12 @@ from runtime.cache import CacheMissError
 
 class Backend:
     def __init__(self, report: Report | None = None, strict: bool = False, mode: str = "default",
-                 inductor: bool | None = None):
+                 inductor: bool | None = None, rolled: bool = True):
         self.report = report if report is not None else Report()
         self.strict = strict
         self.mode = mode
         self.inductor = inductor
+        self.rolled = rolled  # read at capture by compiler.known_scans
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         try:
@@ -72,12 +73,14 @@ default_backend = Backend()
 
 
 def flashfx_backend(gm: torch.fx.GraphModule, example_inputs, mode: str = "default", options: dict | None = None):
-    """`torch.compile(model, backend="flashfx", mode=..., options={"inductor": ...})`; the report of
-    calls with neither is `compiler.backend.default_backend.report`."""
+    """`torch.compile(model, backend="flashfx", mode=..., options={"inductor": ..., "rolled": ...})`;
+    the report of calls is `compiler.backend.default_backend.report`. "rolled" acts at capture
+    (compiler.known_scans reads it from torch.compile's wrapper), before this is called."""
     options = dict(options or {})
     inductor = options.pop("inductor", None)
+    options.pop("rolled", None)
     if options:
-        raise ValueError(f"flashfx backend options are 'inductor' only, got {sorted(options)}")
+        raise ValueError(f"flashfx backend options are 'inductor' and 'rolled' only, got {sorted(options)}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "default" and inductor is None:

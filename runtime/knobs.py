@@ -9,6 +9,8 @@ flags follow one convention: "1", "true", "yes", "on" (any case) mean true.
     FLASHFX_DISABLE     compile() returns the model's own forward (bisecting aid)
     FLASHFX_STRICT_CACHE  a kernel source or tuned config missing from the cache at run
                         time is an error (production: ship a warmed cache)
+    FLASHFX_ROLLED      keep the scan loops of transformers' Mamba family and mamba_ssm rolled
+                        while flashfx captures (default on; 0 traces them as written)
     TRITON_INTERPRET    run Triton kernels on the CPU interpreter (set to 1 automatically
                         when no CUDA device is present and it is not set explicitly)
 """
@@ -45,6 +47,10 @@ def disabled() -> bool:
 
 def strict_cache() -> bool:
     return env_flag("FLASHFX_STRICT_CACHE")
+
+
+def rolled() -> bool:
+    return env_flag("FLASHFX_ROLLED", default=True)
 
 
 def triton_interpret() -> bool:

@@ -13,11 +13,13 @@ def cast_inputs(args, dtype):
     return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
 
 
-def assert_compiles_equivalent(module: torch.nn.Module, args, dtype: torch.dtype, pattern: str, count: int = 1):
-    """Compile `module` in `dtype`; assert `count` fused `pattern` ops and outputs within the rule."""
+def assert_compiles_equivalent(module: torch.nn.Module, args, dtype: torch.dtype, pattern: str, count: int = 1,
+                               **options):
+    """Compile `module` in `dtype` (with compile() `options`); assert `count` fused `pattern` ops and
+    outputs within the rule."""
     module = module.eval()
     ours_module = copy.deepcopy(module).to(dtype)
-    compiled = compiler.compile(ours_module, strict=True)
+    compiled = compiler.compile(ours_module, strict=True, **options)
     with torch.no_grad():
         ours = compiled(*cast_inputs(args, dtype))
         baseline = ours_module(*cast_inputs(args, dtype))

@@ -211,12 +211,14 @@ def test_reference_loop_fuses(case):
 @pytest.mark.parametrize("case", [Case(seqlen=7, dim=37, dstate=16), Case(seqlen=128, dstate=1, z=False, dtype=fp16)],
                          ids=str)
 def test_hugging_face_loop_fuses(case):
-    assert_compiles_equivalent(HuggingFaceScan(), scan_inputs(case), case.dtype, "ssm_scan")
+    compiled = assert_compiles_equivalent(HuggingFaceScan(), scan_inputs(case), case.dtype, "ssm_scan", rolled=False)
+    assert "unrolled loop" in compiled.report()
 
 
 @pytest.mark.parametrize("case", [Case(seqlen=7, dstate=16, dim=37), Case(seqlen=128, dstate=1, dtype=bf16)], ids=str)
 def test_associative_scan_fuses(case):
-    compiled = assert_compiles_equivalent(HuggingFaceScan(associative=True), scan_inputs(case), case.dtype, "ssm_scan")
+    compiled = assert_compiles_equivalent(HuggingFaceScan(associative=True), scan_inputs(case), case.dtype, "ssm_scan",
+                                          rolled=False)
     assert "associative_scan (decomposed)" in compiled.report()
 
 
@@ -391,12 +393,13 @@ def hugging_face_mamba(associative: bool, layers: int = 2, falcon: bool = False)
 def test_hugging_face_mamba_fuses_one_scan_per_layer(associative, falcon):
     model = hugging_face_mamba(associative, falcon=falcon)
     ids = torch.randint(0, 64, (1, 9))
-    compiled = compiler.compile(model, strict=True)
+    compiled = compiler.compile(model, strict=True, rolled=False)
     with torch.no_grad():
         ours = compiled(ids)
         baseline = model(ids)
         reference = copy.deepcopy(model).double()(ids)
     assert compiled.patterns.count("ssm_scan") == 2, compiled.report()
+    assert ("associative_scan" if associative else "unrolled loop") in compiled.report()
     assert_close_by_rule(ours.logits, baseline.logits, reference.logits)
     for layer in range(2):
         assert_close_by_rule(ours.cache_params.get_recurrent_state(layer), baseline.cache_params.get_recurrent_state(layer),

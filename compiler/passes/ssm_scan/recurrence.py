@@ -13,6 +13,8 @@ A loop is parsed step by step from the stack's inputs, each step compared with t
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 from compiler.passes import PassContext
@@ -25,10 +27,13 @@ from runtime.ssm_scan import SelectiveScanOp, StateUpdateOp
 
 ZEROS = ("zeros", "new_zeros", "zeros_like")
 DECODE_NAMES = {"u": "x", "delta": "dt", "delta_bias": "dt_bias"}
-LONG_LOOP = 256
-LONG_LOOP_NOTE = ("ssm_scan: a scan loop was captured unrolled; TorchDynamo's capture time grows with its length "
-                  "(15-20 s per layer at L 1024 on one CPU core). compiler.register_rolled(scan_fn) keeps it one op "
-                  "(about 1 s at any L).")
+LONG_LOOP = 128  # steps from which an unrolled loop is pointed out in report()
+LONG_LOOP_NOTE = ("ssm_scan: TorchDynamo unrolled the {steps}-step scan loop in {where}; capture time grows with "
+                  "the number of steps (a few ms per step and layer on a CPU core). "
+                  "compiler.register_rolled({function}) keeps it one op at any length (transformers' Mamba "
+                  "family and mamba_ssm's selective_scan_ref are rolled by default, unless compiled with "
+                  "rolled=False or FLASHFX_ROLLED=0).")
+SOURCE_LINE = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 
 
 @dataclass
@@ -154,11 +159,13 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
         return
     ys, time_dim, wrappers = _stacked(graph, anchor)
     if ys and find_readout(graph, ys[0]) is not None:
-        loop = _read_out_per_step(graph, anchor, ys, time_dim, wrappers)
+        parse = _read_out_per_step
     elif ys and is_state(ys[0]) and _recurrence(graph, ys[0], 0, None) is not None:
-        loop = _read_out_after_stack(graph, anchor, ys, time_dim, wrappers)
+        parse = _read_out_after_stack
     else:
         return
+    _note_long_loop(context, anchor, len(ys))
+    loop = parse(graph, anchor, ys, time_dim, wrappers)
     _check_initial_state(graph, loop.steps[0])
     _check_private(graph, loop.steps, loop.inside)
     core = discretisation(graph, loop.a, loop.bu, loop.c, loop.n)
@@ -170,8 +177,19 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
     op = SelectiveScanOp(replaced, layout, mode=context.mode)
     detail = f"unrolled loop{loop.form}, L={len(loop.steps)}, {describe(layout, plan.groups)}"
     fuse_op(graph, context, plan, op, detail, replaced, state, loop.inside)
-    if len(loop.steps) >= LONG_LOOP and LONG_LOOP_NOTE not in context.report.notes:
-        context.report.notes.append(LONG_LOOP_NOTE)
+
+
+def _note_long_loop(context: PassContext, anchor: Node, steps: int) -> None:
+    """Point out a long loop Dynamo unrolled (fused or not), naming the function that gathers its steps."""
+    if steps < LONG_LOOP:
+        return
+    trace = anchor.fx_node.meta.get("stack_trace", "") if anchor.fx_node is not None else ""
+    found = SOURCE_LINE.findall(trace)
+    path, line, function = found[-1] if found else ("", "", "")
+    where = f"{function} ({os.path.basename(path)}:{line})" if found else "the model"
+    note = LONG_LOOP_NOTE.format(steps=steps, where=where, function=function or "scan_fn")
+    if note not in context.report.notes:
+        context.report.notes.append(note)
 
 
 @dataclass
