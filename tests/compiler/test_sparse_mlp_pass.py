@@ -384,16 +384,16 @@ def test_index_range_is_proven_or_checked():
 
 
 # -- near-misses --------------------------------------------------------------------------------
-class SiluGathered(GatheredMLP):
+class TanhGathered(GatheredMLP):
     def __init__(self, d, ffn):
         super().__init__(d, ffn)
-        self.act = nn.SiLU()
+        self.act = nn.Tanh()
 
 
-class SiluMasked(MaskedMLP):
+class MishMasked(MaskedMLP):
     def __init__(self, d, ffn):
         super().__init__(d, ffn)
-        self.act = nn.SiLU()
+        self.act = nn.Mish()
 
 
 class InplaceReluObserved(MaskedMLP):
@@ -447,8 +447,8 @@ def near_miss_args(module_type):
 
 
 @pytest.mark.parametrize("module_type, node, reason", [
-    (SiluGathered, "h", "silu is not an activation the kernel fuses (relu, gelu, gelu tanh)"),
-    (SiluMasked, "silu", "silu is not an activation the kernel fuses"),
+    (TanhGathered, "h", "tanh is not an activation the kernel fuses (relu, gelu, gelu tanh, silu)"),
+    (MishMasked, "mish", "mish is not an activation the kernel fuses"),
     (InplaceReluObserved, "relu", "also read by output"),
     (TrainingDropout, "h", "dropout is active (training mode) between the activation and the down projection"),
     (PerRowIndices, "getitem_2", "idx is 2-D: the kernels take one 1-D set of neurons"),
