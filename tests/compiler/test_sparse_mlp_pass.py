@@ -508,11 +508,22 @@ def tiny_opt() -> nn.Module:
     return Logits(transformers.OPTForCausalLM(config))
 
 
-@pytest.mark.parametrize("factory, form, activation", [
-    (lambda: GPT(GPTConfig.tiny()), "masked", "gelu_tanh"),
-    (tiny_opt, "gathered", "relu"),
-], ids=["gpt-masked", "hf-opt-gathered"])
-def test_sparsified_model_compiles_to_its_own_sparse_forward(factory, form, activation):
+def tiny_relu_llama() -> nn.Module:
+    """Hugging Face's Llama with ReLU-fied gated MLPs (hidden_act "relu"), returning logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu",
+                                      max_position_embeddings=128)
+    return Logits(transformers.LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("factory, form, detail", [
+    (lambda: GPT(GPTConfig.tiny()), "masked", "masked, bias b1+b2, gelu_tanh"),
+    (tiny_opt, "gathered", "gathered, bias b1+b2, relu"),
+    (tiny_relu_llama, "gathered", "gated gathered, bias none, relu"),
+    (tiny_relu_llama, "masked", "gated masked, bias none, relu"),
+], ids=["gpt-masked", "hf-opt-gathered", "relu-llama-gathered", "relu-llama-masked"])
+def test_sparsified_model_compiles_to_its_own_sparse_forward(factory, form, detail):
     """compiler.sparsify installs the sparse forward in a dense model; compiled, it equals its uncompiled self."""
     torch.manual_seed(0)
     model = factory().eval()
@@ -522,7 +533,7 @@ def test_sparsified_model_compiles_to_its_own_sparse_forward(factory, form, acti
     ids = torch.randint(0, 96, (1, 9), generator=generator)
     compiled = assert_compiles_equivalent(model, (ids,), fp32, "sparse_mlp", count=2)
     assert_kernels_ran(compiled)
-    assert f"{form}, bias b1+b2, {activation}" in compiled.report()
+    assert detail in compiled.report()
 
 
 # -- the masked form at run time ----------------------------------------------------------------
