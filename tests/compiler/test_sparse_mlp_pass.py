@@ -383,6 +383,14 @@ def gated_inputs(batch, d, ffn, selector: str, generator):
     return x, {"idx": idx, "float": keep.float(), "bool": keep.expand(batch, ffn).clone()}[selector]
 
 
+def gated_case(selector: str):
+    """(module, [x, selector]) of a small gated MLP: Meta's FeedForward gathered by idx, or Llama's
+    MLP with SiLU and biases masked by bool rows (tests/runtime/test_custom_ops.py)."""
+    torch.manual_seed(0)
+    module = FeedForward(16, 48, bias=True) if selector == "idx" else PredictorMasked(16, 48, "silu", True)
+    return module.eval(), list(gated_inputs(3, 16, 48, selector, torch.Generator().manual_seed(0)))
+
+
 GATED_SPELLINGS = [  # (module, selector, activation, bias)
     (PredictorMasked, "float", "relu", False),
     (PredictorMasked, "bool", "silu", True),
@@ -795,6 +803,19 @@ def test_opt_6_7b_layer_bf16(module_type, batch):
     idx = torch.randperm(16384, device="cuda")[:1638]
     selector = torch.zeros(16384, device="cuda").index_fill(0, idx, 1.0) if module_type is MaskedMLP else idx
     compiled = assert_compiles_equivalent(module, (x, selector), bf16, "sparse_mlp")
+    assert_kernels_ran(compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 16])
+def test_relu_llama_2_7b_mlp_bf16(batch):
+    """ReLU-fied Llama-2-7B's MLP (d 4096, ffn 11008) with a predictor's bool mask at 10%, on the GPU."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        module = PredictorMasked(4096, 11008, "relu")
+        x = torch.randn(batch, 4096)
+        keep = torch.zeros(11008, dtype=torch.bool).index_fill(0, torch.randperm(11008)[:1101], True)
+    compiled = assert_compiles_equivalent(module, (x, keep), bf16, "sparse_mlp")
     assert_kernels_ran(compiled)
 
 
