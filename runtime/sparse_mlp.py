@@ -92,6 +92,8 @@ class SparseMLPLayout:
     gated: bool = False  # operands W3 (and b3) follow b1: the up projection
     has_b3: bool = False
     w3_transposed: bool = False
+    w1_rows: tuple[int, int] | None = None  # W1 (b1) is these rows of the operand: a merged gate_up_proj
+    w3_rows: tuple[int, int] | None = None
     selects: str = "h"  # masked: what the mask selects from, h or (gated) its "gate" or "up" factor
     zero_is_product: bool = False  # selected by where(mask, h, 0 * h): a dropped inf or NaN is NaN
 
@@ -109,7 +111,16 @@ class SparseMLPLayout:
             form += f" (selected where mask is {self.mask_keeps})"
         if self.selects != "h":
             form += f" (on the {self.selects} factor)"
+        if self.w1_rows is not None:
+            form += " (gate and up split from one projection)"
         return f"{form}, bias {'+'.join(biases) or 'none'}"
+
+
+def _rows(weight, bias, rows: tuple[int, int] | None):
+    """The neurons' rows of a merged weight and bias (views), or both as they are."""
+    if rows is None:
+        return weight, bias
+    return weight[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]]
 
 
 def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
@@ -176,6 +187,7 @@ class SparseMLPOp(FusedOp):
         transposed = {"w1": layout.w1_transposed, "w2": layout.w2_transposed, "w3": layout.w3_transposed}
         w1, w2, w3 = (w.t() if w is not None and transposed[name] else w
                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+        (w1, b1), (w3, b3) = _rows(w1, b1, layout.w1_rows), _rows(w3, b3, layout.w3_rows)
         return Weights(w1, b1, w2, b2, w3, b3), selector
 
     def _masked_indices(self, rows, mask, ffn: int) -> tuple[torch.Tensor | None, str | None]:

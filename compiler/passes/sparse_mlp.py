@@ -11,8 +11,11 @@ TurboSparse and ReLU-fied Llama sparsify, with W1, W3 (F, D), W2 (D, F) and each
     masked:    down(h * mask, W2, b2)                           mask (..., F) bool or float
                down(where(mask, h, 0), W2, b2)                  bool mask, keeping where True, or
                down(h.masked_fill(mask, 0), W2, b2)             where False; the zero spelled as a
-                                                                scalar, zeros_like, tensor(0.)... or 0 * h
+                                                                scalar, zeros_like, tensor(0.)... or 0 * h;
+               h[mask] = 0 (CATS, on a fresh h)                 where False (the write stays in PyTorch)
     up, down   F.linear(x, W, b) (nn.Linear) | x @ W^T + b | x @ W^T    W^T as .T, .t(), .mT, transpose
+               gate and up may be parts of one merged projection (Phi-3's gate_up_proj(x).chunk(2, -1),
+               torch.split, proj[..., a:b])
     W1[idx]    w[idx], w.index_select(0, idx), torch.index_select(w, 0, idx); W2[:, idx] likewise on
                dim 1 (w[:, idx], w[..., idx]); either weight may be stored transposed (w.T[:, idx])
     act        relu (F.relu, torch.relu, x.relu(), nn.ReLU), gelu (F.gelu, nn.GELU; exact or tanh),
@@ -78,6 +81,10 @@ class Weight:
     transposed: bool  # tensor is the canonical matrix transposed
     idx: Node | None  # the neuron index (gathered form)
     nodes: list[str] = field(default_factory=list)  # transposes and the index in between
+    rows: tuple[int, int] | None = None  # the neurons' rows of a merged gate_up_proj weight
+
+    def ffn(self) -> int:
+        return self.rows[1] - self.rows[0] if self.rows else self.tensor.type.shape[1 if self.transposed else 0]
 
 
 @dataclass
@@ -88,11 +95,14 @@ class Bias:
 
 @dataclass
 class Factor:
-    """A factor of h made from one projection: the projection itself, or unary ops of it (act, dropout)."""
+    """A factor of h made from one projection: the projection itself, or unary ops of it (act, dropout);
+    the projection may be one part of a merged one (Phi-3's gate_up_proj(x).chunk(2, -1))."""
 
     leaf: Node
     projection: Projection
     chain: list[Node]  # the unary nodes from the projection up to `leaf`
+    rows: tuple[int, int] | None = None  # the part's output columns [start, stop) of a merged projection
+    split: list[str] = field(default_factory=list)  # the nodes that take the part (chunk, getitem, slice)
 
 
 @dataclass
@@ -179,7 +189,10 @@ def _collect(graph: Graph, node: Node, hidden: Hidden, masks: list[Node]) -> lis
 
 def _zero_selection(graph: Graph, node: Node) -> tuple[Node, Node, bool, Node | None] | None:
     """(bool mask, selected tensor t, the mask value that keeps, the node 0 * t if the zero is one)
-    of where(mask, t, 0), t.masked_fill(mask, 0) or where(mask, t, 0 * t); None for anything else."""
+    of where(mask, t, 0), t.masked_fill(mask, 0), where(mask, t, 0 * t) or t[mask] = 0 (CATS);
+    None for anything else."""
+    if _is_zero_assign(graph, node):
+        return graph.node(node.inputs[1]), graph.node(node.inputs[0]), False, None
     if node.op != "where":
         return None
     mask = graph.node(node.inputs[0])
@@ -197,8 +210,19 @@ def _zero_selection(graph: Graph, node: Node) -> tuple[Node, Node, bool, Node | 
     return None
 
 
+def _is_zero_assign(graph: Graph, node: Node) -> bool:
+    """t[mask] = 0 on a fresh t, mask bool of t's shape: ir.mutation's functional assign."""
+    if node.op != "torch" or node.attrs["target"] != "assign" or len(node.inputs) != 2 or node.call is None:
+        return False
+    value = node.call.args[2] if len(node.call.args) == 3 else None
+    target, mask = (graph.node(name) for name in node.inputs)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+            and mask.type is not None and mask.type.dtype == torch.bool and mask.type.shape == target.type.shape)
+
+
 def _factor(graph: Graph, leaf: Node) -> Factor | None:
-    """`leaf` as a projection, or up to MAX_CHAIN shape-preserving unary float ops of one; else None."""
+    """`leaf` as a projection (or a part of one), or up to MAX_CHAIN shape-preserving unary float ops
+    of one; else None."""
     chain, node = [], leaf
     while True:
         if node.type is None or node.type.dtype == torch.bool:
@@ -206,10 +230,47 @@ def _factor(graph: Graph, leaf: Node) -> Factor | None:
         projection = _projection(graph, node)
         if projection is not None:
             return Factor(leaf, projection, chain[::-1])
+        part = _projection_part(graph, node)
+        if part is not None:
+            return Factor(leaf, part[0], chain[::-1], part[1], part[2])
         if len(chain) == MAX_CHAIN or len(node.inputs) != 1 or graph.node(node.inputs[0]).type != node.type:
             return None
         chain.append(node)
         node = graph.node(node.inputs[0])
+
+
+def _projection_part(graph: Graph, node: Node) -> tuple[Projection, tuple[int, int], list[str]] | None:
+    """(projection, the output columns [start, stop) `node` takes, the nodes that take them) for
+    proj[..., a:b], proj.chunk(n, -1)[i] and proj.split(size or sizes, -1)[i]; else None."""
+    if node.op == "slice":
+        source = graph.node(node.inputs[0])
+        projection = _projection(graph, source)
+        if projection is None or node.attrs["step"] != 1 or node.attrs["dim"] != source.type.rank - 1:
+            return None
+        return projection, (node.attrs["start"], node.attrs["stop"]), [node.name]
+    splitter = graph.node(node.inputs[0]) if node.op == "torch" and node.attrs["target"] == "getitem" else None
+    if splitter is None or splitter.op != "torch" or splitter.attrs["target"] not in ("chunk", "split"):
+        return None
+    source = graph.node(splitter.inputs[0])
+    projection = _projection(graph, source)
+    bounds = _split_bounds(splitter, source.type.rank) if projection is not None else None
+    index = node.call.args[1] if node.call is not None and len(node.call.args) == 2 else None
+    if bounds is None or not isinstance(index, int) or not 0 <= index < len(bounds):
+        return None
+    return projection, bounds[index], [splitter.name, node.name]
+
+
+def _split_bounds(splitter: Node, rank: int) -> list[tuple[int, int]] | None:
+    """The [start, stop) of each part of chunk(x, n, dim) or split(x, size or sizes, dim) along the
+    last dim, read from the parts' shapes; None along another dim."""
+    call, parts = splitter.call, splitter.value
+    if call is None or not isinstance(parts, (tuple, list)) or not parts:
+        return None
+    dim = call.kwargs.get("dim", call.args[2] if len(call.args) > 2 else 0)
+    if not isinstance(dim, int) or dim not in (-1, rank - 1):
+        return None
+    sizes = [part.shape[-1] for part in parts]
+    return [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
 
 
 def _is_selection_mask(graph: Graph, mask: Node) -> bool:
@@ -264,24 +325,17 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, hidden: Hi
     before = "the down projection" if roles.selection is None else "the mask"
     activation = _factor_activation(graph, roles.gate, before)
     up_activation = "identity" if roles.up is None or not roles.up.chain else _factor_activation(graph, roles.up, before)
-    gate_proj = roles.gate.projection
-    w1 = _weight(graph, gate_proj.weight, gate_proj.weight_transposed, neuron_dim=0, strict=True)
-    b1 = _up_bias(graph, gate_proj, w1)
-    w3, b3 = _up_projection(graph, roles, w1)
-    for name, weight, factor in (("W1", w1, roles.gate), ("W3", w3, roles.up)):
-        if weight is not None and weight.idx is not w2.idx:
-            raise NoMatch(factor.projection.weight, f"{name} and W2 are not gathered by the same idx")
+    projections = _projection_weights(graph, roles, w2)
     computed = _computed(roles) + hidden.nodes + down.nodes
-    kept = _check_private(graph, computed, roles.selection)
-    operands = [gate_proj.input, w1.tensor] + b1.operands
-    if w3 is not None:
-        operands += [w3.tensor] + b3.operands
+    kept = _check_private(graph, computed, roles.selection) | {name for name in hidden.nodes if graph.node(name).writes}
+    operands = [roles.gate.projection.input] + [node for weight, bias in projections
+                                                for node in [weight.tensor] + bias.operands]
     operands += [w2.tensor] + ([down.bias] if down.bias else [])
-    ffn = _check_operands(anchor, operands, [w for w in (w1, w3) if w is not None], w2)
+    ffn = _check_operands(anchor, operands, [weight for weight, _ in projections], w2)
     if roles.selection is not None:
         _check_mask(roles.selection.mask, down.input, roles.gate.leaf, ffn)
-    layout = _layout(graph, roles, w1, w2, w3, bool(b1.operands), b3 is not None and bool(b3.operands), down, ffn)
-    weights_nodes = w1.nodes + b1.nodes + (w3.nodes + b3.nodes if w3 is not None else []) + w2.nodes
+    layout = _layout(graph, roles, projections, w2, down, ffn)
+    weights_nodes = [name for weight, bias in projections for name in weight.nodes + bias.nodes] + w2.nodes
     replaced = _in_order(graph, [name for name in computed if name not in kept] + weights_nodes)
     op = SparseMLPOp(replaced, activation, layout, mode=context.mode, up_activation=up_activation)
     op.prepare()
@@ -291,15 +345,17 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, hidden: Hi
                  f"{layout.describe()}, {detail}")
 
 
-def _layout(graph, roles: Roles, w1: Weight, w2: Weight, w3: Weight | None, has_b1: bool, has_b3: bool,
-            down: Projection, ffn) -> SparseMLPLayout:
+def _layout(graph, roles: Roles, projections: list[tuple[Weight, Bias]], w2: Weight, down: Projection,
+            ffn) -> SparseMLPLayout:
     selection = roles.selection
+    (w1, b1), (w3, b3) = projections[0], (projections[1:] or [(None, None)])[0]
     return SparseMLPLayout(
-        "gathered" if selection is None else "masked", has_b1=has_b1, has_b2=down.bias is not None,
+        "gathered" if selection is None else "masked", has_b1=bool(b1.operands), has_b2=down.bias is not None,
         w1_transposed=w1.transposed, w2_transposed=w2.transposed,
         indices_proven=selection is not None or _indices_in_range(graph, w2.idx, ffn),
         mask_keeps=None if selection is None else selection.keeps,
-        gated=w3 is not None, has_b3=has_b3, w3_transposed=w3 is not None and w3.transposed,
+        gated=w3 is not None, has_b3=b3 is not None and bool(b3.operands),
+        w3_transposed=w3 is not None and w3.transposed, w1_rows=w1.rows, w3_rows=w3 and w3.rows,
         selects=roles.selects(), zero_is_product=selection is not None and selection.zero_is_product)
 
 
@@ -311,21 +367,31 @@ def _factor_activation(graph, factor: Factor, before: str) -> str:
     return _activation_name(factor.leaf)
 
 
-def _up_projection(graph, roles: Roles, w1: Weight) -> tuple[Weight | None, Bias | None]:
-    """W3 and b3 of the gated MLP's up projection, which must read what the gate projection reads."""
-    if roles.up is None:
-        return None, None
-    up_proj = roles.up.projection
-    if up_proj.input is not roles.gate.projection.input:
-        raise NoMatch(graph.node(up_proj.nodes[0]), "the gate and up projections read different inputs")
-    w3 = _weight(graph, up_proj.weight, up_proj.weight_transposed, neuron_dim=0, strict=True)
-    return w3, _up_bias(graph, up_proj, w3)
+def _projection_weights(graph, roles: Roles, w2: Weight) -> list[tuple[Weight, Bias]]:
+    """[(W1, b1)] of the gate (fc1), then (W3, b3) of the gated MLP's up projection: projections of
+    one input, gathered by W2's idx (or not at all), parts of one merged weight or not."""
+    projections = []
+    for name, factor in (("W1", roles.gate), ("W3", roles.up)):
+        if factor is None:
+            continue
+        projection = factor.projection
+        if projection.input is not roles.gate.projection.input:
+            raise NoMatch(graph.node(projection.nodes[0]), "the gate and up projections read different inputs")
+        weight = _weight(graph, projection.weight, projection.weight_transposed, neuron_dim=0, strict=True)
+        if weight.idx is not w2.idx:
+            raise NoMatch(projection.weight, f"{name} and W2 are not gathered by the same idx")
+        if factor.rows is not None and weight.idx is not None:
+            raise NoMatch(graph.node(factor.split[-1]), "a part of a projection whose weight is gathered")
+        weight.rows = factor.rows
+        projections.append((weight, _up_bias(graph, projection, weight)))
+    return projections
 
 
 def _computed(roles: Roles) -> list[str]:
-    """The dense intermediates of the factors: projections and their activations."""
+    """The dense intermediates of the factors: projections, the parts taken of them, activations."""
     factors = [roles.gate] + ([roles.up] if roles.up is not None else [])
-    return [name for factor in factors for name in factor.projection.nodes + [node.name for node in factor.chain]]
+    return [name for factor in factors
+            for name in factor.projection.nodes + factor.split + [node.name for node in factor.chain]]
 
 
 def _indices_in_range(graph, idx: Node, size: int) -> bool:
@@ -436,9 +502,8 @@ def _check_operands(anchor: Node, operands: list[Node], up_weights: list[Weight]
             raise NoMatch(weight.tensor, "the weight is not a matrix")
     ffn_2 = w2.tensor.type.shape[0 if w2.transposed else 1]
     for weight in up_weights:
-        ffn_1 = weight.tensor.type.shape[1 if weight.transposed else 0]
-        if ffn_1 != ffn_2:
-            raise NoMatch(w2.tensor, f"W1 has {ffn_1} neurons but W2 {ffn_2}")
+        if weight.ffn() != ffn_2:
+            raise NoMatch(w2.tensor, f"W1 has {weight.ffn()} neurons but W2 {ffn_2}")
     return ffn_2
 
 

@@ -375,6 +375,42 @@ class DReLU(LlamaMLP):
         return self.down_proj(combined * keep)
 
 
+class InPlaceProduct(LlamaMLP):
+    """h = act(gate(x)); h *= up(x); h *= mask: the product written in place."""
+
+    def forward(self, x, mask):
+        h = self.act_fn(self.gate_proj(x))
+        h *= self.up_proj(x)
+        h *= mask
+        return self.down_proj(h)
+
+
+class Phi3MLP(nn.Module):
+    """Phi-3's MLP: one merged gate_up_proj, chunked, up_states * activation_fn(gate), then a mask."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation_fn = act_fn(hidden_act)
+
+    def forward(self, hidden_states, mask):
+        up_states = self.gate_up_proj(hidden_states)
+        gate, up_states = up_states.chunk(2, dim=-1)
+        up_states = up_states * self.activation_fn(gate)
+        return self.down_proj(up_states * mask)
+
+
+class MergedSliced(Phi3MLP):
+    """The merged projection sliced, gate_up[..., :F] and torch.split's second part, and a where."""
+
+    def forward(self, x, keep):
+        gate_up = self.gate_up_proj(x)
+        ffn = self.down_proj.in_features
+        up = torch.split(gate_up, [ffn, ffn], dim=-1)[1]
+        return self.down_proj(torch.where(keep, self.activation_fn(gate_up[..., :ffn]) * up, 0))
+
+
 def gated_inputs(batch, d, ffn, selector: str, generator):
     """(x, selector): idx (K,) sorted, a float 0/1 mask (F,), or bool keep rows (batch, F)."""
     x = torch.randn(batch, d, generator=generator)
@@ -399,6 +435,9 @@ GATED_SPELLINGS = [  # (module, selector, activation, bias)
     (MaskedFillGate, "bool", "silu", False),
     (DownStoredTransposed, "idx", "relu", False),
     (DReLU, "bool", "relu", True),
+    (InPlaceProduct, "float", "silu", False),
+    (Phi3MLP, "float", "silu", False),
+    (MergedSliced, "bool", "gelu", True),
 ]
 
 
@@ -471,7 +510,22 @@ class TopKCombined(LlamaMLP):
         return self.down_proj(combined * mask)
 
 
-@pytest.mark.parametrize("module_type", [PowerInferBlock, ActiveGate, TopKCombined], ids=lambda t: t.__name__)
+class CatsMLP(LlamaMLP):
+    """CATS (Lee et al. 2024): activations below a threshold zeroed in place, post_act[mask] = 0.0."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__(hidden_size, intermediate_size, "silu")
+        self.thresh = 0.1
+
+    def forward(self, x):
+        post_act = self.act_fn(self.gate_proj(x))
+        mask = post_act.abs() < self.thresh
+        post_act[mask] = 0.0
+        return self.down_proj(post_act * self.up_proj(x))
+
+
+@pytest.mark.parametrize("module_type", [PowerInferBlock, ActiveGate, TopKCombined, CatsMLP],
+                         ids=lambda t: t.__name__)
 def test_masks_from_a_predictor_or_the_gate_itself(module_type):
     """One decode token: the mask is shared by the call's rows, so the kernels run."""
     torch.manual_seed(0)
