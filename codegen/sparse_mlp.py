@@ -78,7 +78,7 @@ def kernel_name(spec: SparseMLPSpec) -> str:
     return f"sparse_mlp_gated_{spec.activation}{up}"
 
 
-def sparse_mlp_reference(x, w1, b1, w2, b2, idx, *, activation: str) -> torch.Tensor:
+def sparse_mlp_reference(x, w1, b1, w2, b2, idx, *, activation: str, row_mask=None) -> torch.Tensor:
     """y = act(x @ w1[idx]^T + b1[idx]) @ w2[:, idx]^T + b2: the MLP restricted to the neurons idx.
 
     sparse_mlp_reference computes it in plain PyTorch (DejaVu's gathered form); launch runs the two
@@ -88,6 +88,8 @@ def sparse_mlp_reference(x, w1, b1, w2, b2, idx, *, activation: str) -> torch.Te
         w1    (F, D)     fc1.weight          b1  (F,) or None
         w2    (D, F)     fc2.weight          b2  (D,) or None
         idx   (K,)       int32/int64, 1 <= K <= F, unique values in [0, F), shared by the M rows
+        row_mask (M, F)  or None: each row's own mask, bool or x's dtype, any strides; h[m, j] is
+                         multiplied by row_mask[m, idx[j]], or 0 where that is 0 (idx: their union)
         out   (M, D)     launch: preallocated, x's dtype
 
     x, weights, biases and out share one dtype and device. launch accumulates in fp32 and rounds
@@ -95,11 +97,11 @@ def sparse_mlp_reference(x, w1, b1, w2, b2, idx, *, activation: str) -> torch.Te
     range-checked by launch (that would cost a device sync).
     """
     h = ACTIVATIONS[activation](_gathered_projection(x, w1, b1, idx))
-    return F.linear(h, w2[:, idx], b2)
+    return F.linear(_row_masked(h, row_mask, idx), w2[:, idx], b2)
 
 
 def gated_sparse_mlp_reference(x, w1, b1, w3, b3, w2, b2, idx, *, activation: str,
-                               up_activation: str = "identity") -> torch.Tensor:
+                               up_activation: str = "identity", row_mask=None) -> torch.Tensor:
     """y = (act(x @ w1[idx]^T + b1[idx]) * up_act(x @ w3[idx]^T + b3[idx])) @ w2[:, idx]^T + b2:
     the gated MLP (w1 gate_proj, w3 up_proj, w2 down_proj) restricted to the neurons idx.
 
@@ -111,6 +113,8 @@ def gated_sparse_mlp_reference(x, w1, b1, w3, b3, w2, b2, idx, *, activation: st
         w3    (F, D)     up_proj.weight      b3  (F,) or None
         w2    (D, F)     down_proj.weight    b2  (D,) or None
         idx   (K,)       int32/int64, 1 <= K <= F, unique values in [0, F), shared by the M rows
+        row_mask (M, F)  or None: each row's own mask, bool or x's dtype, any strides; h[m, j] is
+                         multiplied by row_mask[m, idx[j]], or 0 where that is 0 (idx: their union)
         out   (M, D)     launch: preallocated, x's dtype
 
     x, weights, biases and out share one dtype and device. launch accumulates both projections in
@@ -120,11 +124,18 @@ def gated_sparse_mlp_reference(x, w1, b1, w3, b3, w2, b2, idx, *, activation: st
     """
     gate = ACTIVATIONS[activation](_gathered_projection(x, w1, b1, idx))
     h = gate * UP_ACTIVATIONS[up_activation](_gathered_projection(x, w3, b3, idx))
-    return F.linear(h, w2[:, idx], b2)
+    return F.linear(_row_masked(h, row_mask, idx), w2[:, idx], b2)
 
 
 def _gathered_projection(x, w, b, idx):
     return F.linear(x, w[idx], None if b is None else b[idx])
+
+
+def _row_masked(h, row_mask, idx):
+    if row_mask is None:
+        return h
+    keep = row_mask[:, idx]
+    return torch.where(keep != 0, h * keep, 0.0)
 
 
 def render_sparse_mlp(spec: SparseMLPSpec) -> str:
@@ -139,7 +150,7 @@ def render_sparse_mlp(spec: SparseMLPSpec) -> str:
 
 
 def unsupported_reason(x, w1, b1, w2, b2, idx, out=None, *, activation: str, w3=None, b3=None,
-                       up_activation: str = "identity") -> str | None:
+                       up_activation: str = "identity", row_mask=None) -> str | None:
     """Why the kernels cannot take these operands, in words for report(); None when they can.
     The gated MLP passes its up projection as w3 (and b3)."""
     if activation not in ACTIVATIONS:
@@ -161,7 +172,9 @@ def unsupported_reason(x, w1, b1, w2, b2, idx, out=None, *, activation: str, w3=
     for name, (tensor, shape) in expected.items():
         if tensor is not None and (tuple(tensor.shape) != shape or tensor.dtype != x.dtype):
             return f"{name} is {tensor.dtype} {tuple(tensor.shape)}, expected {x.dtype} {shape} for x {tuple(x.shape)}"
-    devices = {t.device for t in (x, w1, b1, w3, b3, w2, b2, idx, out) if t is not None}
+    if row_mask is not None and (tuple(row_mask.shape) != (m, f) or row_mask.dtype not in (torch.bool, x.dtype)):
+        return f"row_mask is {row_mask.dtype} {tuple(row_mask.shape)}, expected bool or {x.dtype} {(m, f)}"
+    devices = {t.device for t in (x, w1, b1, w3, b3, w2, b2, idx, row_mask, out) if t is not None}
     if len(devices) > 1:
         return f"operands are on different devices ({', '.join(sorted(map(str, devices)))})"
     if x.shape[0] > MAX_GRID_Z * MIN_BLOCK_M:

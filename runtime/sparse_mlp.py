@@ -13,10 +13,11 @@ and the op computes exactly that, in x's dtype, for x of any rank (leading dims 
 
     rows = x.reshape(M, D)
     idx  = gathered: idx
-           masked:   the neurons the mask keeps, when the mask is 0/1 and every row keeps the
-                     same ones (then the masked form equals the gathered one); otherwise the
-                     masked MLP runs in PyTorch, as written
-    out  = codegen.sparse_mlp launch(rows, W1, b1, [W3, b3,] column-major W2, b2, idx)   or its reference
+           masked:   the neurons some row's mask keeps; when rows keep different neurons or the
+                     mask scales them, each row's mask (M, F) goes to the kernels too, which apply
+                     it to h (a shared 0/1 mask is the gathered form exactly)
+    out  = codegen.sparse_mlp launch(rows, W1, b1, [W3, b3,] column-major W2, b2, idx[, row mask])
+           or its reference
 
 Weights arrive as graph inputs on every call. The down kernel reads the selected columns of W2,
 contiguous only in a column-major copy; the op keeps one, rebuilt when W2 changes (another
@@ -153,20 +154,20 @@ class SparseMLPOp(FusedOp):
         weights, selector = self._unpack(operands)
         rows = x.reshape(-1, x.shape[-1])
         reason = self.why_not_kernel([x, *weights.tensors(), selector])
-        idx = selector
+        idx, row_mask = selector, None
         if reason is None and self.layout.form == "masked":
-            idx, reason = self._masked_indices(rows, selector, weights.ffn)
+            idx, row_mask, reason = self._masked_selection(x, selector, weights.ffn)
         if reason is None and not self.layout.indices_proven:
             reason = _index_range_reason(idx, weights.ffn)
         if idx is not None and idx.dim() == 1 and idx.stride(0) != 1:
             idx = idx.contiguous()
         reason = reason or sparse_mlp_codegen.unsupported_reason(
             rows, weights.w1, weights.b1, weights.w2, weights.b2, idx, activation=self.activation,
-            w3=weights.w3, b3=weights.b3, up_activation=self.up_activation)
+            w3=weights.w3, b3=weights.b3, up_activation=self.up_activation, row_mask=row_mask)
         if reason is not None:
             self.fell_back(reason)
             return self._reference(x, weights, selector)
-        out = self._launch(rows, weights, idx)
+        out = self._launch(rows, weights, idx, row_mask)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def output_like(self, x, *operands):
@@ -190,27 +191,25 @@ class SparseMLPOp(FusedOp):
         (w1, b1), (w3, b3) = _rows(w1, b1, layout.w1_rows), _rows(w3, b3, layout.w3_rows)
         return Weights(w1, b1, w2, b2, w3, b3), selector
 
-    def _masked_indices(self, rows, mask, ffn: int) -> tuple[torch.Tensor | None, str | None]:
-        """(idx, None) for a mask the gathered kernels compute exactly; else (None, why not)."""
-        keeps = self.layout.mask_keeps
-        idx, reason = self._kept_neurons(mask if keeps is None else mask == keeps, ffn, rows.shape[0])
-        if reason is None and self.layout.drops_by_product and not torch.isfinite(rows).all():
-            reason = "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
-        return idx, reason
+    def _masked_selection(self, x, mask, ffn: int):
+        """(idx, row mask or None, None) for a mask the kernels compute exactly, else (None, None, why not).
 
-    def _kept_neurons(self, mask: torch.Tensor, ffn: int, rows: int) -> tuple[torch.Tensor | None, str | None]:
-        """(idx, None) when the masked form equals the gathered form with idx; else (None, why not)."""
-        if rows == 0:
-            return None, "empty batch"
-        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
-            return None, "the mask has values other than 0 and 1 (it scales neurons)"
-        keep = (mask != 0).reshape(-1, ffn)
-        if keep.shape[0] > 1 and not torch.equal(keep, keep[:1].expand_as(keep)):
-            return None, "mask rows keep different neurons (the kernels share one set across rows)"
-        idx = keep[0].nonzero().squeeze(1)
+        idx: the neurons some row keeps. The row mask (M, F), each row's mask values, goes to the
+        kernels unless every row keeps the same neurons with 0/1 values (then idx alone says it all)."""
+        keeps = self.layout.mask_keeps
+        values = mask if keeps is None else mask == keeps
+        if x.numel() == 0:
+            return None, None, "empty batch"
+        rows = values.expand(*x.shape[:-1], ffn).reshape(-1, ffn)
+        kept = rows != 0
+        idx = kept.any(0).nonzero().squeeze(1)
         if idx.numel() == 0:
-            return None, "the mask keeps no neuron"
-        return idx, None
+            return None, None, "the mask keeps no neuron"
+        if self.layout.drops_by_product and not torch.isfinite(x).all():
+            return None, None, "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
+        binary = rows.dtype == torch.bool or bool(torch.all((rows == 0) | (rows == 1)))
+        shared = binary and torch.equal(kept, kept[:1].expand_as(kept))
+        return idx, None if shared else rows, None
 
     # -- kernels ---------------------------------------------------------------------
     def spec(self) -> sparse_mlp_codegen.SparseMLPSpec:
@@ -223,7 +222,7 @@ class SparseMLPOp(FusedOp):
         """Generate (render, store, load) the kernels this op launches."""
         self.kernel_for(self.spec())
 
-    def _launch(self, rows, weights: Weights, idx):
+    def _launch(self, rows, weights: Weights, idx, row_mask=None):
         module, kernel = self.kernel_for(self.spec())
         sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else None
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
@@ -236,7 +235,7 @@ class SparseMLPOp(FusedOp):
 
         def run(config):
             return module.launch(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
-                                 config=config, **options)
+                                 row_mask=row_mask, config=config, **options)
 
         gated = self.layout.gated
         config = self.tuned_config(

@@ -30,8 +30,8 @@ in PyTorch, computed densely for the mask, and the kernels recompute the selecte
 
 The anchor is the down projection; the fused op reads x, the weights as the graph holds them, and
 idx or mask. Whatever computes idx or mask (the predictor, top-k) stays in PyTorch. The runtime
-(runtime.sparse_mlp) lowers the masked form to the gathered one when the mask is 0/1 and shared
-by all rows, and runs it in PyTorch otherwise.
+(runtime.sparse_mlp) lowers the masked form to the gathered one over the neurons some row keeps,
+with each row's own mask applied in the kernel when rows differ or the mask scales neurons.
 
 A down projection whose weight is gathered, or whose input is a product of projections' factors
 and a mask, is a candidate: if the rest does not fit, report() names the node that broke it (an

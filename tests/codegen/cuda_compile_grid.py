@@ -136,9 +136,12 @@ def sparse_mlp_cases() -> Iterator[tuple[str, Callable[[], None]]]:
     for dtype, rows, d, spec in grid:
         yield f"{dtype} rows {rows} d {d} {sparse_mlp.kernel_name(spec)}", \
             lambda dtype=dtype, rows=rows, d=d, spec=spec: _sparse_mlp(dtype, rows, d, spec)
+    for rows in (1, 16):  # a bool mask per row (tokens keeping different neurons)
+        yield f"bf16 rows {rows} d 4096 gated relu, row masks", \
+            lambda rows=rows: _sparse_mlp(BF16, rows, 4096, sparse_mlp.SparseMLPSpec("relu", gated=True), row_mask=True)
 
 
-def _sparse_mlp(dtype, rows, d, spec, density=0.1):
+def _sparse_mlp(dtype, rows, d, spec, density=0.1, row_mask=False):
     module = load(sparse_mlp.kernel_name, sparse_mlp.render_sparse_mlp, spec)
     ffn = 11008 if spec.gated else 4 * d
     selected = int(ffn * density)
@@ -146,6 +149,8 @@ def _sparse_mlp(dtype, rows, d, spec, density=0.1):
     w2 = sparse_mlp.column_major(meta(d, ffn, dtype=dtype))
     config = sparse_mlp.default_config(rows, d, selected, sm_count=H100_SMS, gated=spec.gated)
     weights, options = [meta(ffn, d, dtype=dtype), meta(ffn, dtype=dtype)], {}
+    if row_mask:
+        options["row_mask"] = meta(rows, ffn, dtype=torch.bool)
     if spec.gated:  # w3, without a bias
         weights += [meta(ffn, d, dtype=dtype), None]
         options["up_activation"] = spec.up_activation

@@ -107,15 +107,15 @@ def cast(tensors, dtype):
     return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
 
 
-def masked_dense(*ops, activation, up_activation=None):
+def masked_dense(*ops, activation, up_activation=None, row_mask=None):
     """The reference: the dense MLP with the unselected neurons zeroed, fc2(act(fc1(x)) * mask),
-    or gated down(act(gate(x)) * up_act(up(x)) * mask)."""
+    or gated down(act(gate(x)) * up_act(up(x)) * mask); the mask is row_mask (M, F) when given."""
     x, w1, b1, *up, w2, b2, idx = ops
     mask = torch.zeros(w1.shape[0], dtype=x.dtype, device=x.device).index_fill(0, idx, 1.0)
     h = ACTIVATIONS[activation](F.linear(x, w1, b1))
     if up_activation is not None:
         h = h * UP_ACTIVATIONS[up_activation](F.linear(x, *up))
-    return F.linear(h * mask, w2, b2)
+    return F.linear(h * (mask if row_mask is None else row_mask.to(x.dtype)), w2, b2)
 
 
 def run_and_check(case: Case, seed: int, *, config=None, prepare=lambda ops: ops):
@@ -171,6 +171,43 @@ GATED_CASES = [  # Llama's SwiGLU, ReLU-fied Llama (ReGLU), GeGLU, TurboSparse's
 @pytest.mark.parametrize("case", GATED_CASES, ids=case_id)
 def test_gated_kernels_match_masked_dense_mlp(case):
     run_and_check(case, seed=100 + GATED_CASES.index(case))
+
+
+def row_masks(m: int, f: int, seed: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row mask (M, F), idx: the union of its kept neurons): each row keeps its own ~10% of the
+    neurons; "bool", or "scale": float weights in (0, 2) on the kept ones (the fp64 master copy)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(m, f, generator=g) < 0.1
+    keep[0, 0] = True  # at least one neuron
+    values = keep if kind == "bool" else keep * (2 * torch.rand(m, f, generator=g, dtype=torch.float64))
+    return values.to(DEVICE), keep.any(0).nonzero().squeeze(1).to(DEVICE)
+
+
+@pytest.mark.parametrize("m, split, kind, up_activation", [
+    (1, 1, "bool", None), (3, 2, "scale", "identity"), (5, 1, "bool", "relu"), (16, 2, "scale", None),
+    (17, 1, "bool", "identity"),
+])
+def test_row_masks_select_or_scale_each_row_own_neurons(m, split, kind, up_activation):
+    """Rows keeping different neurons: the kernels run over their union and apply each row's mask."""
+    case = Case(m, 75, 203, 0.1, "silu" if up_activation else "gelu", True, fp32 if kind == "scale" else bf16,
+                up_activation)
+    reference_ops = operands(case, seed=m)
+    row_mask, idx = row_masks(m, case.f, seed=m, kind=kind)
+    reference_ops[-1] = idx
+    ops = cast(reference_ops, case.dtype)
+    mask = row_mask if kind == "bool" else row_mask.to(case.dtype)
+    out = poisoned_like(torch.empty(m, case.d, dtype=case.dtype, device=DEVICE))
+    options = {"up_activation": up_activation} if case.gated else {}
+    config = small_tiles(m, split)
+    generated(case.activation, case.gated, up_activation or "identity").launch(
+        *ops, out, activation=case.activation, row_mask=mask, config=config, **options)
+    math = {"activation": case.activation, "up_activation": up_activation}
+    reference = masked_dense(*reference_ops, **math, row_mask=row_mask)
+    baseline = masked_dense(*ops, **math, row_mask=mask)
+    assert_close_by_rule(out, baseline, reference)
+    reference_fn = gated_sparse_mlp_reference if case.gated else sparse_mlp_reference
+    torch.testing.assert_close(reference_fn(*reference_ops, **{k: v for k, v in math.items() if v}, row_mask=row_mask),
+                               reference, rtol=1e-12, atol=1e-12)
 
 
 def small_tiles(m: int, split: int) -> dict:
@@ -237,6 +274,7 @@ def test_unsupported_operands_are_named():
         "up activation 'tanh'": unsupported_reason(x, w1, b1, w2, b2, idx, activation="relu", w3=w1,
                                                    up_activation="tanh"),
         "w3 is": unsupported_reason(x, w1, b1, w2, b2, idx, activation="relu", w3=w1[:, :-1]),
+        "row_mask is": unsupported_reason(x, w1, b1, w2, b2, idx, activation="relu", row_mask=x.float()),
         "b3 is": unsupported_reason(x, w1, b1, w2, b2, idx, activation="relu", w3=w1, b3=b1.float()),
         "float64": unsupported_reason(x.double(), w1.double(), None, w2.double(), None, idx, activation="relu"),
         "idx must be": unsupported_reason(x, w1, b1, w2, b2, idx.float(), activation="relu"),
