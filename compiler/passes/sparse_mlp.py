@@ -104,6 +104,10 @@ class Factor:
     rows: tuple[int, int] | None = None  # the part's output columns [start, stop) of a merged projection
     split: list[str] = field(default_factory=list)  # the nodes that take the part (chunk, getitem, slice)
 
+    def nodes(self) -> list[str]:
+        """The dense intermediates: the projection, the part taken of it, the activation."""
+        return self.projection.nodes + self.split + [node.name for node in self.chain]
+
 
 @dataclass
 class Selection:
@@ -159,8 +163,9 @@ def _hidden(graph: Graph, top: Node) -> Hidden | None:
     masks = []
     _collect(graph, top, hidden, masks)
     hidden.selections += [Selection(mask, None) for mask in masks]
-    inside = set(hidden.nodes) | {name for factor in hidden.factors
-                                  for name in factor.projection.nodes + [n.name for n in factor.chain]}
+    if not hidden.factors:
+        return hidden  # no MLP: spare the walk over ancestors
+    inside = set(hidden.nodes) | {name for factor in hidden.factors for name in factor.nodes()}
     for selection in hidden.selections:
         if inside & graph.ancestors(selection.mask.name) and not _is_selection_mask(graph, selection.mask):
             return None
@@ -348,14 +353,14 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, hidden: Hi
 def _layout(graph, roles: Roles, projections: list[tuple[Weight, Bias]], w2: Weight, down: Projection,
             ffn) -> SparseMLPLayout:
     selection = roles.selection
-    (w1, b1), (w3, b3) = projections[0], (projections[1:] or [(None, None)])[0]
+    (w1, b1), (w3, b3) = projections[0], projections[1] if len(projections) == 2 else (None, None)
     return SparseMLPLayout(
         "gathered" if selection is None else "masked", has_b1=bool(b1.operands), has_b2=down.bias is not None,
         w1_transposed=w1.transposed, w2_transposed=w2.transposed,
         indices_proven=selection is not None or _indices_in_range(graph, w2.idx, ffn),
         mask_keeps=None if selection is None else selection.keeps,
         gated=w3 is not None, has_b3=b3 is not None and bool(b3.operands),
-        w3_transposed=w3 is not None and w3.transposed, w1_rows=w1.rows, w3_rows=w3 and w3.rows,
+        w3_transposed=w3 is not None and w3.transposed, w1_rows=w1.rows, w3_rows=w3.rows if w3 is not None else None,
         selects=roles.selects(), zero_is_product=selection is not None and selection.zero_is_product)
 
 
@@ -388,10 +393,8 @@ def _projection_weights(graph, roles: Roles, w2: Weight) -> list[tuple[Weight, B
 
 
 def _computed(roles: Roles) -> list[str]:
-    """The dense intermediates of the factors: projections, the parts taken of them, activations."""
-    factors = [roles.gate] + ([roles.up] if roles.up is not None else [])
-    return [name for factor in factors
-            for name in factor.projection.nodes + factor.split + [node.name for node in factor.chain]]
+    """The dense intermediates of the factors."""
+    return roles.gate.nodes() + (roles.up.nodes() if roles.up is not None else [])
 
 
 def _indices_in_range(graph, idx: Node, size: int) -> bool:
