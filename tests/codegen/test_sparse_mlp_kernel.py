@@ -220,8 +220,9 @@ def small_tiles(m: int, split: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("m, split", [(1, 1), (3, 4), (16, 2), (17, 4)])
-@pytest.mark.parametrize("up_activation", [None, "identity"], ids=["plain", "gated"])
+@pytest.mark.parametrize("m, split, up_activation", [
+    (1, 1, None), (3, 4, None), (16, 2, None), (17, 4, None), (3, 4, "identity"), (16, 2, "identity"),
+])
 def test_small_tiles_and_split_reductions(m, split, up_activation):
     """Splits meet in the workspace (the gated up kernel's two partial sums side by side); a
     second launch shows the kernels left it zeroed."""
