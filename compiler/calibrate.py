@@ -1,19 +1,23 @@
 """Calibration: make the MLPs of a dense model contextually sparse, DejaVu-style (`sparsify`).
 
-    sites = the model's MLPs: our SparseMLP modules (models.dejavu), and every pair of nn.Linear
+    sites = the model's MLPs: our SparseMLP modules (models.dejavu), every pair of nn.Linear
             fc1 (d -> F), fc2 (F -> d) under one parent whose fc2 input is observed, on the first
-            calibration batch, to be relu / gelu / gelu_tanh of fc1's output (our GPT's MLP,
-            Hugging Face OPT's fc1/fc2 decoder layers, nn.Sequential MLPs)
+            calibration batch, to be relu / gelu / gelu_tanh / silu of fc1's output (our GPT's MLP,
+            Hugging Face OPT's fc1/fc2 decoder layers, nn.Sequential MLPs), and every gated MLP:
+            a module with linears gate, up (d -> F) and down (F -> d) whose down input is observed
+            to be act(gate(x)) * up_act(up(x)) (Hugging Face's LlamaMLP, ReLU-fied or not; Meta's
+            FeedForward w1, w3, w2; TurboSparse's dReLU) and whose output is down's
     record over the calibration batches (dense forward), per site: the predictor's input (the block
             input for DejaVu blocks, DejaVu's lookahead; the MLP input elsewhere) and the MLP input
     per site:
-        z = fc1(mlp input); target = the k = density * F neurons of largest |act(z)|, per row
+        z = fc1(mlp input) (gated: the gate's), h = act(z) (gated: act(z) * up_act(up(mlp input)));
+        target = the k = density * F neurons of largest |h|, per row
         predictor (rank r) = reduced-rank regression of z on the predictor input (closed form),
                              then `steps` Adam steps of BCE on top-k membership, kept if it
                              recalls more of a validation slice
         report, on held-out rows with one selection per row (batch-1 decode): recall of the true
         top-k, and |y_sparse - y_dense| / |y_dense| of the MLP output
-    install SparseMLP(fc1, fc2, predictor, k, form) in place of each MLP (plain PyTorch, in the
+    install SparseMLP(fc1, fc2, predictor, k, form[, up]) in place of each MLP (plain PyTorch, in the
             gathered or masked form that the compiler's sparse-MLP pass matches), then check that
             at k = F the model still computes its dense outputs; undo everything if not
 
@@ -32,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.dejavu import ACTIVATIONS, FORMS, MLPPredictor, SparseMLP
+from models.dejavu import ACTIVATIONS, FORMS, UP_ACTIVATIONS, MLPPredictor, SparseMLP, hidden_activations
 
 HELD_OUT_FRACTION = 0.2
 BATCH_ROWS = 256  # rows per predictor fine-tuning step
@@ -46,7 +50,7 @@ class LayerReport:
     ffn: int
     k: int
     rank: int
-    activation: str
+    activation: str  # gated: "act*up", or "act*up_act" (dReLU: "relu*relu")
     recall: float  # mean fraction of the true top-k neurons that the predictor's top-k finds
     output_error: float  # |y_sparse - y_dense| / |y_dense| of the MLP output (Frobenius norms)
 
@@ -64,10 +68,10 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         lines = [f"sparsify: density {self.density:g}, form {self.form}, {len(self.layers)} MLPs"]
-        lines.append(f"  {'layer':<40} {'d':>6} {'ffn':>7} {'k':>6} {'rank':>5} {'act':>9} "
+        lines.append(f"  {'layer':<40} {'d':>6} {'ffn':>7} {'k':>6} {'rank':>5} {'act':>12} "
                      f"{'recall':>7} {'chance':>7} {'out err':>8}")
         for r in self.layers:
-            lines.append(f"  {r.name:<40} {r.d_model:>6} {r.ffn:>7} {r.k:>6} {r.rank:>5} {r.activation:>9} "
+            lines.append(f"  {r.name:<40} {r.d_model:>6} {r.ffn:>7} {r.k:>6} {r.rank:>5} {r.activation:>12} "
                          f"{r.recall:>7.3f} {r.chance_recall:>7.3f} {r.output_error:>8.4f}")
         lines += [f"  left dense: {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -78,7 +82,8 @@ Install = Callable[[MLPPredictor, int, str], tuple[SparseMLP, Callable[[], None]
 
 @dataclass
 class _Site:
-    """One MLP: its linears and activation, how to install it, and its calibration rows."""
+    """One MLP: its linears and activation, how to install it, and its calibration rows.
+    Gated MLPs have an `up` projection; fc1 is their gate, fc2 their down projection."""
 
     name: str
     fc1: nn.Linear
@@ -86,8 +91,23 @@ class _Site:
     activation: str
     install: Install  # (predictor, k, form) -> (the SparseMLP now in the model, undo)
     native: SparseMLP | None = None
+    up: nn.Linear | None = None
+    up_activation: str = "identity"
     mlp_inputs: list[torch.Tensor] = field(default_factory=list)
     predictor_inputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def described_activation(self) -> str:
+        if self.up is None:
+            return self.activation
+        return f"{self.activation}*{'up' if self.up_activation == 'identity' else self.up_activation}"
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """h, the input of fc2, in fp32."""
+        up = None if self.up is None else (self.up.weight.detach().float(), _maybe_float(self.up.bias),
+                                           UP_ACTIVATIONS[self.up_activation])
+        return hidden_activations(x, self.fc1.weight.detach().float(), _maybe_float(self.fc1.bias),
+                                  ACTIVATIONS[self.activation], up)
 
 
 def sparsify(model: nn.Module, calibration_batches, density: float = 0.1, rank: int | None = None,
@@ -131,16 +151,18 @@ def sparsify(model: nn.Module, calibration_batches, density: float = 0.1, rank: 
 # -- finding the MLPs ---------------------------------------------------------------------------
 
 def _foreign_sites(model: nn.Module, batch) -> tuple[list[_Site], list[tuple[str, str]]]:
-    """Linear pairs observed to compute fc2(act(fc1(x))) on `batch`, and near-misses with reasons."""
-    candidates = _linear_pairs(model)
-    observed = _observe(model, batch, candidates)
+    """Linear pairs observed to compute fc2(act(fc1(x))) on `batch`, gated MLPs observed to compute
+    down(act(gate(x)) * up_act(up(x))), and near-misses with reasons."""
+    pairs, triples = _linear_pairs(model), _gated_triples(model)
+    observed = _observe(model, batch, [(owner, names) for _, owner, *names in pairs + triples])
+    candidates = [(_foreign_site, pair) for pair in pairs] + [(_gated_site, triple) for triple in triples]
     sites, skipped = [], []
-    for owner_name, owner, fc1_name, fc2_name in candidates:
-        site_or_reason = _foreign_site(model, owner_name, owner, fc1_name, fc2_name, observed)
+    for find, (owner_name, owner, *names) in candidates:
+        site_or_reason = find(model, owner_name, owner, *names, observed)
         if isinstance(site_or_reason, _Site):
             sites.append(site_or_reason)
         elif site_or_reason is not None:
-            skipped.append((_join(owner_name, fc1_name), site_or_reason))
+            skipped.append((_join(owner_name, names[0]), site_or_reason))
     return sites, skipped
 
 
@@ -153,7 +175,8 @@ def _native_site(name: str, mlp: SparseMLP) -> _Site:
         def undo():
             mlp.predictor, mlp.k, mlp.form = previous
         return mlp, undo
-    return _Site(name, mlp.fc1, mlp.fc2, mlp.activation, install, native=mlp)
+    return _Site(name, mlp.fc1, mlp.fc2, mlp.activation, install, native=mlp, up=mlp.up,
+                 up_activation=mlp.up_activation)
 
 
 @contextmanager
@@ -181,12 +204,28 @@ def _linear_pairs(model: nn.Module) -> list[tuple[str, nn.Module, str, str]]:
     return pairs
 
 
+def _gated_triples(model: nn.Module) -> list[tuple[str, nn.Module, str, str, str]]:
+    """(owner name, owner, one of gate/up, the other, down name) for child linears shaped d -> F
+    (two of them, each pair once) and F -> d."""
+    triples = []
+    for owner_name, owner in model.named_modules():
+        if isinstance(owner, (SparseMLP, MLPPredictor)):
+            continue
+        linears = [(n, m) for n, m in owner.named_children() if isinstance(m, nn.Linear)]
+        triples += [(owner_name, owner, n1, n2, n3) for i, (n1, a) in enumerate(linears)
+                    for n2, b in linears[i + 1:] for n3, c in linears
+                    if (a.in_features, a.out_features) == (b.in_features, b.out_features)
+                    == (c.out_features, c.in_features) and c is not a and c is not b]
+    return triples
+
+
 def _observe(model: nn.Module, batch, candidates) -> dict[int, tuple]:
-    """First-call (inputs[0], output) of each candidate linear, owner, and parameter-free child of an owner."""
+    """First-call (inputs[0], output) of each candidate linear, owner, and parameter-free child of an
+    owner; candidates are (owner, names of its linears)."""
     watched = {}
-    for _, owner, fc1_name, fc2_name in candidates:
+    for owner, names in candidates:
         watched[id(owner)] = owner
-        watched.update((id(m), m) for m in (getattr(owner, fc1_name), getattr(owner, fc2_name)))
+        watched.update((id(m), m) for m in (getattr(owner, name) for name in names))
         watched.update((id(m), m) for m in owner.children() if next(m.parameters(), None) is None)
     seen: dict[int, tuple] = {}
 
@@ -224,6 +263,38 @@ def _foreign_site(model, owner_name, owner, fc1_name, fc2_name, observed) -> _Si
     return _Site(name, fc1, fc2, activation, _fold_into_fc1(owner, fc1_name, act_names[0], fc2_name, activation))
 
 
+def _gated_site(model, owner_name, owner, first_name, second_name, down_name, observed) -> _Site | str | None:
+    """A site for a gated MLP module, why it cannot be one, or None when the linears do not gate."""
+    first, second, down = (getattr(owner, name) for name in (first_name, second_name, down_name))
+    if not all(id(m) in observed for m in (first, second, down)):
+        return None
+    (first_in, first_out), (second_in, second_out), (down_in, down_out) = (observed[id(m)] for m in (first, second, down))
+    gating = _gating_between(first_out, second_out, down_in) if _same(first_in, second_in) else None
+    if gating is None:
+        return None
+    gate_first, activation, up_activation = gating
+    gate, up = (first, second) if gate_first else (second, first)
+    owner_call = observed.get(id(owner))
+    if not (owner_name and owner_call is not None and _same(owner_call[0], first_in) and _same(owner_call[1], down_out)):
+        return (f"a gated MLP inside {type(owner).__name__}.forward, which does more than the MLP (only "
+                "whole gated MLP modules are replaced)")
+    install = _replacer(model, owner_name, gate, down, activation, up=up, up_activation=up_activation)
+    return _Site(owner_name, gate, down, activation, install, up=up, up_activation=up_activation)
+
+
+def _gating_between(first_out, second_out, down_in) -> tuple[bool, str, str] | None:
+    """(whether the first linear is the gate, act, up_act) that map the two outputs to down's input
+    as act(gate) * up_act(up), within rounding, if any."""
+    if not first_out.shape == second_out.shape == down_in.shape:
+        return None
+    tolerance = 8 * torch.finfo(down_in.dtype).eps * (1 + down_in.abs().max().item())
+    errors = {(gate_first, act, up_act): (ACTIVATIONS[act](gate) * UP_ACTIVATIONS[up_act](up) - down_in).abs().max().item()
+              for gate_first, (gate, up) in ((True, (first_out, second_out)), (False, (second_out, first_out)))
+              for act in ACTIVATIONS for up_act in UP_ACTIVATIONS}
+    best = min(errors, key=errors.get)
+    return best if errors[best] <= tolerance else None
+
+
 def _activation_between(fc1_out: torch.Tensor, fc2_in: torch.Tensor) -> str | None:
     """The activation that maps fc1's output to fc2's input, within rounding, if any."""
     if fc1_out.shape != fc2_in.shape:
@@ -242,14 +313,15 @@ def _join(owner_name: str, child: str) -> str:
     return f"{owner_name}.{child}" if owner_name else child
 
 
-def _replacer(model: nn.Module, name: str, fc1: nn.Linear, fc2: nn.Linear, activation: str) -> Install:
-    """Install by replacing the module `name`, whose forward is exactly the MLP (our GPT's MLP)."""
+def _replacer(model: nn.Module, name: str, fc1: nn.Linear, fc2: nn.Linear, activation: str, **gating) -> Install:
+    """Install by replacing the module `name`, whose forward is exactly the MLP (our GPT's MLP,
+    Hugging Face's LlamaMLP); `gating`: SparseMLP's up and up_activation for a gated MLP."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
 
     def install(predictor: MLPPredictor, k: int, form: str):
         old = getattr(parent, attr)
-        new = SparseMLP(fc1, fc2, predictor, k=k, activation=activation, form=form)
+        new = SparseMLP(fc1, fc2, predictor, k=k, activation=activation, form=form, **gating)
         setattr(parent, attr, new)
         return new, lambda: setattr(parent, attr, old)
     return install
@@ -328,9 +400,8 @@ def _fit(site: _Site, k: int, rank: int | None, steps: int) -> tuple[MLPPredicto
     """A trained predictor for the site and its report."""
     x, p = torch.cat(site.mlp_inputs), torch.cat(site.predictor_inputs)
     w1, b1 = site.fc1.weight.detach().float(), _maybe_float(site.fc1.bias)
-    act = ACTIVATIONS[site.activation]
-    z = F.linear(x, w1, b1)
-    target = _top_k_mask(act(z).abs(), k)
+    z, h = F.linear(x, w1, b1), site.hidden(x)
+    target = _top_k_mask(h.abs(), k)
     train, held_out = _split(x.shape[0])
     d, ffn = w1.shape[1], w1.shape[0]
     rank = min(d, rank or (site.native.predictor.down.out_features if site.native else max(16, d // 16)))
@@ -339,9 +410,9 @@ def _fit(site: _Site, k: int, rank: int | None, steps: int) -> tuple[MLPPredicto
     with torch.no_grad():
         chosen = _top_k_mask(predictor(p[held_out]), k)
     recall = _recall(chosen, target[held_out], k)
-    error = _output_error(act(z[held_out]), chosen, site.fc2)
+    error = _output_error(h[held_out], chosen, site.fc2)
     predictor = predictor.to(device=site.fc1.weight.device, dtype=site.fc1.weight.dtype)
-    return predictor, LayerReport(site.name, d, ffn, k, rank, site.activation, recall, error)
+    return predictor, LayerReport(site.name, d, ffn, k, rank, site.described_activation, recall, error)
 
 
 def _maybe_float(t: torch.Tensor | None) -> torch.Tensor | None:

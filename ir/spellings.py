@@ -307,7 +307,8 @@ def _binary(op: str) -> Callable:
     return normalise
 
 
-FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast", "conv1d"}
+FRESH_RESULTS = {"matmul", "mul", "div", "add", "sub", "softmax", "where", "exp", "linear", "cast", "conv1d",
+                 "relu", "gelu", "silu"}
 
 
 def _in_place(functional: str | Callable) -> Callable:
@@ -441,8 +442,8 @@ METADATA_READS = ("expand_as", "view_as", "reshape_as", "type_as")  # x.expand_a
 
 
 def _unobserved_fresh(target) -> bool:
-    """Is `target` a fresh result (of an op in FRESH_RESULTS) whose values only the node at hand
-    reads (others may read its shape or dtype)?"""
+    """Is `target` a fresh result (of an op in FRESH_RESULTS, not an in-place relu another reader
+    could see) whose values only the node at hand reads (others may read its shape or dtype)?"""
     if not _is_tensor_node(target):
         return False
     value_readers = [user for user in target.users if not (
@@ -451,7 +452,7 @@ def _unobserved_fresh(target) -> bool:
     if len(value_readers) != 1:
         return False
     produced_by = normalise(target)
-    return produced_by is not None and produced_by[0] in FRESH_RESULTS
+    return produced_by is not None and produced_by[0] in FRESH_RESULTS and not produced_by[1].get("inplace")
 
 
 def gelu(node) -> Normalised | None:

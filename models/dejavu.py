@@ -15,7 +15,9 @@ forms papers use (`form` picks one; "dense" runs the plain MLP, the model before
     gathered:  act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2       reads only the selected weights
     masked:    fc2(act(fc1(x)) * mask), mask 1 at idx, else 0      computes all F, keeps k
 
-With unique indices both forms are the same function (tests check it in fp64).
+With unique indices both forms are the same function (tests check it in fp64). SparseMLP also
+holds gated MLPs (compiler.sparsify installs it in Llama-style models): with an up projection
+W3, h = act(x W1^T + b1) * up_act(x W3^T + b3) in place of act(x W1^T + b1), W1 the gate.
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
 }
+UP_ACTIVATIONS = {"identity": lambda v: v, **ACTIVATIONS}  # a gated MLP's activation of its up projection
 FORMS = ("dense", "gathered", "masked")
 
 
@@ -100,48 +104,69 @@ def neuron_mask(idx: torch.Tensor, ffn: int, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(ffn, dtype=dtype, device=idx.device).scatter(0, idx, 1.0)
 
 
-def gathered_mlp(x, w1, b1, w2, b2, idx, act):
-    """DejaVu's sparse MLP: act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2, reading only the k selected neurons."""
-    h = act(F.linear(x, w1[idx], None if b1 is None else b1[idx]))
-    return F.linear(h, w2[:, idx], b2)
+def hidden_activations(x, w1, b1, act, up=None, idx=None):
+    """h = act(x W1^T + b1), gated (up = (W3, b3, up_act)) times up_act(x W3^T + b3); over the
+    neurons idx alone (gathered rows of W1, W3, b1, b3) unless idx is None."""
+    h = act(_projection(x, w1, b1, idx))
+    if up is not None:
+        w3, b3, up_act = up
+        h = h * up_act(_projection(x, w3, b3, idx))
+    return h
 
 
-def masked_mlp(x, w1, b1, w2, b2, mask, act):
-    """The same MLP computed densely, unselected neurons zeroed: fc2(act(fc1(x)) * mask)."""
-    return F.linear(act(F.linear(x, w1, b1)) * mask, w2, b2)
+def _projection(x, w, b, idx):
+    if idx is None:
+        return F.linear(x, w, b)
+    return F.linear(x, w[idx], None if b is None else b[idx])
+
+
+def gathered_mlp(x, w1, b1, w2, b2, idx, act, up=None):
+    """DejaVu's sparse MLP: act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2, reading only the k selected
+    neurons; gated (up = (W3, b3, up_act)), h = act(...) * up_act(x W3[idx]^T + b3[idx])."""
+    return F.linear(hidden_activations(x, w1, b1, act, up, idx), w2[:, idx], b2)
+
+
+def masked_mlp(x, w1, b1, w2, b2, mask, act, up=None):
+    """The same MLP computed densely, unselected neurons zeroed: fc2(act(fc1(x)) * mask)
+    (gated: down(act(gate(x)) * up_act(up(x)) * mask))."""
+    return F.linear(hidden_activations(x, w1, b1, act, up) * mask, w2, b2)
 
 
 class SparseMLP(nn.Module):
     """fc1 -> act -> fc2 with a DejaVu predictor; `form` is "dense", "gathered" or "masked".
+    Gated when `up` is given: down(act(gate(x)) * up_act(up(x))) with fc1 the gate and fc2 down.
 
     forward(x, predictor_input=None): the predictor reads predictor_input (the block input in
     DejaVuBlock) or, when None, x itself. `k` and `form` are plain attributes and may be changed.
     """
 
     def __init__(self, fc1: nn.Linear, fc2: nn.Linear, predictor: MLPPredictor, *, k: int,
-                 activation: str = "relu", form: str = "gathered"):
+                 activation: str = "relu", form: str = "gathered", up: nn.Linear | None = None,
+                 up_activation: str = "identity"):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-        self.fc1, self.fc2, self.predictor = fc1, fc2, predictor
-        self.k, self.activation, self.form = k, activation, form
+        self.fc1, self.fc2, self.predictor, self.up = fc1, fc2, predictor, up
+        self.k, self.activation, self.form, self.up_activation = k, activation, form, up_activation
 
     @property
     def ffn(self) -> int:
         return self.fc1.out_features
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, ffn={self.ffn}, activation={self.activation}, form={self.form}"
+        gating = "" if self.up is None else f", gated, up_activation={self.up_activation}"
+        return f"k={self.k}, ffn={self.ffn}, activation={self.activation}{gating}, form={self.form}"
 
     def forward(self, x: torch.Tensor, predictor_input: torch.Tensor | None = None) -> torch.Tensor:
         act = ACTIVATIONS[self.activation]
         w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        up = None if self.up is None else (self.up.weight, self.up.bias, UP_ACTIVATIONS[self.up_activation])
         if self.form == "dense":
-            return F.linear(act(F.linear(x, w1, b1)), w2, b2)
+            return F.linear(hidden_activations(x, w1, b1, act, up), w2, b2)
         idx = select_neurons(self.predictor(x if predictor_input is None else predictor_input), self.k)
         if self.form == "gathered":
-            return gathered_mlp(x, w1, b1, w2, b2, idx, act)
-        return masked_mlp(x, w1, b1, w2, b2, neuron_mask(idx, self.ffn, x.dtype), act)
+            return gathered_mlp(x, w1, b1, w2, b2, idx, act, up)
+        return masked_mlp(x, w1, b1, w2, b2, neuron_mask(idx, self.ffn, x.dtype), act, up)
 
 
 class SelfAttention(nn.Module):

@@ -1,25 +1,33 @@
 """Run time of the fused contextual-sparsity MLP (DejaVu): launch the gather kernels or fall back.
 
-The sparse-MLP pass hands over the MLP's operands as the graph holds them
+The sparse-MLP pass hands over the MLP's operands as the graph holds them, plain or gated
 
-    gathered:  y = act(x W1[idx]^T + b1[idx]) W2[:, idx]^T + b2      idx (K,) from the graph
-    masked:    y = (act(x W1^T + b1) * mask) W2^T + b2               mask (..., F) bool or float
-               or where(mask == keeps, act(x W1^T + b1), 0) W2^T + b2  (where / masked_fill with 0)
+    h = act(x W1^T + b1)                             plain (fc1, fc2)
+    h = act(x W1^T + b1) * up_act(x W3^T + b3)       gated (gate_proj, up_proj; w1, w3 in Meta's Llama)
+    gathered:  y = h[idx] W2[:, idx]^T + b2          (W1[idx], b1[idx], ... in the graph) idx (K,)
+    masked:    y = (h * mask) W2^T + b2              mask (..., F) bool or float, or as a selection
+               y = where(mask == keeps, h, 0) W2^T + b2 (where / masked_fill with 0); the mask or
+               selection may sit on h, or (gated) on its gate or up factor alone
 
 and the op computes exactly that, in x's dtype, for x of any rank (leading dims are rows):
 
     rows = x.reshape(M, D)
     idx  = gathered: idx
-           masked:   the neurons the mask keeps, when the mask is 0/1 and every row keeps the
-                     same ones (then the masked form equals the gathered one); otherwise the
-                     masked MLP runs in PyTorch, as written
-    out  = codegen.sparse_mlp launch(rows, W1, b1, column-major W2, b2, idx)   or its reference
+           masked:   the neurons some row's mask keeps; when rows keep different neurons or the
+                     mask scales them, each row's mask (M, F) goes to the kernels too, which apply
+                     it to h (a shared 0/1 mask is the gathered form exactly)
+    out  = codegen.sparse_mlp launch(rows, W1, b1, [W3, b3,] column-major W2, b2, idx[, row mask])
+           or its reference
 
 Weights arrive as graph inputs on every call. The down kernel reads the selected columns of W2,
 contiguous only in a column-major copy; the op keeps one, rebuilt when W2 changes (another
 tensor, storage or in-place version). The kernels do not range-check gathered indices: the
 pass proves them in [0, F) when they come from top-k or sort over the F neurons; otherwise the
 op checks them on each call (see _index_range_reason).
+
+A product with a dropped neuron's 0 is NaN in eager where a factor is inf or NaN; with finite
+inputs the op matches that by running the kernels, with non-finite ones it falls back. (A
+product that overflows to inf in a dropped neuron, eager's NaN, is the kernels' 0.)
 """
 from __future__ import annotations
 
@@ -33,12 +41,42 @@ from codegen import sparse_mlp as sparse_mlp_codegen
 from runtime.dispatch import FusedOp, Kernel
 
 
-def masked_sparse_mlp_reference(x, w1, b1, w2, b2, mask, *, activation: str, keeps: bool | None = None):
+@dataclass
+class Weights:
+    """An MLP's weights as canonical matrices: w1/w3 (F, D), w2 (D, F); w3 None unless gated."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor
+    b2: torch.Tensor | None
+    w3: torch.Tensor | None = None
+    b3: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w1, self.b1, self.w3, self.b3, self.w2, self.b2) if t is not None]
+
+    @property
+    def ffn(self) -> int:
+        return self.w1.shape[0]
+
+
+def masked_sparse_mlp_reference(x, weights: Weights, mask, *, activation: str, up_activation: str = "identity",
+                                keeps: bool | None = None, selects: str = "h", zero_is_product: bool = False):
     """The masked form as eager writes it: fc2(act(fc1(x)) * mask), or with `keeps`
-    fc2(where(mask == keeps, act(fc1(x)), 0))."""
-    activated = sparse_mlp_codegen.ACTIVATIONS[activation](F.linear(x, w1, b1))
-    selected = activated * mask if keeps is None else torch.where(mask == keeps, activated, 0.0)
-    return F.linear(selected, w2, b2)
+    fc2(where(mask == keeps, act(fc1(x)), 0)) (0 * act(fc1(x)) when `zero_is_product`); gated,
+    h = act(gate(x)) * up_act(up(x)) with the mask on `selects`: "h", or the "gate" or "up" factor."""
+    def select(t):
+        if keeps is None:
+            return t * mask
+        return torch.where(mask == keeps, t, t * 0 if zero_is_product else 0.0)
+
+    factors = {"gate": sparse_mlp_codegen.ACTIVATIONS[activation](F.linear(x, weights.w1, weights.b1))}
+    if weights.w3 is not None:
+        factors["up"] = sparse_mlp_codegen.UP_ACTIVATIONS[up_activation](F.linear(x, weights.w3, weights.b3))
+    if selects in factors:
+        factors[selects] = select(factors[selects])
+    h = factors["gate"] * factors["up"] if "up" in factors else factors["gate"]
+    return F.linear(select(h) if selects == "h" else h, weights.w2, weights.b2)
 
 
 @dataclass(frozen=True)
@@ -52,11 +90,38 @@ class SparseMLPLayout:
     w2_transposed: bool = False  # the graph holds W2^T (F, D)
     indices_proven: bool = True  # gathered idx provably in [0, F) (top-k/sort indices); else checked per call
     mask_keeps: bool | None = None  # masked by selection: a bool mask keeps where it equals this; None: a product
+    gated: bool = False  # operands W3 (and b3) follow b1: the up projection
+    has_b3: bool = False
+    w3_transposed: bool = False
+    w1_rows: tuple[int, int] | None = None  # W1 (b1) is these rows of the operand: a merged gate_up_proj
+    w3_rows: tuple[int, int] | None = None
+    selects: str = "h"  # masked: what the mask selects from, h or (gated) its "gate" or "up" factor
+    zero_is_product: bool = False  # selected by where(mask, h, 0 * h): a dropped inf or NaN is NaN
+
+    @property
+    def drops_by_product(self) -> bool:
+        """Is a dropped neuron's value a product with 0 in eager (NaN where a factor is not finite)?"""
+        return self.mask_keeps is None or self.zero_is_product or self.selects != "h"
 
     def describe(self) -> str:
-        biases = [name for name, present in (("b1", self.has_b1), ("b2", self.has_b2)) if present]
-        form = self.form if self.mask_keeps is None else f"{self.form} (selected where mask is {self.mask_keeps})"
+        names = ("b1", "b3", "b2") if self.gated else ("b1", "b2")
+        present = (self.has_b1, self.has_b3, self.has_b2) if self.gated else (self.has_b1, self.has_b2)
+        biases = [name for name, there in zip(names, present) if there]
+        form = ("gated " if self.gated else "") + self.form
+        if self.mask_keeps is not None:
+            form += f" (selected where mask is {self.mask_keeps})"
+        if self.selects != "h":
+            form += f" (on the {self.selects} factor)"
+        if self.w1_rows is not None:
+            form += " (gate and up split from one projection)"
         return f"{form}, bias {'+'.join(biases) or 'none'}"
+
+
+def _rows(weight, bias, rows: tuple[int, int] | None):
+    """The neurons' rows of a merged weight and bias (views), or both as they are."""
+    if rows is None:
+        return weight, bias
+    return weight[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]]
 
 
 def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
@@ -76,67 +141,79 @@ def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
 class SparseMLPOp(FusedOp):
     pattern = "sparse_mlp"
 
-    def __init__(self, replaced, activation: str, layout: SparseMLPLayout, mode: str = "default"):
+    def __init__(self, replaced, activation: str, layout: SparseMLPLayout, mode: str = "default",
+                 up_activation: str = "identity"):
         super().__init__(tuple(replaced), mode)
         self.activation = activation
+        self.up_activation = up_activation
         self.layout = layout
         self._w2_column_major: tuple | None = None
 
     # -- call ------------------------------------------------------------------------
     def forward(self, x, *operands):
-        w1, b1, w2, b2, selector = self._unpack(operands)
+        weights, selector = self._unpack(operands)
         rows = x.reshape(-1, x.shape[-1])
-        reason = self.why_not_kernel([t for t in (x, w1, b1, w2, b2, selector) if t is not None])
-        idx = selector
+        reason = self.why_not_kernel([x, *weights.tensors(), selector])
+        idx, row_mask = selector, None
         if reason is None and self.layout.form == "masked":
-            keeps = self.layout.mask_keeps
-            idx, reason = self._kept_neurons(selector if keeps is None else selector == keeps, w1.shape[0], rows.shape[0])
-            if reason is None and keeps is None and not torch.isfinite(rows).all():
-                reason = "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
+            idx, row_mask, reason = self._masked_selection(x, selector, weights.ffn)
         if reason is None and not self.layout.indices_proven:
-            reason = _index_range_reason(idx, w1.shape[0])
+            reason = _index_range_reason(idx, weights.ffn)
         if idx is not None and idx.dim() == 1 and idx.stride(0) != 1:
             idx = idx.contiguous()
-        reason = reason or sparse_mlp_codegen.unsupported_reason(rows, w1, b1, w2, b2, idx, activation=self.activation)
+        reason = reason or sparse_mlp_codegen.unsupported_reason(
+            rows, weights.w1, weights.b1, weights.w2, weights.b2, idx, activation=self.activation,
+            w3=weights.w3, b3=weights.b3, up_activation=self.up_activation, row_mask=row_mask)
         if reason is not None:
             self.fell_back(reason)
-            return self._reference(x, w1, b1, w2, b2, selector)
-        out = self._launch(rows, w1, b1, w2, b2, idx)
+            return self._reference(x, weights, selector)
+        out = self._launch(rows, weights, idx, row_mask)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def output_like(self, x, *operands):
-        w2 = self._unpack(operands)[2]
+        w2 = self._unpack(operands)[0].w2
         return torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
 
-    def _unpack(self, operands):
-        """(w1 (F, D), b1, w2 (D, F), b2, idx or mask) from the operands the pass wired in."""
-        operands = list(operands)
+    def _unpack(self, operands) -> tuple[Weights, torch.Tensor]:
+        """(canonical weights, idx or mask) from the operands the pass wired in:
+        w1, [b1], [w3, [b3]], w2, [b2], idx or mask."""
+        operands, layout = list(operands), self.layout
         w1 = operands.pop(0)
-        b1 = operands.pop(0) if self.layout.has_b1 else None
+        b1 = operands.pop(0) if layout.has_b1 else None
+        w3 = operands.pop(0) if layout.gated else None
+        b3 = operands.pop(0) if layout.has_b3 else None
         w2 = operands.pop(0)
-        b2 = operands.pop(0) if self.layout.has_b2 else None
+        b2 = operands.pop(0) if layout.has_b2 else None
         (selector,) = operands
-        w1 = w1.t() if self.layout.w1_transposed else w1
-        w2 = w2.t() if self.layout.w2_transposed else w2
-        return w1, b1, w2, b2, selector
+        transposed = {"w1": layout.w1_transposed, "w2": layout.w2_transposed, "w3": layout.w3_transposed}
+        w1, w2, w3 = (w.t() if w is not None and transposed[name] else w
+                      for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
+        (w1, b1), (w3, b3) = _rows(w1, b1, layout.w1_rows), _rows(w3, b3, layout.w3_rows)
+        return Weights(w1, b1, w2, b2, w3, b3), selector
 
-    def _kept_neurons(self, mask: torch.Tensor, ffn: int, rows: int) -> tuple[torch.Tensor | None, str | None]:
-        """(idx, None) when the masked form equals the gathered form with idx; else (None, why not)."""
-        if rows == 0:
-            return None, "empty batch"
-        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
-            return None, "the mask has values other than 0 and 1 (it scales neurons)"
-        keep = (mask != 0).reshape(-1, ffn)
-        if keep.shape[0] > 1 and not torch.equal(keep, keep[:1].expand_as(keep)):
-            return None, "mask rows keep different neurons (the kernels share one set across rows)"
-        idx = keep[0].nonzero().squeeze(1)
+    def _masked_selection(self, x, mask, ffn: int):
+        """(idx, row mask or None, None) for a mask the kernels compute exactly, else (None, None, why not).
+
+        idx: the neurons some row keeps. The row mask (M, F), each row's mask values, goes to the
+        kernels unless every row keeps the same neurons with 0/1 values (then idx alone says it all)."""
+        keeps = self.layout.mask_keeps
+        values = mask if keeps is None else mask == keeps
+        if x.numel() == 0:
+            return None, None, "empty batch"
+        rows = values.expand(*x.shape[:-1], ffn).reshape(-1, ffn)
+        kept = rows != 0
+        idx = kept.any(0).nonzero().squeeze(1)
         if idx.numel() == 0:
-            return None, "the mask keeps no neuron"
-        return idx, None
+            return None, None, "the mask keeps no neuron"
+        if self.layout.drops_by_product and not torch.isfinite(x).all():
+            return None, None, "non-finite inputs: eager's act(fc1(x)) * mask turns a dropped inf into NaN (inf * 0)"
+        binary = rows.dtype == torch.bool or bool(torch.all((rows == 0) | (rows == 1)))
+        shared = binary and torch.equal(kept, kept[:1].expand_as(kept))
+        return idx, None if shared else rows, None
 
     # -- kernels ---------------------------------------------------------------------
     def spec(self) -> sparse_mlp_codegen.SparseMLPSpec:
-        return sparse_mlp_codegen.SparseMLPSpec(self.activation)
+        return sparse_mlp_codegen.SparseMLPSpec(self.activation, self.layout.gated, self.up_activation)
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
         return self.load_kernel(spec, sparse_mlp_codegen.kernel_name, sparse_mlp_codegen.render_sparse_mlp)
@@ -145,20 +222,26 @@ class SparseMLPOp(FusedOp):
         """Generate (render, store, load) the kernels this op launches."""
         self.kernel_for(self.spec())
 
-    def _launch(self, rows, w1, b1, w2, b2, idx):
+    def _launch(self, rows, weights: Weights, idx, row_mask=None):
         module, kernel = self.kernel_for(self.spec())
         sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else None
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
         out = torch.empty_like(rows)
-        w2_columns = self._column_major(w2)
+        w2_columns = self._column_major(weights.w2)
+        projections, options = [weights.w1, weights.b1], {}
+        if self.layout.gated:
+            projections += [weights.w3, weights.b3]
+            options["up_activation"] = self.up_activation
 
         def run(config):
-            return module.launch(rows, w1, b1, w2_columns, b2, idx, out, activation=self.activation, config=config)
+            return module.launch(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
+                                 row_mask=row_mask, config=config, **options)
 
+        gated = self.layout.gated
         config = self.tuned_config(
             kernel, sizes, rows,
-            default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count),
-            candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count),
+            default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
+            candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated),
             run=run,
         )
         return run(config)
@@ -174,8 +257,14 @@ class SparseMLPOp(FusedOp):
             self._w2_column_major = cached
         return cached[2]
 
-    def _reference(self, x, w1, b1, w2, b2, selector):
+    def _reference(self, x, weights: Weights, selector):
         if self.layout.form == "masked":
-            return masked_sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation,
-                                               keeps=self.layout.mask_keeps)
-        return sparse_mlp_codegen.sparse_mlp_reference(x, w1, b1, w2, b2, selector, activation=self.activation)
+            return masked_sparse_mlp_reference(x, weights, selector, activation=self.activation,
+                                               up_activation=self.up_activation, keeps=self.layout.mask_keeps,
+                                               selects=self.layout.selects, zero_is_product=self.layout.zero_is_product)
+        if self.layout.gated:
+            return sparse_mlp_codegen.gated_sparse_mlp_reference(
+                x, weights.w1, weights.b1, weights.w3, weights.b3, weights.w2, weights.b2, selector,
+                activation=self.activation, up_activation=self.up_activation)
+        return sparse_mlp_codegen.sparse_mlp_reference(x, weights.w1, weights.b1, weights.w2, weights.b2, selector,
+                                                       activation=self.activation)

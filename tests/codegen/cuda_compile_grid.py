@@ -126,21 +126,36 @@ def _short_conv(dtype, width, bias, activation, batch=8, channels=1536, seqlen=2
 
 
 def sparse_mlp_cases() -> Iterator[tuple[str, Callable[[], None]]]:
-    grid = [(BF16, rows, 4096, "relu") for rows in (1, 4, 16, 64)]
-    grid += [(BF16, 1, 12288, "relu"), (FP16, 16, 8192, "gelu"), (FP32, 3, 1031, "gelu_tanh")]
-    for dtype, rows, d, activation in grid:
-        yield f"{dtype} rows {rows} d {d} {activation}", \
-            lambda dtype=dtype, rows=rows, d=d, activation=activation: _sparse_mlp(dtype, rows, d, activation)
+    grid = [(BF16, rows, 4096, sparse_mlp.SparseMLPSpec("relu")) for rows in (1, 4, 16, 64)]
+    grid += [(BF16, 1, 12288, sparse_mlp.SparseMLPSpec("relu")), (FP16, 16, 8192, sparse_mlp.SparseMLPSpec("gelu")),
+             (FP32, 3, 1031, sparse_mlp.SparseMLPSpec("gelu_tanh"))]
+    # gated (ReLU-fied Llama-2-7B, d 4096, ffn 11008; SwiGLU; TurboSparse's dReLU)
+    grid += [(BF16, rows, 4096, sparse_mlp.SparseMLPSpec("relu", gated=True)) for rows in (1, 4, 16, 64)]
+    grid += [(FP16, 1, 4096, sparse_mlp.SparseMLPSpec("silu", gated=True)),
+             (BF16, 16, 4096, sparse_mlp.SparseMLPSpec("relu", gated=True, up_activation="relu"))]
+    for dtype, rows, d, spec in grid:
+        yield f"{dtype} rows {rows} d {d} {sparse_mlp.kernel_name(spec)}", \
+            lambda dtype=dtype, rows=rows, d=d, spec=spec: _sparse_mlp(dtype, rows, d, spec)
+    for rows in (1, 16):  # a bool mask per row (tokens keeping different neurons)
+        yield f"bf16 rows {rows} d 4096 gated relu, row masks", \
+            lambda rows=rows: _sparse_mlp(BF16, rows, 4096, sparse_mlp.SparseMLPSpec("relu", gated=True), row_mask=True)
 
 
-def _sparse_mlp(dtype, rows, d, activation, density=0.1):
-    module = load(sparse_mlp.kernel_name, sparse_mlp.render_sparse_mlp, sparse_mlp.SparseMLPSpec(activation))
-    ffn, selected = 4 * d, int(4 * d * density)
+def _sparse_mlp(dtype, rows, d, spec, density=0.1, row_mask=False):
+    module = load(sparse_mlp.kernel_name, sparse_mlp.render_sparse_mlp, spec)
+    ffn = 11008 if spec.gated else 4 * d
+    selected = int(ffn * density)
     x = meta(rows, d, dtype=dtype)
     w2 = sparse_mlp.column_major(meta(d, ffn, dtype=dtype))
-    config = sparse_mlp.default_config(rows, d, selected, sm_count=H100_SMS)
-    module.launch(x, meta(ffn, d, dtype=dtype), meta(ffn, dtype=dtype), w2, meta(d, dtype=dtype),
-                  meta(selected, dtype=torch.int64), torch.empty_like(x), activation=activation, config=config)
+    config = sparse_mlp.default_config(rows, d, selected, sm_count=H100_SMS, gated=spec.gated)
+    weights, options = [meta(ffn, d, dtype=dtype), meta(ffn, dtype=dtype)], {}
+    if row_mask:
+        options["row_mask"] = meta(rows, ffn, dtype=torch.bool)
+    if spec.gated:  # w3, without a bias
+        weights += [meta(ffn, d, dtype=dtype), None]
+        options["up_activation"] = spec.up_activation
+    module.launch(x, *weights, w2, meta(d, dtype=dtype), meta(selected, dtype=torch.int64), torch.empty_like(x),
+                  activation=spec.activation, config=config, **options)
 
 
 def ssm_scan_cases() -> Iterator[tuple[str, Callable[[], None]]]:

@@ -1,7 +1,9 @@
 """Calibration (compiler/sparsify.py): dense models become DejaVu-sparse.
 
 On tiny random-init models: our DejaVu LM, our GPT (MLP module with a functional GELU), Hugging
-Face OPT (fc1/fc2 inline in the decoder layer) and a plain nn.Sequential MLP. The predictors must
+Face OPT (fc1/fc2 inline in the decoder layer), a plain nn.Sequential MLP, and gated MLPs: a
+ReLU-fied Hugging Face Llama (LlamaMLP, hidden_act "relu"), Meta's FeedForward (w1, w2, w3) and
+TurboSparse's dReLU. The predictors must
 recall the true top-k neurons well above chance (k / F), the sparsified model must run, equal the
 dense model at density 1 and stay close to it at high density; a structure that cannot be
 installed is reported, and a failed install leaves the model unchanged.
@@ -102,6 +104,80 @@ def test_hugging_face_opt_decoder_layers():
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
         assert relative_error(almost_dense(input_ids=ids).logits, dense(input_ids=ids).logits) < 0.1
+
+
+def tiny_relu_llama() -> nn.Module:
+    """Hugging Face's Llama with ReLU-fied MLPs (ReluLLaMA, PowerInfer's models), two layers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu",
+                                      max_position_embeddings=128)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_relu_llama_gated_mlps_are_replaced():
+    model = tiny_relu_llama()
+    batches = [{"input_ids": ids} for ids in token_batches(96)]
+    full_density = copy.deepcopy(model)
+    dense, report = dense_and_sparse(model, batches, density=0.1, steps=10)
+    assert [layer.name for layer in report.layers] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for layer in report.layers:
+        assert (layer.k, layer.ffn, layer.activation) == (26, 256, "relu*up")
+        assert layer.recall > 3 * layer.chance_recall, str(report)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, SparseMLP) and mlp.form == "gathered" and mlp.up_activation == "identity"
+    assert torch.equal(mlp.up.weight, dense.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(mlp.fc1.weight, dense.model.layers[0].mlp.gate_proj.weight)
+    sparsify(full_density, batches, density=1.0, steps=0, progress=False, form="masked")
+    ids = token_batches(96, n=1, batch=1, length=5, seed=6)[0]
+    with torch.no_grad():
+        assert relative_error(full_density(input_ids=ids).logits, dense(input_ids=ids).logits) < 1e-5
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+class FeedForward(nn.Module):
+    """Meta's Llama FeedForward, ReLU-fied: w2(relu(w1(x)) * w3(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim), nn.Linear(dim, hidden_dim)
+
+    def forward(self, x):
+        return self.w2(F.relu(self.w1(x)) * self.w3(x))
+
+
+class DReLUMLP(nn.Module):
+    """TurboSparse's dReLU MLP, up_proj listed first: down_proj(relu(gate_proj(x)) * relu(up_proj(x)))."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.relu(self.gate_proj(x)) * F.relu(self.up_proj(x)))
+
+
+class InlineGated(DReLUMLP):
+    """A gated MLP written inline with its residual: no module is the MLP alone."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_gated_modules_are_found_and_inline_ones_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(FeedForward(16, 48), DReLUMLP(16, 48), InlineGated(16, 48)).eval()
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    dense, report = dense_and_sparse(model, batches, density=0.5, steps=5)
+    assert [(layer.name, layer.activation) for layer in report.layers] == [("0", "relu*up"), ("1", "relu*relu")]
+    assert isinstance(model[0], SparseMLP) and isinstance(model[1], SparseMLP)
+    assert torch.equal(model[0].fc1.weight, dense[0].w1.weight) and torch.equal(model[0].up.weight, dense[0].w3.weight)
+    assert [name for name, _ in report.skipped] == ["2.up_proj"]
+    assert "a gated MLP inside InlineGated.forward" in report.skipped[0][1]
+    assert all(layer.recall > layer.chance_recall for layer in report.layers), str(report)
 
 
 class ResidualMLP(nn.Module):

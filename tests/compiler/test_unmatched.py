@@ -10,15 +10,16 @@ import torch.nn.functional as F
 import compiler
 
 
-class GatedMaskedMLP(nn.Module):
-    """A ReLU-gated MLP with a predictor's mask (PowerInfer's form): down(relu(gate(x)) * up(x) * mask)."""
+class GatheredAfterDense(nn.Module):
+    """The activations of a dense up projection gathered, fc2(relu(fc1(x))[..., idx]) with W2[:, idx]
+    (the gated PowerInfer form, down(relu(gate(x)) * up(x) * mask), fuses now)."""
 
     def __init__(self):
         super().__init__()
-        self.gate, self.up, self.down = nn.Linear(8, 24), nn.Linear(8, 24), nn.Linear(24, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(24, 8)
 
-    def forward(self, x, mask):
-        return self.down(F.relu(self.gate(x)) * self.up(x) * mask)
+    def forward(self, x, idx):
+        return F.linear(F.relu(self.fc1(x))[..., idx], self.fc2.weight[:, idx], self.fc2.bias)
 
 
 class DenseSwiGLU(nn.Module):
@@ -47,7 +48,7 @@ class ScanWithInitialState(nn.Module):
 
 
 CASES = [
-    (GatedMaskedMLP, lambda: (torch.randn(4, 8), (torch.rand(4, 24) > 0.5).float()), "sparse_mlp"),
+    (GatheredAfterDense, lambda: (torch.randn(4, 8), torch.randperm(24)[:6]), "sparse_mlp"),
     (ScaledByTensorAttention, lambda: (*(torch.randn(1, 2, 8, 16) for _ in range(3)), torch.tensor(0.3)),
      "attention"),
     (ScanWithInitialState, lambda: (torch.randn(2, 5, 4), torch.rand(2, 5), -torch.rand(5, 4), torch.randn(2, 4),

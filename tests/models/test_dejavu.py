@@ -13,6 +13,7 @@ import torch
 
 from models.dejavu import (
     ACTIVATIONS,
+    UP_ACTIVATIONS,
     DejaVuBlock,
     DejaVuConfig,
     DejaVuLM,
@@ -41,7 +42,7 @@ def test_configs_validate_and_size_k():
     big = DejaVuConfig.opt_6_7b()
     assert (big.d_model, big.ffn, big.n_head, big.k) == (4096, 16384, 32, 1638)
     assert (DejaVuConfig.opt_1_3b().d_model, DejaVuConfig.opt_1_3b().ffn) == (2048, 8192)
-    for bad in ({"form": "sparse"}, {"activation": "silu"}, {"density": 0.0}, {"n_head": 5}):
+    for bad in ({"form": "sparse"}, {"activation": "tanh"}, {"density": 0.0}, {"n_head": 5}):
         with pytest.raises(ValueError):
             DejaVuConfig.tiny(**bad)
 
@@ -72,8 +73,12 @@ def test_functional_forms_agree_with_a_unique_index_set():
     idx = torch.tensor([0, 7, 8, 64])
     mask = neuron_mask(idx, 65, x.dtype)
     assert mask.sum() == 4 and mask[idx].eq(1).all()
+    w3, b3 = torch.randn(65, 33, dtype=torch.float64), torch.randn(65, dtype=torch.float64)
     for act in ACTIVATIONS.values():
         torch.testing.assert_close(gathered_mlp(x, w1, b1, w2, b2, idx, act), masked_mlp(x, w1, b1, w2, b2, mask, act))
+        for up in ((w3, b3, UP_ACTIVATIONS["identity"]), (w3, None, UP_ACTIVATIONS["relu"])):  # gated, dReLU
+            torch.testing.assert_close(gathered_mlp(x, w1, b1, w2, b2, idx, act, up),
+                                       masked_mlp(x, w1, b1, w2, b2, mask, act, up))
 
 
 def test_one_neuron_set_per_call_from_summed_probabilities():

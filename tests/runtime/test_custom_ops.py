@@ -20,6 +20,7 @@ from tests.compiler.test_long_conv_pass import Case as ConvCase
 from tests.compiler.test_long_conv_pass import TransposedConv
 from tests.compiler.test_robustness_families import (long_conv_gated, short_conv_silu, sparse_mlp_gathered,
                                                      sparse_mlp_masked, ssm_scan_grouped)
+from tests.compiler.test_sparse_mlp_pass import gated_case
 from tests.compiler.test_ssm_scan_pass import Case as ScanCase
 from tests.compiler.test_ssm_scan_pass import ReferenceScan, StateUpdate, scan_inputs
 from tests.reliability.test_runtime_edges import CausalBiasBuffer, TemperatureBuffer
@@ -67,6 +68,8 @@ CASES = {
     "short_conv": short_conv_silu,
     "sparse_mlp_gathered": sparse_mlp_gathered,
     "sparse_mlp_masked": sparse_mlp_masked,
+    "sparse_mlp_gated_gathered": lambda: gated_case("idx"),
+    "sparse_mlp_gated_masked": lambda: gated_case("bool"),
     "ssm_scan": ssm_scan_grouped,
     "ssm_scan_with_state": lambda: (ReferenceScan(last_state=True), list(scan_inputs(ScanCase(seqlen=5, batch=2)))),
     "ssm_state_update": decode_case,
