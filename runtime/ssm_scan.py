@@ -164,7 +164,7 @@ class SelectiveScanOp(_SSMOp):
             self._launch(self.spec(), args["u"], run, seqlen=self.sizes["l"])
         else:
             self.fell_back(reason)
-            y, h = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
+            y, h, _ = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
             out_view.copy_(y)
             if state_view is not None:
                 state_view.copy_(h)
