@@ -20,6 +20,9 @@ sequential FMA chain, the products a1 a0 are dead code and no shuffles are neede
 good on a GPU when lanes never land on time (BLOCK_D * BLOCK_N >= 32) and warps only split
 channels (BLOCK_D >= 32 * num_warps when num_warps > 1); config_space keeps those.
 
+For training (spec.chunk_states) the scan also stores h entering every CHUNK_LEN steps, the
+checkpoints codegen/ssm_scan_backward.py's kernel recomputes the states from.
+
 Every generated module exposes `launch(...)` (see the templates for signatures), a `SPEC`
 it was rendered for, and its kernel under `kernel_name(spec)`. `selective_scan_reference` and
 `state_update_reference` are the same math in PyTorch for the runtime's fallback (the runtime
@@ -313,7 +316,7 @@ def _size_reason(batch: int, dim: int, dstate: int, groups: int, seqlen: int) ->
     return None
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
+def compute_dtype(*tensors) -> torch.dtype:
     """float32, or float64 when any input is float64."""
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None), torch.float32)
 
@@ -330,7 +333,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              chunk_len=CHUNK_LEN):
     """(out, last_state, chunk_states) of the chunked scan in PyTorch: a loop over L in float32
     (float64 when an input is float64), all three in that compute dtype."""
-    compute = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None]
@@ -359,7 +362,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """(out, new_state) of one decode step in PyTorch, in float32 (float64 when an input is float64);
     `state` is left unchanged."""
-    compute = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    compute = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     state, x, dt, A, B, C = (t.to(compute) for t in (state, x, dt, A, B, C))
     if dt_bias is not None:
         dt = dt + dt_bias.to(compute)
