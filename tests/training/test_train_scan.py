@@ -25,6 +25,7 @@ import compiler
 from codegen.ssm_scan import CHUNK_LEN
 from benchmarks.ssm_scan import Scan, rolled_scan, saved_bytes, saved_memory
 from models.mamba import MambaConfig, MambaLM
+from runtime.autotune import Autotuner
 from tests.compiler.test_ssm_scan_pass import (Case, HuggingFaceScan, PlainScan, PointwiseAssociativeScan, ReferenceScan,
                                                SumCatScan, hugging_face_mamba, scan_inputs)
 from tests.numerics import assert_close_by_rule
@@ -56,12 +57,12 @@ def gradients(module, args, dtype, seed: int):
     return outputs, torch.autograd.grad(outputs, leaves, cotangents)
 
 
-def assert_trains_like_fp64(module, args, dtype, eager=None):
+def assert_trains_like_fp64(module, args, dtype, eager=None, mode="default"):
     """Compile `module` in `dtype`: one ssm_scan op, nothing run in PyTorch, every output and input
     gradient within the rule of eager (`eager`, the same math, where given) against fp64."""
     seed = zlib.crc32(repr((type(module).__name__, [None if a is None else a.shape for a in args])).encode())
     eager = module if eager is None else eager
-    compiled = compiler.compile(copy.deepcopy(module).to(dtype), strict=True)
+    compiled = compiler.compile(copy.deepcopy(module).to(dtype), mode=mode, strict=True)
     ours, our_grads = gradients(compiled, args, dtype, seed)
     baseline, baseline_grads = gradients(copy.deepcopy(eager).to(dtype), args, dtype, seed)
     reference, reference_grads = gradients(copy.deepcopy(eager).double(), args, fp64, seed)
@@ -96,6 +97,19 @@ def test_every_spelling_trains_through_the_backward_kernel(name):
     # no gradient (torch 2.13): hold it to the loop's gradients, the same function
     eager = ReferenceScan() if isinstance(module, PointwiseAssociativeScan) else None
     assert_trains_like_fp64(module, args, dtype, eager)
+
+
+def test_max_autotune_tunes_the_training_kernels(monkeypatch, tmp_path):
+    """Training launches the forward with checkpoints and the backward, each tuned: here each tuning
+    picks its first candidate, and the gradients still obey the rule."""
+    monkeypatch.setenv("FLASHFX_CACHE_DIR", str(tmp_path))
+    tuned = []
+    monkeypatch.setattr(Autotuner, "tune", lambda self, key, candidates, run: tuned.append(key.kernel) or candidates[0])
+    compiled = assert_trains_like_fp64(ReferenceScan(), scan_inputs(Case(seqlen=9, dstate=4, dim=5)), fp32,
+                                       mode="max-autotune")
+    assert sorted(tuned) == sorted(kernel.name for kernel in compiled.kernels if kernel.config)
+    assert {name.split("_D")[0] for name in tuned} == {"ssm_scan", "ssm_scan_backward"}
+    assert any(name.endswith("_chunk_states") for name in tuned)
 
 
 def test_scan_saves_its_inputs_and_chunk_states_not_the_states():
