@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import compiler
 from codegen.ssm_scan import CHUNK_LEN
 from benchmarks.ssm_scan import Scan, rolled_scan, saved_bytes, saved_memory
-from models.mamba import MambaConfig, MambaLM
+from models.mamba import MambaConfig, MambaLM, selective_scan_ref
 from runtime.autotune import Autotuner
+from runtime.ssm_scan import Operand, Result, SelectiveScanOp, SSMLayout
 from tests.compiler.test_ssm_scan_pass import (Case, HuggingFaceScan, PlainScan, PointwiseAssociativeScan, ReferenceScan,
                                                SumCatScan, hugging_face_mamba, scan_inputs)
 from tests.numerics import assert_close_by_rule
@@ -97,6 +98,33 @@ def test_every_spelling_trains_through_the_backward_kernel(name):
     # no gradient (torch 2.13): hold it to the loop's gradients, the same function
     eager = ReferenceScan() if isinstance(module, PointwiseAssociativeScan) else None
     assert_trains_like_fp64(module, args, dtype, eager)
+
+
+def test_gradients_of_operands_the_op_broadcasts():
+    """An op whose Δ has no batch dim and whose u is time-major with a unit dim (layouts no spelling
+    above produces): the kernel writes Δ's gradient into a float32 buffer summed over the batch,
+    and u's through a view of a tensor laid out like u."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(Case(seqlen=9, dstate=4, dim=5, batch=2))
+    layout = SSMLayout(
+        operands=(Operand("u", ("b", "l", None, "d")), Operand("delta", ("d", "l")), Operand("A", ("d", "n")),
+                  Operand("B", ("b", "n", "l")), Operand("C", ("b", "n", "l")), Operand("D", ("d",)),
+                  Operand("delta_bias", ("d",))),
+        sizes=(("b", 2), ("d", 5), ("n", 4), ("l", 9), ("g", 1)),
+        out=Result(("b", "d", "l"), (2, 5, 9), fp32), state=None, softplus=True)
+    op = SelectiveScanOp(("scan",), layout)
+    op.differentiable = True
+    inputs = [t.detach().requires_grad_() for t in (u.transpose(1, 2)[:, :, None], delta[0], A, B, C, D, bias)]
+    (out, _) = op.custom_op(inputs, op.key)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    reference = selective_scan_ref(leaves[0][:, :, 0].transpose(1, 2), leaves[1].expand(2, -1, -1), *leaves[2:6],
+                                   delta_bias=leaves[6], delta_softplus=True)
+    dout = torch.randn_like(out)
+    ours, theirs = torch.autograd.grad(out, inputs, dout), torch.autograd.grad(reference, leaves, dout)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    for mine, eager, operand in zip(ours, theirs, inputs, strict=True):
+        assert mine.shape == operand.shape and mine.stride() == torch.empty_like(operand).stride()  # as the fake's
+        torch.testing.assert_close(mine, eager, rtol=1e-4, atol=1e-5)
+    assert not op.fallbacks, op.fallbacks
 
 
 def test_max_autotune_tunes_the_training_kernels(monkeypatch, tmp_path):
