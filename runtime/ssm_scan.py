@@ -18,6 +18,12 @@ kernel writes through views of them: y, and the state after the last step when t
 it (Hugging Face writes it into its cache). SelectiveScanOp runs a whole sequence from a zero
 state; StateUpdateOp runs one decoding step from a carried state, into a fresh state tensor (the
 graph's own copy_ into its cache, if any, stays in the graph).
+
+Training (an op captured with grad): the scan also saves the state entering every CHUNK_LEN steps,
+and its backward runs codegen/ssm_scan_backward.py's kernel from those: du, ddelta and dz are
+written straight into tensors laid out like their operands (a float32 buffer summed down when
+the op's view of one broadcasts), dA, dB, dC, dD and d delta_bias come back as float32 sums and
+are reduced to each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
