@@ -27,8 +27,9 @@ from benchmarks.ssm_scan import Scan, rolled_scan, saved_bytes, saved_memory
 from models.mamba import MambaConfig, MambaLM, selective_scan_ref
 from runtime.autotune import Autotuner
 from runtime.ssm_scan import Operand, Result, SelectiveScanOp, SSMLayout
-from tests.compiler.test_ssm_scan_pass import (Case, HuggingFaceScan, PlainScan, PointwiseAssociativeScan, ReferenceScan,
-                                               SumCatScan, hugging_face_mamba, scan_inputs)
+from tests.compiler.test_ssm_scan_pass import (Case, HuggingFaceScan, MatmulCatScan, PlainScan, PointwiseAssociativeScan,
+                                               PreallocatedOutputScan, ReferenceScan, StackedStatesScan, SumCatScan,
+                                               hugging_face_mamba, scan_inputs)
 from tests.numerics import assert_close_by_rule
 from tests.training.test_training import losses
 
@@ -86,6 +87,9 @@ SPELLINGS = {  # name: (module, inputs, dtype)
     "hugging_face_associative": (HuggingFaceScan(associative=True), Case(seqlen=9, dstate=16, dim=3), fp32),
     "associative_higher_order_op": (PointwiseAssociativeScan(), Case(seqlen=9, dstate=4, dim=5), fp32),
     "sum_cat_grouped_fp16": (SumCatScan(), Case(seqlen=7, dstate=4, dim=4, groups=2, dtype=fp16), fp16),
+    "matmul_cat": (MatmulCatScan(), Case(seqlen=9, dstate=4, dim=5, batch=2, z=False), fp32),
+    "preallocated_output": (PreallocatedOutputScan(), Case(seqlen=9, dstate=4, dim=5), fp32),
+    "stacked_states": (StackedStatesScan("einsum", 2), Case(seqlen=9, dstate=4, dim=5, z=False), fp32),
     "rolled_L113_odd": (rolled(), Case(seqlen=113, dstate=4, dim=3, groups=1), fp32),
 }
 
