@@ -7,7 +7,7 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 33 of the 75 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 34 of the 76 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts, every autotuning candidate of the attention (head dim
                    128), long-conv, short-conv and sparse-MLP kernels, compile() on real-size
                    modules, and eight threads sharing one compiled model; pytest-xdist, one
@@ -17,7 +17,9 @@ Plan, in priority order, so that a run cut short has done what matters most:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
                    scan 2 (the scan at L 2048 and the decode step), sparse MLP 3 (one gated), GPT-2 small
-    4. training    2 fwd+bwd configs, named as not run: the kernels are forward-only so far
+    4. training    each TRAINING_SUITES suite's run(..., training=True) (the selective scan's fwd+bwd
+                   at Mamba-130M's size), then the TRAINING configs, named as not run: their
+                   families have no backward kernels yet
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
 "elapsed_s" records the real figures, so correct ESTIMATE_S from them. torch.compile peers cost
@@ -37,8 +39,9 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
-    training            0   not run: no backward kernels yet
-    total             270   + ~10 s of Python start-up
+    training           30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
+                            2 calls x ~2 s
+    total             300   + ~10 s of Python start-up
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -81,7 +84,8 @@ TESTS = "GPU tests"
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
           "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
-              "sparse_mlp": 10, "end_to_end": 50}  # H100/H200, see above
+              "sparse_mlp": 10, "end_to_end": 50, "training": 30}  # H100/H200, see above
+TRAINING_SUITES = {"ssm_scan": ssm_scan}  # each has training_grid and run(..., training=True)
 TRAINING = [dict(family="attention", head_dim=128, seqlen=4096, causal=True),
             dict(model="gpt2-small", batch=8, seqlen=1024)]
 NO_BACKWARD = "not run: no backward kernels yet"
@@ -118,8 +122,9 @@ GPU_TESTS = [
     "[k4-b8h3072l2048-bfloat16-bias-silu-blh]",
     "tests/codegen/test_short_conv_kernel.py::test_kernel_matches_reference_at_scale[k2-b4h1001l4097-float16]",
     "tests/codegen/test_short_conv_kernel.py::test_every_autotuning_candidate_runs",
-    # selective scan at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
+    # selective scan and its backward at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
+    "tests/codegen/test_ssm_scan_backward_kernel.py::test_backward_kernel_at_mamba_130m_size",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[1]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[16]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_every_autotuning_candidate_bf16[16]",
@@ -220,8 +225,19 @@ def new_payload(quick: bool, budget_s: float) -> dict:
         "ceilings": {},
         "gpu_tests": {"outcomes": dict.fromkeys(GPU_TESTS, NOT_REACHED)},
         "elapsed_s": {},
-        "suites": {**suites, "training": not_run("training", TRAINING, NO_BACKWARD)},
+        "suites": {**suites, "training": [*not_run("training", training_configs(quick), NOT_REACHED),
+                                          *not_run("training", TRAINING, NO_BACKWARD)]},
     }
+
+
+def training_configs(quick: bool) -> list[dict]:
+    return [config for suite in TRAINING_SUITES.values() for config in suite.training_grid(quick)]
+
+
+def training(quick: bool, device: torch.device) -> list[Row]:
+    """The fwd+bwd configs of the suites with backward kernels, then the rest named as not run."""
+    rows = [row for suite in TRAINING_SUITES.values() for row in suite.run(quick, device, training=True)]
+    return rows + [Row("training", config, None, notes=NO_BACKWARD) for config in TRAINING]
 
 
 def check(out: Path, quick: bool, budget_s: float) -> dict:
@@ -243,6 +259,11 @@ def check(out: Path, quick: bool, budget_s: float) -> dict:
                   lambda: row_written(out, payload, name), seconds)
         payload["elapsed_s"][name] = round(time.monotonic() - start, 1)
         write(out, payload)
+    start = time.monotonic()
+    run_suite("training", lambda: training(quick, device), payload, lambda: row_written(out, payload, "training"),
+              budget.share("training"))
+    payload["elapsed_s"]["training"] = round(time.monotonic() - start, 1)
+    write(out, payload)
     return payload
 
 

@@ -6,6 +6,8 @@
     decode  one step, the state (b, d, n) updated in place, d 1536, n 16, batch 1..256, bf16:
             out = selective_state_update_ref(state, x, Δ, A, B, C, D, z, dt_bias, dt_softplus=True)
     model   Mamba-130M-like LM (models.mamba.MambaConfig.mamba_130m()) forward, batch 8, L 2048
+    scan_train   the scan's forward and backward (every input's gradient, for a random dout), L 2048
+    model_train  the Mamba-130M-like LM's training step: forward, cross-entropy, backward, in bf16
 
     ours              compiler.compile of the module (the user's path). The scan's Python loop is
                       traced unrolled up to L 512 and kept rolled from L 1024 on and in the model
@@ -21,9 +23,15 @@
                       L >= 1024 its capture takes many minutes (the anchors' did not finish in ~7)
     memory floor      every operand read once and the output written once (decode: the state read
                       and written too) at the copy bandwidth measured in this run. z is read by the
-                      gate, so it counts (the anchors' 0.051 ms at L 2048 leaves it out)
+                      gate, so it counts (the anchors' 0.051 ms at L 2048 leaves it out). fwd+bwd:
+                      the operands read twice, out and dout once, every gradient written once
     exp2 floor        b·d·L·n exponentials (the discretisation exp(Δ A)) at the tl.exp2 rate
-                      measured in this run (common.measure_ceilings)
+                      measured in this run (common.measure_ceilings); fwd+bwd: twice that, as a
+                      backward that recomputes the states needs (ours takes three: its backward
+                      walks each chunk twice)
+
+saved_memory(quick) gives rows of the bytes autograd saves for the backward (ours, and eager's
+loop), measured on the meta device, so the table needs no GPU: see its docstring.
 
 Times in ms; ratios are peer / ours, so against a floor the ratio is the fraction of it we reach.
 """
@@ -116,20 +124,32 @@ def scan_in_models(fn):
 
 # -- configs and inputs ----------------------------------------------------------------------
 def grid(quick: bool, headline: bool = False) -> list[dict]:
-    """Scan rows first (issue 5's targets), then decode, then the model (the slowest row).
-    headline (benchmarks/gpu_check.py): one scan row and one decode row, a kernel each."""
+    """Scan rows first (issue 5's targets), then decode, then the model (the slowest row), then
+    training (issue 15's). headline (benchmarks/gpu_check.py): one scan row and one decode row,
+    a kernel each."""
     if quick:
         scans = [dict(op="scan", batch=1, dim=8, dstate=4, seqlen=length, loop=loop)
                  for length, loop in ((16, "unrolled"), (64, "rolled"))]
         decodes = [dict(op="decode", batch=batch, dim=8, dstate=4) for batch in (1, 2)]
         model = dict(op="model", model="mamba-tiny", batch=1, seqlen=16, loop="rolled")
-        return [scans[1], decodes[0]] if headline else scans + decodes + [model]
+        model_train = dict(op="model_train", model="mamba-tiny", batch=1, seqlen=16, loop="rolled")
+        return [scans[1], decodes[0]] if headline else scans + decodes + [model, *training_grid(quick), model_train]
     scans = [dict(op="scan", batch=8, dim=1536, dstate=16, seqlen=length,
                   loop="rolled" if length >= ROLLED_FROM else "unrolled")
              for length in (256, 512, 1024, 2048, 4096, 8192)]
     decodes = [dict(op="decode", batch=batch, dim=1536, dstate=16) for batch in (1, 8, 64, 256)]
     model = dict(op="model", model="mamba-130m", batch=8, seqlen=2048, loop="rolled")
-    return [scans[3], decodes[2]] if headline else scans + decodes + [model]  # L 2048, batch 64
+    if headline:
+        return [scans[3], decodes[2]]  # L 2048, batch 64
+    return scans + decodes + [model, *training_grid(quick), dict(op="model_train", model="mamba-130m", batch=8,
+                                                                  seqlen=2048, loop="rolled")]
+
+
+def training_grid(quick: bool) -> list[dict]:
+    """The scan's fwd+bwd at Mamba-130M's size (benchmarks/gpu_check.py's training part runs it)."""
+    if quick:
+        return [dict(op="scan_train", batch=1, dim=8, dstate=4, seqlen=64, loop="rolled")]
+    return [dict(op="scan_train", batch=8, dim=1536, dstate=16, seqlen=2048, loop="rolled")]
 
 
 def _channel_params(dim: int, dstate: int, device) -> tuple:
@@ -210,6 +230,35 @@ def measure_decode(config: dict, device, dtype) -> Row:
     return Row("ssm_scan", config, ours, peer_ms, notes=_fired(compiled).rstrip("; "))
 
 
+def _gradients(fn, args: tuple, dout: torch.Tensor):
+    """fn's forward and backward: the gradient of every floating input for output gradient dout."""
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    return torch.autograd.grad(fn(*args), leaves, dout)
+
+
+def measure_scan_train(config: dict, device, dtype) -> Row:
+    args = tuple(a.requires_grad_() for a in scan_inputs(config, device, dtype))
+    u, length = args[0], config["seqlen"]
+    dout = torch.randn_like(u)
+    compiled = compiler.compile(Scan(rolled_scan() if config["loop"] == "rolled" else selective_scan_ref))
+    peers = {}
+    capture_s = first_call_s(lambda: _gradients(compiled, args, dout))
+    ours = bench_ms(lambda: _gradients(compiled, args, dout))
+    peers["eager"] = wall_ms(lambda: _gradients(Scan(), args, dout)) if length <= EAGER_UP_TO else None
+    peers["assoc-compile"] = None
+    if device.type == "cuda":
+        associative = torch.compile(Scan(associative_selective_scan))
+        peers["assoc-compile"] = bench_ms(lambda: _gradients(associative, args, dout))
+    peers["memory floor"] = memory_floor_ms(2 * _nbytes(args) + 2 * _nbytes([u]) + _nbytes(args))
+    peers["exp2 floor"] = exp2_floor_ms(2 * u.numel() * config["dstate"])
+    report = compiled.report()
+    notes = f"{_fired(compiled)}ours' first call {_seconds(capture_s)}"
+    notes += "; the backward fell back to PyTorch" if "ran in PyTorch" in report else ""
+    if device.type == "cuda" and peers["assoc-compile"] is None:
+        notes += "; assoc-compile failed"
+    return Row("ssm_scan", config, ours, peers, notes=notes)
+
+
 def _model(config: dict, device, dtype):
     sizes = MambaConfig.tiny() if config["model"] == "mamba-tiny" else MambaConfig.mamba_130m()
     model, (ids,) = mamba.example(sizes, config["batch"], config["seqlen"])
@@ -239,9 +288,94 @@ def measure_model(config: dict, device, dtype) -> Row:
     return Row("ssm_scan", config, ours, peers, notes="; ".join(notes))
 
 
-MEASURE = {"scan": measure_scan, "decode": measure_decode, "model": measure_model}
+def _training_step(model, ids):
+    """Forward, next-token cross-entropy and backward: the gradient of every parameter."""
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
 
 
-def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
+def measure_model_train(config: dict, device, dtype) -> Row:
+    model, ids, layers = _model(config, device, dtype)
+    model.train()
+    peers, notes = {}, []
+    with scan_in_models(rolled_scan()):
+        compiled = compiler.compile(model)
+        capture_s = first_call_s(lambda: _training_step(compiled, ids))
+        ours = bench_ms(lambda: _training_step(compiled, ids))
+    notes.append(f"{_fired(compiled, layers)}ours' first call {_seconds(capture_s)}")
+    fell_back = sorted({line.split(" ran in PyTorch")[0].split()[0] for line in compiled.report().splitlines()
+                        if "ran in PyTorch" in line})
+    notes += [f"ran in PyTorch: {', '.join(fell_back)}"] if fell_back else []
+    peers["assoc-compile"] = None
+    if device.type == "cuda" and seconds_left() > MODEL_COMPILE_NEEDS_S:
+        with scan_in_models(associative_selective_scan):
+            associative = torch.compile(model)
+            compile_s = first_call_s(lambda: _training_step(associative, ids))
+            peers["assoc-compile"] = bench_ms(lambda: _training_step(associative, ids))
+        notes.append(f"assoc-compile first call {_seconds(compile_s)}")
+    elif device.type == "cuda":
+        notes.append("assoc-compile not run: too little of the time budget left")
+    return Row("ssm_scan", config, ours, peers, notes="; ".join(notes))
+
+
+MEASURE = {"scan": measure_scan, "decode": measure_decode, "model": measure_model, "scan_train": measure_scan_train,
+           "model_train": measure_model_train}
+
+
+def run(quick: bool, device: torch.device, headline: bool = False, training: bool = False) -> list[Row]:
+    """The suite's rows; headline: gpu_check's forward configs; training: only its fwd+bwd ones."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("ssm_scan", grid(quick, headline), lambda config: MEASURE[config["op"]](config, device, dtype))
+    configs = training_grid(quick) if training else grid(quick, headline)
+    return run_configs("ssm_scan", configs, lambda config: MEASURE[config["op"]](config, device, dtype))
+
+
+# -- memory saved for the backward ------------------------------------------------------------
+def saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph (any device,
+    the meta device included)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def saved_memory(quick: bool) -> list[dict]:
+    """Bytes saved for the backward by the scan (Mamba-130M's sizes, bf16, L 2048 and 8192) and
+    by the Mamba-130M-like LM's training forward (batch 8, L 2048), ours against eager's loop:
+    {"family", "config", "ours_bytes", "peers_bytes": {"eager": ...}, "inputs_bytes" (the scan's
+    operands; None for the model), "notes"}.
+
+    Measured on the meta device: flashfx's ops run their fake kernels there, which return what the
+    real ones save (the operands and one fp32 state per CHUNK_LEN steps), and eager's loop keeps its
+    per-step tensors; no data is computed, so the table needs no GPU (~1 min for the model row)."""
+    meta = torch.device("meta")
+    if quick:
+        scans = [dict(op="scan", batch=1, dim=8, dstate=4, seqlen=600)]
+        model = dict(op="model", model="mamba-tiny", batch=1, seqlen=16)
+    else:
+        scans = [dict(op="scan", batch=8, dim=1536, dstate=16, seqlen=length) for length in (2048, 8192)]
+        model = dict(op="model", model="mamba-130m", batch=8, seqlen=2048)
+    rows = []
+    for config in scans:
+        args = tuple(a.requires_grad_() for a in scan_inputs(config, meta, torch.bfloat16))
+        compiled = compiler.compile(Scan(rolled_scan()))
+        rows.append(dict(family="ssm_scan", config=config, ours_bytes=saved_bytes(lambda: compiled(*args)),
+                         peers_bytes={"eager": saved_bytes(lambda: Scan()(*args))}, inputs_bytes=_nbytes(args),
+                         notes=_fired(compiled).rstrip("; ")))
+    sizes = MambaConfig.tiny() if model["model"] == "mamba-tiny" else MambaConfig.mamba_130m()
+    lm, (ids,) = mamba.example(sizes, model["batch"], model["seqlen"])
+    lm = lm.train().to(meta, torch.bfloat16)
+    with scan_in_models(rolled_scan()):
+        compiled = compiler.compile(lm)
+        ours = saved_bytes(lambda: compiled(ids.to(meta)))
+    rows.append(dict(family="ssm_scan", config=model, ours_bytes=ours,
+                     peers_bytes={"eager": saved_bytes(lambda: lm(ids.to(meta)))},
+                     inputs_bytes=None, notes=_fired(compiled, sizes.n_layer).rstrip("; ")))
+    return rows

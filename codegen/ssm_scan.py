@@ -20,6 +20,9 @@ sequential FMA chain, the products a1 a0 are dead code and no shuffles are neede
 good on a GPU when lanes never land on time (BLOCK_D * BLOCK_N >= 32) and warps only split
 channels (BLOCK_D >= 32 * num_warps when num_warps > 1); config_space keeps those.
 
+For training (spec.chunk_states) the scan also stores h entering every CHUNK_LEN steps, the
+checkpoints codegen/ssm_scan_backward.py's kernel recomputes the states from.
+
 Every generated module exposes `launch(...)` (see the templates for signatures), a `SPEC`
 it was rendered for, and its kernel under `kernel_name(spec)`. `selective_scan_reference` and
 `state_update_reference` are the same math in PyTorch for the runtime's fallback (the runtime
@@ -47,7 +50,8 @@ SCAN_SHAPES = """Shapes (b batch, d channels, L seqlen, n dstate, g groups of ch
     z           (b, d, L)                    gate: out = y * silu(z)
     delta_bias  (d,)                         added to delta before the softplus
     out         (b, d, L)                    dtype of u
-    last_state  (b, d, n)                    h after the last step"""
+    last_state  (b, d, n)                    h after the last step
+    chunk_states (b, d, cdiv(L, chunk_len), n)  h entering each chunk of chunk_len steps, float32"""
 
 STATE_UPDATE_SHAPES = """Shapes (b batch, d channels, n dstate, g groups of channels sharing B and C):
     state       (b, d, n)                    h_{t-1}, overwritten in place with h_t
@@ -61,7 +65,7 @@ STATE_UPDATE_SHAPES = """Shapes (b batch, d channels, n dstate, g groups of chan
     out         (b, d)                       dtype of x"""
 
 
-def _with_shapes(shapes: str):
+def with_shapes(shapes: str):
     """Append a shape table to a function's docstring; kernel launchers render the same table."""
 
     def decorate(fn):
@@ -71,6 +75,7 @@ def _with_shapes(shapes: str):
     return decorate
 
 MAX_DSTATE = 256
+CHUNK_LEN = 256  # steps between the states a training forward saves for the backward (a power of 2)
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid axes: groups and batch
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_PROGRAMS = 512  # default_config's lower bound on the grid: about 4 one-warp programs per SM
@@ -86,13 +91,15 @@ class ScanSpec:
     delta_softplus: bool = False
     grouped: bool = False
     return_last_state: bool = False
+    chunk_states: bool = False  # forward only: store the backward's checkpoints
 
     @classmethod
-    def for_args(cls, B, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    def for_args(cls, B, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+                 chunk_states=False):
         """The spec a selective_scan_ref call with these arguments needs."""
         return cls(has_D=D is not None, has_z=z is not None, has_delta_bias=delta_bias is not None,
                    delta_softplus=bool(delta_softplus), grouped=B.dim() == 4,
-                   return_last_state=bool(return_last_state))
+                   return_last_state=bool(return_last_state), chunk_states=bool(chunk_states))
 
 
 @dataclass(frozen=True)
@@ -145,12 +152,18 @@ def require_spec(rendered, requested) -> None:
         raise ValueError(f"flashfx: kernel rendered for {rendered} called with arguments needing {requested}")
 
 
+def check_chunk_len(chunk_len: int, block_l: int) -> None:
+    """Chunks hold whole tiles of time steps: raise unless chunk_len is a multiple of BLOCK_L."""
+    if chunk_len % block_l:
+        raise ValueError(f"flashfx: chunk_len {chunk_len} is not a multiple of BLOCK_L {block_l}")
+
+
 def block_n(dstate: int) -> int:
     """The state axis is never split: one power-of-two tile covers it."""
-    return _next_power_of_2(dstate)
+    return next_power_of_2(dstate)
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -181,12 +194,12 @@ def default_config(spec: ScanSpec | StateUpdateSpec, *, batch: int, dim: int, gr
     bn = block_n(dstate)
     channels = dim // groups
     if isinstance(spec, StateUpdateSpec):
-        block_d = _shrink_for_grid(min(max(512 // bn, 1), _next_power_of_2(channels)), 4, batch, groups, channels)
+        block_d = _shrink_for_grid(min(max(512 // bn, 1), next_power_of_2(channels)), 4, batch, groups, channels)
         return {"BLOCK_D": block_d, "num_warps": min(max(block_d * bn // 128, 1), 4)}
-    block_d = _shrink_for_grid(min(32, max(512 // bn, 1), _next_power_of_2(channels)), max(8, 32 // bn),
+    block_d = _shrink_for_grid(min(32, max(512 // bn, 1), next_power_of_2(channels)), max(8, 32 // bn),
                                batch, groups, channels)
     states_per_thread = max(bn * block_d // 32, 1)
-    block_l = min(max(32 // states_per_thread, 4), 32, _next_power_of_2(seqlen))
+    block_l = min(max(32 // states_per_thread, 4), 32, next_power_of_2(seqlen))
     return {"BLOCK_D": block_d, "BLOCK_L": block_l, "num_warps": 1}
 
 
@@ -303,7 +316,7 @@ def _size_reason(batch: int, dim: int, dstate: int, groups: int, seqlen: int) ->
     return None
 
 
-def _compute_dtype(*tensors) -> torch.dtype:
+def compute_dtype(*tensors) -> torch.dtype:
     """float32, or float64 when any input is float64."""
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None), torch.float32)
 
@@ -315,11 +328,12 @@ def _channel_major(BC: torch.Tensor, dim: int) -> torch.Tensor:
     return BC.repeat_interleave(dim // BC.shape[1], dim=1).transpose(-1, -2)
 
 
-@_with_shapes(SCAN_SHAPES)
-def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """(out, last_state) of the chunked scan in PyTorch: a loop over L in float32 (float64 when an
-    input is float64); out and last_state in that compute dtype."""
-    compute = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+@with_shapes(SCAN_SHAPES)
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             chunk_len=CHUNK_LEN):
+    """(out, last_state, chunk_states) of the chunked scan in PyTorch: a loop over L in float32
+    (float64 when an input is float64), all three in that compute dtype."""
+    compute = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(compute)[:, None]
@@ -330,8 +344,10 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     deltaB_u = (delta * u)[..., None] * _channel_major(B, dim)
     C = _channel_major(C, dim)
     h = u.new_zeros(batch, dim, A.shape[1])
-    ys = []
+    ys, checkpoints = [], []
     for t in range(seqlen):
+        if t % chunk_len == 0:
+            checkpoints.append(h)
         h = deltaA[:, :, t] * h + deltaB_u[:, :, t]
         ys.append((h * C[:, :, t]).sum(-1))
     out = torch.stack(ys, dim=2)
@@ -339,14 +355,14 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         out = out + u * D.to(compute)[:, None]
     if z is not None:
         out = out * F.silu(z.to(compute))
-    return out, h
+    return out, h, torch.stack(checkpoints, dim=2)
 
 
-@_with_shapes(STATE_UPDATE_SHAPES)
+@with_shapes(STATE_UPDATE_SHAPES)
 def state_update_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """(out, new_state) of one decode step in PyTorch, in float32 (float64 when an input is float64);
     `state` is left unchanged."""
-    compute = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    compute = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     state, x, dt, A, B, C = (t.to(compute) for t in (state, x, dt, A, B, C))
     if dt_bias is not None:
         dt = dt + dt_bias.to(compute)

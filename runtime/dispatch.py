@@ -46,7 +46,7 @@ def _autograd_on():
         yield
 
 
-def _like(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def grad_like(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """`grad` (zeros if None) laid out as torch.empty_like(leaf), which the backward's fake kernel returns."""
     like = torch.empty_like(leaf)
     if grad is not None and grad.stride() == like.stride():
@@ -130,7 +130,7 @@ class FusedOp(torch.nn.Module):
         leaves = [t for t in inputs if t.is_floating_point()]
         found = torch.autograd.grad([out for out, _ in pairs], leaves, [grad for _, grad in pairs],
                                     allow_unused=True) if pairs else [None] * len(leaves)
-        return [_like(leaf, grad) for grad, leaf in zip(found, leaves)]
+        return [grad_like(leaf, grad) for grad, leaf in zip(found, leaves)]
 
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""
@@ -148,14 +148,15 @@ class FusedOp(torch.nn.Module):
         return None
 
     def load_kernel(self, spec, name: Callable, render: Callable) -> tuple[object, Kernel]:
-        """(generated module, Kernel) for a hashable `spec`: rendered, cached and imported once."""
-        loaded = self._loaded.get(spec)
+        """(generated module, Kernel) for a hashable `spec`: rendered, cached and imported once
+        (per spec and naming function: a forward and its backward may share a spec)."""
+        loaded = self._loaded.get((name, spec))
         if loaded is None:
             kernel_name, source = name(spec), render(spec)
             module, path = load_source(kernel_name, source)
             kernel = self.kernels.setdefault(kernel_name, Kernel(kernel_name, self.pattern, source, str(path),
                                                                  replaced=self.replaced))
-            loaded = self._loaded[spec] = (module, kernel)
+            loaded = self._loaded[name, spec] = (module, kernel)
         return loaded
 
     def fell_back(self, reason: str) -> None:

@@ -18,6 +18,12 @@ kernel writes through views of them: y, and the state after the last step when t
 it (Hugging Face writes it into its cache). SelectiveScanOp runs a whole sequence from a zero
 state; StateUpdateOp runs one decoding step from a carried state, into a fresh state tensor (the
 graph's own copy_ into its cache, if any, stays in the graph).
+
+Training (an op captured with grad): the scan also saves the state entering every CHUNK_LEN steps,
+and its backward runs codegen/ssm_scan_backward.py's kernel from those: du, ddelta and dz are
+written straight into tensors laid out like their operands (a float32 buffer summed down when
+the op's view of one broadcasts), dA, dB, dC, dD and d delta_bias come back as float32 sums and
+are reduced to each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from codegen import ssm_scan as ssm_codegen
-from runtime.dispatch import FusedOp, Kernel
+from codegen import ssm_scan_backward as ssm_backward
+from runtime.dispatch import FusedOp, Kernel, grad_like
+from runtime.interpret import launch_lock
 
 Labels = tuple[str | None, ...]
 
@@ -77,6 +85,22 @@ def arrange(x: torch.Tensor, labels: Labels, target: str, sizes: dict[str, int])
     return x.expand([sizes[role] for role in target])
 
 
+def unarrange(grad: torch.Tensor, labels: Labels, target: str, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of `like` from `grad`, the gradient of arrange(like, labels, target, ...): summed
+    over the roles arrange broadcast, in like's dims, shape, dtype and strides."""
+    present = [label for label in labels if label is not None]
+    broadcast = [i for i, role in enumerate(target) if role not in present]
+    grad = grad.sum(broadcast) if broadcast else grad
+    kept = [role for role in target if role in present]
+    grad = grad.permute([kept.index(role) for role in present])
+    grad = grad.sum_to_size([size for size, label in zip(like.shape, labels) if label is not None])
+    return grad_like(like, grad.reshape(like.shape).to(like.dtype))
+
+
+def _broadcasts(view: torch.Tensor) -> bool:
+    return any(stride == 0 and size > 1 for stride, size in zip(view.stride(), view.shape))
+
+
 class _SSMOp(FusedOp):
     """Shared by both ops: operand views, output allocation, kernel generation."""
 
@@ -117,18 +141,23 @@ class _SSMOp(FusedOp):
         """Generate (render, store, load) the kernel this op launches."""
         self.kernel_for(self.spec())
 
-    def _launch(self, spec, like: torch.Tensor, run, seqlen: int = 1) -> None:
-        """Run `run(config)` with the config tuned (or guessed) for these sizes; `run` must be
-        repeatable, since max-autotune calls it once per candidate."""
-        module, kernel = self.kernel_for(spec)
+    def _shape(self, seqlen: int) -> dict[str, int]:
         groups = self.sizes.get("g", 1) if self.layout.grouped else 1
-        shape = dict(batch=self.sizes["b"], dim=self.sizes["d"], groups=groups, dstate=self.sizes["n"], seqlen=seqlen)
-        config = self.tuned_config(
-            kernel, (shape["batch"], shape["dim"], shape["dstate"], seqlen), like,
-            default=lambda: ssm_codegen.default_config(spec, **shape),
-            candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]),
-            run=lambda config: run(module, config),
-        )
+        return dict(batch=self.sizes["b"], dim=self.sizes["d"], groups=groups, dstate=self.sizes["n"], seqlen=seqlen)
+
+    def _launch(self, spec, like: torch.Tensor, run, seqlen: int = 1) -> None:
+        """Run `run(module, config)` with the forward kernel for `spec`, config tuned (or guessed) for
+        these sizes; `run` must be repeatable, since max-autotune calls it once per candidate."""
+        shape = self._shape(seqlen)
+        self._tuned_run(self.kernel_for(spec), like, run, shape,
+                        default=lambda: ssm_codegen.default_config(spec, **shape),
+                        candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]))
+
+    def _tuned_run(self, loaded: tuple[object, Kernel], like: torch.Tensor, run, shape: dict[str, int],
+                   default, candidates) -> None:
+        module, kernel = loaded
+        config = self.tuned_config(kernel, (shape["batch"], shape["dim"], shape["dstate"], shape["seqlen"]), like,
+                                   default=default, candidates=candidates, run=lambda config: run(module, config))
         run(module, config)
 
 
@@ -140,35 +169,112 @@ class SelectiveScanOp(_SSMOp):
                "delta_bias": "d"}
     out_target = "bdl"
 
-    def spec(self) -> ssm_codegen.ScanSpec:
+    def spec(self, chunk_states: bool = False) -> ssm_codegen.ScanSpec:
         return ssm_codegen.ScanSpec(has_D=self.layout.has("D"), has_z=self.layout.has("z"),
                                     has_delta_bias=self.layout.has("delta_bias"),
                                     delta_softplus=self.layout.softplus, grouped=self.layout.grouped,
-                                    return_last_state=self.layout.state is not None)
+                                    return_last_state=self.layout.state is not None, chunk_states=chunk_states)
 
     def render(self, spec) -> str:
         return ssm_codegen.render_scan(spec)
 
     def forward(self, *tensors):
+        outputs, _ = self._scan(tensors, save=False)
+        return outputs
+
+    def forward_saving(self, *tensors):
+        """Captured for training: the outputs and [chunk_states], the state entering every CHUNK_LEN
+        steps (b, d, L / CHUNK_LEN, n), from which the backward kernel recomputes the rest."""
+        if not self.differentiable:
+            return super().forward_saving(*tensors)
+        with launch_lock():
+            return self._scan(tensors, save=True)
+
+    def residuals_like(self, *tensors):
+        if not self.differentiable:
+            return []
+        return [torch.empty(self._chunk_states_shape(), dtype=ssm_codegen.compute_dtype(*tensors),
+                            device=tensors[0].device)]
+
+    def _chunk_states_shape(self) -> tuple[int, ...]:
+        chunks = -(-self.sizes["l"] // ssm_codegen.CHUNK_LEN)
+        return self.sizes["b"], self.sizes["d"], chunks, self.sizes["n"]
+
+    def _scan(self, tensors, save: bool) -> tuple[object, list[torch.Tensor]]:
         args = self._arguments(tensors)
         out, out_view = self._allocate(self.layout.out, self.out_target, args["u"].device)
         state, state_view = (self._allocate(self.layout.state, self.state_target, out.device)
                              if self.layout.state is not None else (None, None))
+        chunk_states = self.residuals_like(*tensors)[0] if save else None
         reason = self.why_not_kernel(list(tensors)) or ssm_codegen.unsupported_reason(
             **args, last_state=state_view, out=out_view)
         if reason is None:
             def run(module, config):
                 module.launch(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
-                              config=config)
+                              chunk_states=chunk_states, config=config)
 
-            self._launch(self.spec(), args["u"], run, seqlen=self.sizes["l"])
+            self._launch(self.spec(chunk_states=save), args["u"], run, seqlen=self.sizes["l"])
         else:
             self.fell_back(reason)
-            y, h = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
+            y, h, checkpoints = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
             out_view.copy_(y)
             if state_view is not None:
                 state_view.copy_(h)
-        return out if state is None else (out, state)
+            if chunk_states is not None:
+                chunk_states.copy_(checkpoints)
+        outputs = out if state is None else (out, state)
+        return outputs, [] if chunk_states is None else [chunk_states]
+
+    def backward(self, operands, outputs, residuals, grads):
+        """The backward kernel from the saved chunk states; where it cannot run (no chunk states,
+        a dtype or device the kernels do not take), the reference recomputed under autograd."""
+        args, output_grads = self._arguments(operands), self._output_gradients(grads)
+        reason = ("no chunk states: captured for inference" if not residuals else
+                  self.why_not_kernel(list(operands) + list(grads))
+                  or ssm_codegen.unsupported_reason(**args, out=output_grads["dout"],
+                                                    last_state=output_grads["dlast_state"]))
+        if reason is not None:
+            return self.recomputed_backward(operands, grads)
+        with launch_lock():
+            return self._backward_kernel(operands, args, residuals[0], output_grads)
+
+    def _output_gradients(self, grads) -> dict[str, torch.Tensor | None]:
+        """dout and dlast_state in the kernel's layout (dlast_state None without a final state)."""
+        state = self.layout.state
+        return dict(dout=arrange(grads[0], self.layout.out.labels, self.out_target, self.sizes),
+                    dlast_state=None if state is None else arrange(grads[1], state.labels, self.state_target,
+                                                                   self.sizes))
+
+    def _backward_kernel(self, operands, args, chunk_states, grads) -> list[torch.Tensor]:
+        written = {operand.name: self._gradient_buffer(operand, tensor)
+                   for operand, tensor in zip(self.layout.operands, operands) if operand.name in ("u", "delta", "z")}
+        views = {name: view for name, (_, view) in written.items()}
+        sums = {}
+
+        def run(module, config):
+            sums.update(module.launch(**args, **grads, chunk_states=chunk_states, du=views["u"],
+                                      ddelta=views["delta"], dz=views.get("z"), delta_softplus=self.layout.softplus,
+                                      config=config))
+
+        shape = self._shape(self.sizes["l"])
+        loaded = self.load_kernel(self.spec(), ssm_backward.backward_kernel_name, ssm_backward.render_scan_backward)
+        self._tuned_run(loaded, args["u"], run, shape,
+                        default=lambda: ssm_backward.backward_default_config(**shape),
+                        candidates=lambda: ssm_backward.backward_config_space(shape["dstate"]))
+        in_place = {name: grad for name, (grad, _) in written.items() if grad is not None}
+        arranged = {**views, **sums}
+        return [in_place[operand.name] if operand.name in in_place
+                else unarrange(arranged[operand.name], operand.labels, self._target(operand.name), tensor)
+                for operand, tensor in zip(self.layout.operands, operands)]
+
+    def _gradient_buffer(self, operand: Operand, tensor: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the gradient, its kernel view) for u, delta or z: written in place when the kernel's view
+        of the operand broadcasts nothing; else (None, a float32 buffer summed afterwards)."""
+        grad = torch.empty_like(tensor)
+        view = arrange(grad, operand.labels, self._target(operand.name), self.sizes)
+        if not _broadcasts(view):
+            return grad, view
+        return None, torch.empty(view.shape, dtype=torch.float32, device=tensor.device)
 
 
 class StateUpdateOp(_SSMOp):

@@ -22,6 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import torch  # noqa: E402
 
 from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan  # noqa: E402
+from codegen import ssm_scan_backward  # noqa: E402
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -165,22 +166,34 @@ def ssm_scan_cases() -> Iterator[tuple[str, Callable[[], None]]]:
         yield f"scan {dtype} n {dstate} D+z+bias={fused} grouped={grouped} last_state={last_state}", \
             lambda dtype=dtype, dstate=dstate, fused=fused, grouped=grouped, last_state=last_state: \
             _scan(dtype, dstate, fused, grouped, last_state)
+    for dtype, dstate, fused, grouped, last_state in grid:
+        yield f"scan backward {dtype} n {dstate} D+z+bias={fused} grouped={grouped} last_state={last_state}", \
+            lambda dtype=dtype, dstate=dstate, fused=fused, grouped=grouped, last_state=last_state: \
+            _scan(dtype, dstate, fused, grouped, last_state, backward=True)
     for dtype, dstate, grouped in [(BF16, 16, False), (FP32, 16, True), (FP16, 128, False)]:
         yield f"state update {dtype} n {dstate} grouped={grouped}", \
             lambda dtype=dtype, dstate=dstate, grouped=grouped: _state_update(dtype, dstate, grouped)
 
 
-def _scan(dtype, dstate, fused, grouped, last_state, batch=8, dim=1536, seqlen=2048, groups=2):
+def _scan(dtype, dstate, fused, grouped, last_state, backward=False, batch=8, dim=1536, seqlen=2048, groups=2):
+    """The forward (for training: with chunk states when `backward`), then the backward."""
     bc = meta(batch, groups, dstate, seqlen, dtype=dtype) if grouped else meta(batch, dstate, seqlen, dtype=dtype)
     spec = ssm_scan.ScanSpec.for_args(bc, D=True if fused else None, z=True if fused else None,
                                       delta_bias=True if fused else None, delta_softplus=fused,
-                                      return_last_state=last_state)
-    module = load(ssm_scan.kernel_name, ssm_scan.render_scan, spec)
+                                      return_last_state=last_state, chunk_states=backward)
     u = meta(batch, dim, seqlen, dtype=dtype)
     extras = dict(D=meta(dim, dtype=FP32), z=torch.empty_like(u), delta_bias=meta(dim, dtype=FP32),
                   delta_softplus=True) if fused else {}
+    state = meta(batch, dim, dstate, dtype=FP32) if last_state else None
+    chunk_states = meta(batch, dim, seqlen // ssm_scan.CHUNK_LEN, dstate, dtype=FP32) if backward else None
+    module = load(ssm_scan.kernel_name, ssm_scan.render_scan, spec)
     module.launch(u, torch.empty_like(u), meta(dim, dstate, dtype=FP32), bc, bc, torch.empty_like(u),
-                  last_state=meta(batch, dim, dstate, dtype=FP32) if last_state else None, **extras)
+                  last_state=state, chunk_states=chunk_states, **extras)
+    if backward:
+        module = load(ssm_scan_backward.backward_kernel_name, ssm_scan_backward.render_scan_backward, spec)
+        dz = {"dz": torch.empty_like(u)} if fused else {}
+        module.launch(u, torch.empty_like(u), meta(dim, dstate, dtype=FP32), bc, bc, torch.empty_like(u), chunk_states,
+                      torch.empty_like(u), torch.empty_like(u), dlast_state=state, **extras, **dz)
 
 
 def _state_update(dtype, dstate, grouped, batch=8, dim=1536, groups=2):

@@ -77,6 +77,7 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
+BACKWARD_KERNELS = {"ssm_scan", "ssm_scan_with_state"}  # the rest recompute their reference under autograd
 
 
 def recorded_calls(build):
@@ -100,7 +101,8 @@ def test_opcheck(build):
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - NO_TRAINING))
 def test_gradients_through_compile_match_eager(name):
-    """Kernel forward (no fallback but the recomputed backward), gradients of inputs and parameters."""
+    """Kernel forward and backward kernels (or the recomputed backward, the only fallback), gradients of
+    inputs and parameters."""
     module, args = CASES[name]()
 
     def gradients(model):
@@ -123,7 +125,26 @@ def test_gradients_through_compile_match_eager(name):
         else:
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
     fallbacks = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    assert fallbacks and all(line.endswith(RECOMPUTED) for line in fallbacks), compiled.report()
+    if name in BACKWARD_KERNELS:
+        assert not fallbacks, compiled.report()
+    else:
+        assert fallbacks and all(line.endswith(RECOMPUTED) for line in fallbacks), compiled.report()
+
+
+@pytest.mark.parametrize("name", sorted(BACKWARD_KERNELS))
+def test_opcheck_of_ops_captured_for_training(name):
+    """Captured with grad, an op returns its backward's residuals (the fake kernel too) and its backward
+    runs kernels: opcheck's autograd and AOTAutograd checks go through them."""
+    module, args = CASES[name]()
+    compiled = compiler.compile(module, strict=True)
+    with library.recording() as calls:
+        compiled(*[a.detach().requires_grad_() for a in args])
+    for op, operands in calls:
+        assert op.differentiable
+        operands = [t.detach().requires_grad_() for t in operands]
+        assert op.residuals_like(*operands)
+        torch.library.opcheck(op.custom_op, (operands, op.key))
+        assert not op.fallbacks, op.fallbacks
 
 
 def test_a_freed_op_is_a_clear_error():
