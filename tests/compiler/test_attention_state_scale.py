@@ -177,3 +177,26 @@ def test_scale_from_state_after_a_constant_mask_keeps_the_mask():
         module.temperature.data.fill_(value)
         assert_close_by_rule(*run(compiled, module, (q, k, v), torch.float32))
     assert compiled.patterns == ["attention"]
+
+
+class StateScaleOverBias(nn.Module):
+    """A buffer scale applied after a run-time additive bias: the bias is scaled by module state too."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def forward(self, q, k, v, bias):
+        return torch.softmax((q @ k.transpose(-1, -2) + bias) * self.scale, dim=-1) @ v
+
+
+def test_scale_from_state_after_an_additive_bias():
+    module = StateScaleOverBias()
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=generator) for _ in range(3))
+    bias = torch.randn(1, 1, 9, 9, generator=generator)
+    compiled = compiler.compile(module, strict=True)
+    for value in (0.25, 0.7, -0.5):
+        module.scale.data.fill_(value)
+        assert_close_by_rule(*run(compiled, module, (q, k, v, bias), torch.float32))
+    assert compiled.patterns == ["attention"]
