@@ -196,14 +196,16 @@ class AttentionOp(FusedOp):
             return
         self._scale_values = values
         scale, compiled_values, static_form, tensor_form = self._compiled
-        ratios = [_ratio(value, compiled, e) for value, compiled, e in zip(values, compiled_values, self.scale_exponents)]
+        ratios = [_ratio(value, compiled, exponent)
+                  for value, compiled, exponent in zip(values, compiled_values, self.scale_exponents)]
         self.scale = scale * math.prod(ratios)
         mask_ratios = [math.prod(ratios[index] for index in scaling) for scaling in self.mask_scalings]
         if tensor_form is not None and mask_ratios:
             tensor_form = (replace(tensor_form, chain=tuple(map(_rescaled, tensor_form.chain, mask_ratios)))
                            if tensor_form.chain else _rescaled(tensor_form, mask_ratios[0]))
         self.tensor_form = tensor_form
-        self._static_holds = not mask_ratios or mask_ratios[0] == 1 or self._static_dropped * mask_ratios[0] <= MASKED_OUT
+        self._static_holds = (not mask_ratios or mask_ratios[0] == 1
+                              or self._static_dropped * mask_ratios[0] <= MASKED_OUT)
         usable = math.isfinite(self.scale) and all(math.isfinite(ratio) and ratio > 0 for ratio in mask_ratios)
         self._inexact_scale = None if usable else (
             "a scale read from module state, applied after a mask, is no longer positive and finite: eager's math")

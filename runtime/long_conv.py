@@ -10,12 +10,13 @@ The long_conv pass proves that a subgraph computes, for u (*batch, *channels, L)
 gate to the output's). u may lack channel dims the filter has (S4's several output channels per
 input channel): the op views it in the output's dims (`signal_dims`) and broadcasts it over the
 filters (a copy); k may lack channel dims u has (one filter for several heads): it is viewed in
-them (`filter_dims`) and broadcast over them (a copy of the filter). With a `period`, k is the filter of a circular convolution of that period (a filter
-longer than L, a bidirectional one, or any spectrum's inverse transform). Graphs that hold
-time at another dim (time-major (B, L, H) code) get views with it moved last. At run time the
-op views u, the gates and the output as (B, H, L) rows and k as (H, Lk), computes the filter's
-spectrum once per call (codegen.long_conv.filter_spectrum, shared by all batch rows) and launches
-the kernel, or runs codegen.long_conv.long_conv_reference.
+them (`filter_dims`) and broadcast over them (a copy of the filter). With a `period`, k is the
+filter of a circular convolution of that period (a filter longer than L, a bidirectional one, or
+any spectrum's inverse transform). Graphs that hold time at another dim (time-major (B, L, H)
+code) get views with it moved last. At run time the op views u, the gates and the output as
+(B, H, L) rows and k as (H, Lk), computes the filter's spectrum once per call
+(codegen.long_conv.filter_spectrum, shared by all batch rows) and launches the kernel, or runs
+codegen.long_conv.long_conv_reference.
 
 The short_conv pass proves that a subgraph computes act(bias + causal depthwise conv1d(x, w))
 for x (B, C, L) and nn.Conv1d's weight w (C, 1, K); the op launches codegen.short_conv's kernel
@@ -114,10 +115,15 @@ class LongConvOp(FusedOp):
         self.skip_scale = skip_scale
         self.spec = long_conv_codegen.LongConvSpec(layout.has_D, layout.has_pre_gate, layout.has_post_gate)
 
+    @property
+    def circular(self) -> bool:
+        """Is k the filter of a circular convolution (of period layout.period)?"""
+        return self.layout.period is not None
+
     def describe(self) -> str:
         parts = [name for name, present in (("D skip", self.layout.has_D), ("pre-gate", self.layout.has_pre_gate),
                                             ("post-gate", self.layout.has_post_gate)) if present]
-        if self.layout.period is not None:
+        if self.circular:
             parts.append(f"circular filter of period {self.layout.period}")
         if self.scale != 1.0:
             parts.append(f"scale {self.scale:.6g}")
@@ -149,7 +155,7 @@ class LongConvOp(FusedOp):
         out_rows = out.view(rows.u.shape)
         reason = (self.why_not_kernel(rows.tensors())
                   or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
-                                                          out_rows, circular=self.layout.period is not None))
+                                                          out_rows, circular=self.circular))
         if reason is None:
             self._launch(rows, out_rows)
         else:
@@ -173,12 +179,17 @@ class LongConvOp(FusedOp):
         if pre_gate is not None:
             pre_gate = self._signal_rows(pre_gate.expand(u.shape), out_shape, shape)
         post_gate = None if post_gate is None else post_gate.expand(out_shape).reshape(shape)
+        return Rows(self._signal_rows(u, out_shape, shape), self._filter_rows(k, channel_shape), D, pre_gate,
+                    post_gate)
+
+    def _filter_rows(self, k, channel_shape: torch.Size) -> torch.Tensor:
+        """k as (H, taps) rows: viewed in the output's dims, cropped or padded to its period, its batch
+        dims (of size 1) dropped, broadcast over channel dims it lacks (a copy of the filter)."""
         k = _viewed(k, self.layout.filter_dims)
-        if self.layout.period is not None:
+        if self.circular:
             k = _periodic(k, self.layout.period)
-        k = k.reshape(k.shape[max(0, k.dim() - len(channel_shape) - 1):])  # the dims before are batch, of size 1
-        k = k.expand(*channel_shape, k.shape[-1]).reshape(shape[1], k.shape[-1])
-        return Rows(self._signal_rows(u, out_shape, shape), k, D, pre_gate, post_gate)
+        k = k.reshape(k.shape[max(0, k.dim() - len(channel_shape) - 1):])
+        return k.expand(*channel_shape, k.shape[-1]).reshape(math.prod(channel_shape), k.shape[-1])
 
     def _signal_rows(self, u, out_shape: torch.Size, shape: tuple[int, int, int]) -> torch.Tensor:
         """u (or the pre gate) as (B, H, L) rows of the output: a view, unless u is broadcast over
@@ -197,7 +208,7 @@ class LongConvOp(FusedOp):
         module, kernel = self.kernel_for(self.spec)
         seqlen = rows.u.shape[-1]
         k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale,
-                                                circular=self.layout.period is not None)
+                                                circular=self.circular)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
 
         def run(config):
@@ -217,7 +228,7 @@ class LongConvOp(FusedOp):
         u = rows.u.to(torch.promote_types(rows.u.dtype, out_dtype))
         return long_conv_codegen.long_conv_reference(u, rows.k, D=rows.D, pre_gate=rows.pre_gate,
                                                      post_gate=rows.post_gate, scale=self.scale,
-                                                     circular=self.layout.period is not None)
+                                                     circular=self.circular)
 
 
 class ShortConvOp(FusedOp):

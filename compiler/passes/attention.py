@@ -437,7 +437,8 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
                              regroup_qk=regrouped, mask_batches=mask_batches)
     scale_state = sorted({name for scale in state_scales
                           for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
-    static_dropped = _dropped_at_most(folded_mask, masks[0]) if folded_mask is not None and any(scalings) else -math.inf
+    scaled_static = folded_mask is not None and any(scalings)
+    static_dropped = _dropped_at_most(folded_mask, masks[0]) if scaled_static else -math.inf
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form, folded_mask=folded_mask, mode=context.mode,
                      scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap,
                      mask_scalings=scalings, static_dropped=static_dropped)
@@ -520,8 +521,8 @@ def _mask_chain(masks: list[MaskOp], causal, empty_rows_zero) -> MaskForm:
 def _mask_scalings(state_scales: tuple, count: int) -> tuple[tuple[int, ...], ...]:
     """For each of `count` masks in the order they apply, the state scales applied after it (their
     indices): those the walk from the softmax met before the mask."""
-    return tuple(tuple(index for index, scale in enumerate(state_scales) if count - 1 - position >= scale.masks_below)
-                 for position in range(count))
+    return tuple(tuple(index for index, scale in enumerate(state_scales) if met >= scale.masks_below)
+                 for met in reversed(range(count)))
 
 
 def _dropped_at_most(value: torch.Tensor, mask: MaskOp) -> float:

@@ -218,7 +218,8 @@ def _scalar(node: Node) -> float | None:
     return float(scalar) if isinstance(scalar, (int, float)) else None
 
 
-def _chain(graph: Graph, node: Node, through: Callable[[Node], bool], scalars: bool = True) -> list[tuple[Node, float]]:
+def _chain(graph: Graph, node: Node, through: Callable[[Node], bool],
+           scalars: bool = True) -> list[tuple[Node, float]]:
     """`node`, then the nodes below it through unary nodes `through` accepts (and scalings, when
     `scalars`), each with the product of the scalings between it and `node`."""
     chain, factor = [(node, 1.0)], 1.0
@@ -253,8 +254,12 @@ def _adds_unit_dims(graph: Graph, reshape: Node, time: int) -> bool:
               for node in (graph.node(reshape.inputs[0]), reshape)]
     if any(shape is None or len(shape) < -time for shape in shapes):
         return False
-    (before, after) = shapes
-    return before[time:] == after[time:] and [s for s in before[:time] if s != 1] == [s for s in after[:time] if s != 1]
+    before, after = shapes
+    return before[time:] == after[time:] and _sizes_above_one(before[:time]) == _sizes_above_one(after[:time])
+
+
+def _sizes_above_one(shape: tuple[int, ...]) -> list[int]:
+    return [size for size in shape if size != 1]
 
 
 def _time_dim(transform: Node) -> int:

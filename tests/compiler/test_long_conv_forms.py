@@ -32,7 +32,8 @@ def assert_fuses_and_matches(module: nn.Module, args, dtype: torch.dtype, count:
     compiled = compiler.compile(copy.deepcopy(module), strict=True)
     inputs = cast_inputs(args, dtype)
     with torch.no_grad():
-        outputs = compiled(*inputs), module(*inputs), copy.deepcopy(module).double()(*cast_inputs(inputs, torch.float64))
+        reference = copy.deepcopy(module).double()(*cast_inputs(inputs, torch.float64))
+        outputs = compiled(*inputs), module(*inputs), reference
     assert compiled.patterns.count("long_conv") == count, compiled.report()
     assert_close_by_rule(*(out[0] if isinstance(out, tuple) else out for out in outputs))
     return compiled
