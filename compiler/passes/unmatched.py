@@ -91,26 +91,33 @@ def _long_conv(graph: Graph, node: Node) -> str | None:
 
 
 def _ssm_scan(graph: Graph, node: Node) -> str | None:
-    steps = _recurrence_steps(graph, node)
-    if any(_recurrence_steps(graph, carried) for _, carried in steps):
+    looped = _recurrence_steps(graph, node, lambda decay, carried: _shaped_like_a_step(graph, carried))
+    if any(_recurrence_steps(graph, carried) for _, carried in looped):
         return "a linear recurrence h = a * h + b unrolled from a loop (two steps in a row)"
-    if node.type is not None and node.type.rank >= 3 and any(_behind(graph, decay, {"exp"}, depth=3)
-                                                             for decay, _ in steps):
+    if node.type is not None and node.type.rank >= 3 and _recurrence_steps(
+            graph, node, lambda decay, carried: _behind(graph, decay, {"exp"}, depth=3)):
         return "a recurrence step exp(Δ A) * h + update"
     return None
 
 
-def _recurrence_steps(graph: Graph, node: Node) -> list[tuple[Node, Node]]:
+def _recurrence_steps(graph: Graph, node: Node, plausible=lambda decay, carried: True) -> list[tuple[Node, Node]]:
     """Each way to read `node` as a * h + b with neither a nor b computed from h (a linear step), as
-    (a, h); in place too (h.mul_(a).add_(b), a decode step writing the caller's state)."""
+    (a, h); in place too (h.mul_(a).add_(b), a decode step writing the caller's state). Only the
+    readings `plausible` (a cheap test) accepts are checked for independence, a walk over the graph."""
     steps, terms = [], _binary_inputs(node, "add")
     for decayed_name, update_name in (terms, terms[::-1]) if terms else ():
         factors = _binary_inputs(graph.node(decayed_name), "mul")
         for decay_name, carried_name in (factors, factors[::-1]) if factors else ():
             decay, carried = graph.node(decay_name), graph.node(carried_name)
-            if not any(_computed_from(graph, term, carried) for term in (decay, graph.node(update_name))):
+            if plausible(decay, carried) and not any(_computed_from(graph, term, carried)
+                                                     for term in (decay, graph.node(update_name))):
                 steps.append((decay, carried))
     return steps
+
+
+def _shaped_like_a_step(graph: Graph, node: Node) -> bool:
+    """Is `node` an add with a mul among its inputs (what a * h + b looks like, unchecked)?"""
+    return any(_binary_inputs(graph.node(name), "mul") for name in _binary_inputs(node, "add") or ())
 
 
 def _binary_inputs(node: Node, op: str) -> list[str] | None:
