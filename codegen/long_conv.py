@@ -142,17 +142,34 @@ def fft_tables(plan: FFTPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
         (plan.rows, plan.rows, plan.rows), (plan.rows, plan.cols, plan.n)))
 
 
-def filter_spectrum(k: torch.Tensor, seqlen: int, *, scale: float = 1.0, max_cols: int = MAX_FFT_COLS) -> torch.Tensor:
+def filter_spectrum(k: torch.Tensor, seqlen: int, *, scale: float = 1.0, max_cols: int = MAX_FFT_COLS,
+                    circular: bool = False) -> torch.Tensor:
     """The spectrum launch multiplies by: DFT_N(k) * scale / N of the zero-padded filter k (H, Lk),
     as fp32 (H, 2, P, M1, M2) planes where [h, :, k1, a, b] holds bin k1 + P (a + M1 b).
+    With `circular`, k (H, p) is the filter of a circular convolution of period p >= L (see
+    wrapped_filter).
 
     One FFT per channel, shared by every batch row; computed in float32 (float64 for float64 k).
     max_cols caps the in-register row M (tests use short rows to reach large P cheaply).
     """
     plan = fft_plan(seqlen, max_cols)
+    k = wrapped_filter(k, seqlen, plan.n) if circular else k
     spectrum = torch.fft.fft(k.to(torch.promote_types(k.dtype, torch.float32)), n=plan.n) * (scale / plan.n)
     spectrum = spectrum.view(k.shape[0], plan.m2, plan.m1, plan.rows).permute(0, 3, 2, 1)
     return torch.stack([spectrum.real, spectrum.imag], dim=1).float().contiguous()
+
+
+def wrapped_filter(k: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:
+    """The filter of period n >= 2L - 1 that convolves L steps as the filter k (H, p) of period p does.
+
+    Output t < L reads input s < L through tap (t - s) mod p, an offset d = t - s in -(L-1)..L-1:
+    d >= 0 is the causal part, d < 0 the anti-causal one (a bidirectional filter). Period n keeps
+    every offset apart, at d mod n: a linear two-sided convolution once u is zero-padded to n.
+    """
+    offsets = torch.arange(1 - seqlen, seqlen, device=k.device)
+    wrapped = k.new_zeros(*k.shape[:-1], n)
+    wrapped[..., offsets % n] = k[..., offsets % k.shape[-1]]
+    return wrapped
 
 
 def program_count(plan: FFTPlan, n_pairs: int) -> int:
@@ -201,7 +218,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # -- support checks --------------------------------------------------------------------------
 
 
-def unsupported_reason(u, k, D=None, pre_gate=None, post_gate=None, out=None) -> str | None:
+def unsupported_reason(u, k, D=None, pre_gate=None, post_gate=None, out=None, circular=False) -> str | None:
     """Why the kernel cannot run this long_conv_reference call, in words for report(); None when it can."""
     given = {name: t for name, t in dict(u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate, out=out).items()
              if t is not None}
@@ -216,7 +233,7 @@ def unsupported_reason(u, k, D=None, pre_gate=None, post_gate=None, out=None) ->
     for name, shape in expected.items():
         if name in given and tuple(given[name].shape) != shape:
             return f"{name} has shape {tuple(given[name].shape)}, expected {shape}"
-    return _size_reason(batch, channels, seqlen, k)
+    return _size_reason(batch, channels, seqlen, k, circular)
 
 
 def _device_reason(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -237,12 +254,14 @@ def _dtype_reason(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _size_reason(batch: int, channels: int, seqlen: int, k: torch.Tensor) -> str | None:
+def _size_reason(batch: int, channels: int, seqlen: int, k: torch.Tensor, circular: bool) -> str | None:
     if min(batch, channels, seqlen, k.shape[1]) == 0:
         return "empty tensors (a zero-sized batch, channel or time axis, or an empty filter)"
     if k.shape[0] != channels:
         return f"k has {k.shape[0]} channels, u has {channels}"
-    if k.shape[1] > seqlen:
+    if circular and k.shape[1] < seqlen:
+        return f"a circular filter of period {k.shape[1]} < L = {seqlen}: its transform would crop the signal"
+    if k.shape[1] > seqlen and not circular:
         return (f"the filter ({k.shape[1]} taps) is longer than the sequence ({seqlen}): rfft(k, n=2L) "
                 f"would wrap its tail around, which the kernel does not reproduce")
     if seqlen > MAX_SEQLEN:
@@ -262,6 +281,7 @@ def long_conv_reference(
     pre_gate: torch.Tensor | None = None,
     post_gate: torch.Tensor | None = None,
     scale: float = 1.0,
+    circular: bool = False,
 ) -> torch.Tensor:
     """out = post_gate * (scale * causal_conv(v, k) + D * v) with v = pre_gate * u, per batch and channel.
 
@@ -277,14 +297,17 @@ def long_conv_reference(
         out        (batch, channels, L)      launch: preallocated, any float dtype
 
     causal_conv(v, k)[t] = sum_{s <= t} k[t - s] v[s] = irfft(rfft(v, n=2L) * rfft(k, n=2L), n=2L)[t]
-    for t < L. Computes in float32 (float64 for float64 inputs) and returns u's dtype.
+    for t < L. With `circular`, k (channels, p), p >= L, is the filter of a circular convolution of
+    period p instead: sum_{s < L} k[(t - s) mod p] v[s] (n = p above; a bidirectional filter).
+    Computes in float32 (float64 for float64 inputs) and returns u's dtype.
     """
     seqlen = u.shape[-1]
+    n = k.shape[-1] if circular else 2 * seqlen
     compute = torch.promote_types(u.dtype, torch.float32)
     v = u.to(compute) if pre_gate is None else u.to(compute) * pre_gate.to(compute)
-    k_f = torch.fft.rfft(k.to(compute), n=2 * seqlen)
-    v_f = torch.fft.rfft(v, n=2 * seqlen)
-    y = torch.fft.irfft(v_f * k_f, n=2 * seqlen)[..., :seqlen] * scale
+    k_f = torch.fft.rfft(k.to(compute), n=n)
+    v_f = torch.fft.rfft(v, n=n)
+    y = torch.fft.irfft(v_f * k_f, n=n)[..., :seqlen] * scale
     if D is not None:
         y = y + v * D.to(compute)[:, None]
     if post_gate is not None:

@@ -4,6 +4,8 @@
                                                         contiguous/clone stay: strides matter)
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
+    einsum("bhl,chl->bchl", a, b, ...) (no index summed)  -> permute + reshape (unit dims) of each, then mul
+                                                           (a broadcast product, e.g. S4's spectral product)
     addmm/baddbmm(c, a, b, beta, alpha)                  -> (a @ b) * alpha + c * beta  (factors of 1 and
                                                            terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
@@ -37,6 +39,7 @@ fake values are computed by running the canonical torch op on the inputs' fake v
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -93,6 +96,7 @@ def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
 
 
 ZEROS = ("zeros", "zeros_like", "new_zeros")
+TWO_TENSORS = {"scalar": None, "scalar_first": False}  # the attrs of a binary op on two tensors
 ALLOCATIONS = ("empty", "empty_like", "new_empty", *ZEROS)
 
 
@@ -152,6 +156,44 @@ def _einsum_plan(equation: str, operands: int):
     return perm_a, perm_b, perm_out
 
 
+def _rewrite_einsum_product(graph: Graph, node: Node) -> None:
+    """An einsum that sums over no index is a broadcast product: each operand's dims permuted into
+    the output's order, unit dims reshaped in where it lacks an index, then multiplied."""
+    terms = _product_terms(node.attrs["equation"], len(node.inputs))
+    operands = [graph.node(name) for name in node.inputs]
+    if terms is None or any(o.type is None or o.type.static_shape() is None for o in operands):
+        return
+    *inputs, out = terms
+    factors = [_aligned(graph, node, operand, term, out) for operand, term in zip(operands, inputs)]
+    product = functools.reduce(lambda a, b: _new_node(graph, node, "mul", [a.name, b.name], dict(TWO_TENSORS),
+                                                      torch.mul(a.value, b.value)), factors)
+    if product.type == node.type:
+        graph.replace_uses(node.name, product.name)
+
+
+def _product_terms(equation: str, operands: int) -> list[str] | None:
+    """[term of each operand..., output] when every index of an operand appears once in it and in
+    the output, and every output index in some operand (nothing is summed); None otherwise."""
+    if operands < 2 or "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.split("->")
+    terms = inputs.split(",")
+    if len(terms) != operands or len(set(out)) != len(out) or set(out) != set("".join(terms)):
+        return None
+    return None if any(len(set(term)) != len(term) for term in terms) else [*terms, out]
+
+
+def _aligned(graph: Graph, anchor: Node, operand: Node, term: str, out: str) -> Node:
+    """`operand` (indices `term`) with its dims in the order of `out` and a unit dim for each index it lacks."""
+    kept = [index for index in out if index in term]
+    permuted = _permute(graph, anchor, operand, tuple(term.index(index) for index in kept))
+    sizes = dict(zip(kept, permuted.type.static_shape()))
+    shape = tuple(sizes.get(index, 1) for index in out)
+    if shape == permuted.type.static_shape():
+        return permuted
+    return _new_node(graph, anchor, "reshape", [permuted.name], {"shape": shape}, permuted.value.reshape(shape))
+
+
 # -- addmm -------------------------------------------------------------------------
 def _rewrite_addmm(graph: Graph, node: Node) -> None:
     added, a, b = (graph.node(name) for name in node.inputs)
@@ -159,7 +201,7 @@ def _rewrite_addmm(graph: Graph, node: Node) -> None:
     result = _scaled(graph, node, result, node.attrs["alpha"])
     if node.attrs["beta"] != 0:
         added = _scaled(graph, node, added, node.attrs["beta"])
-        result = _new_node(graph, node, "add", [result.name, added.name], {"scalar": None, "scalar_first": False},
+        result = _new_node(graph, node, "add", [result.name, added.name], dict(TWO_TENSORS),
                            torch.add(result.value, added.value))
     graph.replace_uses(node.name, result.name)
 
@@ -425,7 +467,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
-    "einsum": [_rewrite_einsum],
+    "einsum": [_rewrite_einsum, _rewrite_einsum_product],
     "addmm": [_rewrite_addmm],
     "reshape": [_rewrite_repeat_kv, _drop_metadata_reads],
     "repeat_interleave": [_rewrite_repeat_kv],

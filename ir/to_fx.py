@@ -25,6 +25,17 @@ def _where_args(node: Node) -> tuple:
                       for key in ("then_scalar", "else_scalar")))
 
 
+def _second_factor(node: Node):
+    """A mul's second tensor input, or its scalar."""
+    return Ref(1) if len(node.inputs) == 2 else node.attrs["scalar"]
+
+
+def _transform(function):
+    """A torch.fft transform from its attrs (n, dim, norm)."""
+    return lambda node: Call("call_function", function, (Ref(0),),
+                             {key: node.attrs[key] for key in ("n", "dim", "norm")})
+
+
 LOWERINGS = {
     "matmul": lambda node: Call("call_function", torch.matmul, (Ref(0), Ref(1))),
     "permute": lambda node: Call("call_function", torch.permute, (Ref(0), node.attrs["perm"])),
@@ -33,12 +44,15 @@ LOWERINGS = {
     "cast": lambda node: Call("call_method", "to", (Ref(0), node.attrs["dtype"])),
     "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
     "add": lambda node: Call("call_function", torch.add, (Ref(0), Ref(1))),
-    "mul": lambda node: Call("call_function", torch.mul, (Ref(0), node.attrs["scalar"])),
+    "mul": lambda node: Call("call_function", torch.mul, (Ref(0), _second_factor(node))),
     "pad": lambda node: Call("call_function", torch.nn.functional.pad, (Ref(0), node.attrs["pad"]),
                              {"mode": node.attrs["mode"], "value": node.attrs["value"]}),
     "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
     "where": lambda node: Call("call_function", torch.where, _where_args(node)),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
+    "irfft": _transform(torch.fft.irfft),
+    "ifft": _transform(torch.fft.ifft),
+    "real": lambda node: Call("call_function", torch.real, (Ref(0),)),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),
 }

@@ -31,7 +31,7 @@ decoding (1) and speculative-decoding trees (Medusa: up to 64 tokens with a tree
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +116,29 @@ def _regrouped_mask(mask: torch.Tensor, written_for: tuple, batch: tuple) -> tor
     return mask.expand(*written_for, *mask.shape[-2:]).reshape(*batch, *mask.shape[-2:])
 
 
+def _ratio(value: float, compiled: float, exponent: int) -> float:
+    """(value / compiled) ** exponent for an exponent of 1 or -1 (compiled is never zero): inf for a
+    zero divisor, as eager's division by a zero scale gives."""
+    ratio = value / compiled
+    return ratio if exponent == 1 else (1.0 / ratio if ratio else math.inf)
+
+
+def _rescaled(form: MaskForm, ratio: float) -> MaskForm:
+    """`form` with its fill (bool masks) or its multiplier (additive ones) scaled by `ratio`."""
+    if ratio == 1:
+        return form
+    if form.kind == "bool":
+        return replace(form, fill_value=form.fill_value * ratio)
+    return replace(form, multiplier=form.multiplier * ratio)
+
+
 class AttentionOp(FusedOp):
     pattern = "attention"
 
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
                  folded_mask: torch.Tensor | None = None, mode: str = "default", scale_factors: tuple = (),
-                 softcap: float | None = None):
+                 softcap: float | None = None, mask_scalings: tuple = (), static_dropped: float = -math.inf):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.softcap = softcap
@@ -131,10 +147,15 @@ class AttentionOp(FusedOp):
         self.tensor_form = tensor_form
         # the mask the static form was read from (a copy: it may be the module's buffer itself)
         self._folded_mask = None if folded_mask is None else folded_mask.detach().clone()
-        # factors (value, exponent) of the scale read from module state, recomputed when they change
+        # factors (value, exponent) of the scale read from module state, recomputed when they change;
+        # per mask, the factors applied after it (mask_scalings), which scale it too, as in eager
         self.scale_exponents = tuple(exponent for _, exponent in scale_factors)
         self._scale_values = [value for value, _ in scale_factors]
-        self._fixed_scale = scale / math.prod(value ** exponent for value, exponent in scale_factors)
+        self._compiled = (scale, list(self._scale_values), static_form, tensor_form)
+        self.mask_scalings = mask_scalings
+        self._static_dropped = static_dropped  # the largest score the static form's mask leaves a dropped one
+        self._static_holds = True  # the static form's dropped scores stay dropped at the current scale
+        self._inexact_scale: str | None = None  # why the current scale needs eager's math, if it does
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
@@ -146,7 +167,8 @@ class AttentionOp(FusedOp):
         mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
         if mask is not None:
             mask = mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
-        reason = self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
+        reason = (self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
+                  or self._inexact_scale)
         if reason is None:
             out = self._launch(q, k, v, mask, form)
         else:
@@ -165,12 +187,28 @@ class AttentionOp(FusedOp):
 
     def _refresh_scale(self, factors) -> None:
         """Recompute the scale when the factors the graph computed from module state differ from
-        those it was computed from (one host sync per factor)."""
+        those it was computed from (one host sync per factor), and the masks they scale: a bool
+        mask's fill and an additive one's multiplier by the same ratio. The static form holds while
+        its dropped scores stay at or below MASKED_OUT; a ratio that is not positive and finite
+        (a mask no longer dropping, or a scale of inf) leaves the call to eager's math in PyTorch."""
         values = [float(factor) for factor in factors]
         if values == self._scale_values:
             return
-        self.scale = self._fixed_scale * math.prod(value ** e for value, e in zip(values, self.scale_exponents))
         self._scale_values = values
+        scale, compiled_values, static_form, tensor_form = self._compiled
+        ratios = [_ratio(value, compiled, exponent)
+                  for value, compiled, exponent in zip(values, compiled_values, self.scale_exponents)]
+        self.scale = scale * math.prod(ratios)
+        mask_ratios = [math.prod(ratios[index] for index in scaling) for scaling in self.mask_scalings]
+        if tensor_form is not None and mask_ratios:
+            tensor_form = (replace(tensor_form, chain=tuple(map(_rescaled, tensor_form.chain, mask_ratios)))
+                           if tensor_form.chain else _rescaled(tensor_form, mask_ratios[0]))
+        self.tensor_form = tensor_form
+        self._static_holds = (not mask_ratios or mask_ratios[0] == 1
+                              or self._static_dropped * mask_ratios[0] <= MASKED_OUT)
+        usable = math.isfinite(self.scale) and all(math.isfinite(ratio) and ratio > 0 for ratio in mask_ratios)
+        self._inexact_scale = None if usable else (
+            "a scale read from module state, applied after a mask, is no longer positive and finite: eager's math")
 
     @staticmethod
     def _mask_operand(masks, form: MaskForm) -> tuple[torch.Tensor, str | None]:
@@ -184,7 +222,7 @@ class AttentionOp(FusedOp):
         """The static form while the graph's mask is the one it was read from (one host sync), else the tensor form."""
         if self.static_form is None:
             return self.tensor_form
-        if self.tensor_form is None or torch.equal(masks[0], self._folded_mask):
+        if self.tensor_form is None or (self._static_holds and torch.equal(masks[0], self._folded_mask)):
             return self.static_form
         return self.tensor_form
 

@@ -6,11 +6,17 @@ The long_conv pass proves that a subgraph computes, for u (*batch, *channels, L)
 
     out = post_gate * (scale * causal_conv(v, k) + skip_scale * D * v),   v = u * pre_gate
 
-(D, pre_gate, post_gate optional; gates broadcast to u's shape, D per channel). Graphs that hold
-time at another dim (time-major (B, L, H) code) get views with it moved last. At run time the
-op views u, the gates and the output as (B, H, L) rows and k as (H, Lk), computes the filter's
-spectrum once per call (codegen.long_conv.filter_spectrum, shared by all batch rows) and launches
-the kernel, or runs codegen.long_conv.long_conv_reference.
+(D, pre_gate, post_gate optional; the pre gate broadcast to u's shape, D per channel, the post
+gate to the output's). u may lack channel dims the filter has (S4's several output channels per
+input channel): the op views it in the output's dims (`signal_dims`) and broadcasts it over the
+filters (a copy); k may lack channel dims u has (one filter for several heads): it is viewed in
+them (`filter_dims`) and broadcast over them (a copy of the filter). With a `period`, k is the
+filter of a circular convolution of that period (a filter longer than L, a bidirectional one, or
+any spectrum's inverse transform). Graphs that hold time at another dim (time-major (B, L, H)
+code) get views with it moved last. At run time the op views u, the gates and the output as
+(B, H, L) rows and k as (H, Lk), computes the filter's spectrum once per call
+(codegen.long_conv.filter_spectrum, shared by all batch rows) and launches the kernel, or runs
+codegen.long_conv.long_conv_reference.
 
 The short_conv pass proves that a subgraph computes act(bias + causal depthwise conv1d(x, w))
 for x (B, C, L) and nn.Conv1d's weight w (C, 1, K); the op launches codegen.short_conv's kernel
@@ -25,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
@@ -61,6 +68,9 @@ class LongConvLayout:
     has_post_gate: bool
     out: OutputLayout  # of the output with time moved last
     time: int = -1  # the graph tensors' time dim, counted from the end
+    signal_dims: tuple[int, ...] | None = None  # u's dims before time, as the output's broadcast reads them
+    filter_dims: tuple[int, ...] | None = None  # k's dims before time, likewise (None: its own)
+    period: int | None = None  # k is the filter of a circular convolution of this period
 
 
 @dataclass
@@ -84,6 +94,16 @@ def _time_last(tensor: torch.Tensor, time: int) -> torch.Tensor:
     return tensor.movedim(time, -1)
 
 
+def _viewed(tensor: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
+    """`tensor` (time last) with `dims` before time, or as it is for None."""
+    return tensor if dims is None else tensor.reshape(*dims, tensor.shape[-1])
+
+
+def _periodic(k: torch.Tensor, period: int) -> torch.Tensor:
+    """k cropped or zero-padded to `period` taps, as rfft(k, n=period) reads it."""
+    return F.pad(k, (0, period - k.shape[-1])) if k.shape[-1] < period else k[..., :period]
+
+
 class LongConvOp(FusedOp):
     pattern = "long_conv"
 
@@ -95,9 +115,16 @@ class LongConvOp(FusedOp):
         self.skip_scale = skip_scale
         self.spec = long_conv_codegen.LongConvSpec(layout.has_D, layout.has_pre_gate, layout.has_post_gate)
 
+    @property
+    def circular(self) -> bool:
+        """Is k the filter of a circular convolution (of period layout.period)?"""
+        return self.layout.period is not None
+
     def describe(self) -> str:
         parts = [name for name, present in (("D skip", self.layout.has_D), ("pre-gate", self.layout.has_pre_gate),
                                             ("post-gate", self.layout.has_post_gate)) if present]
+        if self.circular:
+            parts.append(f"circular filter of period {self.layout.period}")
         if self.scale != 1.0:
             parts.append(f"scale {self.scale:.6g}")
         return ", ".join(parts) or "plain"
@@ -113,16 +140,22 @@ class LongConvOp(FusedOp):
     def output_like(self, u, k, *rest):
         time = self.layout.time
         if time == -1:
-            return self.layout.out.empty(u.shape, u.device)
-        return self.layout.out.empty(_time_last(u, time).shape, u.device).movedim(-1, time)
+            return self.layout.out.empty(self._out_shape(u, k), u.device)
+        return self.layout.out.empty(self._out_shape(_time_last(u, time), _time_last(k, time)),
+                                     u.device).movedim(-1, time)
+
+    def _out_shape(self, u, k) -> torch.Size:
+        """u's shape broadcast over the filter's channel dims (time last)."""
+        u, k = _viewed(u, self.layout.signal_dims), _viewed(k, self.layout.filter_dims)
+        return torch.Size((*torch.broadcast_shapes(u.shape[:-1], k.shape[:-1]), u.shape[-1]))
 
     def _forward_time_last(self, u, k, *rest):
-        out = self.layout.out.empty(u.shape, u.device)
-        rows = self._rows(u, k, *self._unpack(rest))
+        out = self.layout.out.empty(self._out_shape(u, k), u.device)
+        rows = self._rows(u, k, *self._unpack(rest), out.shape)
         out_rows = out.view(rows.u.shape)
         reason = (self.why_not_kernel(rows.tensors())
                   or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
-                                                          out_rows))
+                                                          out_rows, circular=self.circular))
         if reason is None:
             self._launch(rows, out_rows)
         else:
@@ -136,15 +169,32 @@ class LongConvOp(FusedOp):
         return tuple(rest.pop(0) if present else None
                      for present in (self.layout.has_D, self.layout.has_pre_gate, self.layout.has_post_gate))
 
-    def _rows(self, u, k, D, pre_gate, post_gate) -> Rows:
-        batch = math.prod(u.shape[:self.layout.batch_dims])
-        channel_shape = u.shape[self.layout.batch_dims:-1]
-        shape = (batch, math.prod(channel_shape), u.shape[-1])
+    def _rows(self, u, k, D, pre_gate, post_gate, out_shape: torch.Size) -> Rows:
+        batch = math.prod(out_shape[:self.layout.batch_dims])
+        channel_shape = out_shape[self.layout.batch_dims:-1]
+        shape = (batch, math.prod(channel_shape), out_shape[-1])
         if D is not None:
             D = torch.broadcast_to(D, torch.broadcast_shapes(D.shape, (*channel_shape, 1))).reshape(shape[1])
             D = D * self.skip_scale if self.skip_scale != 1.0 else D
-        gates = [None if gate is None else gate.expand(u.shape).reshape(shape) for gate in (pre_gate, post_gate)]
-        return Rows(u.reshape(shape), k.reshape(shape[1], k.shape[-1]), D, *gates)
+        if pre_gate is not None:
+            pre_gate = self._signal_rows(pre_gate.expand(u.shape), out_shape, shape)
+        post_gate = None if post_gate is None else post_gate.expand(out_shape).reshape(shape)
+        return Rows(self._signal_rows(u, out_shape, shape), self._filter_rows(k, channel_shape), D, pre_gate,
+                    post_gate)
+
+    def _filter_rows(self, k, channel_shape: torch.Size) -> torch.Tensor:
+        """k as (H, taps) rows: viewed in the output's dims, cropped or padded to its period, its batch
+        dims (of size 1) dropped, broadcast over channel dims it lacks (a copy of the filter)."""
+        k = _viewed(k, self.layout.filter_dims)
+        if self.circular:
+            k = _periodic(k, self.layout.period)
+        k = k.reshape(k.shape[max(0, k.dim() - len(channel_shape) - 1):])
+        return k.expand(*channel_shape, k.shape[-1]).reshape(math.prod(channel_shape), k.shape[-1])
+
+    def _signal_rows(self, u, out_shape: torch.Size, shape: tuple[int, int, int]) -> torch.Tensor:
+        """u (or the pre gate) as (B, H, L) rows of the output: a view, unless u is broadcast over
+        several filters per channel (then a copy)."""
+        return _viewed(u, self.layout.signal_dims).expand(out_shape).reshape(shape)
 
     # -- kernels ---------------------------------------------------------------------
     def kernel_for(self, spec) -> tuple[object, Kernel]:
@@ -157,7 +207,8 @@ class LongConvOp(FusedOp):
     def _launch(self, rows: Rows, out: torch.Tensor) -> None:
         module, kernel = self.kernel_for(self.spec)
         seqlen = rows.u.shape[-1]
-        k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale)
+        k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale,
+                                                circular=self.circular)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
 
         def run(config):
@@ -176,7 +227,8 @@ class LongConvOp(FusedOp):
         """long_conv_reference, computing in at least the output's precision."""
         u = rows.u.to(torch.promote_types(rows.u.dtype, out_dtype))
         return long_conv_codegen.long_conv_reference(u, rows.k, D=rows.D, pre_gate=rows.pre_gate,
-                                                     post_gate=rows.post_gate, scale=self.scale)
+                                                     post_gate=rows.post_gate, scale=self.scale,
+                                                     circular=self.circular)
 
 
 class ShortConvOp(FusedOp):

@@ -79,7 +79,7 @@ class StateScale:
     factor: Node  # the scalar the scores are multiplied by (exponent 1) or divided by (-1)
     value: float  # its value at compile time
     exponent: int
-    masks_below: int  # masks applied before it: those after it would be scaled by it too
+    masks_below: int  # masks the walk from the softmax met before it (applied after it); later ones it scales
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     _check_private(graph, replaced)
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
+    query, key = (_under_upcast(graph, node, found["value"]) for node in (query, key))
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
     _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
           key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
@@ -182,8 +183,6 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
     walk = replace(walk, nodes=walk.nodes + (node.name,))
     below = graph.node(node.inputs[0]) if node.inputs else None
     if node.op == "matmul":
-        if any(scale.masks_below != len(walk.masks) for scale in walk.state_scales):
-            raise NoMatch(node, "a scale read from module state also scales a mask")
         return replace(walk, qk=node)
     if node.op in ("cast", "identity"):
         return _parse_scores(graph, below, context, walk)
@@ -309,6 +308,16 @@ def _where_branches(graph, node: Node, context):
     raise NoMatch(node, "where with two tensor branches, neither a constant fill")
 
 
+def _under_upcast(graph, node: Node, value: Node) -> Node:
+    """x when `node` casts x, of v's half-precision dtype, up to float32 (GPT-J computes QK^T in
+    fp32): the kernel's QK^T accumulates the same products in fp32; else `node`."""
+    source = graph.node(node.inputs[0]) if node.op == "cast" and node.type.dtype == torch.float32 else None
+    if source is not None and source.type is not None and source.type.dtype in (torch.float16, torch.bfloat16) \
+            and source.type.dtype == value.type.dtype:
+        return source
+    return node
+
+
 def _untranspose(graph, key_t: Node) -> tuple[Node, bool]:
     """K from K^T when K^T is a transpose of the last two dims; else keep K^T, transposed at run time."""
     perm = key_t.attrs.get("perm") if key_t.op == "permute" else None
@@ -416,27 +425,34 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
         key, value = _strip_repeat_kv(graph, key, value)
         batch, mask_batches = None, ()
     _check_operands(anchor, query, key, value, key_transposed, batch)
+    scalings = _mask_scalings(state_scales, len(masks))
     if len(masks) > 1:
         static_form, tensor_form = None, _mask_chain(masks, causal, empty_rows_zero)
         extra_inputs, state, folded_mask = [mask.tensor.name for mask in masks], [], None
     else:
         static_form, tensor_form, extra_inputs, state, folded_mask = _mask_forms(
-            graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero)
+            graph, anchor, context, query, key, masks[0] if masks else None, key_transposed, causal, empty_rows_zero,
+            scaled=any(scalings))
     layout = AttentionLayout(key_transposed=key_transposed, out_dtype=anchor.type.dtype,
                              regroup_qk=regrouped, mask_batches=mask_batches)
     scale_state = sorted({name for scale in state_scales
                           for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
+    scaled_static = folded_mask is not None and any(scalings)
+    static_dropped = _dropped_at_most(folded_mask, masks[0]) if scaled_static else -math.inf
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form, folded_mask=folded_mask, mode=context.mode,
-                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap)
+                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap,
+                     mask_scalings=scalings, static_dropped=static_dropped)
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
     if softcap is not None:
         detail += f"; scores soft-capped: {softcap:.6g} * tanh({scale:.6g} * QK^T)"
     if static_form is not None and tensor_form is not None:
-        detail += (f" while buffers {', '.join(state)} give the mask they gave at compile time (checked each call), "
-                   f"else {tensor_form.describe()}")
+        detail += (f" while {'buffers ' + ', '.join(state) if state else 'the scale'} give the mask they gave at "
+                   f"compile time (checked each call), else {tensor_form.describe()}")
     if scale_state:
         detail += f"; scale {scale:.6g} from {', '.join(scale_state)}, re-read when they change (checked each call)"
+    if any(scalings):
+        detail += "; it scales the mask too, as eager does (exact while positive, else in PyTorch)"
     extra_inputs += [scale.factor.name for scale in state_scales]
     context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
 
@@ -502,9 +518,27 @@ def _mask_chain(masks: list[MaskOp], causal, empty_rows_zero) -> MaskForm:
     return MaskForm(kind="additive", chain=chain, causal=causal, empty_rows_zero=empty_rows_zero)
 
 
-def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_transposed, causal, empty_rows_zero):
+def _mask_scalings(state_scales: tuple, count: int) -> tuple[tuple[int, ...], ...]:
+    """For each of `count` masks in the order they apply, the state scales applied after it (their
+    indices): those the walk from the softmax met before the mask."""
+    return tuple(tuple(index for index, scale in enumerate(state_scales) if met >= scale.masks_below)
+                 for met in reversed(range(count)))
+
+
+def _dropped_at_most(value: torch.Tensor, mask: MaskOp) -> float:
+    """The largest score the mask `value` leaves a score it drops: a bool mask's fill, else the largest
+    bias at or below MASKED_OUT (times its multiplier); -inf when it drops none."""
+    if mask.kind == "bool":
+        return mask.fill_value
+    dropped = value[value <= MASKED_OUT]
+    return float(dropped.max()) * mask.multiplier if dropped.numel() else -math.inf
+
+
+def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_transposed, causal, empty_rows_zero,
+                scaled: bool = False):
     """(static_form, tensor_form, extra fused-op inputs, the module state the mask was computed from,
-    the mask's value when the static form was read from that state, else None) for this mask."""
+    the mask's value when the static form was read from that state or a scale from module state
+    scales it (`scaled`: the op then needs the tensor too), else None) for this mask."""
     base = dict(causal=causal, empty_rows_zero=empty_rows_zero)
     if mask is None:
         return MaskForm(**base), None, [], [], None
@@ -520,7 +554,7 @@ def _mask_forms(graph, anchor, context, query, key, mask: MaskOp | None, key_tra
         return None, tensor_form, [mask.tensor.name], [], None
     static_form = MaskForm(causal=None if alignment == "none" else alignment, empty_rows_zero=empty_rows_zero)
     state = consteval.pinned_dependencies(graph, mask.tensor, context.pinned)
-    if not state:
+    if not state and not scaled:
         return static_form, None, [], [], None
     return static_form, tensor_form, [mask.tensor.name], state, value
 

@@ -2,43 +2,62 @@
 
 Recognised (after ir.canonicalize folded the spellings), anchored at each inverse transform:
 
-    y   = irfft(U * K, n=N)[..., :L]          U = rfft(u, n=N), K = rfft(k, n=N)
-        | ifft(U * K, n=N).real[..., :L]      U = fft(u, n=N),  K = fft(k, n=N); .real before or after the slice
+    y   = irfft(U * K, n=N)[..., :L]          U = rfft(u, n=N), K = rfft(k, n=N) or any other spectrum
+        | ifft(U * K, n=N).real[..., :L]      U = fft(u, n=N),  K = fft(k, n=N) or any other spectrum;
+                                              .real before or after the slice
     out = post_gate * (y + u * D)             the skip and the gate each optional
     u   = signal * pre_gate                   fused when that product is read only by the pattern
+
+    U * K may be any broadcast product, unit dims added on either side (S4's
+    einsum('bhl,chl->bchl', U, K), canonicalised to one): u then serves several filters per
+    channel, D holds one weight per output channel (S4's D (C, H)).
 
     u     (*batch, *channels, L), any strides ((B, L, H) tensors seen transposed); u and k may be
           zero-padded to n first (F.pad(u, (0, L))) instead of passing n. The time dim may also sit
           elsewhere, (B, L, H) transformed along dim=1: every transform, the slice and the filter
           then hold time at that same dim counted from the end, and the op moves it last
     k     (*channels, Lk) with Lk <= L, broadcast over the batch dims: a parameter, or computed per
-          call from parameters (Hyena's implicit filter); the op takes its spectrum once per call
+          call from parameters (Hyena's implicit filter); the op takes its spectrum once per call.
+          Where u and k each lack channel dims the other has, the op broadcasts them (the batch
+          dims are the leading ones k lacks); either factor may be the signal (convolution commutes)
     D     one weight per channel: (H,) broadcast as (H, 1) or (1, H, 1)
-    N     >= L + Lk - 1, so that the circular convolution is the linear one (N = 2L in the papers)
+    N     >= L + Lk - 1, so that the circular convolution is the linear one (N = 2L in the papers);
+          otherwise (N < L + Lk - 1, N >= L) the op computes the circular convolution of period N
+          with k cropped or padded to N taps, as rfft(k, n=N) does: S4's bidirectional filter
+          pad(k0, (0, L)) + pad(k1.flip(-1), (L, 0)) of 2L taps
+
+K need not be a transform: a sum of spectra (safari's and M2's bidirectional fftconv_ref,
+rfft(k, n) / n + rfft(k_rev, n).conj() / n), a conjugate, a spectrum held as a parameter...
+Any complex K with the product's length along time (N // 2 + 1 for irfft, N for ifft) works:
+irfft(U * K, N) is the circular convolution of u with the filter irfft(K, N) (ifft(K, N).real
+for the complex form), whatever K is, since U is the transform of a real signal. The op reads
+that filter, computed per call by a node the pass adds, as a circular filter of period N.
 
 Scales fold into one factor relative to the plain causal convolution: each transform's norm
 ("backward", "ortho", "forward") and multiplications or divisions by Python numbers on U, K,
 their product, the inverse transform or y (Hyena divides K by N and inverts with norm="forward");
 numbers applied after the skip scale D too. Casts and copies may sit anywhere: the kernel
 computes in fp32 and writes the eager output's dtype and layout. Which factor of U * K is the
-signal: the one with the product's shape (the filter is broadcast); when both have it, the longer
-one, or the one the skip reads.
+signal: a transform with as many steps as the slice keeps; the one the skip reads, else the one
+whose filter the most leading (batch) dims share, then the one of the product's shape, then the
+longer one.
 
-A candidate that breaks is reported as a near-miss naming the node: an FFT size too small for a
-linear convolution, a filter longer than L, a slice other than the first L steps (not causal),
-transforms along different dims, a filter that differs per batch row, float64, an intermediate
-read outside the pattern...
+A candidate that breaks is reported as a near-miss naming the node: an FFT shorter than L, a
+slice other than the first L steps (not causal), transforms along different dims, a spectrum
+broadcast along time, float64, an intermediate read outside the pattern...
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from codegen.long_conv import KERNEL_DTYPES
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
+from ir.types import TensorType
 from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 
 PATTERN = "long_conv"
@@ -60,12 +79,14 @@ def fft_conv_reference(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor) -> tor
 
 @dataclass
 class Side:
-    """One factor of the spectral product: a forward transform of `input`, times `scale`."""
+    """One factor of the spectral product: a forward transform of `input`, times `scale`; or, with no
+    transform, a spectrum computed some other way (`input`, a sum of spectra...)."""
 
-    transform: Node
-    input: Node  # what it transforms, zero-padding at the end of time stepped over
+    transform: Node | None
+    input: Node  # what it transforms, zero-padding at the end of time stepped over; or the spectrum
     scale: float
-    nodes: list[str]  # the padding, the transform, then the scalings up to the product
+    nodes: list[str]  # the padding, the transform, then the scalings and views up to the product
+    shape: tuple[int, ...]  # where the product reads it, time last
 
 
 @dataclass
@@ -86,10 +107,19 @@ class Reading:
 
     signal: Side
     filter: Side
-    batch_dims: int  # leading dims of u (time moved last) the filter is broadcast over
+    batch_dims: int  # leading dims of the output (time moved last) the filter is broadcast over; the
+    #                  op broadcasts u and k over the channel dims after them where either lacks one
     chain: list[tuple[Node, float]]  # the signal transform's input and below through copies and scalings,
     #                                  each with the factor it is scaled by on the way to the transform
     time: int  # the time dim, counted from the end
+    out_shape: tuple[int, ...]  # the convolution's, time last: the product's with L steps
+    signal_shape: tuple[int, ...]  # u as the product reads it, time last, with out_shape's rank
+    filter_lead: tuple[int, ...]  # k's dims before time as the product reads it, with out_shape's rank
+    period: int | None  # that of the circular convolution computed, when it is not the linear one
+
+    @property
+    def seqlen(self) -> int:
+        return self.out_shape[-1]
 
 
 @dataclass
@@ -107,6 +137,7 @@ class Tail:
     """What follows the inverse transform: slice (and .real), scalings, skip, post gate."""
 
     anchor: Node
+    readings: list[Reading]  # those whose signal has as many steps as the slice keeps
     nodes: list[str] = field(default_factory=list)
     conv_scale: float = 1.0  # scalings of y alone
     outer_scale: float = 1.0  # scalings after the skip or the gate: of y and the skip alike
@@ -136,28 +167,30 @@ def run(graph: Graph, context: PassContext) -> None:
 
 def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
     spectral = _spectral(graph, inverse)
-    readings = _readings(graph, spectral)
-    tail = _tail(graph, spectral, readings)
-    reading = tail.skip.reading if tail.skip else readings[0]
+    tail = _tail(graph, spectral, _readings(graph, spectral))
+    reading = tail.skip.reading if tail.skip else tail.readings[0]
     inside = set(spectral.nodes + reading.signal.nodes + reading.filter.nodes + tail.nodes
                  + (tail.skip.nodes if tail.skip else []))
     signal = _signal(graph, reading, tail, inside)
     _check_private(graph, reading.signal.nodes + spectral.nodes[:-1], inside)
-    u_shape = _shape(signal.u, spectral.time)
+    time = spectral.time
+    filter_taps = _filter_operand(graph, spectral, reading.filter)
     layout = LongConvLayout(
         batch_dims=reading.batch_dims, has_D=tail.skip is not None, has_pre_gate=signal.pre_gate is not None,
-        has_post_gate=tail.post_gate is not None, time=spectral.time,
-        out=_output_layout(tail.anchor, _rows(u_shape, reading.batch_dims), spectral.time))
+        has_post_gate=tail.post_gate is not None, time=time,
+        out=_output_layout(tail.anchor, _rows(reading.out_shape, reading.batch_dims), time),
+        signal_dims=_view(signal.u, reading.signal_shape[:-1], time),
+        filter_dims=_view(filter_taps, reading.filter_lead, time), period=reading.period)
     replaced = (signal.nodes + reading.filter.nodes + reading.signal.nodes + spectral.nodes
                 + (tail.skip.nodes if tail.skip else []) + tail.nodes)
     op = LongConvOp(replaced, layout, scale=spectral.scale * signal.scale * tail.conv_scale * tail.outer_scale,
                     skip_scale=tail.outer_scale, mode=context.mode)
     op.prepare()
-    operands = [signal.u, reading.filter.input]
+    operands = [signal.u, filter_taps]
     operands += [tail.skip.D] if tail.skip else []
     operands += [signal.pre_gate] if signal.pre_gate is not None else []
     operands += [tail.post_gate] if tail.post_gate is not None else []
-    detail = f"{inverse.op} n={inverse.attrs['n']}, L={u_shape[-1]}: {op.describe()}"
+    detail = f"{inverse.op} n={inverse.attrs['n']}, L={reading.seqlen}: {op.describe()}"
     context.fuse(graph, tail.anchor, op, [node.name for node in operands], replaced, detail)
 
 
@@ -174,23 +207,59 @@ def _shape(node: Node, time: int = -1) -> tuple[int, ...]:
     return shape[:time] + shape[time + 1:] + (shape[time],)
 
 
+def _left_padded(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """`shape` with leading 1s up to `rank` dims, as broadcasting reads it."""
+    return (1,) * (rank - len(shape)) + tuple(shape)
+
+
 def _scalar(node: Node) -> float | None:
     """The factor of a multiplication by a real Python number (divisions are canonicalised to these)."""
     scalar = node.attrs.get("scalar") if node.op == "mul" and len(node.inputs) == 1 else None
     return float(scalar) if isinstance(scalar, (int, float)) else None
 
 
-def _chain(graph: Graph, node: Node, ops: tuple[str, ...], scalars: bool = True) -> list[tuple[Node, float]]:
-    """`node`, then the nodes below it through unary `ops` (and scalings, when `scalars`), each with
-    the product of the scalings between it and `node`."""
+def _chain(graph: Graph, node: Node, through: Callable[[Node], bool],
+           scalars: bool = True) -> list[tuple[Node, float]]:
+    """`node`, then the nodes below it through unary nodes `through` accepts (and scalings, when
+    `scalars`), each with the product of the scalings between it and `node`."""
     chain, factor = [(node, 1.0)], 1.0
     while True:
         scalar = _scalar(node) if scalars else None
-        if scalar is None and node.op not in ops:
+        if scalar is None and not through(node):
             return chain
         factor *= 1.0 if scalar is None else scalar
         node = graph.node(node.inputs[0])
         chain.append((node, factor))
+
+
+def _is_alias(node: Node) -> bool:
+    return node.op == "identity"
+
+
+def _is_copy(node: Node) -> bool:
+    return node.op in COPIES
+
+
+def _views(graph: Graph, time: int) -> Callable[[Node], bool]:
+    """Accepts copies and reshapes that only add or drop unit dims before the time dim."""
+    def through(node: Node) -> bool:
+        return node.op == "identity" or (node.op == "reshape" and _adds_unit_dims(graph, node, time))
+
+    return through
+
+
+def _adds_unit_dims(graph: Graph, reshape: Node, time: int) -> bool:
+    """Does `reshape` only add or drop unit dims, leaving the dims from the time dim on alone?"""
+    shapes = [node.type.static_shape() if node.type is not None else None
+              for node in (graph.node(reshape.inputs[0]), reshape)]
+    if any(shape is None or len(shape) < -time for shape in shapes):
+        return False
+    before, after = shapes
+    return before[time:] == after[time:] and _sizes_above_one(before[:time]) == _sizes_above_one(after[:time])
+
+
+def _sizes_above_one(shape: tuple[int, ...]) -> list[int]:
+    return [size for size in shape if size != 1]
 
 
 def _time_dim(transform: Node) -> int:
@@ -212,8 +281,8 @@ def _check_private(graph: Graph, names: list[str], inside: set[str]) -> None:
             raise NoMatch(graph.node(name), f"intermediate is also read by {outside[0]}")
 
 
-def _rows(u_shape: tuple[int, ...], batch_dims: int) -> tuple[int, int, int]:
-    return math.prod(u_shape[:batch_dims]), math.prod(u_shape[batch_dims:-1]), u_shape[-1]
+def _rows(out_shape: tuple[int, ...], batch_dims: int) -> tuple[int, int, int]:
+    return math.prod(out_shape[:batch_dims]), math.prod(out_shape[batch_dims:-1]), out_shape[-1]
 
 
 def _output_layout(anchor: Node, rows: tuple[int, int, int], time: int) -> OutputLayout:
@@ -228,36 +297,60 @@ def _output_layout(anchor: Node, rows: tuple[int, int, int], time: int) -> Outpu
     return layout
 
 
+def _view(node: Node, dims: tuple[int, ...], time: int) -> tuple[int, ...] | None:
+    """The dims before time an operand is viewed in (LongConvLayout), None where they are its own."""
+    return None if _shape(node, time)[:-1] == dims else dims
+
+
+def _filter_operand(graph: Graph, spectral: Spectral, side: Side) -> Node:
+    """What the op reads as k: the transformed filter, or a node computing the filter of period n
+    whose spectrum a non-transform factor is, irfft(K, n) (ifft(K, n).real for the complex form)."""
+    if side.transform is not None:
+        return side.input
+    inverse, spectrum = spectral.inverse, side.input
+    attrs = {"n": inverse.attrs["n"], "dim": spectrum.type.rank + spectral.time, "norm": "backward"}
+    transform = {"irfft": torch.fft.irfft, "ifft": torch.fft.ifft}[inverse.op]
+    value = transform(spectrum.value, n=attrs["n"], dim=attrs["dim"])
+    taps = _add(graph, spectral.product, inverse.op, spectrum, attrs, value)
+    return taps if inverse.op == "irfft" else _add(graph, spectral.product, "real", taps, {}, value.real)
+
+
+def _add(graph: Graph, at: Node, op: str, source: Node, attrs: dict, value: torch.Tensor) -> Node:
+    """A new node `op(source)` placed where `at` is."""
+    node = Node(name=graph.fresh_name(f"{source.name}_{op}"), op=op, inputs=[source.name], attrs=attrs,
+                type=TensorType.of(value), value=value, order=at.order)
+    return graph.add(node)
+
+
 # -- the transforms --------------------------------------------------------------------------------
 def _spectral(graph: Graph, inverse: Node) -> Spectral:
-    """inverse(scalings(scalings(forward(a)) * scalings(forward(b))))."""
+    """inverse(scalings(scalings(forward(a)) * scalings(forward(b) or another spectrum)))."""
     time = _time_dim(inverse)
     if inverse.type.dtype in WIDE:
         raise NoMatch(inverse, f"{inverse.op} computes in {inverse.type.dtype}; the kernel computes in float32")
-    chain = _chain(graph, graph.node(inverse.inputs[0]), ("identity",))
+    chain = _chain(graph, graph.node(inverse.inputs[0]), _is_alias)
     product, between = chain[-1]
     if product.op != "mul" or len(product.inputs) != 2:
         raise NoMatch(product, f"the input of {inverse.op} is {product.op}, not a product of two spectra")
     sides = tuple(_side(graph, graph.node(name), inverse, time) for name in product.inputs)
     n = inverse.attrs["n"]
     powers = INVERSE_NORM_POWER[inverse.attrs["norm"]] + sum(FORWARD_NORM_POWER[side.transform.attrs["norm"]]
-                                                             for side in sides)
+                                                             for side in sides if side.transform is not None)
     scale = n ** (1.0 - powers) * between * sides[0].scale * sides[1].scale
     return Spectral(inverse, product, sides, scale, [node.name for node, _ in chain[::-1]] + [inverse.name], time)
 
 
 def _side(graph: Graph, node: Node, inverse: Node, time: int) -> Side:
-    chain = _chain(graph, node, ("identity",))
-    transform, scale = chain[-1]
-    expected = FORWARD[inverse.op]
-    if transform.op != expected:
-        raise NoMatch(transform, f"a factor of the spectral product is {transform.op}, not {expected} of a signal")
-    _check_time_dim(transform, time)
-    if transform.attrs["n"] != inverse.attrs["n"]:
-        raise NoMatch(transform, f"{transform.op} with n={transform.attrs['n']} but {inverse.op} with "
-                                 f"n={inverse.attrs['n']}")
-    source, pads = _unpadded(graph, graph.node(transform.inputs[0]), time)
-    return Side(transform, source, scale, pads + [node.name for node, _ in chain[::-1]])
+    chain = _chain(graph, node, _views(graph, time))
+    bottom, scale = chain[-1]
+    nodes = [node.name for node, _ in chain[::-1]]
+    if bottom.op != FORWARD[inverse.op]:
+        return Side(None, bottom, scale, nodes[1:], _shape(node, time))
+    _check_time_dim(bottom, time)
+    if bottom.attrs["n"] != inverse.attrs["n"]:
+        raise NoMatch(bottom, f"{bottom.op} with n={bottom.attrs['n']} but {inverse.op} with n={inverse.attrs['n']}")
+    source, pads = _unpadded(graph, graph.node(bottom.inputs[0]), time)
+    return Side(bottom, source, scale, pads + nodes, _shape(node, time))
 
 
 def _unpadded(graph: Graph, node: Node, time: int) -> tuple[Node, list[str]]:
@@ -274,65 +367,77 @@ def _unpadded(graph: Graph, node: Node, time: int) -> tuple[Node, list[str]]:
 
 
 def _readings(graph: Graph, spectral: Spectral) -> list[Reading]:
-    """The valid (signal, filter) assignments of the two factors, the likelier first."""
+    """The valid (signal, filter) assignments of the two factors, the likelier first: the signal is
+    a transform; the filter preferably shared by more leading (batch) dims, then the signal of the
+    product's shape (not broadcast), then the longer one."""
     first, second = spectral.sides
-    time = spectral.time
-    pairs = sorted([(first, second), (second, first)], key=lambda pair: -_shape(pair[0].input, time)[-1])
-    candidates = [(signal, filt) for signal, filt in pairs if _shape(signal.transform) == _shape(spectral.product)]
-    if not candidates:
-        raise NoMatch(spectral.product, "neither factor of the spectral product has its shape (the signal is broadcast)")
+    product_shape = _shape(spectral.product, spectral.time)
+    pairs = [(signal, filt) for signal, filt in ((first, second), (second, first)) if signal.transform is not None]
+    if not pairs:
+        expected = FORWARD[spectral.inverse.op]
+        raise NoMatch(first.input, f"neither factor of the spectral product is {expected} of a signal: they are "
+                                   f"{_op_name(first.input)} and {_op_name(second.input)}")
     readings, failure = [], None
-    for signal, filt in candidates:
+    for signal, filt in pairs:
         try:
             readings.append(_reading(graph, spectral, signal, filt))
         except NoMatch as miss:
             failure = failure or miss
     if not readings:
         raise failure
-    return readings
+    return sorted(readings, key=lambda reading: (-reading.batch_dims, reading.signal.shape != product_shape,
+                                                 -reading.seqlen))
+
+
+def _op_name(node: Node) -> str:
+    return node.attrs["target"] if node.op == "torch" else node.op
 
 
 def _reading(graph: Graph, spectral: Spectral, signal: Side, filt: Side) -> Reading:
-    u, k = signal.input, filt.input
-    for role, node in (("signal", u), ("filter", k)):
-        if not node.type.dtype.is_floating_point:
-            raise NoMatch(node, f"the {role} has dtype {node.type.dtype}; the kernel convolves real tensors")
-    u_shape, k_shape = _shape(u, spectral.time), _shape(k, spectral.time)
-    batch_dims = _batch_dims(u_shape, k_shape)
-    if batch_dims is None:
-        raise NoMatch(k, f"the filter {k_shape} is not (channels..., taps) broadcast over the batch dims of "
-                         f"u {u_shape}: it differs per batch row")
-    seqlen, taps, n = u_shape[-1], k_shape[-1], spectral.inverse.attrs["n"]
-    if taps > seqlen:
-        raise NoMatch(k, f"the filter ({taps} taps) is longer than the sequence (L={seqlen})")
-    if n < seqlen + taps - 1:
-        raise NoMatch(spectral.inverse, f"n={n} < L + Lk - 1 = {seqlen + taps - 1}: the product of the spectra "
-                                        "wraps around (a circular convolution), which the kernel does not compute")
-    return Reading(signal, filt, batch_dims, _chain(graph, u, COPIES), spectral.time)
+    u, k, time = signal.input, filt.input, spectral.time
+    _check_dtypes(u, filt)
+    product_shape = _shape(spectral.product, time)
+    seqlen, rank = _shape(u, time)[-1], len(product_shape)
+    out_shape = product_shape[:-1] + (seqlen,)
+    filter_lead = _left_padded(filt.shape[:-1], rank - 1)
+    batch_dims = next((dim for dim, size in enumerate(filter_lead) if size != 1), rank - 1)
+    n = spectral.inverse.attrs["n"]
+    if n < seqlen:
+        raise NoMatch(spectral.inverse, f"n={n} < L={seqlen}: the transform crops the signal")
+    if filt.transform is None and _shape(k, time)[-1] != product_shape[-1]:
+        raise NoMatch(k, f"the filter's spectrum has {_shape(k, time)[-1]} frequencies, the product "
+                         f"{product_shape[-1]}: it is broadcast along time")
+    signal_shape = _left_padded(signal.shape[:-1], rank - 1) + (seqlen,)
+    return Reading(signal, filt, batch_dims, _chain(graph, u, _is_copy), time, out_shape, signal_shape,
+                   filter_lead, _period(filt, seqlen, n, time))
 
 
-def _batch_dims(u_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> int | None:
-    """How many leading dims of u are batch: the filter's dims, right-aligned, equal u's on the
-    channel dims after them and are 1 (or absent) on them; None when no split fits."""
-    lead_u, lead_k = u_shape[:-1], k_shape[:-1]
-    if len(lead_k) > len(lead_u):
-        if any(size != 1 for size in lead_k[:len(lead_k) - len(lead_u)]):
-            return None
-        lead_k = lead_k[len(lead_k) - len(lead_u):]
-    aligned = (1,) * (len(lead_u) - len(lead_k)) + lead_k
-    start = len(lead_u)
-    while start > 0 and aligned[start - 1] == lead_u[start - 1]:
-        start -= 1
-    return start if all(size == 1 for size in aligned[:start]) else None
+def _check_dtypes(u: Node, filt: Side) -> None:
+    """The signal and a transformed filter are real, a filter's spectrum complex."""
+    if not u.type.dtype.is_floating_point:
+        raise NoMatch(u, f"the signal has dtype {u.type.dtype}; the kernel convolves real tensors")
+    k = filt.input
+    if filt.transform is not None and not k.type.dtype.is_floating_point:
+        raise NoMatch(k, f"the filter has dtype {k.type.dtype}; the kernel convolves real tensors")
+    if filt.transform is None and not k.type.dtype.is_complex:
+        raise NoMatch(k, f"a factor of the spectral product is {_op_name(k)} of dtype {k.type.dtype}, not a spectrum")
+
+
+def _period(filt: Side, seqlen: int, n: int, time: int) -> int | None:
+    """None when n-point transforms compute the linear convolution (a filter of Lk <= L taps,
+    n >= L + Lk - 1); else n, the period of the circular one they compute."""
+    taps = _shape(filt.input, time)[-1] if filt.transform is not None else None
+    return None if taps is not None and taps <= seqlen and n >= seqlen + taps - 1 else n
 
 
 # -- after the inverse transform -------------------------------------------------------------------
 def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
     """Walk up from the inverse transform through single readers: the slice to the first L steps
-    (and .real) first, then scalings and copies, at most one skip, then at most one post gate."""
+    (and .real) first, then scalings and copies, at most one skip, then at most one post gate. The
+    readings left are those whose signal has the L steps the slice keeps."""
     inverse = spectral.inverse
-    seqlen = _shape(readings[0].signal.input, spectral.time)[-1]
-    tail, current = Tail(anchor=inverse), inverse
+    seqlen = readings[0].seqlen
+    tail, current = Tail(anchor=inverse, readings=readings), inverse
     sliced, real = False, inverse.op == "irfft"
     while True:
         users = graph.users(current.name)
@@ -344,11 +449,11 @@ def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
             readers = ", ".join(node.name for node in users)
             raise NoMatch(current, f"read by {readers} before the slice to the first L={seqlen} steps")
         if user.op == "slice" and not sliced:
-            _check_slice(user, seqlen, inverse, spectral.time)
+            tail.readings = _sliced(user, readings, inverse, spectral.time)
             sliced = True
         elif user.op == "real" and not real:
             real = True
-        elif not _extend(graph, tail, user, current, readings, done):
+        elif not _extend(graph, tail, user, current, tail.readings, done):
             if done:
                 break
             raise NoMatch(user, f"{user.op} between {inverse.op} and the slice to the first L={seqlen} steps")
@@ -384,16 +489,19 @@ def _extend(graph: Graph, tail: Tail, user: Node, current: Node, readings: list[
     return False
 
 
-def _check_slice(node: Node, seqlen: int, inverse: Node, time: int) -> None:
-    attrs = node.attrs
+def _sliced(node: Node, readings: list[Reading], inverse: Node, time: int) -> list[Reading]:
+    """The readings whose signal has as many steps as the slice `node` keeps of the result's start."""
+    attrs, seqlen = node.attrs, readings[0].seqlen
     if _time_dim(node) != time:
         raise NoMatch(node, f"slices dim {attrs['dim']}, not the time dim")
     if attrs["start"] != 0:
         raise NoMatch(node, f"keeps steps {attrs['start']}..{attrs['stop']} of the {inverse.attrs['n']}-point result,"
                             f" not the first L={seqlen}: not a causal convolution")
-    if attrs["step"] != 1 or attrs["stop"] != seqlen:
+    kept = [reading for reading in readings if reading.seqlen == attrs["stop"]]
+    if attrs["step"] != 1 or not kept:
         raise NoMatch(node, f"keeps [{attrs['start']}:{attrs['stop']}:{attrs['step']}] of the result, "
                             f"not the first L={seqlen} steps")
+    return kept
 
 
 def _other_input(graph: Graph, node: Node, current: Node) -> Node | None:
@@ -409,31 +517,39 @@ def _skip(graph: Graph, add: Node, current: Node, readings: list[Reading]) -> Sk
     other = _other_input(graph, add, current) if add.op == "add" else None
     if other is None:
         return None
-    chain = _chain(graph, other, COPIES, scalars=False)
+    chain = _chain(graph, other, _is_copy, scalars=False)
     product = chain[-1][0]
     if product.op != "mul" or len(product.inputs) != 2 or product.attrs["scalar"] is not None:
         return None
     nodes = [node.name for node, _ in chain[::-1]]
     for source_name, weight_name in (product.inputs, product.inputs[::-1]):
-        source_chain = _chain(graph, graph.node(source_name), COPIES, scalars=False)
-        source = source_chain[-1][0]
         for reading in readings:
-            if any(node is source for node, _ in reading.chain) and _per_channel(graph.node(weight_name), reading):
+            source_chain = _chain(graph, graph.node(source_name), _copies_and_views(graph, reading.time), scalars=False)
+            source = source_chain[-1][0]
+            if (any(node is source for node, _ in reading.chain) and _per_channel(graph.node(weight_name), reading)
+                    and _left_padded(_shape(source_chain[0][0], reading.time), len(reading.out_shape))
+                    == reading.signal_shape):
                 between = [node.name for node, _ in source_chain[-2::-1]]
                 return Skip(graph.node(weight_name), source, reading, between + nodes)
     return None
 
 
+def _copies_and_views(graph: Graph, time: int) -> Callable[[Node], bool]:
+    views = _views(graph, time)
+    return lambda node: _is_copy(node) or views(node)
+
+
 def _per_channel(weight: Node, reading: Reading) -> bool:
-    """Does `weight` broadcast against u as one value per channel (size 1 along L and the batch dims)?"""
+    """Does `weight` broadcast against the output as one value per channel (size 1 along L and the
+    batch dims)?"""
     if weight.type is None or not weight.type.dtype.is_floating_point:
         return False
-    shape, u_shape = _shape(weight, reading.time), _shape(reading.signal.input, reading.time)
-    if len(shape) > len(u_shape):
+    shape, out_shape = _shape(weight, reading.time), reading.out_shape
+    if len(shape) > len(out_shape):
         return False
-    aligned = (1,) * (len(u_shape) - len(shape)) + shape
-    channels = zip(aligned[reading.batch_dims:-1], u_shape[reading.batch_dims:-1])
-    return aligned[-1] == 1 and set(aligned[:reading.batch_dims]) <= {1} and all(a in (1, u) for a, u in channels)
+    aligned = _left_padded(shape, len(out_shape))
+    channels = zip(aligned[reading.batch_dims:-1], out_shape[reading.batch_dims:-1])
+    return aligned[-1] == 1 and set(aligned[:reading.batch_dims]) <= {1} and all(a in (1, o) for a, o in channels)
 
 
 def _post_gate(graph: Graph, mul: Node, current: Node) -> Node | None:

@@ -4,11 +4,15 @@ Each family's pass reports the candidates it starts on and where they broke. A g
 hold the core of a family that no pass took up as a candidate (a form no rule starts from); then
 report() would say nothing. This pass looks for each family's anchor that is still in the graph:
 
-    attention    softmax(s) read by a matmul, s made from a matmul (through scales, masks, casts)
-    long_conv    irfft / ifft of a product of spectra (each made by an rfft / fft)
-    ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step)
+    attention    softmax(s) read by a matmul, s made from a matmul (through scales, masks, casts);
+                 the softmax may be written out without the row max, exp(s) / sum(exp(s))
+    long_conv    irfft / ifft of a product of spectra (each made by an rfft / fft), or an inverse
+                 transform ir.spellings leaves opaque (irfftn, ifftn...) of a product
+    ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step,
+                 a decode step), or two steps h = a * h + b in a row with a and b not read from h
+                 (a Python loop's linear recurrence, whatever its decay: sigmoid, complex...)
     sparse_mlp   linear(act(linear(x)) (* | where | index) selection): two projections with a
-                 selection of neurons between them
+                 selection of neurons between them (gated too: a where keeping act(gate(x)) * up(x))
 
 and, when that family's pass reported nothing about this graph, records one near-miss naming
 the anchor and the form it has, so report() is never silent about such a graph. It runs after
@@ -22,6 +26,9 @@ from ir.graph import Graph, Node
 THROUGH = {"cast", "identity", "mul", "div", "add", "sub", "where", "reshape", "permute", "expand", "dropout",
            "tanh"}  # ops a family's core may sit behind
 ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh"}
+INVERSE_TRANSFORMS = {"irfft", "ifft", "fft_irfftn", "fft_ifftn", "fft_irfft2", "fft_ifft2"}
+FORWARD_TRANSFORMS = {"rfft", "fft"}
+IN_PLACE = {"add": ("add_", "iadd"), "mul": ("mul_", "imul")}  # in-place spellings of a binary op
 SELECTIONS = {"mul", "where", "index"}
 
 
@@ -29,8 +36,8 @@ def run(graph: Graph, context: PassContext) -> None:
     reported = {miss.pattern for miss in context.report.near_misses if miss.graph == context.graph_index}
     for node in graph:
         for pattern, describe in ANCHORS:
-            form = describe(graph, node)
-            if form is not None and pattern not in reported:
+            form = describe(graph, node) if pattern not in reported else None
+            if form is not None:
                 context.near_miss(pattern, node, node.name, f"{form}, but no {pattern} rule matched this form")
                 reported.add(pattern)
 
@@ -46,34 +53,93 @@ def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6) -> bool:
 
 
 def _attention(graph: Graph, node: Node) -> str | None:
-    if node.op != "softmax" or not _behind(graph, graph.node(node.inputs[0]), {"matmul", "sdpa"}):
+    scores = _softmax_input(graph, node)
+    if scores is None or not _behind(graph, scores, {"matmul", "sdpa"}):
         return None
     readers = graph.users(node.name)
     while readers and readers[0].op in ("cast", "identity", "dropout") and len(readers) == 1:
         readers = graph.users(readers[0].name)
-    return "softmax over matmul scores, read by a matmul" if any(r.op == "matmul" for r in readers) else None
+    if not any(r.op == "matmul" for r in readers):
+        return None
+    if node.op == "softmax":
+        return "softmax over matmul scores, read by a matmul"
+    return "a softmax written out without the row max, exp(s) / sum(exp(s)), over matmul scores, read by a matmul"
+
+
+def _softmax_input(graph: Graph, node: Node) -> Node | None:
+    """s for softmax(s), or for exp(s) / sum(exp(s)) (written out without the row max, which
+    ir.canonicalize leaves: eager overflows where softmax does not)."""
+    if node.op == "softmax":
+        return graph.node(node.inputs[0])
+    if node.op != "div" or len(node.inputs) != 2:
+        return None
+    exp, total = (graph.node(name) for name in node.inputs)
+    if exp.op == "exp" and total.op == "sum" and total.inputs == [exp.name]:
+        return graph.node(exp.inputs[0])
+    return None
 
 
 def _long_conv(graph: Graph, node: Node) -> str | None:
-    if node.op not in ("irfft", "ifft"):
+    inverse = node.op if node.op in ("irfft", "ifft") else node.attrs["target"] if node.op == "torch" else None
+    if inverse not in INVERSE_TRANSFORMS:
         return None
     product = graph.node(node.inputs[0])
     spectra = [graph.node(name) for name in product.inputs] if product.op in ("mul", "einsum", "matmul") else []
-    if len(spectra) == 2 and all(_behind(graph, spectrum, {"rfft", "fft"}) for spectrum in spectra):
-        return f"{node.op} of a product of two spectra"
+    if len(spectra) == 2 and all(_behind(graph, spectrum, FORWARD_TRANSFORMS) for spectrum in spectra):
+        return f"{inverse} of a product of two spectra"
     return None
 
 
 def _ssm_scan(graph: Graph, node: Node) -> str | None:
-    if node.op != "add" or len(node.inputs) != 2:
-        return None
-    for decayed_name, update_name in (node.inputs, node.inputs[::-1]):
-        decayed, update = graph.node(decayed_name), graph.node(update_name)
-        if (decayed.op == "mul" and len(decayed.inputs) == 2 and update.op in ("mul", "einsum", "matmul")
-                and node.type is not None and node.type.rank >= 3
-                and any(_behind(graph, graph.node(factor), {"exp"}, depth=3) for factor in decayed.inputs)):
-            return "a recurrence step exp(Δ A) * h + update"
+    looped = _recurrence_steps(graph, node, lambda decay, carried: _shaped_like_a_step(graph, carried))
+    if any(_recurrence_steps(graph, carried) for _, carried in looped):
+        return "a linear recurrence h = a * h + b unrolled from a loop (two steps in a row)"
+    if node.type is not None and node.type.rank >= 3 and _recurrence_steps(
+            graph, node, lambda decay, carried: _behind(graph, decay, {"exp"}, depth=3)):
+        return "a recurrence step exp(Δ A) * h + update"
     return None
+
+
+def _recurrence_steps(graph: Graph, node: Node, plausible=lambda decay, carried: True) -> list[tuple[Node, Node]]:
+    """Each way to read `node` as a * h + b with neither a nor b computed from h (a linear step), as
+    (a, h); in place too (h.mul_(a).add_(b), a decode step writing the caller's state). Only the
+    readings `plausible` (a cheap test) accepts are checked for independence, a walk over the graph."""
+    steps, terms = [], _binary_inputs(node, "add")
+    for decayed_name, update_name in (terms, terms[::-1]) if terms else ():
+        factors = _binary_inputs(graph.node(decayed_name), "mul")
+        for decay_name, carried_name in (factors, factors[::-1]) if factors else ():
+            decay, carried = graph.node(decay_name), graph.node(carried_name)
+            if plausible(decay, carried) and not any(_computed_from(graph, term, carried)
+                                                     for term in (decay, graph.node(update_name))):
+                steps.append((decay, carried))
+    return steps
+
+
+def _shaped_like_a_step(graph: Graph, node: Node) -> bool:
+    """Is `node` an add with a mul among its inputs (what a * h + b looks like, unchecked)?"""
+    return any(_binary_inputs(graph.node(name), "mul") for name in _binary_inputs(node, "add") or ())
+
+
+def _binary_inputs(node: Node, op: str) -> list[str] | None:
+    """The two tensor inputs of `node` when it is op(a, b), functional or in place (a.op_(b), a op= b)."""
+    if len(node.inputs) != 2:
+        return None
+    if node.op == op and node.attrs.get("scalar") is None:
+        return node.inputs
+    return node.inputs if node.op == "torch" and node.attrs["target"] in IN_PLACE[op] else None
+
+
+def _computed_from(graph: Graph, node: Node, source: Node) -> bool:
+    """Is `node` `source` or computed from it? Walks inputs back to nodes made before `source` only."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current is source:
+            return True
+        if current.name not in seen and current.order >= source.order:
+            seen.add(current.name)
+            frontier.extend(graph.node(name) for name in current.inputs)
+    return False
 
 
 def _sparse_mlp(graph: Graph, node: Node) -> str | None:
@@ -90,10 +156,9 @@ def _sparse_mlp(graph: Graph, node: Node) -> str | None:
 
 
 def _factors(graph: Graph, node: Node) -> list[Node]:
-    """The leaves of a chain of muls; the tensors a where or an index selects from."""
-    if node.op in ("where", "index"):
-        return [graph.node(name) for name in node.inputs]
-    if node.op != "mul":
+    """The leaves of a chain of muls; the tensors a where or an index selects from (a product among
+    them split into its factors: a gated MLP's act(gate(x)) * up(x))."""
+    if node.op not in ("where", "index", "mul"):
         return [node]
     return [leaf for name in node.inputs for leaf in _factors(graph, graph.node(name))]
 

@@ -52,7 +52,8 @@ class Case:
 
     operands: which of D, pre_gate, post_gate are fused ("", "D", "gates", "D+gates");
     layout "blh": u and the gates are transposed views of (B, L, H) tensors;
-    taps: the filter's length (default L); max_cols: cap on the in-register row M.
+    taps: the filter's length (default L); max_cols: cap on the in-register row M;
+    circular: the filter (taps >= L) is that of a circular convolution of period `taps`.
     """
 
     batch: int
@@ -65,6 +66,7 @@ class Case:
     scale: float = 1.0
     max_cols: int = MAX_FFT_COLS
     out_dtype: torch.dtype | None = None
+    circular: bool = False
 
     @property
     def spec(self) -> LongConvSpec:
@@ -75,7 +77,7 @@ class Case:
         parts = [f"b{self.batch}h{self.channels}l{self.seqlen}", str(self.dtype).removeprefix("torch.")]
         parts += [self.operands] if self.operands else []
         parts += [self.layout] if self.layout != "bhl" else []
-        parts += [f"taps{self.taps}"] if self.taps else []
+        parts += [f"{'period' if self.circular else 'taps'}{self.taps}"] if self.taps else []
         parts += [f"scale{self.scale:g}"] if self.scale != 1.0 else []
         parts += [f"cols{self.max_cols}"] if self.max_cols != MAX_FFT_COLS else []
         parts += [f"out-{str(self.out_dtype).removeprefix('torch.')}"] if self.out_dtype else []
@@ -105,6 +107,10 @@ CASES = [
     Case(2, 1, 4096, fp16, "gates", max_cols=256),
     # the longest sequence a plan covers
     Case(2, 1, MAX_SEQLEN, bf16, "D"),
+    # circular filters: S4's bidirectional one (period 2L), period L, an odd period with P = 4
+    Case(2, 3, 100, fp32, "D", taps=200, circular=True),
+    Case(1, 8, 256, bf16, "D+gates", taps=256, circular=True),
+    Case(2, 3, 1000, fp16, "D", taps=1501, circular=True, max_cols=512),
 ]
 
 GPU_CASES = [
@@ -264,6 +270,7 @@ def _operands(u=(2, 3, 100), k=(3, 100), dtype=fp16, **optional):
     (_operands(out=torch.ones(1, 3, 100, dtype=fp16)), "out has shape"),
     (_operands(k=(4, 100)), "k has 4 channels, u has 3"),
     (_operands(k=(3, 101)), "longer than the sequence"),
+    (_operands(k=(3, 99), circular=True), "a circular filter of period 99 < L = 100"),
     (_operands(u=(2, 3, 0), k=(3, 0)), "empty"),
     (_operands(u=(1, 1, MAX_SEQLEN + 1), k=(1, 8)), f"sequence length {MAX_SEQLEN + 1} > {MAX_SEQLEN}"),
 ], ids=lambda value: value if isinstance(value, str) else None)
@@ -289,22 +296,24 @@ def load_kernel(spec: LongConvSpec):
 def run_case(case: Case, config: dict | None = None):
     """(kernel output, baseline in case.dtype (or out_dtype), fp64 reference) for one case."""
     u, k, D, pre_gate, post_gate = make_operands(case)
-    k_f = filter_spectrum(k, case.seqlen, scale=case.scale, max_cols=case.max_cols)
+    k_f = filter_spectrum(k, case.seqlen, scale=case.scale, max_cols=case.max_cols, circular=case.circular)
     out = poisoned_like(torch.empty(u.shape, dtype=case.out_dtype or case.dtype, device=DEVICE))
     load_kernel(case.spec).launch(u, k_f, out, D=D, pre_gate=pre_gate, post_gate=post_gate, config=config)
-    baseline = long_conv_reference(u, k, D=D, pre_gate=pre_gate, post_gate=post_gate, scale=case.scale)
-    reference = _chunked_reference(u, k, D, pre_gate, post_gate, case.scale)
+    baseline = long_conv_reference(u, k, D=D, pre_gate=pre_gate, post_gate=post_gate, scale=case.scale,
+                                   circular=case.circular)
+    reference = _chunked_reference(u, k, D, pre_gate, post_gate, case.scale, case.circular)
     return out, baseline.to(out.dtype), reference
 
 
-def _chunked_reference(u, k, D, pre_gate, post_gate, scale, chunk: int = 96):
+def _chunked_reference(u, k, D, pre_gate, post_gate, scale, circular, chunk: int = 96):
     """long_conv_reference in fp64, a block of channels at a time (real sizes would not fit at once)."""
     pieces = []
     for start in range(0, u.shape[1], chunk):
         width = min(chunk, u.shape[1] - start)
         pieces.append(long_conv_reference(
             _channels(u, start, width), _channels(k, start, width, axis=0), D=_channels(D, start, width, axis=0),
-            pre_gate=_channels(pre_gate, start, width), post_gate=_channels(post_gate, start, width), scale=scale))
+            pre_gate=_channels(pre_gate, start, width), post_gate=_channels(post_gate, start, width), scale=scale,
+            circular=circular))
     return torch.cat(pieces, dim=1)
 
 
@@ -328,12 +337,15 @@ def _sequence(case: Case, salt: str, scale: float = 1.0) -> torch.Tensor:
 
 
 def make_operands(case: Case):
-    """u scaled by 0.1; filters k[h, t] = randn * exp(-r_h t) with decay rates from 2/taps to 20/taps;
-    D, pre_gate and post_gate standard normal (or None when not fused)."""
+    """u scaled by 0.1; filters k[h, t] = randn * exp(-r_h t) with decay rates from 2/taps to 20/taps
+    (circular ones decay from both ends, t -> min(t, taps - t)); D, pre_gate and post_gate standard
+    normal (or None when not fused)."""
     taps = case.taps or case.seqlen
     g = _generator(case, "filter")
     rates = torch.linspace(2.0, 20.0, case.channels)[:, None] / taps
-    k = torch.randn(case.channels, taps, generator=g) * torch.exp(-rates * torch.arange(taps))
+    distance = torch.arange(taps)
+    distance = torch.minimum(distance, taps - distance) if case.circular else distance
+    k = torch.randn(case.channels, taps, generator=g) * torch.exp(-rates * distance)
     D = torch.randn(case.channels, generator=g) if case.spec.has_D else None
     pre_gate = _sequence(case, "pre_gate") if case.spec.has_pre_gate else None
     post_gate = _sequence(case, "post_gate") if case.spec.has_post_gate else None

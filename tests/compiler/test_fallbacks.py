@@ -82,17 +82,6 @@ class MultiheadWeightsRead(nn.Module):
         return out, weights
 
 
-class StateScaleOverMask(nn.Module):
-    """A buffer scale applied after a run-time bias: the bias would be scaled by module state."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(0.25))
-
-    def forward(self, q, k, v):
-        return torch.softmax((q @ k.transpose(-1, -2) + q.mean()) * self.scale, dim=-1) @ v
-
-
 class DividedByZero(nn.Module):
     def forward(self, q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2) / 0.0, dim=-1) @ v
@@ -145,7 +134,6 @@ def test_model_without_attention_runs_unchanged():
     (Float64Attention(), "float64"),
     (ThreeMasks(), "more than 2 masks"),
     (DividedByZero(), "scores divided by zero"),
-    (StateScaleOverMask(), "a scale read from module state also scales a mask"),
     (MultiheadWeightsRead(), "the attention weights are read"),
     (TwoMasksSoftFill(), "which does not drop them"),
     (MaskUnderSoftCap(), "a mask under the softcap's tanh"),

@@ -219,6 +219,59 @@ class ImplicitFilterConv(GatedConv):
         return h3.fftconv_ref(x * pre, k.float(), self.D) * post
 
 
+class CircularConv(LongConv):
+    """n = L: the product of the spectra wraps around, a circular convolution of period L."""
+
+    def forward(self, u):
+        seqlen = u.shape[-1]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=seqlen) * torch.fft.rfft(self.k, n=seqlen), n=seqlen)
+        return y[..., :seqlen]
+
+
+class LongFilterConv(LongConv):
+    """A filter of L + 5 taps, cropped to n = 2L by rfft: a circular convolution of period 2L."""
+
+    def forward(self, u):
+        seqlen = u.shape[-1]
+        k = torch.cat([self.k, self.k[:, :5]], dim=-1)
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
+        return y[..., :seqlen]
+
+
+class MixedDimsConv(LongConv):
+    """The signal transformed along dim 1, the filter along its last dim and its spectrum transposed
+    (a spectrum that is no transform along the time dim: its inverse transform is the filter)."""
+
+    def forward(self, u):
+        seqlen = u.shape[-1]
+        x = u.transpose(1, 2)
+        spectrum = torch.fft.rfft(x, n=2 * seqlen, dim=1) * torch.fft.rfft(self.k, n=2 * seqlen).t()
+        y = torch.fft.irfft(spectrum, n=2 * seqlen, dim=1)
+        return y[:, :seqlen].transpose(1, 2)
+
+
+class SharedRowFilterConv(LongConv):
+    """A filter per batch row (B, 1, L) shared by the channels: read the other way round, u's rows are
+    the filters and the per-row filter the signal broadcast over them (convolution commutes)."""
+
+    def forward(self, u):
+        seqlen = u.shape[-1]
+        k = self.k[:1] * (1 + torch.arange(u.shape[0], dtype=u.dtype))[:, None, None]
+        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
+        return y[..., :seqlen]
+
+
+class OuterProductConv(LongConv):
+    """Filters (B, 2, 1, L) per batch row and output channel, against u (B, 1, H, L): no factor is
+    shared by the batch rows, so every (b, c, h) is a channel, each factor broadcast (copied) to them."""
+
+    def forward(self, u):
+        seqlen = u.shape[-1]
+        k = (self.k[:2] * (1 + torch.arange(u.shape[0], dtype=u.dtype))[:, None, None])[:, :, None]
+        y = torch.fft.irfft(torch.fft.rfft(u[:, None], n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
+        return y[..., :seqlen]
+
+
 @dataclass(frozen=True)
 class Case:
     form: type
@@ -255,6 +308,11 @@ LONG_CASES = [
     Case(GroupedConv, 2, 3, 256, fp32),
     Case(TimeMajorConv, 2, 8, 100, bf16),
     Case(TimeMajorConv, 1, 3, 256, fp32),
+    Case(CircularConv, 2, 3, 100, fp32),
+    Case(LongFilterConv, 1, 8, 113, fp32),
+    Case(MixedDimsConv, 2, 3, 100, fp32),
+    Case(SharedRowFilterConv, 2, 3, 100, fp32),
+    Case(OuterProductConv, 2, 3, 100, fp32),
 ]
 
 NORM_CASES = [
@@ -384,23 +442,21 @@ def test_tiny_models_fuse_every_convolution(factory, dtype):
 
 
 # -- near-misses -----------------------------------------------------------------------------------
-class CircularConv(LongConv):
-    """n = L: the product of the spectra wraps around."""
+class CroppingConv(LongConv):
+    """n = L // 2: the transforms crop the signal."""
+
+    def forward(self, u):
+        n = u.shape[-1] // 2
+        return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(self.k, n=n), n=n)
+
+
+class FlatSpectrumConv(LongConv):
+    """The filter's spectrum averaged over frequency, broadcast along time."""
 
     def forward(self, u):
         seqlen = u.shape[-1]
-        y = torch.fft.irfft(torch.fft.rfft(u, n=seqlen) * torch.fft.rfft(self.k, n=seqlen), n=seqlen)
-        return y[..., :seqlen]
-
-
-class LongFilterConv(LongConv):
-    """A filter of L + 5 taps."""
-
-    def forward(self, u):
-        seqlen = u.shape[-1]
-        k = torch.cat([self.k, self.k[:, :5]], dim=-1)
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
-        return y[..., :seqlen]
+        k_f = torch.fft.rfft(self.k, n=2 * seqlen).mean(-1, keepdim=True)
+        return torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * k_f, n=2 * seqlen)[..., :seqlen]
 
 
 class ShiftedSliceConv(LongConv):
@@ -410,27 +466,6 @@ class ShiftedSliceConv(LongConv):
         seqlen = u.shape[-1]
         y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(self.k, n=2 * seqlen), n=2 * seqlen)
         return y[..., 1:seqlen + 1]
-
-
-class MixedDimsConv(LongConv):
-    """The signal transformed along dim 1, the filter along its last dim and its spectrum transposed."""
-
-    def forward(self, u):
-        seqlen = u.shape[-1]
-        x = u.transpose(1, 2)
-        spectrum = torch.fft.rfft(x, n=2 * seqlen, dim=1) * torch.fft.rfft(self.k, n=2 * seqlen).t()
-        y = torch.fft.irfft(spectrum, n=2 * seqlen, dim=1)
-        return y[:, :seqlen].transpose(1, 2)
-
-
-class PerBatchFilterConv(LongConv):
-    """A filter per batch row (B, 1, L), shared by the channels."""
-
-    def forward(self, u):
-        seqlen = u.shape[-1]
-        k = self.k[:1] * (1 + torch.arange(u.shape[0], dtype=u.dtype))[:, None, None]
-        y = torch.fft.irfft(torch.fft.rfft(u, n=2 * seqlen) * torch.fft.rfft(k, n=2 * seqlen), n=2 * seqlen)
-        return y[..., :seqlen]
 
 
 class ReturnsSpectrumConv(LongConv):
@@ -444,11 +479,9 @@ class ReturnsSpectrumConv(LongConv):
 
 
 @pytest.mark.parametrize("form, node, reason", [
-    (CircularConv, "y", "n=100 < L + Lk - 1 = 199: the product of the spectra wraps around"),
-    (LongFilterConv, "k", "the filter (105 taps) is longer than the sequence (L=100)"),
+    (CroppingConv, "fft_irfft", "n=50 < L=100: the transform crops the signal"),
+    (FlatSpectrumConv, "k_f", "the filter's spectrum has 1 frequencies, the product 101: it is broadcast along time"),
     (ShiftedSliceConv, "getitem", "keeps steps 1..101 of the 200-point result, not the first L=100: not a causal convolution"),
-    (MixedDimsConv, "t", "a factor of the spectral product is permute, not rfft of a signal"),
-    (PerBatchFilterConv, "k", "it differs per batch row"),
     (ReturnsSpectrumConv, "u_f", "intermediate is also read by abs"),
 ], ids=lambda value: value.__name__ if isinstance(value, type) else None)
 def test_long_conv_near_misses_are_reported_and_run_in_pytorch(form, node, reason):

@@ -16,6 +16,8 @@ from runtime import library
 from runtime.autotune import Autotuner
 from runtime.dispatch import RECOMPUTED
 from tests.compiler.test_attention_pass import NaiveCausal, Sdpa, WithMask, qkv
+from tests.compiler.test_attention_state_scale import StateScaleOverBias
+from tests.compiler.test_long_conv_forms import BidirectionalConv, SpelledProduct
 from tests.compiler.test_long_conv_pass import Case as ConvCase
 from tests.compiler.test_long_conv_pass import TransposedConv
 from tests.compiler.test_robustness_families import (long_conv_gated, short_conv_silu, sparse_mlp_gathered,
@@ -60,11 +62,14 @@ CASES = {
     "attention_naive_causal": attention_case(NaiveCausal()),
     "attention_mask_state": lambda: (CausalBiasBuffer(7), list(qkv(1, 2, 7, 7, 8))),
     "attention_scale_state": lambda: (TemperatureBuffer(), list(qkv(1, 2, 7, 9, 8))),
+    "attention_state_scale_over_mask": lambda: (StateScaleOverBias(), [*qkv(1, 2, 7, 9, 8), torch.randn(7, 9)]),
     "multihead_attention": multihead_case(),
     "multihead_attention_padding": multihead_case(key_padding_mask=torch.tensor([[False] * 4 + [True]] * 2)),
     "transformer_encoder_layer": encoder_case,
     "long_conv_gated": long_conv_gated,
     "long_conv_transposed": lambda: ConvCase(TransposedConv, 2, 3, 24).build(),
+    "long_conv_filters_per_channel": lambda: (SpelledProduct("einsum-chl,bhl", 2, 3, 24), [torch.randn(2, 3, 24)]),
+    "long_conv_circular": lambda: (BidirectionalConv(3, 24, gelu=False), [torch.randn(2, 3, 24) * 0.1]),
     "short_conv": short_conv_silu,
     "sparse_mlp_gathered": sparse_mlp_gathered,
     "sparse_mlp_masked": sparse_mlp_masked,
