@@ -130,6 +130,17 @@ class GatedMLP(nn.Module):
                                          nn.Linear(24, 8, bias=False))
 
 
+class GatedMaskedMLP(nn.Module):
+    """A ReLU-gated MLP with a predictor's mask (PowerInfer's form): down(relu(gate(x)) * up(x) * mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 24), nn.Linear(8, 24), nn.Linear(24, 8)
+
+    def forward(self, x, mask):
+        return self.down(F.relu(self.gate(x)) * self.up(x) * mask)
+
+
 class GatedGatheredMLP(GatedMLP):
     """TurboSparse's gathered form: rows of gate and up, columns of down, by a predictor's top-k."""
 
