@@ -32,6 +32,8 @@ from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
 
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
+SPARSE_RECOMPUTED = ("backward: recomputed in PyTorch from the saved inputs (contextual sparsity is an inference "
+                     "method: no backward kernels; the gradients are those of the sparse forward, as eager's)")
 _recomputing: ContextVar[bool] = ContextVar("flashfx_recomputing", default=False)
 
 
@@ -98,6 +100,7 @@ class FusedOp(torch.nn.Module):
     graph_output = staticmethod(library.visible_outputs)
     differentiable = False  # captured for training: forward_saving returns the backward's residuals
     saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
+    recompute_reason = RECOMPUTED  # report()'s words for a backward recomputed in PyTorch
 
     def output_like(self, *operands: torch.Tensor):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
@@ -135,7 +138,7 @@ class FusedOp(torch.nn.Module):
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""
         if _recomputing.get():
-            return RECOMPUTED
+            return self.recompute_reason
         devices = {t.device for t in tensors}
         if len(devices) != 1:
             return f"tensors on several devices {sorted(map(str, devices))}"

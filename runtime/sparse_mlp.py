@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
-from runtime.dispatch import FusedOp, Kernel
+from runtime.dispatch import SPARSE_RECOMPUTED, FusedOp, Kernel
 
 
 @dataclass
@@ -139,7 +139,11 @@ def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
 
 
 class SparseMLPOp(FusedOp):
+    """DejaVu's MLP. In training the forward runs the gather kernels and the backward recomputes
+    the gathered reference under autograd (SPARSE_RECOMPUTED): the sparse forward's gradients."""
+
     pattern = "sparse_mlp"
+    recompute_reason = SPARSE_RECOMPUTED
 
     def __init__(self, replaced, activation: str, layout: SparseMLPLayout, mode: str = "default",
                  up_activation: str = "identity"):
