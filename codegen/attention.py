@@ -64,7 +64,8 @@ class AttentionSpec:
     softcap:        scores are capped before the mask, softcap * tanh(scale * q . k) (Gemma 2's
                     and Grok's logit soft-capping); the cap is a launch argument
     lse:            also store each row's log-sum-exp, in base 2 (log2 sum_j 2^t_j of the base-2
-                    scores t = s * log2(e)), fp32, for the backward (codegen.attention_backward)
+                    scores t = s * log2(e)), fp32, for the backward (codegen.attention_backward), as
+                    its two terms m + log2(l) (the row max and the log of the row sum; lse_shape)
     dropout:        dropout on the weights (training): each is kept with probability 1 - p and
                     scaled by 1 / (1 - p), by Philox draws from a seed and the score's index
     """
@@ -146,6 +147,12 @@ def scalar_args(spec: AttentionSpec, scale: float, softcap: float | None, fill_v
     return scalars + ((to_base2(fill_value),) if spec.mask == "bool" else ())
 
 
+def lse_shape(q_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(batch, q_heads, 2, q_len): the shape of the forward's lse for a 4-d q, [:, :, 0] the row max m
+    and [:, :, 1] log2 of the row sum l, both in base 2 (lse = m + log2(l))."""
+    return (*q_shape[:2], 2, q_shape[2])
+
+
 def forward_extras(spec: AttentionSpec, shape: tuple[int, ...], lse: torch.Tensor | None, dropout_p: float,
                    seed: torch.Tensor | None) -> list[torch.Tensor]:
     """The forward kernel's pointers after the mask: the lse buffer, then the dropout seed, as the
@@ -153,8 +160,8 @@ def forward_extras(spec: AttentionSpec, shape: tuple[int, ...], lse: torch.Tenso
     if spec.lse != (lse is not None) or spec.dropout != (seed is not None) or spec.dropout != (dropout_p > 0):
         raise ValueError(f"{kernel_name(spec)}: lse={lse is not None}, dropout_p={dropout_p}, seed={seed is not None} "
                          f"do not fit a kernel rendered for {spec}")
-    if lse is not None and (lse.shape != shape[:3] or lse.dtype != torch.float32 or not lse.is_contiguous()):
-        raise ValueError(f"lse must be a contiguous fp32 tensor of shape {shape[:3]}")
+    if lse is not None and (lse.shape != lse_shape(shape) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous fp32 tensor of shape {lse_shape(shape)}")
     if seed is not None and (seed.numel() != 1 or seed.dtype != torch.int64 or not dropout_p < 1):
         raise ValueError("dropout needs a 1-element int64 seed and dropout_p < 1")
     return [tensor for tensor in (lse, seed) if tensor is not None]

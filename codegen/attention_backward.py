@@ -1,14 +1,16 @@
 """FlashAttention-2 backward: kernel specs, rendering, launch configs, PyTorch reference.
 
 The forward (codegen/attention.py, spec.lse) stores O and each row's log-sum-exp in base 2,
-lse = log2 sum_j 2^t_j of the base-2 scores t = s * log2(e). Two Triton kernels per forward
+lse = log2 sum_j 2^t_j = m + log2(l) of the base-2 scores t = s * log2(e), as its two terms (row
+max m, log2 of the row sum l), so that p = 2^((t - m) - log2(l)) stays exact for rows made of huge
+finite fills (finfo.min masks), whose m is near -FP32_MAX. Two Triton kernels per forward
 spec, rendered from codegen/templates/attention_backward.py.jinja, recompute the weights block
 by block from it instead of storing them (FlashAttention-2, Alg. 2):
 
     dq kernel     one program per (BLOCK_M query rows, batch * query head), key blocks streamed
                   (causal: only those up to the diagonal):
                       delta = rowsum(dO * O)                     stored for the dkdv kernel
-                      for each key block:  p = 2^(t - lse);  dp = dO v^T;  ds = p (dp - delta)
+                      for each key block:  p = 2^((t - m) - log2(l));  dp = dO v^T;  ds = p (dp - delta)
                                            dq += ds k
     dkdv kernel   one program per (BLOCK_N keys, batch * kv head); the G query heads that share
                   the kv head and their query blocks streamed (causal: only rows at or past the
@@ -20,7 +22,7 @@ ds is the gradient of the scores s. Softcapping (s = cap * tanh(u), u = scale * 
 it by cap * (1 - tanh(u)^2); dropout keeps the weights the forward kept (the same Philox draws)
 and scales p and dp by 1 / (1 - p_drop); scores a bool mask or the causal mask dropped get ds = 0
 (as masked_fill's backward gives), so a fully masked row has dq = 0 and, as in eager, NaN
-weights that make dV NaN (rows SDPA zeroes, empty_rows_zero, have lse = +inf: p = 0, no gradient).
+weights that make dV NaN (rows SDPA zeroes, empty_rows_zero, have log2(l) = +inf: p = 0, no gradient).
 
 dq has a kernel of its own rather than atomic adds from the dkdv kernel (as FlashAttention-2's
 Triton version and its deterministic mode): the gradients are bitwise the same run to run, at the
@@ -99,6 +101,15 @@ def backward_scalars(spec: AttentionSpec, scale: float, softcap: float | None, f
     return (*scalar_args(spec, scale, softcap, fill_value), scale * (softcap if spec.softcap else 1.0))
 
 
+def nan_values_of_empty_rows(dv: torch.Tensor, lse: torch.Tensor) -> None:
+    """Eager's dV is NaN through every key of a head with a row whose weights are NaN (no visible key:
+    lse -inf, or a NaN score). The causal dkdv kernel skips the key blocks past such a row's
+    diagonal, so it set only those it visited: fill the rest, without a host sync."""
+    batch, kv_heads = dv.shape[:2]
+    empty = ~(lse.sum(dim=2) > float("-inf"))  # -inf or NaN
+    dv.masked_fill_(empty.reshape(batch, kv_heads, -1).any(dim=-1)[..., None, None], float("nan"))
+
+
 def _smem_bytes(spec: AttentionBackwardSpec, block_m: int, block_n: int, num_stages: int, itemsize: int) -> int:
     """Shared memory of the resident tiles plus `num_stages` buffered streamed tiles: the dq kernel keeps
     q, dO and streams k, v; the dkdv kernel keeps k, v and streams q, dO (and the mask, either way)."""
@@ -156,7 +167,8 @@ def attention_backward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         k, dk       (batch, kv_heads, kv_len, head_dim)   dk, dv summed over the q_heads // kv_heads
         v, dv       (batch, kv_heads, kv_len, value_dim)  query heads that share each kv head
         out, dout   (batch, q_heads, q_len, value_dim)    the forward's output and its gradient
-        lse         (batch, q_heads, q_len) fp32          contiguous: the forward's row log-sum-exp
+        lse         (batch, q_heads, 2, q_len) fp32       contiguous: the forward's row log-sum-exp in
+                                                          base 2, as its terms m and log2(l)
         delta       (batch, q_heads, q_len) fp32          contiguous: rowsum(dout * out), written by
                                                           the dq kernel, read by the dkdv kernel
         mask        broadcastable to (batch, q_heads, q_len, kv_len), or None

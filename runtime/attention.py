@@ -179,7 +179,7 @@ class AttentionOp(FusedOp):
 
     def forward_saving(self, *operands):
         """The output and, for training, the backward's residuals: the row log-sum-exp (base 2, fp32,
-        (batch, q_heads, q_len) of the 4-d operands), then the dropout seed when there is dropout."""
+        codegen.attention.lse_shape of the 4-d q), then the dropout seed when there is dropout."""
         if not self.differentiable:
             return self(*operands), []
         with launch_lock():
@@ -193,17 +193,18 @@ class AttentionOp(FusedOp):
         if not self.differentiable:
             return []
         q, _, _, _ = self._to_4d(q, k, v, [])
-        return self._residuals(q.shape[:-1], q.device)
+        return self._residuals(q.shape, q.device)
 
-    def _residuals(self, rows: tuple, device) -> list[torch.Tensor]:
-        """Empty residuals: the lse buffer, then the dropout seed."""
-        lse = torch.empty(rows, dtype=torch.float32, device=device)
+    def _residuals(self, q_shape: tuple, device) -> list[torch.Tensor]:
+        """Empty residuals for a 4-d q: the lse buffer, then the dropout seed."""
+        lse = torch.empty(attention_codegen.lse_shape(q_shape), dtype=torch.float32, device=device)
         return [lse] + ([torch.empty(1, dtype=torch.int64, device=device)] if self.dropout_p else [])
 
     def _attend(self, operands, saving: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the graph's output, the residuals when `saving`) for the graph's operands."""
         call = self._call(operands)
-        lse = torch.empty(call.q.shape[:-1], dtype=torch.float32, device=call.q.device) if saving else None
+        lse = torch.empty(attention_codegen.lse_shape(call.q.shape), dtype=torch.float32,
+                          device=call.q.device) if saving else None
         seed = self._seed(call.q.device) if self.dropout_p else None
         if call.reason is None:
             out = self._launch(call, lse=lse, seed=seed)
@@ -418,7 +419,7 @@ class AttentionOp(FusedOp):
         into `dmask` when given), then the dkdv kernel."""
         q, k, v = call.q, call.k, call.v
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        delta = torch.empty_like(lse)
+        delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         forward_spec = self.spec_for(q, k, v, call.form)
         options = self._options(call, seed)
         launches = {
@@ -432,8 +433,6 @@ class AttentionOp(FusedOp):
             lengths, default, candidates = self._tuning(spec, q, k)
             run = lambda config, module=module, launch=launch: launch(module, config)  # noqa: E731
             run(self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run))
-        if call.form.causal and not call.form.empty_rows_zero:
-            _poison_values_of_empty_rows(dv, lse)
         return dq, dk, dv
 
     def _operand_grads(self, operands, dq, dk, dv, mask_grads: dict) -> list[torch.Tensor]:
@@ -493,15 +492,6 @@ class AttentionOp(FusedOp):
         return out.to(self.layout.out_dtype)
 
 
-def _poison_values_of_empty_rows(dv: torch.Tensor, lse: torch.Tensor) -> None:
-    """Eager's dV is NaN in a head with a row whose weights are NaN (no visible key: lse -inf, or a
-    NaN score), through every key; the dkdv kernel skips the key blocks past the causal diagonal, so
-    it set only those it visited. Fills the rest, without a host sync."""
-    batch, kv_heads = dv.shape[:2]
-    empty = ~(lse > float("-inf"))  # -inf or NaN
-    dv.masked_fill_(empty.reshape(batch, kv_heads, -1).any(dim=-1)[..., None, None], float("nan"))
-
-
 @dataclass(frozen=True)
 class MultiheadLayout:
     """Which of F.multi_head_attention_forward's tensors the graph passes (`roles`, in order), its head
@@ -554,7 +544,7 @@ class MultiheadAttentionOp(AttentionOp):
         batch, heads = (query.shape[1] if query.dim() == 3 else 1), self.heads.num_heads
         core = torch.empty((batch, heads, query.shape[0], query.shape[-1] // heads), dtype=self.layout.out_dtype,
                            device=query.device)
-        return [core, *self._residuals(core.shape[:-1], query.device)]
+        return [core, *self._residuals(core.shape, query.device)]
 
     def _multihead(self, tensors, saving: bool = False):
         operands, batched = self._operands(tensors)
