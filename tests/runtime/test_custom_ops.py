@@ -74,6 +74,7 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
+BACKWARD_KERNELS = ("attention", "multihead_attention")  # the cases whose families have backward kernels
 
 
 def recorded_calls(build):
@@ -121,7 +122,7 @@ def test_gradients_through_compile_match_eager(name):
         else:
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
     fallbacks = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    if name.startswith(("attention", "multihead_attention")):
+    if name.startswith(BACKWARD_KERNELS):
         assert not fallbacks, compiled.report()
     else:
         assert fallbacks and all(line.endswith(RECOMPUTED) for line in fallbacks), compiled.report()
@@ -140,7 +141,8 @@ TUNED = [name for name in CASES if name not in ("attention_mask_state", "attenti
 
 @pytest.mark.parametrize("name", TUNED)
 def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
-    """compile(mode="max-autotune") benchmarks the candidates of every kernel each op launches."""
+    """compile(mode="max-autotune") benchmarks the candidates of every kernel each op launches; a
+    training step of the families with backward kernels (attention) launches and tunes those too."""
     monkeypatch.setenv("FLASHFX_CACHE_DIR", str(tmp_path))
     tuned = []
     monkeypatch.setattr(Autotuner, "tune", lambda self, key, candidates, run: tuned.append(key.kernel) or candidates[0])
@@ -148,8 +150,13 @@ def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
     compiled = compiler.compile(module, mode="max-autotune", strict=True)
     with torch.no_grad():
         compiled(*args)
+    trains = name.startswith(BACKWARD_KERNELS) and name not in NO_TRAINING
+    if trains:
+        compiled(*[a.detach().requires_grad_() if a.is_floating_point() else a for a in args]).sum().backward()
     launched = {kernel.name for kernel in compiled.kernels if kernel.config}
     assert launched and set(tuned) == launched, compiled.report()
+    assert trains == any(kernel.startswith("attention_bwd_dkdv") for kernel in launched) == \
+        any(kernel.startswith("attention_bwd_dq") for kernel in launched)
 
 
 @pytest.mark.parametrize("grad", [True, False])
