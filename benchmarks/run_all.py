@@ -30,6 +30,9 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
                              the associative form ~60-120 s
     sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
     end_to_end        140 s  4 models x (ours ~12 s + torch.compile ~15 s to first call)
+    attention_training 480 s 48 attention rows x (flex fwd+bwd compile ~6 s, 5 timings), 2 GPT-2
+                             small training steps x (ours, torch.compile: ~25 s to first call);
+                             a fifth call: run_all.py --suites attention_training --skip-tests
     total            ~30 min, plus ~1-2 min to start a machine
 
 That is three times one call's 10-minute limit and about a session's 30 minutes of device time,
@@ -64,16 +67,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan,
-                        warm_start)
+from benchmarks import (attention, attention_decode, attention_training, end_to_end, long_conv, report, sparse_mlp,
+                        ssm_scan, warm_start)
 from benchmarks.common import Budget, device_name, measure_ceilings, run_pytest, run_suite, write_json
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
           "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
-          "end_to_end": end_to_end.run}
+          "end_to_end": end_to_end.run, "attention_training": attention_training.run}
 TESTS = "GPU tests"
 ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
-              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
+              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140,
+              "attention_training": 480}  # full size, H100, see above
 
 
 def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:
