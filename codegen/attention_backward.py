@@ -121,23 +121,34 @@ def _smem_bytes(spec: AttentionBackwardSpec, block_m: int, block_n: int, num_sta
 
 # (resident rows, streamed rows, warps) by the widest padded head dim, for 16-bit inputs
 _TILES_16BIT = {"dq": ((64, (128, 32, 4)), (128, (64, 32, 8)), (256, (64, 16, 8))),
-                "dkdv": ((64, (128, 32, 4)), (128, (64, 32, 8)), (256, (32, 32, 8)))}
+                "dkdv": ((64, (128, 32, 8)), (128, (64, 32, 8)), (256, (32, 16, 8)))}
 
 
 def default_config(spec: AttentionBackwardSpec, q_len: int, kv_len: int, *, itemsize: int = 2) -> dict:
     """A launch configuration that runs well untuned; `itemsize` is q's element size in bytes.
 
     The resident tile (dq: BLOCK_M query rows, dkdv: BLOCK_N keys) holds an fp32 accumulator per
-    head dim (two in dkdv), so wider heads take fewer rows and more warps; fp32 inputs (exact dots
-    on FMA units, operands in registers) take small tiles. Blocks shrink to short lengths;
-    num_stages is the deepest pipeline of 3 or 2 that fits DEFAULT_SMEM_BUDGET, else 1.
+    head dim (two in dkdv), so wider heads take fewer rows and more warps. Tiles stay within the
+    registers ptxas gives a thread on an H100 without spilling (tests/codegen/cuda_compile_grid.py
+    --markdown attention_backward): rows whose bytes are not a multiple of 16 (head dim 59 in 16
+    bits, held in registers rather than streamed by cp.async) keep at most 64 resident rows on 8
+    warps; dropout's Philox state and the mask gradient's stores take 8 warps, and dropout halves
+    the dkdv kernel's streamed rows. fp32 inputs (exact dots on FMA units) take small tiles.
+    Blocks shrink to short lengths; num_stages is the deepest pipeline of 3 or 2 (2 above head
+    dim 128, where a third stage's registers spill) that fits DEFAULT_SMEM_BUDGET, else 1.
     """
-    widest = max(block_dim(spec.forward.head_dim), block_dim(spec.forward.value_dim))
+    forward = spec.forward
+    widest = max(block_dim(forward.head_dim), block_dim(forward.value_dim))
     if itemsize == 4:
         resident, streamed, num_warps, stages = (64 if widest <= 64 else 32), 16, 8, (2,)
     else:
         resident, streamed, num_warps = next(tiles for limit, tiles in _TILES_16BIT[spec.part] if widest <= limit)
-        stages = (3, 2)
+        stages = (3, 2) if widest <= 128 else (2,)
+        if not all(dim * itemsize % 16 == 0 for dim in (forward.head_dim, forward.value_dim)):
+            resident, num_warps = min(resident, 64), 8
+        if forward.dropout or spec.mask_grad:
+            num_warps = 8
+            streamed = max(16, streamed // 2) if forward.dropout and spec.part == "dkdv" else streamed
     block_m, block_n = (resident, streamed) if spec.part == "dq" else (streamed, resident)
     block_m, block_n = min(block_m, block_dim(q_len)), min(block_n, block_dim(kv_len))
     fitting = [s for s in stages if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
