@@ -186,7 +186,8 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
     without spilling (tests/codegen/cuda_compile_grid.py --markdown shows the counts):
     fp32 dots (exact, on FMA units) hold their operands in registers, and so do K/V rows whose
     bytes are not a multiple of 16 (a head dim of 59 or 111 in 16 bits), which cp.async cannot
-    stream through shared memory. Callers should pass `itemsize`.
+    stream through shared memory; nor do dropout's Philox draws on 4 warps. Callers should pass
+    `itemsize`.
     """
     widest = max(block_dim(spec.head_dim), block_dim(spec.value_dim))
     if q_len <= 16:
@@ -201,7 +202,7 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
     else:
         streamed = all(dim * itemsize % 16 == 0 for dim in (spec.head_dim, spec.value_dim))
         block_n = 64 if widest <= 128 and streamed else 32
-        num_warps = 8 if widest > 128 or (block_m == 128 and (widest == 128 or not streamed)) else 4
+        num_warps = 8 if widest > 128 or (block_m == 128 and (widest == 128 or not streamed or spec.dropout)) else 4
     block_n = min(block_n, block_dim(kv_len))
     fitting = [s for s in stages if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
     num_stages = fitting[0] if fitting else 1

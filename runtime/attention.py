@@ -684,6 +684,9 @@ class EncoderLayerOp(MultiheadAttentionOp):
 
     library_op = "transformer_encoder_layer"
     graph_output = staticmethod(library.visible_outputs)
+    # PyTorch takes the fast path only without autograd: no residuals, and a backward (opcheck's)
+    # recomputes the layer in PyTorch
+    forward_saving, residuals_like, backward = FusedOp.forward_saving, FusedOp.residuals_like, FusedOp.backward
 
     def output_like(self, *tensors):
         src = dict(zip(self.layer.roles, tensors))["src"]

@@ -52,16 +52,22 @@ def attention_cases() -> Iterator[tuple[str, Callable[[], None]]]:
             lambda dtype=dtype, d=d, causal=causal, mask=mask, group=group: _attention(dtype, d, causal, mask, group)
     yield "bf16 d128 causal q 1023 kv 1024", lambda: _attention(BF16, 128, True, "none", 1, q_len=1023, kv_len=1024)
     yield "bf16 d256 causal additive softcap (Gemma 2)", lambda: _attention(BF16, 256, True, "additive", 2, softcap=50.0)
+    for d in (64, 128):  # training: the row log-sum-exp stored, dropout on the weights
+        yield f"bf16 d{d} causal lse dropout", lambda d=d: _attention(BF16, d, True, "none", 1, training=True)
 
 
-def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16, softcap=None):
-    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal, softcap=softcap is not None)
+def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16, softcap=None,
+               training=False):
+    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal, softcap=softcap is not None, lse=training,
+                                   dropout=training)
     module = load(attention.kernel_name, attention.render_attention, spec)
     q = meta(batch, heads, q_len, d, dtype=dtype)
     k = meta(batch, heads // group, kv_len, d, dtype=dtype)
     masks = {"none": None, "bool": meta(batch, heads, q_len, kv_len, dtype=torch.bool),
              "additive": meta(batch, heads, q_len, kv_len, dtype=dtype)}
-    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask], softcap=softcap)
+    extras = dict(lse=meta(*attention.lse_shape(q.shape), dtype=FP32), dropout_p=0.1,
+                  seed=meta(1, dtype=torch.int64)) if training else {}
+    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask], softcap=softcap, **extras)
 
 
 def backward_cases() -> Iterator[tuple[str, Callable[[], None]]]:

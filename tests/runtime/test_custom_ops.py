@@ -77,12 +77,14 @@ NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
 BACKWARD_KERNELS = ("attention", "multihead_attention")  # the cases whose families have backward kernels
 
 
-def recorded_calls(build):
-    """(compiled model, [(custom op, (operands, key))] its lowered graph called)."""
+def recorded_calls(build, training: bool = False):
+    """(compiled model, [(custom op, (operands, key))] its lowered graph called); `training`: captured
+    with inputs that require grad, so the ops return their backward's residuals."""
     module, args = build()
     compiled = compiler.compile(module, strict=True)
-    with torch.no_grad(), library.recording() as calls:
-        compiled(*[a.clone() for a in args])
+    inputs = [a.clone().requires_grad_(training and a.is_floating_point()) for a in args]
+    with torch.set_grad_enabled(training), library.recording() as calls:
+        compiled(*inputs)
     assert calls, compiled.report()
     return compiled, [(op.custom_op, (operands, op.key)) for op, operands in calls]
 
@@ -94,6 +96,17 @@ def test_opcheck(build):
         operands = [t.detach().requires_grad_(t.is_floating_point()) for t in operands]
         torch.library.opcheck(op, (operands, key))
     assert {op.__name__.split(".")[0] for op, _ in calls} <= set(library.SCHEMAS)
+
+
+@pytest.mark.parametrize("name", ["attention_causal_gqa", "attention_additive_mask", "multihead_attention_padding"])
+def test_opcheck_of_ops_captured_for_training(name):
+    """The residuals (lse, MHA's attention output) of the fake kernel match the real ones, and the
+    backward kernels pass autograd's checks."""
+    compiled, calls = recorded_calls(CASES[name], training=True)
+    assert all(library.lookup(key).differentiable for _, (_, key) in calls)
+    for op, (operands, key) in calls:
+        operands = [t.detach().requires_grad_(t.is_floating_point()) for t in operands]
+        torch.library.opcheck(op, (operands, key))
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - NO_TRAINING))
