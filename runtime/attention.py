@@ -27,6 +27,18 @@ query head of a GQA group reading its kv head again. The decode kernel packs a g
 queries into one tile and splits the keys across programs; it pays one extra small kernel that
 merges the splits, which only a cache of a few hundred keys fails to amortise. 64 queries cover
 decoding (1) and speculative-decoding trees (Medusa: up to 64 tokens with a tree mask).
+
+Training. An op captured with inputs that require grad (`differentiable`) runs FlashAttention-2's
+forward with the row log-sum-exp (never the decode kernel) and returns it as a residual, with the
+dropout seed when it drops out; autograd also saves its operands and output. Its backward
+(codegen/attention_backward.py) runs the dq kernel, then the dkdv kernel, on the same 4-d
+operands, and maps the gradients back to the graph's layouts; a mask that requires grad gets the
+gradient the dq kernel stores for the scores, carried back through the mask's broadcast,
+scaling and combination by autograd. nn.MultiheadAttention's op saves the attention's output and
+recomputes its projections under autograd around the kernels (_AttentionCore). A call whose
+forward fell back to PyTorch recomputes its reference under autograd, replaying the saved seed.
+Dropout draws a seed from torch's generator per call; the kernels draw Philox bits from it at
+each score's index, so the backward regenerates the forward's mask without storing it.
 """
 from __future__ import annotations
 
@@ -135,6 +147,10 @@ class AttentionCall:
     reason: str | None
 
 
+def _lse_buffer(q_shape: tuple, device) -> torch.Tensor:
+    return torch.empty(attention_codegen.lse_shape(q_shape), dtype=torch.float32, device=device)
+
+
 class _AttentionCore(torch.autograd.Function):
     """Attention inside an op whose other parts PyTorch differentiates (nn.MultiheadAttention's
     projections): the forward hands back the output the kernel already computed, the backward runs
@@ -171,7 +187,7 @@ class AttentionOp(FusedOp):
         self.scale_exponents = tuple(exponent for _, exponent in scale_factors)
         self._scale_values = [value for value, _ in scale_factors]
         self._fixed_scale = scale / math.prod(value ** exponent for value, exponent in scale_factors)
-        self.masks_require_grad = False  # set by the pass: a learned bias (its gradient is recomputed)
+        self.masks_require_grad = False  # set by the pass: a mask is a learned bias (the dq kernel gives its gradient)
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
@@ -197,14 +213,13 @@ class AttentionOp(FusedOp):
 
     def _residuals(self, q_shape: tuple, device) -> list[torch.Tensor]:
         """Empty residuals for a 4-d q: the lse buffer, then the dropout seed."""
-        lse = torch.empty(attention_codegen.lse_shape(q_shape), dtype=torch.float32, device=device)
-        return [lse] + ([torch.empty(1, dtype=torch.int64, device=device)] if self.dropout_p else [])
+        return [_lse_buffer(q_shape, device)] + ([torch.empty(1, dtype=torch.int64, device=device)]
+                                                 if self.dropout_p else [])
 
     def _attend(self, operands, saving: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the graph's output, the residuals when `saving`) for the graph's operands."""
         call = self._call(operands)
-        lse = torch.empty(attention_codegen.lse_shape(call.q.shape), dtype=torch.float32,
-                          device=call.q.device) if saving else None
+        lse = _lse_buffer(call.q.shape, call.q.device) if saving else None
         seed = self._seed(call.q.device) if self.dropout_p else None
         if call.reason is None:
             out = self._launch(call, lse=lse, seed=seed)
@@ -373,6 +388,11 @@ class AttentionOp(FusedOp):
 
     # -- backward --------------------------------------------------------------------
     def backward(self, operands, outputs, residuals, grads):
+        """The gradients (_backward), under the interpreter's launch lock as the forward is."""
+        with launch_lock():
+            return self._backward(operands, outputs, residuals, grads)
+
+    def _backward(self, operands, outputs, residuals, grads):
         """dq, dk, dv from the backward kernels, the gradient of a mask that requires grad (a learned
         bias: the dq kernel stores the scores' gradient, which autograd carries back through the mask's
         broadcast, scaling and combination), zeros for the other floating-point operands; or the
@@ -552,7 +572,7 @@ class MultiheadAttentionOp(AttentionOp):
         core, residuals = self._attend([q, k, v, *masks], saving)
         return self._out_projection(core, operands, batched), ([core, *residuals] if saving else [])
 
-    def backward(self, operands, outputs, residuals, grads):
+    def _backward(self, operands, outputs, residuals, grads):
         """The projections recomputed and differentiated by PyTorch around the attention, whose
         backward runs the kernels from the saved output and lse (_AttentionCore)."""
         core, lse, seed = (residuals + [None] * 3)[:3]
