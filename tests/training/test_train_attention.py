@@ -174,15 +174,14 @@ def test_dropout_follows_torchs_seed_and_eval_mode_drops_it():
         torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_multihead_attention_dropout_in_training():
-    module = TorchMultihead(embed_dim=32, heads=2).train()
-    module.attention.dropout = 0.2
-    x = torch.randn(2, 17, 32, requires_grad=True)
-    compiled = compiler.compile(module, strict=True)
+def test_transformer_encoder_layer_trains_through_multihead_attention_with_dropout():
+    """In train mode nn.TransformerEncoderLayer leaves its fast path: nn.MultiheadAttention's op, dropout 0.1."""
     torch.manual_seed(0)
-    out = compiled(x)
-    out.square().sum().backward()
-    assert compiled.patterns == ["attention"] and "dropout p=0.2" in compiled.report(), compiled.report()
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).train()
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    compiled = compiler.compile(layer, strict=True)
+    compiled(x).square().sum().backward()
+    assert compiled.patterns == ["attention"] and "dropout p=0.1" in compiled.report(), compiled.report()
     assert "ran in PyTorch" not in compiled.report() and torch.isfinite(x.grad).all()
 
 
