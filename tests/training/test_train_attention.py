@@ -49,6 +49,7 @@ def padding(batch: int, length: int) -> torch.Tensor:
 CASES = {  # name -> (module, inputs, dtype)
     "naive_causal_bottom_right": (NaiveCausal(), qkv(1, 2, 17, 33, 59), fp16),
     "naive_causal_q1": (NaiveCausal(), qkv(2, 2, 1, 17, 16), fp32),
+    "sdpa_one_query_long_cache": (Sdpa(), qkv(1, 2, 1, 300, 16), fp32),  # decode's shape: FA2 trains it
     "einsum_additive_causal": (EinsumAdditive(), qkv(1, 2, 33, 33, 80), bf16),
     "sdpa_causal_gqa": (Sdpa(is_causal=True, enable_gqa=True), qkv(2, 4, 33, 33, 16, kv_heads=1), fp32),
     "sdpa_bool_mask": (Sdpa(), [*qkv(1, 2, 17, 33, 16), torch.rand(17, 33) > 0.3], fp16),
