@@ -107,7 +107,8 @@ GPU_TESTS = [
     "[8192x8192-d128-float16-b1h2kv2-blhd]",
     "tests/codegen/test_attention_kernel.py::test_every_autotuning_candidate_runs[128]",
     # attention backward: GQA causal at an awkward length, a padding mask, bottom-right; every candidate
-    "tests/codegen/test_attention_backward_kernel.py::test_gradients_at_scale[2064x2064-d128-bfloat16-b1h4kv2-causal+0]",
+    "tests/codegen/test_attention_backward_kernel.py::test_gradients_at_scale"
+    "[2064x2064-d128-bfloat16-b1h4kv2-causal+0]",
     "tests/codegen/test_attention_backward_kernel.py::test_gradients_at_scale"
     "[1024x1024-d64-float16-b2h4kv2-boolkeepTrue-keys-fillinf]",
     "tests/codegen/test_attention_backward_kernel.py::test_every_autotuning_candidate_runs[dkdv]",

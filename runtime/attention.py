@@ -448,7 +448,8 @@ class AttentionOp(FusedOp):
             "dkdv": lambda module, config: module.launch(q, k, v, dout, lse, delta, dk, dv, config=config, **options),
         }
         for part, launch in launches.items():
-            spec = backward_codegen.AttentionBackwardSpec(forward_spec, part, mask_grad=part == "dq" and dmask is not None)
+            mask_grad = part == "dq" and dmask is not None
+            spec = backward_codegen.AttentionBackwardSpec(forward_spec, part, mask_grad=mask_grad)
             module, kernel = self.kernel_for(spec)
             lengths, default, candidates = self._tuning(spec, q, k)
             run = lambda config, module=module, launch=launch: launch(module, config)  # noqa: E731

@@ -21,7 +21,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
 
-from codegen import attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan  # noqa: E402
+from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp,  # noqa: E402
+                     ssm_scan)
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -94,9 +95,10 @@ def _backward(dtype, spec, group, length=4096, batch=4, heads=16):
     q = meta(batch, heads, length, d, dtype=dtype)
     k = meta(batch, heads // group, length, d, dtype=dtype)
     lse, delta = meta(*attention.lse_shape(q.shape), dtype=FP32), meta(batch, heads, length, dtype=FP32)
-    masks = {"none": None, "bool": meta(batch, 1, 1, length, dtype=torch.bool), "additive": meta(length, length, dtype=dtype)}
-    options = dict(scale=d ** -0.5, mask=masks[forward.mask], softcap=30.0 if forward.softcap else None,
-                   dropout_p=0.1 if forward.dropout else 0.0, seed=meta(1, dtype=torch.int64) if forward.dropout else None)
+    masks = {"none": None, "bool": meta(batch, 1, 1, length, dtype=torch.bool),
+             "additive": meta(length, length, dtype=dtype)}
+    dropout = dict(dropout_p=0.1, seed=meta(1, dtype=torch.int64)) if forward.dropout else {}
+    options = dict(scale=d ** -0.5, mask=masks[forward.mask], softcap=30.0 if forward.softcap else None, **dropout)
     if spec.part == "dq":
         dmask = {"dmask": meta(batch, heads, length, length, dtype=FP32)} if spec.mask_grad else {}
         module.launch(q, k, k, q, q, lse, delta, torch.empty_like(q), **options, **dmask)

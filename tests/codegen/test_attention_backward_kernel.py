@@ -19,7 +19,8 @@ from codegen.attention import LOG2E, AttentionSpec, attention_reference, lse_sha
 from codegen.attention_backward import (AttentionBackwardSpec, attention_backward_reference, config_space,
                                         default_config, kernel_name, render_backward)
 from runtime.loader import load_source
-from tests.codegen.test_attention_kernel import DEVICE, FP32_MIN, Case, bf16, fp16, fp32, load_kernel, make_mask, make_qkv
+from tests.codegen.test_attention_kernel import (DEVICE, FP32_MIN, Case, bf16, fp16, fp32, load_kernel, make_mask,
+                                                 make_qkv)
 from tests.numerics import assert_close_by_rule, poisoned_like
 
 pytestmark = [
@@ -180,7 +181,8 @@ def test_configs():
     assert default_config(dq, 4096, 4096) == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
     assert default_config(dkdv, 4096, 4096)["BLOCK_N"] == 64
     assert default_config(dkdv, 20, 20) == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-    assert {c["BLOCK_M"] for c in config_space(dq)} <= {64, 128} and {c["BLOCK_N"] for c in config_space(dkdv)} <= {64, 128}
+    assert {c["BLOCK_M"] for c in config_space(dq)} <= {64, 128}
+    assert {c["BLOCK_N"] for c in config_space(dkdv)} <= {64, 128}
     assert 0 < len(config_space(AttentionBackwardSpec(AttentionSpec(256, 256), "dkdv"))) < len(config_space(dkdv))
 
 
@@ -217,8 +219,9 @@ def gradients(case: Case, q, k, v, out, dout, lse, options: dict, dropout: bool 
     delta = poisoned_like(torch.empty(q.shape[:3], device=DEVICE))
     common = dict(options, fill_value=case.fill, softcap=case.softcap)
     dq_spec = AttentionBackwardSpec(spec, "dq", mask_grad=dmask is not None)
+    mask_grad = {"dmask": dmask} if dmask is not None else {}
     load_backward(dq_spec).launch(q, k, v, out, dout, lse, delta, dq, **common,
-                                  config=configs.get("dq", block_config(case)), **({"dmask": dmask} if dmask is not None else {}))
+                                  config=configs.get("dq", block_config(case)), **mask_grad)
     load_backward(AttentionBackwardSpec(spec, "dkdv")).launch(q, k, v, dout, lse, delta, dk, dv, **common,
                                                               config=configs.get("dkdv", block_config(case)))
     return dq, dk, dv

@@ -46,6 +46,11 @@ def padding(batch: int, length: int) -> torch.Tensor:
     return mask
 
 
+def padding_bias(batch: int, length: int) -> torch.Tensor:
+    """0 for kept keys, -inf for the padding (batch, 1, 1, length)."""
+    return torch.zeros(batch, 1, 1, length).masked_fill(padding(batch, length)[:, None, None], float("-inf"))
+
+
 CASES = {  # name -> (module, inputs, dtype)
     "naive_causal_bottom_right": (NaiveCausal(), qkv(1, 2, 17, 33, 59), fp16),
     "naive_causal_q1": (NaiveCausal(), qkv(2, 2, 1, 17, 16), fp32),
@@ -57,9 +62,7 @@ CASES = {  # name -> (module, inputs, dtype)
     "runtime_bool_mask_finfo_fill": (WithMask(), [*qkv(1, 2, 33, 17, 16), torch.rand(1, 1, 33, 17) > 0.7], fp32),
     "repeat_interleave_gqa": (RepeatKv(), qkv(1, 4, 17, 17, 32, kv_heads=2), bf16),
     "fairseq_regrouped_padding": (FairseqPaddingMask(), [*qkv(2, 2, 17, 17, 16), padding(2, 17)], fp32),
-    "causal_then_padding_chain": (CausalThenPadding(), [*qkv(2, 2, 17, 17, 16),
-                                                        torch.zeros(2, 1, 1, 17).masked_fill(padding(2, 17)[:, None, None],
-                                                                                             float("-inf"))], fp32),
+    "causal_then_padding_chain": (CausalThenPadding(), [*qkv(2, 2, 17, 17, 16), padding_bias(2, 17)], fp32),
     "gemma2_softcap_mask": (Gemma2SoftCap(), [*qkv(1, 2, 17, 17, 16), torch.zeros(17, 17).masked_fill(
         torch.ones(17, 17, dtype=torch.bool).triu(1), float("-inf"))], fp32),
     "grok_softcap_causal": (GrokSoftCap(), qkv(1, 2, 33, 33, 16), fp16),
