@@ -7,9 +7,10 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 34 of the 76 `gpu` tests: each family's kernel at real sizes, awkward
-                   sizes, dtypes and layouts, every autotuning candidate of the attention (head dim
-                   128), long-conv, short-conv and sparse-MLP kernels, compile() on real-size
+    1. GPU tests   GPU_TESTS, 36 of the 76 `gpu` tests: each family's kernel at real sizes, awkward
+                   sizes, dtypes and layouts (attention's backward too), every autotuning candidate
+                   of the attention (head dim 128; the backward's dkdv kernel), long-conv,
+                   short-conv and sparse-MLP kernels, compile() on real-size
                    modules, and eight threads sharing one compiled model; pytest-xdist, one
                    worker per core (16), so the JIT compiles overlap
     2. ceilings    bf16 matmul, device-to-device copy, tl.exp2 rate (benchmarks.common)
@@ -17,9 +18,9 @@ Plan, in priority order, so that a run cut short has done what matters most:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
                    scan 2 (the scan at L 2048 and the decode step), sparse MLP 3 (one gated), GPT-2 small
-    4. training    each TRAINING_SUITES suite's run(..., training=True) (the selective scan's fwd+bwd
-                   at Mamba-130M's size), then the TRAINING configs, named as not run: their
-                   families have no backward kernels yet
+    4. training    fwd+bwd, suites of their own: attention fwd+bwd and bwd alone (head dim 128, L 4k,
+                   causal; SDPA flash, cuDNN, efficient, FlexAttention) and a GPT-2 small training
+                   step against torch.compile; the selective scan's fwd+bwd at Mamba-130M's size
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
 "elapsed_s" records the real figures, so correct ESTIMATE_S from them. torch.compile peers cost
@@ -39,9 +40,11 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
-    training           30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
+    attention_training 60   2 x (ours ~4 s, flex fwd+bwd compile ~10 s, 5 timings); GPT-2 small
+                            training step: ours and torch.compile fwd+bwd compiles ~20 s each
+    ssm_training       30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
                             2 calls x ~2 s
-    total             300   + ~10 s of Python start-up
+    total             360   + ~10 s of Python start-up (the default budget shares 270 s)
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -71,24 +74,39 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import triton
 
-from benchmarks import attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan
+from benchmarks import (attention, attention_decode, attention_training, end_to_end, long_conv, report, sparse_mlp,
+                        ssm_scan)
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
 
 TESTS = "GPU tests"
+
+
+@dataclass(frozen=True)
+class TrainingPart:
+    """A suite's fwd+bwd configs (its training_grid, run(..., training=True)) as a suite of their own."""
+
+    suite: ModuleType
+
+    def grid(self, quick: bool, headline: bool = False) -> list[dict]:
+        return self.suite.training_grid(quick)
+
+    def run(self, quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
+        return self.suite.run(quick, device, training=True)
+
+
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
-          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end}  # each has grid and run
+          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
+          "attention_training": attention_training, "ssm_training": TrainingPart(ssm_scan)}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
-              "sparse_mlp": 10, "end_to_end": 50, "training": 30}  # H100/H200, see above
-TRAINING_SUITES = {"ssm_scan": ssm_scan}  # each has training_grid and run(..., training=True)
-TRAINING = [dict(family="attention", head_dim=128, seqlen=4096, causal=True),
-            dict(model="gpt2-small", batch=8, seqlen=1024)]
-NO_BACKWARD = "not run: no backward kernels yet"
+              "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "ssm_training": 30}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
 
 # Left out, for `pytest -m gpu` (run_all.py): the other at-scale cases of the same kernels, the decode
@@ -103,6 +121,12 @@ GPU_TESTS = [
     "tests/codegen/test_attention_kernel.py::test_kernel_matches_reference_at_scale"
     "[8192x8192-d128-float16-b1h2kv2-blhd]",
     "tests/codegen/test_attention_kernel.py::test_every_autotuning_candidate_runs[128]",
+    # attention backward: GQA causal at an awkward length, a padding mask, bottom-right; every candidate
+    "tests/codegen/test_attention_backward_kernel.py::test_gradients_at_scale"
+    "[2064x2064-d128-bfloat16-b1h4kv2-causal+0]",
+    "tests/codegen/test_attention_backward_kernel.py::test_gradients_at_scale"
+    "[1024x1024-d64-float16-b2h4kv2-boolkeepTrue-keys-fillinf]",
+    "tests/codegen/test_attention_backward_kernel.py::test_every_autotuning_candidate_runs[dkdv]",
     # decode: GQA, a 128k cache, a tree mask, causal bottom-right at an awkward length
     "tests/codegen/test_attention_decode_kernel.py::test_kernel_matches_reference_at_scale"
     "[1x8192-d128-bfloat16-b1h32kv4]",
@@ -225,19 +249,8 @@ def new_payload(quick: bool, budget_s: float) -> dict:
         "ceilings": {},
         "gpu_tests": {"outcomes": dict.fromkeys(GPU_TESTS, NOT_REACHED)},
         "elapsed_s": {},
-        "suites": {**suites, "training": [*not_run("training", training_configs(quick), NOT_REACHED),
-                                          *not_run("training", TRAINING, NO_BACKWARD)]},
+        "suites": suites,
     }
-
-
-def training_configs(quick: bool) -> list[dict]:
-    return [config for suite in TRAINING_SUITES.values() for config in suite.training_grid(quick)]
-
-
-def training(quick: bool, device: torch.device) -> list[Row]:
-    """The fwd+bwd configs of the suites with backward kernels, then the rest named as not run."""
-    rows = [row for suite in TRAINING_SUITES.values() for row in suite.run(quick, device, training=True)]
-    return rows + [Row("training", config, None, notes=NO_BACKWARD) for config in TRAINING]
 
 
 def check(out: Path, quick: bool, budget_s: float) -> dict:
@@ -259,11 +272,6 @@ def check(out: Path, quick: bool, budget_s: float) -> dict:
                   lambda: row_written(out, payload, name), seconds)
         payload["elapsed_s"][name] = round(time.monotonic() - start, 1)
         write(out, payload)
-    start = time.monotonic()
-    run_suite("training", lambda: training(quick, device), payload, lambda: row_written(out, payload, "training"),
-              budget.share("training"))
-    payload["elapsed_s"]["training"] = round(time.monotonic() - start, 1)
-    write(out, payload)
     return payload
 
 

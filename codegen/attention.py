@@ -45,7 +45,7 @@ FP32_MAX = torch.finfo(torch.float32).max
 DEFAULT_SMEM_BUDGET = 160 * 1024
 CANDIDATE_SMEM_BUDGET = 227 * 1024
 
-_MASK_ITEMSIZE = {"none": 0, "bool": 1, "additive": 4}  # bytes per mask element (fp32 for additive)
+MASK_ITEMSIZE = {"none": 0, "bool": 1, "additive": 4}  # bytes per mask element (fp32 for additive)
 _MASK_NAMES = {("bool", True): "boolmask", ("bool", False): "fillmask", ("additive", True): "addmask"}
 
 
@@ -63,6 +63,11 @@ class AttentionSpec:
                     of eager softmax's NaN
     softcap:        scores are capped before the mask, softcap * tanh(scale * q . k) (Gemma 2's
                     and Grok's logit soft-capping); the cap is a launch argument
+    lse:            also store each row's log-sum-exp, in base 2 (log2 sum_j 2^t_j of the base-2
+                    scores t = s * log2(e)), fp32, for the backward (codegen.attention_backward), as
+                    its two terms m + log2(l) (the row max and the log of the row sum; lse_shape)
+    dropout:        dropout on the weights (training): each is kept with probability 1 - p and
+                    scaled by 1 / (1 - p), by Philox draws from a seed and the score's index
     """
 
     head_dim: int
@@ -72,6 +77,8 @@ class AttentionSpec:
     causal: bool = False
     empty_rows_zero: bool = False
     softcap: bool = False
+    lse: bool = False
+    dropout: bool = False
 
     def __post_init__(self):
         for field in ("head_dim", "value_dim"):
@@ -101,8 +108,7 @@ def kernel_name(spec: AttentionSpec) -> str:
         parts.append(_MASK_NAMES[spec.mask, spec.mask_keep_when])
     if spec.empty_rows_zero:
         parts.append("zeroempty")
-    if spec.softcap:
-        parts.append("softcap")
+    parts += [flag for flag in ("softcap", "lse", "dropout") if getattr(spec, flag)]
     return "_".join(parts)
 
 
@@ -141,10 +147,30 @@ def scalar_args(spec: AttentionSpec, scale: float, softcap: float | None, fill_v
     return scalars + ((to_base2(fill_value),) if spec.mask == "bool" else ())
 
 
+def lse_shape(q_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(batch, q_heads, 2, q_len): the shape of the forward's lse for a 4-d q, [:, :, 0] the row max m
+    and [:, :, 1] log2 of the row sum l, both in base 2 (lse = m + log2(l))."""
+    return (*q_shape[:2], 2, q_shape[2])
+
+
+def forward_extras(spec: AttentionSpec, shape: tuple[int, ...], lse: torch.Tensor | None, dropout_p: float,
+                   seed: torch.Tensor | None) -> list[torch.Tensor]:
+    """The forward kernel's pointers after the mask: the lse buffer, then the dropout seed, as the
+    spec takes them (checked: a buffer of the wrong shape would be written out of bounds)."""
+    if spec.lse != (lse is not None) or spec.dropout != (seed is not None) or spec.dropout != (dropout_p > 0):
+        raise ValueError(f"{kernel_name(spec)}: lse={lse is not None}, dropout_p={dropout_p}, seed={seed is not None} "
+                         f"do not fit a kernel rendered for {spec}")
+    if lse is not None and (lse.shape != lse_shape(shape) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be a contiguous fp32 tensor of shape {lse_shape(shape)}")
+    if seed is not None and (seed.numel() != 1 or seed.dtype != torch.int64 or not dropout_p < 1):
+        raise ValueError("dropout needs a 1-element int64 seed and dropout_p < 1")
+    return [tensor for tensor in (lse, seed) if tensor is not None]
+
+
 def _smem_bytes(spec: AttentionSpec, block_m: int, block_n: int, num_stages: int, itemsize: int) -> int:
     """Shared memory of the Q tile plus `num_stages` buffered K, V (and mask) blocks."""
     d, dv = block_dim(spec.head_dim), block_dim(spec.value_dim)
-    mask_itemsize = _MASK_ITEMSIZE[spec.mask]
+    mask_itemsize = MASK_ITEMSIZE[spec.mask]
     return itemsize * block_m * d + num_stages * block_n * (itemsize * (d + dv) + mask_itemsize * block_m)
 
 
@@ -160,7 +186,8 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
     without spilling (tests/codegen/cuda_compile_grid.py --markdown shows the counts):
     fp32 dots (exact, on FMA units) hold their operands in registers, and so do K/V rows whose
     bytes are not a multiple of 16 (a head dim of 59 or 111 in 16 bits), which cp.async cannot
-    stream through shared memory. Callers should pass `itemsize`.
+    stream through shared memory; nor do dropout's Philox draws on 4 warps. Callers should pass
+    `itemsize`.
     """
     widest = max(block_dim(spec.head_dim), block_dim(spec.value_dim))
     if q_len <= 16:
@@ -175,7 +202,7 @@ def default_config(spec: AttentionSpec, q_len: int, kv_len: int, *, itemsize: in
     else:
         streamed = all(dim * itemsize % 16 == 0 for dim in (spec.head_dim, spec.value_dim))
         block_n = 64 if widest <= 128 and streamed else 32
-        num_warps = 8 if widest > 128 or (block_m == 128 and (widest == 128 or not streamed)) else 4
+        num_warps = 8 if widest > 128 or (block_m == 128 and (widest == 128 or not streamed or spec.dropout)) else 4
     block_n = min(block_n, block_dim(kv_len))
     fitting = [s for s in stages if _smem_bytes(spec, block_m, block_n, s, itemsize) <= DEFAULT_SMEM_BUDGET]
     num_stages = fitting[0] if fitting else 1
@@ -261,6 +288,8 @@ def attention_reference(
     causal_offset: int = 0,
     empty_rows_zero: bool = False,
     softcap: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out = softmax(masked(scale * q @ k^T)) @ v, per batch and query head.
 
@@ -280,8 +309,11 @@ def attention_reference(
     added to s. causal: key j is visible to query i iff j <= i + causal_offset (0 aligns top-left
     like SDPA's is_causal, kv_len - q_len bottom-right like flash-attn); invisible scores are
     -inf, applied after the mask. Rows whose scores are all -inf (or that have no keys) come out
-    NaN, as in eager softmax, or 0 with empty_rows_zero (SDPA's convention); a NaN score makes its
-    row NaN either way. The softmax weights are cast to v's dtype before the product with v.
+    NaN, as in eager softmax, or 0 with empty_rows_zero (SDPA's convention, with zero gradients);
+    a NaN score makes its row NaN either way. dropout_p: the weights are dropped out (kept where
+    dropout_keep, a bool tensor of the scores' shape, is True, else by torch's generator) and scaled
+    by 1 / (1 - dropout_p); launch draws its own. The weights are cast to v's dtype before the
+    product with v.
     """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -295,9 +327,15 @@ def attention_reference(
     if causal:
         visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(causal_offset)
         scores = scores.masked_fill(~visible, float("-inf"))
-    weights = scores.softmax(dim=-1)
     if empty_rows_zero:  # every score -inf (true of no keys at all); a NaN score is not, and stays NaN
-        weights = weights.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+        empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        weights = scores.masked_fill(empty, 0.0).softmax(dim=-1).masked_fill(empty, 0.0)  # no NaN in the backward
+    else:
+        weights = scores.softmax(dim=-1)
+    if dropout_p and dropout_keep is not None:
+        weights = weights * dropout_keep / (1 - dropout_p)
+    elif dropout_p:
+        weights = torch.nn.functional.dropout(weights, dropout_p)
     return torch.matmul(weights.to(v.dtype), v)
 
 

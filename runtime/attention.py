@@ -27,23 +27,40 @@ query head of a GQA group reading its kv head again. The decode kernel packs a g
 queries into one tile and splits the keys across programs; it pays one extra small kernel that
 merges the splits, which only a cache of a few hundred keys fails to amortise. 64 queries cover
 decoding (1) and speculative-decoding trees (Medusa: up to 64 tokens with a tree mask).
+
+Training. An op captured with inputs that require grad (`differentiable`) runs FlashAttention-2's
+forward with the row log-sum-exp (never the decode kernel) and returns it as a residual, with the
+dropout seed when it drops out; autograd also saves its operands and output. Its backward
+(codegen/attention_backward.py) runs the dq kernel, then the dkdv kernel, on the same 4-d
+operands, and maps the gradients back to the graph's layouts; a mask that requires grad gets the
+gradient the dq kernel stores for the scores, carried back through the mask's broadcast,
+scaling and combination by autograd. nn.MultiheadAttention's op saves the attention's output and
+recomputes its projections under autograd around the kernels (_AttentionCore). A call whose
+forward fell back to PyTorch recomputes its reference under autograd, replaying the saved seed.
+Dropout draws a seed from torch's generator per call; the kernels draw Philox bits from it at
+each score's index, so the backward regenerates the forward's mask without storing it.
 """
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from codegen import attention as attention_codegen
+from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
 from runtime import library
-from runtime.dispatch import FusedOp, Kernel
+from runtime.dispatch import FusedOp, Kernel, _autograd_on, grad_like
+from runtime.interpret import launch_lock
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
 MASKED_OUT = -6.0e4  # scores at or below this, next to a visible score, get exactly zero weight
+SEED_RANGE = 1 << 62  # dropout seeds are drawn from torch's generator in [0, SEED_RANGE)
+_replayed_seed: ContextVar[torch.Tensor | None] = ContextVar("flashfx_replayed_seed", default=None)
 
 
 def uses_decode_kernel(q_len: int, kv_len: int) -> bool:
@@ -132,16 +149,52 @@ def _rescaled(form: MaskForm, ratio: float) -> MaskForm:
     return replace(form, multiplier=form.multiplier * ratio)
 
 
+@dataclass
+class AttentionCall:
+    """One call's operands as the kernels take them (4-d), and whether they can: `reason` is why not."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    masks: list  # the graph's masks, 4-d (the references apply a chain of them in turn)
+    mask: torch.Tensor | None  # the one mask the kernel applies, broadcast to the scores' shape
+    form: MaskForm
+    out_batch: tuple  # the batch dims of the graph's output
+    reason: str | None
+
+
+def _lse_buffer(q_shape: tuple, device) -> torch.Tensor:
+    return torch.empty(attention_codegen.lse_shape(q_shape), dtype=torch.float32, device=device)
+
+
+class _AttentionCore(torch.autograd.Function):
+    """Attention inside an op whose other parts PyTorch differentiates (nn.MultiheadAttention's
+    projections): the forward hands back the output the kernel already computed, the backward runs
+    the backward kernels through `grads_of(dout) -> (dq, dk, dv)`."""
+
+    @staticmethod
+    def forward(ctx, grads_of, out, q, k, v):
+        ctx.grads_of = grads_of
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (None, None, *ctx.grads_of(dout))
+
+
 class AttentionOp(FusedOp):
     pattern = "attention"
+    saves_outputs = True  # the backward reads O (delta = rowsum(dO * O))
 
     def __init__(self, replaced, scale: float, layout: AttentionLayout,
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
                  folded_mask: torch.Tensor | None = None, mode: str = "default", scale_factors: tuple = (),
-                 softcap: float | None = None, mask_scalings: tuple = (), static_dropped: float = -math.inf):
+                 softcap: float | None = None, mask_scalings: tuple = (), static_dropped: float = -math.inf,
+                 dropout_p: float = 0.0):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.softcap = softcap
+        self.dropout_p = dropout_p
         self.layout = layout
         self.static_form = static_form
         self.tensor_form = tensor_form
@@ -156,9 +209,50 @@ class AttentionOp(FusedOp):
         self._static_dropped = static_dropped  # the largest score the static form's mask leaves a dropped one
         self._static_holds = True  # the static form's dropped scores stay dropped at the current scale
         self._inexact_scale: str | None = None  # why the current scale needs eager's math, if it does
+        self.masks_require_grad = False  # set by the pass: a mask is a learned bias (the dq kernel gives its gradient)
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
+        return self._attend([q, k, v, *rest])[0]
+
+    def forward_saving(self, *operands):
+        """The output and, for training, the backward's residuals: the row log-sum-exp (base 2, fp32,
+        codegen.attention.lse_shape of the 4-d q), then the dropout seed when there is dropout."""
+        if not self.differentiable:
+            return self(*operands), []
+        with launch_lock():
+            return self._attend(list(operands), saving=True)
+
+    def output_like(self, q, k, v, *rest):
+        return torch.empty((*self._out_batch(q, v), q.shape[-2], v.shape[-1]), dtype=self.layout.out_dtype,
+                           device=q.device)
+
+    def residuals_like(self, q, k, v, *rest):
+        if not self.differentiable:
+            return []
+        q, _, _, _ = self._to_4d(q, k, v, [])
+        return self._residuals(q.shape, q.device)
+
+    def _residuals(self, q_shape: tuple, device) -> list[torch.Tensor]:
+        """Empty residuals for a 4-d q: the lse buffer, then the dropout seed."""
+        return [_lse_buffer(q_shape, device)] + ([torch.empty(1, dtype=torch.int64, device=device)]
+                                                 if self.dropout_p else [])
+
+    def _attend(self, operands, saving: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(the graph's output, the residuals when `saving`) for the graph's operands."""
+        call = self._call(operands)
+        lse = _lse_buffer(call.q.shape, call.q.device) if saving else None
+        seed = self._seed(call.q.device) if self.dropout_p else None
+        if call.reason is None:
+            out = self._launch(call, lse=lse, seed=seed)
+        else:
+            self.fell_back(call.reason)
+            out = self._reference_of(call, seed)
+        residuals = [lse] + ([seed] if seed is not None else []) if saving else []
+        return self._from_4d(out, call.out_batch), residuals
+
+    def _call(self, operands) -> AttentionCall:
+        q, k, v, *rest = operands
         masks, factors = self._split_rest(rest)
         self._refresh_scale(factors)
         form = self._choose_form(masks)
@@ -169,16 +263,15 @@ class AttentionOp(FusedOp):
             mask = mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
         reason = (self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
                   or self._inexact_scale)
-        if reason is None:
-            out = self._launch(q, k, v, mask, form)
-        else:
-            self.fell_back(reason)
-            out = self._chain_reference(q, k, v, masks) if form.chain else self._reference(q, k, v, mask, form)
-        return self._from_4d(out, out_batch)
+        return AttentionCall(q, k, v, masks, mask, form, out_batch, reason)
 
-    def output_like(self, q, k, v, *rest):
-        return torch.empty((*self._out_batch(q, v), q.shape[-2], v.shape[-1]), dtype=self.layout.out_dtype,
-                           device=q.device)
+    def _seed(self, device) -> torch.Tensor:
+        """Dropout's seed for this call: drawn from torch's generator (torch.manual_seed reproduces a
+        run), or the saved one while the backward recomputes the forward."""
+        replayed = _replayed_seed.get()
+        if replayed is not None:
+            return replayed
+        return torch.randint(SEED_RANGE, (1,), dtype=torch.int64, device=device)
 
     def _split_rest(self, rest):
         """(masks, the scale factors read from module state) from the operands after v."""
@@ -255,14 +348,17 @@ class AttentionOp(FusedOp):
         return out.reshape(*out_batch, *out.shape[-2:])
 
     # -- kernels ---------------------------------------------------------------------
-    def spec_for(self, q, k, v, form: MaskForm) -> attention_codegen.AttentionSpec:
-        """The spec of the kernel these 4-d operands run: a DecodeSpec for short queries.
+    def spec_for(self, q, k, v, form: MaskForm, *, lse: bool = False) -> attention_codegen.AttentionSpec:
+        """The spec of the kernel these 4-d operands run: a DecodeSpec for short queries, unless the
+        op trains (the backward needs FlashAttention-2's lse) or drops out.
 
         With symbolic lengths (compile time, dynamic shapes) the choice waits for run time:
         comparing them here would make Dynamo guard on the comparison."""
         lengths = (q.shape[-2], k.shape[-2])
-        decode = all(isinstance(n, int) for n in lengths) and uses_decode_kernel(*lengths)
+        decode = (not self.differentiable and not self.dropout_p and all(isinstance(n, int) for n in lengths)
+                  and uses_decode_kernel(*lengths))
         spec_type = decode_codegen.DecodeSpec if decode else attention_codegen.AttentionSpec
+        flags = {} if decode else {"lse": lse, "dropout": bool(self.dropout_p)}
         return spec_type(
             head_dim=q.shape[-1],
             value_dim=v.shape[-1],
@@ -271,11 +367,14 @@ class AttentionOp(FusedOp):
             causal=form.causal is not None,
             empty_rows_zero=form.empty_rows_zero,
             softcap=self.softcap is not None,
+            **flags,
         )
 
     def kernel_for(self, spec) -> tuple[object, Kernel]:
         if isinstance(spec, decode_codegen.DecodeSpec):
             return self.load_kernel(spec, decode_codegen.kernel_name, decode_codegen.render_decode)
+        if isinstance(spec, backward_codegen.AttentionBackwardSpec):
+            return self.load_kernel(spec, backward_codegen.kernel_name, backward_codegen.render_backward)
         return self.load_kernel(spec, attention_codegen.kernel_name, attention_codegen.render_attention)
 
     def prepare(self, q, k, v) -> None:
@@ -288,14 +387,21 @@ class AttentionOp(FusedOp):
     def _causal_offset(self, q, k, form: MaskForm) -> int:
         return k.shape[-2] - q.shape[-2] if form.causal == "bottom_right" else 0
 
-    def _launch(self, q, k, v, mask, form):
-        spec = self.spec_for(q, k, v, form)
+    def _options(self, call: AttentionCall, seed: torch.Tensor | None) -> dict:
+        """The launch options every kernel of this call takes (forward and backward)."""
+        dropout = dict(dropout_p=self.dropout_p, seed=seed) if self.dropout_p else {}
+        return dict(scale=self.scale, mask=call.mask, fill_value=call.form.fill_value,
+                    causal_offset=self._causal_offset(call.q, call.k, call.form), softcap=self.softcap, **dropout)
+
+    def _launch(self, call: AttentionCall, lse: torch.Tensor | None = None, seed: torch.Tensor | None = None):
+        q, k, v = call.q, call.k, call.v
+        spec = self.spec_for(q, k, v, call.form, lse=lse is not None)
         module, kernel = self.kernel_for(spec)
         out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=self.layout.out_dtype, device=q.device)
+        options = self._options(call, seed) | ({"lse": lse} if lse is not None else {})
 
         def run(config):
-            return module.launch(q, k, v, out, scale=self.scale, mask=mask, fill_value=form.fill_value,
-                                 causal_offset=self._causal_offset(q, k, form), softcap=self.softcap, config=config)
+            return module.launch(q, k, v, out, config=config, **options)
 
         lengths, default, candidates = self._tuning(spec, q, k)
         config = self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run)
@@ -314,11 +420,108 @@ class AttentionOp(FusedOp):
             return ((shape["group"] * q_len, kv_len, shape["kv_rows"]),
                     lambda: decode_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size(), **shape),
                     lambda: decode_codegen.config_space(spec, q_len, kv_len, **shape))
+        codegen = backward_codegen if isinstance(spec, backward_codegen.AttentionBackwardSpec) else attention_codegen
         return ((q_len, kv_len),
-                lambda: attention_codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
-                lambda: attention_codegen.config_space(spec))
+                lambda: codegen.default_config(spec, q_len, kv_len, itemsize=q.element_size()),
+                lambda: codegen.config_space(spec))
 
-    def _chain_reference(self, q, k, v, masks):
+    # -- backward --------------------------------------------------------------------
+    def backward(self, operands, outputs, residuals, grads):
+        """The gradients (_backward), under the interpreter's launch lock as the forward is."""
+        with launch_lock():
+            return self._backward(operands, outputs, residuals, grads)
+
+    def _backward(self, operands, outputs, residuals, grads):
+        """dq, dk, dv from the backward kernels, the gradient of a mask that requires grad (a learned
+        bias: the dq kernel stores the scores' gradient, which autograd carries back through the mask's
+        broadcast, scaling and combination), zeros for the other floating-point operands; or the
+        reference recomputed under autograd when the forward fell back."""
+        operands = [t.detach() for t in operands]
+        mask_leaves = self._mask_leaves(operands)
+        with _autograd_on():
+            call = self._call([mask_leaves.get(index, t) for index, t in enumerate(operands)])
+        seed = residuals[1] if self.dropout_p and residuals else None
+        reason = call.reason or (None if residuals else "the op was compiled for inference, without the forward's lse")
+        if reason is not None:
+            return self._recomputed(operands, grads, reason, seed)
+        graph_mask = call.mask
+        call.mask = None if graph_mask is None else graph_mask.detach()
+        dmask = None
+        if graph_mask is not None and graph_mask.requires_grad:
+            dmask = torch.zeros(graph_mask.shape, dtype=torch.float32, device=graph_mask.device)
+        out = outputs[0].reshape(*call.q.shape[:-1], call.v.shape[-1])
+        dq, dk, dv = self._attention_grads(call, out, grads[0].reshape(out.shape), residuals[0], seed, dmask)
+        mask_grads = {}
+        if dmask is not None:
+            found = torch.autograd.grad(graph_mask, list(mask_leaves.values()), dmask.to(graph_mask.dtype),
+                                        allow_unused=True)
+            mask_grads = dict(zip(mask_leaves, found))
+        return self._operand_grads(operands, dq, dk, dv, mask_grads)
+
+    def _mask_leaves(self, operands) -> dict[int, torch.Tensor]:
+        """{operand index: a leaf requiring grad} for the floating-point masks, when one requires grad."""
+        if not self.masks_require_grad:
+            return {}
+        masks, _ = self._split_rest(operands[3:])
+        return {3 + index: mask.requires_grad_() for index, mask in enumerate(masks) if mask.is_floating_point()}
+
+    def _recomputed(self, operands, grads, reason: str, seed: torch.Tensor | None):
+        """recomputed_backward, replaying the forward's dropout seed."""
+        token = _replayed_seed.set(seed)
+        try:
+            return self.recomputed_backward(operands, grads, f"backward: recomputed in PyTorch ({reason})")
+        finally:
+            _replayed_seed.reset(token)
+
+    def _attention_grads(self, call: AttentionCall, out, dout, lse, seed, dmask=None):
+        """(dq, dk, dv) of the 4-d operands: the dq kernel (it also writes delta, and the mask's gradient
+        into `dmask` when given), then the dkdv kernel."""
+        q, k, v = call.q, call.k, call.v
+        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        delta = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        forward_spec = self.spec_for(q, k, v, call.form)
+        options = self._options(call, seed)
+        launches = {
+            "dq": lambda module, config: module.launch(q, k, v, out, dout, lse, delta, dq, config=config, **options,
+                                                       **({"dmask": dmask} if dmask is not None else {})),
+            "dkdv": lambda module, config: module.launch(q, k, v, dout, lse, delta, dk, dv, config=config, **options),
+        }
+        for part, launch in launches.items():
+            mask_grad = part == "dq" and dmask is not None
+            spec = backward_codegen.AttentionBackwardSpec(forward_spec, part, mask_grad=mask_grad)
+            module, kernel = self.kernel_for(spec)
+            lengths, default, candidates = self._tuning(spec, q, k)
+            run = lambda config, module=module, launch=launch: launch(module, config)  # noqa: E731
+            run(self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run))
+        return dq, dk, dv
+
+    def _operand_grads(self, operands, dq, dk, dv, mask_grads: dict) -> list[torch.Tensor]:
+        """The 4-d gradients in the graph operands' layouts (as torch.empty_like gives them), the masks'
+        ({operand index: gradient}), zeros for the other floating-point operands (scale factors)."""
+        q, k, v = operands[:3]
+        if self.layout.key_transposed:
+            dk = dk.reshape(k.transpose(-1, -2).shape).transpose(-1, -2)
+        found = [dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)]
+        found += [mask_grads.get(index) for index in range(3, len(operands))]
+        return [grad_like(operand, grad) for operand, grad in zip(operands, found) if operand.is_floating_point()]
+
+    # -- references ------------------------------------------------------------------
+    def _reference_of(self, call: AttentionCall, seed: torch.Tensor | None):
+        """Eager's math for the call (dropout's keep mask drawn from `seed`, so the backward's recompute
+        drops the same weights)."""
+        keep = None
+        if seed is not None:
+            generator = torch.Generator(device=call.q.device).manual_seed(int(seed.item()))
+            shape = (*call.q.shape[:-1], call.k.shape[-2])
+            keep = torch.rand(shape, generator=generator, device=call.q.device) >= self.dropout_p
+        if call.form.chain:
+            return self._chain_reference(call.q, call.k, call.v, call.masks, keep)
+        return self._reference(call.q, call.k, call.v, call.mask, call.form, keep)
+
+    def _dropped(self, weights: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return weights if keep is None else weights * keep / (1 - self.dropout_p)
+
+    def _chain_reference(self, q, k, v, masks, keep=None):
         """Eager's math for masks applied in turn: a bool mask replaces scores by its fill, an
         additive one adds to them (scaled by what follows it)."""
         group = q.shape[1] // k.shape[1]
@@ -329,9 +532,10 @@ class AttentionOp(FusedOp):
                 scores = scores.masked_fill(mask != form.keep_when, form.fill_value)
             else:
                 scores = scores + mask.to(scores.dtype) * form.multiplier
-        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).to(self.layout.out_dtype)
+        weights = self._dropped(scores.softmax(dim=-1), keep)
+        return torch.matmul(weights.to(v.dtype), v).to(self.layout.out_dtype)
 
-    def _reference(self, q, k, v, mask, form):
+    def _reference(self, q, k, v, mask, form, keep=None):
         out = attention_codegen.attention_reference(
             q, k, v,
             scale=self.scale,
@@ -342,6 +546,8 @@ class AttentionOp(FusedOp):
             causal_offset=self._causal_offset(q, k, form),
             empty_rows_zero=form.empty_rows_zero,
             softcap=self.softcap,
+            dropout_p=self.dropout_p if keep is not None else 0.0,
+            dropout_keep=keep,
         )
         return out.to(self.layout.out_dtype)
 
@@ -358,14 +564,18 @@ class MultiheadLayout:
 
 
 class MultiheadAttentionOp(AttentionOp):
-    """F.multi_head_attention_forward (nn.MultiheadAttention) without dropout, bias_k/bias_v, static
-    keys or zero attention: the projections run in PyTorch as eager writes them, the attention in
-    the generated kernel, on the same mask eager merges from key_padding_mask and attn_mask."""
+    """F.multi_head_attention_forward (nn.MultiheadAttention) without bias_k/bias_v, static keys or
+    zero attention: the projections run in PyTorch as eager writes them, the attention (and its
+    dropout in training) in the generated kernel, on the same mask eager merges from
+    key_padding_mask and attn_mask."""
+
+    saves_outputs = False  # the backward reads the attention's output, saved among the residuals
 
     def __init__(self, replaced, layout: MultiheadLayout, head_dim: int, out_dtype: torch.dtype,
-                 static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default"):
+                 static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default",
+                 dropout_p: float = 0.0):
         super().__init__(replaced, 1.0 / math.sqrt(head_dim), AttentionLayout(out_dtype=out_dtype),
-                         static_form, tensor_form, mode=mode)
+                         static_form, tensor_form, mode=mode, dropout_p=dropout_p)
         self.heads = layout
 
     library_op = "multihead_attention"
@@ -377,16 +587,68 @@ class MultiheadAttentionOp(AttentionOp):
         return torch.empty((*query.shape[:-1], weight.shape[0]), dtype=query.dtype, device=query.device)
 
     def forward(self, *tensors):
+        return self._multihead(tensors)[0]
+
+    def forward_saving(self, *tensors):
+        """The output and, for training, the attention's output (batch, heads, tgt_len, head_dim), then
+        AttentionOp's residuals."""
+        if not self.differentiable:
+            return self(*tensors), []
+        with launch_lock():
+            return self._multihead(tensors, saving=True)
+
+    def residuals_like(self, *tensors):
+        if not self.differentiable:
+            return []
+        query = dict(zip(self.heads.roles, tensors))["query"]
+        batch, heads = (query.shape[1] if query.dim() == 3 else 1), self.heads.num_heads
+        core = torch.empty((batch, heads, query.shape[0], query.shape[-1] // heads), dtype=self.layout.out_dtype,
+                           device=query.device)
+        return [core, *self._residuals(core.shape, query.device)]
+
+    def _multihead(self, tensors, saving: bool = False):
+        operands, batched = self._operands(tensors)
+        q, k, v, masks = self._attention_inputs(operands)
+        core, residuals = self._attend([q, k, v, *masks], saving)
+        return self._out_projection(core, operands, batched), ([core, *residuals] if saving else [])
+
+    def _backward(self, operands, outputs, residuals, grads):
+        """The projections recomputed and differentiated by PyTorch around the attention, whose
+        backward runs the kernels from the saved output and lse (_AttentionCore)."""
+        core, lse, seed = (residuals + [None] * 3)[:3]
+        leaves = _unique_leaves(operands)
+        with _autograd_on():
+            named, batched = self._operands(leaves)
+            q, k, v, masks = self._attention_inputs(named)
+        call = self._call([q.detach(), k.detach(), v.detach(), *(mask.detach() for mask in masks)])
+        reason = call.reason or (None if residuals else "the op was compiled for inference, without the forward's lse")
+        reason = reason or ("a mask requires grad" if self.masks_require_grad else None)
+        if reason is not None:
+            return self._recomputed(operands, grads, reason, seed)
+        with _autograd_on():
+            attended = _AttentionCore.apply(lambda dout: self._attention_grads(call, core, dout, lse, seed),
+                                            core, q, k, v)
+            out = self._out_projection(attended, named, batched)
+        return _grads_of_leaves(out, grads[0], operands, leaves)
+
+    def _operands(self, tensors) -> tuple[dict, bool]:
+        """({role: tensor}, batched), unbatched inputs made a batch of one."""
         operands = dict(zip(self.heads.roles, tensors))
-        query = operands["query"]
-        batched = query.dim() == 3
+        batched = operands["query"].dim() == 3
         if not batched:
             operands = {role: self._batched(role, tensor) for role, tensor in operands.items()}
+        return operands, batched
+
+    def _attention_inputs(self, operands):
+        """(q, k, v, masks) of the attention: projected, split into heads, masks merged."""
         q, k, v = self._projections(operands)
         masks = [] if self.tensor_form is None else [self._merged_mask(operands, q.shape[0], q.shape[2], k.shape[2])]
-        out = super().forward(q, k, v, *masks)
+        return q, k, v, masks
+
+    @staticmethod
+    def _out_projection(core, operands, batched: bool):
         tgt_len, bsz, embed_dim = operands["query"].shape
-        out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
+        out = core.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim)
         out = F.linear(out, operands["out_proj_weight"], operands.get("out_proj_bias")).view(tgt_len, bsz, -1)
         return out if batched else out.squeeze(1)
 
@@ -432,6 +694,22 @@ class MultiheadAttentionOp(AttentionOp):
         return merged
 
 
+def _unique_leaves(operands) -> list[torch.Tensor]:
+    """A leaf that requires grad for each floating-point operand, one per distinct tensor (self-attention
+    passes one tensor as query, key and value: eager's packed projection checks `query is key`)."""
+    leaves: dict[int, torch.Tensor] = {}
+    return [leaves.setdefault(id(t), t.detach().requires_grad_()) if t.is_floating_point() else t for t in operands]
+
+
+def _grads_of_leaves(out: torch.Tensor, dout: torch.Tensor, operands, leaves) -> list[torch.Tensor]:
+    """The gradient of each floating-point operand: its leaf's at the leaf's first operand, zeros at the
+    others (autograd adds up what each position gets)."""
+    distinct = list({id(leaf): leaf for leaf in leaves if leaf.is_floating_point()}.values())
+    found = dict(zip(map(id, distinct), torch.autograd.grad(out, distinct, dout, allow_unused=True)))
+    grads = [found.pop(id(leaf), None) for leaf in leaves if leaf.is_floating_point()]
+    return [grad_like(operand, grad) for operand, grad in zip([t for t in operands if t.is_floating_point()], grads)]
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
@@ -466,6 +744,9 @@ class EncoderLayerOp(MultiheadAttentionOp):
 
     library_op = "transformer_encoder_layer"
     graph_output = staticmethod(library.visible_outputs)
+    # PyTorch takes the fast path only without autograd: no residuals, and a backward (opcheck's)
+    # recomputes the layer in PyTorch
+    forward_saving, residuals_like, backward = FusedOp.forward_saving, FusedOp.residuals_like, FusedOp.backward
 
     def output_like(self, *tensors):
         src = dict(zip(self.layer.roles, tensors))["src"]

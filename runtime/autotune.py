@@ -40,7 +40,7 @@ import filelock
 import torch
 import triton
 
-from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan
+from codegen import attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan
 from runtime import knobs
 from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_text, read_cache_file, read_problem,
                            sweep_stale_temps, warn_once)
@@ -52,6 +52,7 @@ MODES = ("default", "max-autotune")
 # codegen/<family>.py declares them beside its default_config.
 FAMILY_CONFIG_KEYS = (
     ("attention_decode", attention_decode.CONFIG_KEYS),
+    ("attention_bwd", attention_backward.CONFIG_KEYS),
     ("attention", attention.CONFIG_KEYS),
     ("long_conv", long_conv.CONFIG_KEYS),
     ("short_conv", short_conv.CONFIG_KEYS),

@@ -34,7 +34,7 @@ from runtime.loader import load_source
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
 SPARSE_RECOMPUTED = ("backward: recomputed in PyTorch from the saved inputs (contextual sparsity is an inference "
                      "method: no backward kernels; the gradients are those of the sparse forward, as eager's)")
-_recomputing: ContextVar[bool] = ContextVar("flashfx_recomputing", default=False)
+_recomputing: ContextVar[str | None] = ContextVar("flashfx_recomputing", default=None)  # why, while recomputing
 
 
 @contextlib.contextmanager
@@ -119,10 +119,12 @@ class FusedOp(torch.nn.Module):
         """The gradient of each floating-point operand; families with backward kernels override this."""
         return self.recomputed_backward(operands, grads)
 
-    def recomputed_backward(self, operands: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The gradient of each floating-point operand, from the reference recomputed under autograd."""
+    def recomputed_backward(self, operands: list[torch.Tensor], grads: list[torch.Tensor],
+                            reason: str | None = None) -> list[torch.Tensor]:
+        """The gradient of each floating-point operand, from the reference recomputed under autograd
+        (counted in the report as a fallback for `reason`, by default the op's recompute_reason)."""
         inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in operands]
-        token = _recomputing.set(True)
+        token = _recomputing.set(reason or self.recompute_reason)
         try:
             with _autograd_on():
                 outputs = self(*inputs)
@@ -137,8 +139,8 @@ class FusedOp(torch.nn.Module):
 
     def why_not_kernel(self, tensors: list[torch.Tensor]) -> str | None:
         """Shared reasons to leave a call to PyTorch; subclasses add their own."""
-        if _recomputing.get():
-            return self.recompute_reason
+        if _recomputing.get() is not None:
+            return _recomputing.get()
         devices = {t.device for t in tensors}
         if len(devices) != 1:
             return f"tensors on several devices {sorted(map(str, devices))}"

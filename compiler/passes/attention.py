@@ -2,12 +2,13 @@
 
 Recognised (after ir.canonicalize folded the spellings):
 
-    out = matmul(cast?(softmax(scores, dim=-1)), V)                  naive attention
+    out = matmul(cast?(dropout?(softmax(scores, dim=-1))), V)        naive attention (train-mode dropout on the
+                                                                      weights fused, eval-mode dropped earlier)
     scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
              casts, scales (mul/div by a scalar or a constant 0-d tensor),
              at most one tanh between scales (logit soft-capping, cap * tanh(s / cap)),
              at most two masks above it: scores + bias | where(m, fill, scores) | masked_fill
-    out = sdpa(Q, K, V, attn_mask?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
+    out = sdpa(Q, K, V, attn_mask?, dropout_p?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
     out, _ = multi_head_attention_forward(...)                        nn.MultiheadAttention (its weights unread)
     out = _transformer_encoder_layer_fwd(...)                         nn.TransformerEncoderLayer's inference fast
                                                                       path: norms and MLP stay in PyTorch
@@ -53,7 +54,7 @@ def attention_reference(q, k, v, scale: float, bias: torch.Tensor | None = None)
     return torch.softmax(scores if bias is None else scores + bias, dim=-1) @ v
 
 
-PROBABILITIES = Skip({"cast", "identity", "reshape"}, Op("softmax", Any("scores"), bind="softmax",
+PROBABILITIES = Skip({"cast", "identity", "reshape", "dropout"}, Op("softmax", Any("scores"), bind="softmax",
                                   where=lambda n: n.attrs["dim"] == n.type.rank - 1,
                                   why="softmax is not over the last (key) dimension"))
 NAIVE_ATTENTION = Op("matmul", PROBABILITIES, Any("value"), bind="output")
@@ -123,6 +124,7 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     if scores.softcap is not None and scores.state_scales:
         raise NoMatch(scores.qk, "a scale read from module state inside a softcap's tanh")
     probabilities = _probability_chain(graph, node, found["softmax"])
+    dropout_p = _dropout_on(graph, probabilities)
     replaced = list(scores.nodes[::-1]) + probabilities
     _check_private(graph, replaced)
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
@@ -131,7 +133,7 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
     _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
           key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
-          state_scales=scores.state_scales, softcap=scores.softcap)
+          state_scales=scores.state_scales, softcap=scores.softcap, dropout_p=dropout_p)
 
 
 def _regroups_batch(graph, node: Node) -> bool:
@@ -157,6 +159,20 @@ def _probability_chain(graph, output: Node, softmax: Node) -> list[str]:
     return [softmax.name] + chain[::-1]
 
 
+def _dropout_on(graph, probabilities: list[str]) -> float:
+    """The probability of the train-mode dropout on the weights (0.0 without one)."""
+    dropouts = [graph.node(name) for name in probabilities if graph.node(name).op == "dropout"]
+    if len(dropouts) > 1:
+        raise NoMatch(dropouts[1], "dropout applied twice to the attention weights")
+    return _dropout_p(dropouts[0], dropouts[0].attrs["p"]) if dropouts else 0.0
+
+
+def _dropout_p(node: Node, p) -> float:
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise NoMatch(node, f"dropout p={p} is not a probability below 1")
+    return float(p)
+
+
 def _check_private(graph, replaced: list[str]) -> None:
     """Intermediates (scores, probabilities) must not be read outside the pattern."""
     inside = set(replaced)
@@ -168,9 +184,9 @@ def _check_private(graph, replaced: list[str]) -> None:
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
-    reasons = {"dropout": "dropout is active (training mode)", "mul": "probabilities are rescaled after softmax"}
+    reasons = {"mul": "probabilities are rescaled after softmax"}
     current, blocker = graph.node(node.inputs[0]), None
-    while current.op in ("cast", "identity", *reasons) and current.inputs:
+    while current.op in ("cast", "identity", "dropout", *reasons) and current.inputs:
         if current.op in reasons:
             blocker = blocker or current
         current = graph.node(current.inputs[0])
@@ -331,8 +347,6 @@ def _untranspose(graph, key_t: Node) -> tuple[Node, bool]:
 # -- F.scaled_dot_product_attention ---------------------------------------------------
 def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
     attrs = node.attrs
-    if attrs["dropout_p"]:
-        raise NoMatch(node, f"dropout_p={attrs['dropout_p']} (the kernel has no dropout)")
     if attrs["is_causal"] and attrs["has_mask"]:
         raise NoMatch(node, "is_causal together with attn_mask")
     query, key, value = (graph.node(name) for name in node.inputs[:3])
@@ -343,7 +357,7 @@ def _fuse_sdpa(graph: Graph, node: Node, context: PassContext) -> None:
         masks.append(MaskOp("bool", tensor) if tensor.type.dtype == torch.bool else MaskOp("additive", tensor))
     _fuse(graph, node, context, query, key, value, float(scale), masks,
           key_transposed=False, causal="top_left" if attrs["is_causal"] else None,
-          empty_rows_zero=True, replaced=[node.name])
+          empty_rows_zero=True, replaced=[node.name], dropout_p=_dropout_p(node, attrs["dropout_p"]))
 
 
 # -- nn.MultiheadAttention ----------------------------------------------------------------
@@ -351,8 +365,7 @@ def _fuse_multihead(graph: Graph, node: Node, context: PassContext) -> None:
     attrs = node.attrs
     if attrs["unsupported"]:
         raise NoMatch(node, f"multi-head attention with {', '.join(attrs['unsupported'])}")
-    if attrs["dropout_p"] and attrs["training"]:
-        raise NoMatch(node, f"dropout_p={attrs['dropout_p']} in training mode (the kernel has no dropout)")
+    dropout_p = _dropout_p(node, attrs["dropout_p"]) if attrs["training"] else 0.0
     for user in graph.users(node.name):
         if not (user.op == "torch" and user.attrs["target"] == "getitem" and user.call.args[1] == 0):
             raise NoMatch(user, "the attention weights are read (need_weights): the kernel does not form them")
@@ -365,10 +378,14 @@ def _fuse_multihead(graph: Graph, node: Node, context: PassContext) -> None:
         raise NoMatch(node, f"head dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}")
     static_form, tensor_form = _multihead_forms(attrs, operands)
     layout = MultiheadLayout(attrs["roles"], attrs["num_heads"], attrs["need_weights"])
-    op = MultiheadAttentionOp([node.name], layout, head_dim, out.dtype, static_form, tensor_form, mode=context.mode)
+    op = MultiheadAttentionOp([node.name], layout, head_dim, out.dtype, static_form, tensor_form, mode=context.mode,
+                              dropout_p=dropout_p)
+    op.masks_require_grad = any(_requires_grad(operands[role]) for role in ("attn_mask", "key_padding_mask")
+                                if role in operands)
     op.prepare(*(_heads_view(operands[role].value, attrs["num_heads"]) for role in ("query", "key", "value")))
     context.fuse(graph, node, op, list(node.inputs), [node.name],
-                 f"nn.MultiheadAttention, {attrs['num_heads']} heads: {(static_form or tensor_form).describe()}")
+                 f"nn.MultiheadAttention, {attrs['num_heads']} heads: {(static_form or tensor_form).describe()}"
+                 + _dropout_detail(dropout_p))
 
 
 def _fuse_encoder_layer(graph: Graph, node: Node, context: PassContext) -> None:
@@ -416,7 +433,8 @@ def _multihead_forms(attrs, operands) -> tuple[MaskForm | None, MaskForm | None]
 # -- shared ------------------------------------------------------------------------------
 def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[MaskOp], *,
           key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
-          regrouped: bool = False, state_scales: tuple = (), softcap: float | None = None) -> None:
+          regrouped: bool = False, state_scales: tuple = (), softcap: float | None = None,
+          dropout_p: float = 0.0) -> None:
     """Replace `anchor` by an AttentionOp; `masks` in the order they apply (the innermost first)."""
     if regrouped:
         batch = _check_regrouped(anchor, query, key, value)
@@ -441,7 +459,8 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
     static_dropped = _dropped_at_most(folded_mask, masks[0]) if scaled_static else -math.inf
     op = AttentionOp(replaced, scale, layout, static_form, tensor_form, folded_mask=folded_mask, mode=context.mode,
                      scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap,
-                     mask_scalings=scalings, static_dropped=static_dropped)
+                     mask_scalings=scalings, static_dropped=static_dropped, dropout_p=dropout_p)
+    op.masks_require_grad = any(_requires_grad(graph.node(name)) for name in extra_inputs)
     op.prepare(query.value, key.value, value.value)
     detail = (static_form or tensor_form).describe()
     if softcap is not None:
@@ -453,8 +472,18 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
         detail += f"; scale {scale:.6g} from {', '.join(scale_state)}, re-read when they change (checked each call)"
     if any(scalings):
         detail += "; it scales the mask too, as eager does (exact while positive, else in PyTorch)"
+    detail += _dropout_detail(dropout_p)
     extra_inputs += [scale.factor.name for scale in state_scales]
     context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
+
+
+def _requires_grad(node: Node) -> bool:
+    """Does the tensor (a learned bias) require grad? Fixed at compile time: TorchDynamo guards it."""
+    return isinstance(node.value, torch.Tensor) and node.value.requires_grad
+
+
+def _dropout_detail(dropout_p: float) -> str:
+    return f"; dropout p={dropout_p:g} on the weights (Philox in the kernels)" if dropout_p else ""
 
 
 def _strip_repeat_kv(graph, key: Node, value: Node) -> tuple[Node, Node]:

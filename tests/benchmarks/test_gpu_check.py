@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import compiler  # noqa: F401  (switches Triton's interpreter on before the benchmarks import Triton)
-from benchmarks.gpu_check import GPU_TESTS, NO_BACKWARD, SUITES, TRAINING, training_configs
+from benchmarks.gpu_check import GPU_TESTS, SUITES
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {"summary.md", "summary.json", "gpu_tests.txt", "gpu_check.log"}
@@ -50,7 +50,7 @@ def test_quick_run_finds_every_selected_test(quick):
 
 def test_quick_run_measures_every_headline_config(quick):
     payload, summary = quick
-    assert list(payload["suites"]) == [*SUITES, "training"]
+    assert list(payload["suites"]) == [*SUITES]
     for name in SUITES:
         rows = payload["suites"][name]
         assert rows and all(row["ours_ms"] for row in rows), (name, rows)
@@ -58,14 +58,13 @@ def test_quick_run_measures_every_headline_config(quick):
         assert f"## {name}" in summary and "| x " in summary
 
 
-def test_training_measures_the_backward_kernels_and_names_the_rest_as_not_run(quick):
+def test_training_measures_the_backward_kernels(quick):
     payload, summary = quick
-    rows = payload["suites"]["training"]
-    measured = rows[:len(training_configs(quick=True))]
-    assert measured and all(row["ours_ms"] and "fell back" not in row["notes"] for row in measured), measured
-    assert [row["notes"] for row in rows[len(measured):]] == [NO_BACKWARD] * len(TRAINING)
-    assert summary.count(NO_BACKWARD) == 2 * len(TRAINING)  # its table and the "Not run" list
-    assert "## Not run" in summary
+    rows = payload["suites"]["attention_training"]
+    assert [row["config"].get("pass", "step") for row in rows] == ["fwd+bwd", "bwd", "step"]
+    assert all("not all in flashfx kernels" not in row["notes"] for row in rows)
+    scan = payload["suites"]["ssm_training"]
+    assert scan and all(row["ours_ms"] and "fell back" not in row["notes"] for row in scan), scan
 
 
 def test_no_budget_names_everything_as_not_run(tmp_path_factory):

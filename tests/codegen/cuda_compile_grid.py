@@ -21,8 +21,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
 
-from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan  # noqa: E402
-from codegen import ssm_scan_backward  # noqa: E402
+from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp,  # noqa: E402
+                     ssm_scan, ssm_scan_backward)
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -53,16 +53,57 @@ def attention_cases() -> Iterator[tuple[str, Callable[[], None]]]:
             lambda dtype=dtype, d=d, causal=causal, mask=mask, group=group: _attention(dtype, d, causal, mask, group)
     yield "bf16 d128 causal q 1023 kv 1024", lambda: _attention(BF16, 128, True, "none", 1, q_len=1023, kv_len=1024)
     yield "bf16 d256 causal additive softcap (Gemma 2)", lambda: _attention(BF16, 256, True, "additive", 2, softcap=50.0)
+    for d in (64, 128):  # training: the row log-sum-exp stored, dropout on the weights
+        yield f"bf16 d{d} causal lse dropout", lambda d=d: _attention(BF16, d, True, "none", 1, training=True)
 
 
-def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16, softcap=None):
-    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal, softcap=softcap is not None)
+def _attention(dtype, d, causal, mask, group, q_len=4096, kv_len=4096, batch=4, heads=16, softcap=None,
+               training=False):
+    spec = attention.AttentionSpec(d, d, mask=mask, causal=causal, softcap=softcap is not None, lse=training,
+                                   dropout=training)
     module = load(attention.kernel_name, attention.render_attention, spec)
     q = meta(batch, heads, q_len, d, dtype=dtype)
     k = meta(batch, heads // group, kv_len, d, dtype=dtype)
     masks = {"none": None, "bool": meta(batch, heads, q_len, kv_len, dtype=torch.bool),
              "additive": meta(batch, heads, q_len, kv_len, dtype=dtype)}
-    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask], softcap=softcap)
+    extras = dict(lse=meta(*attention.lse_shape(q.shape), dtype=FP32), dropout_p=0.1,
+                  seed=meta(1, dtype=torch.int64)) if training else {}
+    module.launch(q, k, k, torch.empty_like(q), scale=d ** -0.5, mask=masks[mask], softcap=softcap, **extras)
+
+
+def backward_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    """The dq and dkdv kernels of the FlashAttention-2 grid's head dims, masks, GQA, softcap and dropout."""
+    grid = [(BF16, attention.AttentionSpec(d, d, causal=causal), 1) for d in (64, 128) for causal in (False, True)]
+    grid += [(FP16, attention.AttentionSpec(59, 59, mask="bool"), 1),
+             (BF16, attention.AttentionSpec(64, 64, causal=True, dropout=True), 1),
+             (BF16, attention.AttentionSpec(128, 128, causal=True, dropout=True), 4),
+             (BF16, attention.AttentionSpec(256, 256, mask="additive", causal=True, softcap=True), 2),
+             (FP32, attention.AttentionSpec(64, 64, mask="additive", causal=True), 1)]
+    for dtype, spec, group in grid:
+        for part in attention_backward.PARTS:
+            backward = attention_backward.AttentionBackwardSpec(spec, part)
+            yield f"{dtype} {attention_backward.kernel_name(backward)} group={group}", \
+                lambda dtype=dtype, backward=backward, group=group: _backward(dtype, backward, group)
+    additive = attention_backward.AttentionBackwardSpec(attention.AttentionSpec(64, 64, mask="additive"), "dq",
+                                                        mask_grad=True)
+    yield f"{BF16} {attention_backward.kernel_name(additive)}", lambda: _backward(BF16, additive, 1)
+
+
+def _backward(dtype, spec, group, length=4096, batch=4, heads=16):
+    module = load(attention_backward.kernel_name, attention_backward.render_backward, spec)
+    d, forward = spec.forward.head_dim, spec.forward
+    q = meta(batch, heads, length, d, dtype=dtype)
+    k = meta(batch, heads // group, length, d, dtype=dtype)
+    lse, delta = meta(*attention.lse_shape(q.shape), dtype=FP32), meta(batch, heads, length, dtype=FP32)
+    masks = {"none": None, "bool": meta(batch, 1, 1, length, dtype=torch.bool),
+             "additive": meta(length, length, dtype=dtype)}
+    dropout = dict(dropout_p=0.1, seed=meta(1, dtype=torch.int64)) if forward.dropout else {}
+    options = dict(scale=d ** -0.5, mask=masks[forward.mask], softcap=30.0 if forward.softcap else None, **dropout)
+    if spec.part == "dq":
+        dmask = {"dmask": meta(batch, heads, length, length, dtype=FP32)} if spec.mask_grad else {}
+        module.launch(q, k, k, q, q, lse, delta, torch.empty_like(q), **options, **dmask)
+    else:
+        module.launch(q, k, k, q, lse, delta, torch.empty_like(k), torch.empty_like(k), **options)
 
 
 def decode_cases() -> Iterator[tuple[str, Callable[[], None]]]:
@@ -207,7 +248,8 @@ def _state_update(dtype, dstate, grouped, batch=8, dim=1536, groups=2):
 
 
 FAMILIES = {
-    "attention": attention_cases, "attention_decode": decode_cases, "long_conv": long_conv_cases,
+    "attention": attention_cases, "attention_backward": backward_cases, "attention_decode": decode_cases,
+    "long_conv": long_conv_cases,
     "short_conv": short_conv_cases, "sparse_mlp": sparse_mlp_cases, "ssm_scan": ssm_scan_cases,
 }
 

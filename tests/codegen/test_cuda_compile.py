@@ -38,10 +38,12 @@ def test_kernels_compile_for_h100(family, tmp_path):
     assert not failures, "\n".join(failures)
     too_big = [(record["case"], record["shared_bytes"]) for record in records if not record["fits"]]
     assert not too_big, f"shared memory beyond the H100's 227 KiB: {too_big}"
-    if family == "attention":  # default_config keeps tiles within the registers ptxas gives a thread
+    if family in ("attention", "attention_backward"):  # default_config keeps tiles within a thread's registers
         spilled = [(record["case"], record["spill_bytes"]) for record in records if record["spill_bytes"]]
         assert not spilled, f"default configs spill registers: {spilled}"
-        half = [record for record in records if "float32" not in record["case"]]
+        # 16-bit tiles run on Hopper's wgmma; the backward's head dim 256 keys tiles too short for it
+        half = [record for record in records if "float32" not in record["case"]
+                and not (family == "attention_backward" and "d256" in record["case"])]
         assert all(record["tensor_cores"] == "wgmma" for record in half), "16-bit tiles run on Hopper's wgmma"
     if family == "attention_decode":  # K/V blocks stream through cp.async stages
         assert all(record["pipelined"] for record in records if record["name"].startswith("attention_decode"))

@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compiler
-from runtime.dispatch import RECOMPUTED
 from tests.compiler.test_attention_pass import qkv
 
 
@@ -23,10 +22,12 @@ class NoAttention(nn.Module):
         return torch.sort(y, dim=-1).values.sin()
 
 
-class TrainingDropout(nn.Module):
+class TwoDropouts(nn.Module):
+    """Train-mode dropout applied twice to the weights (one is fused: tests/training/test_train_attention.py)."""
+
     def forward(self, q, k, v):
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        return F.dropout(probs, p=0.5, training=True) @ v
+        return F.dropout(F.dropout(probs, p=0.5, training=True), p=0.1, training=True) @ v
 
 
 class ReturnsWeights(nn.Module):
@@ -155,10 +156,10 @@ def test_probabilities_resplit_are_left_to_pytorch():
     assert "beyond regrouping the batch dims" in compiled.report()
 
 
-def test_training_dropout_is_left_to_pytorch():
-    compiled, _, _ = run_both(TrainingDropout(), *qkv(1, 2, 9, 9, 16))
+def test_dropout_applied_twice_is_left_to_pytorch():
+    compiled, _, _ = run_both(TwoDropouts(), *qkv(1, 2, 9, 9, 16))
     assert "attention" not in compiled.patterns
-    assert "dropout is active" in compiled.report()
+    assert "dropout applied twice" in compiled.report()
 
 
 class Sdpa(nn.Module):
@@ -188,5 +189,4 @@ def test_grad_mode_runs_the_kernel_and_keeps_autograd():
     torch.testing.assert_close(out.detach(), expected.detach())
     for ours, eager in zip((q, k, v), leaves):
         torch.testing.assert_close(ours.grad, eager.grad)
-    (line,) = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    assert line.endswith(f"ran in PyTorch 1x: {RECOMPUTED}")
+    assert "ran in PyTorch" not in compiled.report(), compiled.report()  # forward and backward kernels ran

@@ -12,7 +12,6 @@ import torch
 
 import compiler
 from models import dejavu, gpt, hyena, mamba
-from runtime.dispatch import RECOMPUTED
 from tests.compiler.test_hf_models import gpt2, llama
 
 transformers = pytest.importorskip("transformers")
@@ -69,8 +68,7 @@ def test_training_through_inductor_matches_eager():
     for grad, expected in zip(our_grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)
     assert compiled.patterns == ["attention", "attention"]
-    fallbacks = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    assert len(fallbacks) == 2 and all(line.endswith(f"1x: {RECOMPUTED}") for line in fallbacks)
+    assert "ran in PyTorch" not in compiled.report(), compiled.report()  # the backward kernels ran
 
 
 def test_torch_compile_backend_takes_the_same_option():

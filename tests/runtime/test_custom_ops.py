@@ -82,15 +82,21 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
-BACKWARD_KERNELS = {"ssm_scan", "ssm_scan_with_state"}  # the rest recompute their reference under autograd
+BACKWARD_KERNELS = ("attention", "multihead_attention", "ssm_scan")  # case-name prefixes of the families
+# with backward kernels; the rest recompute their reference under autograd
+BACKWARD_KERNEL_NAMES = {"attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
+                         "multihead_attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
+                         "ssm_scan": ("ssm_scan_backward",)}  # what a training step of each launches
 
 
-def recorded_calls(build):
-    """(compiled model, [(custom op, (operands, key))] its lowered graph called)."""
+def recorded_calls(build, training: bool = False):
+    """(compiled model, [(custom op, (operands, key))] its lowered graph called); `training`: captured
+    with inputs that require grad, so the ops return their backward's residuals."""
     module, args = build()
     compiled = compiler.compile(module, strict=True)
-    with torch.no_grad(), library.recording() as calls:
-        compiled(*[a.clone() for a in args])
+    inputs = [a.clone().requires_grad_(training and a.is_floating_point()) for a in args]
+    with torch.set_grad_enabled(training), library.recording() as calls:
+        compiled(*inputs)
     assert calls, compiled.report()
     return compiled, [(op.custom_op, (operands, op.key)) for op, operands in calls]
 
@@ -102,6 +108,22 @@ def test_opcheck(build):
         operands = [t.detach().requires_grad_(t.is_floating_point()) for t in operands]
         torch.library.opcheck(op, (operands, key))
     assert {op.__name__.split(".")[0] for op, _ in calls} <= set(library.SCHEMAS)
+
+
+@pytest.mark.parametrize("name", ["attention_causal_gqa", "attention_additive_mask", "multihead_attention_padding",
+                                  "ssm_scan", "ssm_scan_with_state"])
+def test_opcheck_of_ops_captured_for_training(name):
+    """Captured with grad, an op returns its backward's residuals (lse, MHA's attention output, chunk
+    states), the fake kernel's like the real ones, and its backward kernels pass autograd's and
+    AOTAutograd's checks without falling back."""
+    compiled, calls = recorded_calls(CASES[name], training=True)
+    for op, (operands, key) in calls:
+        fused = library.lookup(key)
+        assert fused.differentiable
+        operands = [t.detach().requires_grad_(t.is_floating_point()) for t in operands]
+        assert fused.residuals_like(*operands)
+        torch.library.opcheck(op, (operands, key))
+        assert not fused.fallbacks, fused.fallbacks
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - NO_TRAINING))
@@ -130,26 +152,10 @@ def test_gradients_through_compile_match_eager(name):
         else:
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
     fallbacks = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    if name in BACKWARD_KERNELS:
+    if name.startswith(BACKWARD_KERNELS):
         assert not fallbacks, compiled.report()
     else:
         assert fallbacks and all(line.endswith((RECOMPUTED, SPARSE_RECOMPUTED)) for line in fallbacks), compiled.report()
-
-
-@pytest.mark.parametrize("name", sorted(BACKWARD_KERNELS))
-def test_opcheck_of_ops_captured_for_training(name):
-    """Captured with grad, an op returns its backward's residuals (the fake kernel too) and its backward
-    runs kernels: opcheck's autograd and AOTAutograd checks go through them."""
-    module, args = CASES[name]()
-    compiled = compiler.compile(module, strict=True)
-    with library.recording() as calls:
-        compiled(*[a.detach().requires_grad_() for a in args])
-    for op, operands in calls:
-        assert op.differentiable
-        operands = [t.detach().requires_grad_() for t in operands]
-        assert op.residuals_like(*operands)
-        torch.library.opcheck(op.custom_op, (operands, op.key))
-        assert not op.fallbacks, op.fallbacks
 
 
 def test_a_freed_op_is_a_clear_error():
@@ -165,7 +171,8 @@ TUNED = [name for name in CASES if name not in ("attention_mask_state", "attenti
 
 @pytest.mark.parametrize("name", TUNED)
 def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
-    """compile(mode="max-autotune") benchmarks the candidates of every kernel each op launches."""
+    """compile(mode="max-autotune") benchmarks the candidates of every kernel each op launches; a
+    training step of the families with backward kernels launches and tunes those too."""
     monkeypatch.setenv("FLASHFX_CACHE_DIR", str(tmp_path))
     tuned = []
     monkeypatch.setattr(Autotuner, "tune", lambda self, key, candidates, run: tuned.append(key.kernel) or candidates[0])
@@ -173,8 +180,16 @@ def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
     compiled = compiler.compile(module, mode="max-autotune", strict=True)
     with torch.no_grad():
         compiled(*args)
+    trains = name.startswith(BACKWARD_KERNELS) and name not in NO_TRAINING
+    if trains:
+        outputs = compiled(*[a.detach().requires_grad_() if a.is_floating_point() else a for a in args])
+        sum(out.sum() for out in (outputs if isinstance(outputs, tuple) else (outputs,))).backward()
     launched = {kernel.name for kernel in compiled.kernels if kernel.config}
     assert launched and set(tuned) == launched, compiled.report()
+    backward = [prefix for family, prefixes in BACKWARD_KERNEL_NAMES.items() if name.startswith(family)
+                for prefix in prefixes]
+    assert backward or not trains
+    assert all(trains == any(kernel.startswith(prefix) for kernel in launched) for prefix in backward), launched
 
 
 @pytest.mark.parametrize("grad", [True, False])
