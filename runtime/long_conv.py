@@ -28,6 +28,7 @@ import torch
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
+from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from runtime.dispatch import FusedOp, Kernel
 
 
@@ -77,14 +78,7 @@ class Rows:
         return [t for t in (self.u, self.k, self.D, self.pre_gate, self.post_gate) if t is not None]
 
 
-def _time_last(tensor: torch.Tensor, time: int) -> torch.Tensor:
-    """A view of `tensor` with dim `time` (from the end) last, leading 1s added where it has fewer dims."""
-    while tensor.dim() < -time:
-        tensor = tensor.unsqueeze(0)
-    return tensor.movedim(time, -1)
-
-
-class LongConvOp(FusedOp):
+class LongConvOp(LongConvBackward, FusedOp):
     pattern = "long_conv"
 
     def __init__(self, replaced, layout: LongConvLayout, scale: float = 1.0, skip_scale: float = 1.0,
@@ -107,14 +101,14 @@ class LongConvOp(FusedOp):
         time = self.layout.time
         if time == -1:
             return self._forward_time_last(u, k, *rest)
-        moved = [_time_last(tensor, time) for tensor in (u, k, *rest)]
+        moved = [time_last(tensor, time) for tensor in (u, k, *rest)]
         return self._forward_time_last(*moved).movedim(-1, time)
 
     def output_like(self, u, k, *rest):
         time = self.layout.time
         if time == -1:
             return self.layout.out.empty(u.shape, u.device)
-        return self.layout.out.empty(_time_last(u, time).shape, u.device).movedim(-1, time)
+        return self.layout.out.empty(time_last(u, time).shape, u.device).movedim(-1, time)
 
     def _forward_time_last(self, u, k, *rest):
         out = self.layout.out.empty(u.shape, u.device)
@@ -179,7 +173,7 @@ class LongConvOp(FusedOp):
                                                      post_gate=rows.post_gate, scale=self.scale)
 
 
-class ShortConvOp(FusedOp):
+class ShortConvOp(ShortConvBackward, FusedOp):
     pattern = "short_conv"
 
     def __init__(self, replaced, activation: str | None, has_bias: bool, out: OutputLayout,
