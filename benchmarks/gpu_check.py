@@ -7,17 +7,18 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 31 of the 69 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 33 of the 79 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts, every autotuning candidate of the attention (head dim
-                   128), long-conv, short-conv and sparse-MLP kernels, compile() on real-size
-                   modules, and eight threads sharing one compiled model; pytest-xdist, one
-                   worker per core (16), so the JIT compiles overlap
+                   128), long-conv, short-conv and sparse-MLP kernels, the conv backward kernels,
+                   compile() on real-size modules, and eight threads sharing one compiled model;
+                   pytest-xdist, one worker per core (16), so the JIT compiles overlap
     2. ceilings    bf16 matmul, device-to-device copy, tl.exp2 rate (benchmarks.common)
     3. headline    each suite's run(..., headline=True), reusing the suites' measurements:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
                    scan 2 (the scan at L 2048 and the decode step), sparse MLP 2, GPT-2 small
-    4. training    2 fwd+bwd configs, named as not run: the kernels are forward-only so far
+    4. training    the long convolution's fwd+bwd (conv_training's headline, measured with the
+                   suites); 2 attention fwd+bwd configs, named as not run
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
 "elapsed_s" records the real figures, so correct ESTIMATE_S from them. torch.compile peers cost
@@ -37,8 +38,9 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
+    conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s
     training            0   not run: no backward kernels yet
-    total             270   + ~10 s of Python start-up
+    total             290   + ~10 s of Python start-up
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -73,15 +75,16 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks import attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan
+from benchmarks import attention, attention_decode, conv_training, end_to_end, long_conv, report, sparse_mlp, ssm_scan
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
 
 TESTS = "GPU tests"
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
-          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end}  # each has grid and run
+          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
+          "conv_training": conv_training}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
-              "sparse_mlp": 10, "end_to_end": 50}  # H100/H200, see above
+              "sparse_mlp": 10, "end_to_end": 50, "conv_training": 20}  # H100/H200, see above
 TRAINING = [dict(family="attention", head_dim=128, seqlen=4096, causal=True),
             dict(model="gpt2-small", batch=8, seqlen=1024)]
 NO_BACKWARD = "not run: no backward kernels yet"
@@ -118,6 +121,11 @@ GPU_TESTS = [
     "[k4-b8h3072l2048-bfloat16-bias-silu-blh]",
     "tests/codegen/test_short_conv_kernel.py::test_kernel_matches_reference_at_scale[k2-b4h1001l4097-float16]",
     "tests/codegen/test_short_conv_kernel.py::test_every_autotuning_candidate_runs",
+    # their backward kernels: the gated long convolution at H3's length, Mamba's short one
+    "tests/codegen/test_long_conv_backward_kernel.py::test_backward_kernel_matches_reference_at_scale"
+    "[b8h768l2048-bfloat16-D+gates]",
+    "tests/codegen/test_short_conv_backward_kernel.py::test_backward_kernel_matches_reference_at_scale"
+    "[k4-b8h3072l2048-bfloat16-bias-silu-blh]",
     # selective scan at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[1]",

@@ -30,21 +30,24 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
                              the associative form ~60-120 s
     sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
     end_to_end        140 s  4 models x (ours ~12 s + torch.compile ~15 s to first call)
-    total            ~30 min, plus ~1-2 min to start a machine
+    conv_training     150 s  long and short conv fwd+bwd, 3 x a torch.compile; a Hyena-150M training
+                             step x (ours with Inductor, torch.compile), ~40 s of compiling each
+    total            ~32 min, plus ~1-2 min to start a machine
 
 That is three times one call's 10-minute limit and about a session's 30 minutes of device time,
-so the full set does not fit one call. Run it as four calls (each ~6-8 min, the budget a
+so the full set does not fit one call. Run it as five calls (each ~6-8 min, the budget a
 safety net; each call's $OUT holds at most 6 files), then merge them on any machine:
 
     1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~510 s
     2. run_all.py --suites attention --skip-tests --budget-s 500            # ~420 s
     3. run_all.py --suites long_conv,sparse_mlp --skip-tests --budget-s 500 # ~500 s
     4. run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500  # ~380 s
-    run_all.py --merge <files_at of 1..4> --out benchmarks/results/<date>-h100
+    5. run_all.py --suites conv_training --skip-tests --budget-s 500        # ~150 s
+    run_all.py --merge <files_at of 1..5> --out benchmarks/results/<date>-h100
 
 A session working on one issue runs only the suites it needs (issue 3: attention,
 attention_decode and end_to_end; issue 4: long_conv; issue 5: ssm_scan; issue 6: sparse_mlp;
-issue 7: warm_start), with --skip-tests unless it changed kernels.
+issue 7: warm_start; issue 15: conv_training), with --skip-tests unless it changed kernels.
 
 --budget-s B shares B seconds among the tests and suites in proportion to their estimates (time
 a part leaves unused passes to the next); a suite starts no config past its share and reports
@@ -64,16 +67,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan,
-                        warm_start)
+from benchmarks import (attention, attention_decode, conv_training, end_to_end, long_conv, report, sparse_mlp,
+                        ssm_scan, warm_start)
 from benchmarks.common import Budget, device_name, measure_ceilings, run_pytest, run_suite, write_json
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
           "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
-          "end_to_end": end_to_end.run}
+          "end_to_end": end_to_end.run, "conv_training": conv_training.run}
 TESTS = "GPU tests"
 ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
-              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
+              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140, "conv_training": 150}  # full size, H100
 
 
 def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:
