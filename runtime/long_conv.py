@@ -18,6 +18,7 @@ on w viewed as (C, K), or runs short_conv_reference.
 
 Both allocate their output the way eager code produced it: its shape and dtype, dense, with the
 dims in the order of the eager tensor's strides ((B, L, H) tensors seen transposed stay so).
+Their backward kernels are mixed in from runtime/conv_backward.py.
 """
 from __future__ import annotations
 
