@@ -16,7 +16,8 @@ the operands whatever the views were (time moved last, broadcast gates and D sum
 The filter's gradient leaves as dk (H, Lk); a filter computed per call from parameters (Hyena's
 implicit filter, S4D's kernel) passes it on to them through autograd of the graph around the op.
 A call the kernel cannot take (its reason counted for report(), prefixed "backward: ") gets the
-gradients of long_conv_reference instead.
+gradients of long_conv_reference instead. Launches hold runtime.interpret's launch lock, as the
+forward's do.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from codegen import long_conv_backward
 from codegen import short_conv as short_conv_codegen
 from codegen import short_conv_backward
 from runtime.dispatch import _autograd_on, _like
+from runtime.interpret import launch_lock
 
 ROW_NAMES = ("u", "k", "D", "pre_gate", "post_gate")  # runtime.long_conv.Rows' fields
 
@@ -82,7 +84,7 @@ class LongConvBackward:
             self.fell_back(f"backward: {reason}")
             u, k = tensors.pop("u"), tensors.pop("k")
             return long_conv_backward.long_conv_backward_reference(u, k, grad, scale=self.scale, **tensors)
-        with torch.no_grad():
+        with torch.no_grad(), launch_lock():
             return self._launch_backward(grad, **tensors)
 
     def _launch_backward(self, grad, u, k, D, pre_gate, post_gate) -> dict[str, torch.Tensor]:
@@ -128,13 +130,14 @@ class ShortConvBackward:
         reason = _backward_reason(self, [t for t in rows.values() if t is not None] + [grad]) or \
             short_conv_codegen.unsupported_reason(*rows.values(), grad, self.activation)
         if reason is None:
-            with torch.no_grad():
+            with torch.no_grad(), launch_lock():
                 found = self._launch_backward(grad, **rows)
         else:
             self.fell_back(f"backward: {reason}")
             x, weight_rows = rows.pop("x"), rows.pop("weight")
-            found = short_conv_backward.short_conv_backward_reference(x, weight_rows, grad, activation=self.activation,
-                                                                      **rows)
+            with _autograd_on():
+                found = short_conv_backward.short_conv_backward_reference(x, weight_rows, grad,
+                                                                          activation=self.activation, **rows)
         found["weight"] = found["weight"].reshape(weight.shape)
         return [_like(leaf, found[name].to(leaf.dtype)) for name, leaf in zip(("x", "weight", "bias"), operands)]
 

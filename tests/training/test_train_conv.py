@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import codegen.long_conv
+import codegen.short_conv
 import compiler
 from benchmarks.training_memory_conv import measure
 from models import h3, hyena
@@ -29,6 +31,7 @@ from tests.training.test_training import STEPS, losses
 
 fp16, bf16, fp32 = torch.float16, torch.bfloat16, torch.float32
 CONV_PATTERNS = ("long_conv", "short_conv")
+CODEGEN = {"long_conv": codegen.long_conv, "short_conv": codegen.short_conv}
 
 
 class Float64Throughout(TorchFunctionMode):
@@ -87,6 +90,23 @@ def test_short_conv_gradients_match_fp64(form, width, activation, batch, channel
     module = form(channels, width, activation, transposed)
     x = sequence(batch, seqlen, channels) if transposed else sequence(batch, channels, seqlen)
     assert_gradients_by_rule(module, (x,), dtype, "short_conv")
+
+
+@pytest.mark.parametrize("pattern", CONV_PATTERNS)
+def test_a_call_the_kernels_cannot_take_gets_the_reference_gradients(pattern, monkeypatch):
+    """A reason to leave a call to PyTorch (here a made-up one) holds for the backward too: the
+    gradients are the reference's, and the report counts the backward's fallback apart."""
+    if pattern == "long_conv":
+        module, args = Case(GatedConv, 2, 3, 17).build()
+    else:
+        module, args = ShortConv(5, 4, "F.silu"), (sequence(2, 5, 17),)
+    monkeypatch.setattr(CODEGEN[pattern], "unsupported_reason", lambda *args, **kwargs: "a made-up reason")
+    compiled = compiler.compile(module, strict=True)
+    weights = torch.randn(module(*args).shape)
+    for ours, eager in zip(gradients(compiled, args, weights), gradients(module, args, weights), strict=True):
+        torch.testing.assert_close(ours, eager)
+    (op,) = compiled._report.ops
+    assert op.fallbacks == {"a made-up reason": 1, "backward: a made-up reason": 1}
 
 
 # -- saved for backward ----------------------------------------------------------------------------
