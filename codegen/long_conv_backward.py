@@ -11,7 +11,7 @@ With g = d loss / d out, gy = g * post_gate and V, GY the spectra of v and gy:
     dv        = Re iDFT(GY * conj(K)) + D gy          du = dv * pre_gate,  d pre_gate = dv * u
     d post    = g * y                                  y recomputed: Re iDFT(V * K) + D v
     d K       = sum over b of GY * conj(V)             per channel (the kernel's output dk_f)
-    dk        = scale * Re iDFT(d K)[:Lk]              filter_spectrum_grad: one torch.fft per channel
+    dk        = scale * Re iDFT(d K)[:Lk]              autograd through filter_spectrum (spectrum_grads)
     dD        = sum over b, t of gy v = Re sum_f d K / N   (Parseval)
 
 One Triton kernel per LongConvSpec (codegen/templates/long_conv_backward.py.jinja) does the
@@ -87,14 +87,13 @@ def dot_precision(u_dtype: torch.dtype, k_dtype: torch.dtype) -> str:
     return DOT_PRECISION[u_dtype]
 
 
-def filter_spectrum_grad(dk_f: torch.Tensor, taps: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dk (H, taps), dD (H,)) in fp32 from the batch-summed d K (H, 2, P, M1, M2) in kernel order:
-    the adjoint of filter_spectrum (dk = scale * Re iDFT(d K)), and Parseval's sum of gy * v."""
-    channels, _, rows, m1, m2 = dk_f.shape
-    n = rows * m1 * m2
-    spectrum = torch.complex(dk_f[:, 0], dk_f[:, 1]).permute(0, 3, 2, 1).reshape(channels, n)
-    dk = torch.fft.ifft(spectrum).real[:, :taps] * scale
-    return dk, dk_f[:, 0].sum((1, 2, 3)) / n
+def spectrum_grads(k: torch.Tensor, k_f: torch.Tensor, dk_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dD) from launch's partial spectra dk_f: k_f is the spectrum launch took, computed from k
+    (requiring grad) by filter_spectrum with whatever options, so autograd through it gives dk
+    (scale * Re iDFT(d K)[:Lk] for the plain filter); dD = Re sum_f d K / N (Parseval), in fp32."""
+    total = dk_f.sum(0)
+    (dk,) = torch.autograd.grad(k_f, k, total)
+    return dk, total[:, 0].sum((1, 2, 3)) / math.prod(k_f.shape[2:])
 
 
 def long_conv_backward_reference(
@@ -112,7 +111,7 @@ def long_conv_backward_reference(
 
     long_conv_backward_reference differentiates long_conv_reference with autograd; launch runs the
     backward kernel of one LongConvSpec on the filter's spectrum k_f = filter_spectrum(k, L, scale=scale)
-    into du (and dpre, dpost) and the partial spectra dk_f, which filter_spectrum_grad turns into dk and dD.
+    into du (and dpre, dpost) and the partial spectra dk_f, which spectrum_grads turns into dk and dD.
 
         u, grad          (batch, channels, L)      any strides
         k                (channels, Lk), Lk <= L   launch takes k_f (channels, 2, P, M1, M2) fp32

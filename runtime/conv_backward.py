@@ -10,7 +10,8 @@ repeats those views under autograd, so that one autograd.grad maps the rows' gra
 the operands whatever the views were (time moved last, broadcast gates and D summed, skip scale):
 
     rows      = op._rows(time-last views of the operands)          recorded by autograd
-    row grads = codegen.long_conv_backward's kernel on the rows    du, dk, dD, dpre, dpost
+    row grads = codegen.long_conv_backward's kernel on the rows    du, dpre, dpost, and d K
+    dk, dD    = autograd.grad(op.filter_spectrum(k), k, d K), Parseval's sum of d K
     grads     = autograd.grad(rows, operands, row grads)
 
 The filter's gradient leaves as dk (H, Lk); a filter computed per call from parameters (Hyena's
@@ -84,14 +85,19 @@ class LongConvBackward:
             self.fell_back(f"backward: {reason}")
             u, k = tensors.pop("u"), tensors.pop("k")
             return long_conv_backward.long_conv_backward_reference(u, k, grad, scale=self.scale, **tensors)
+        k = tensors["k"].requires_grad_()
+        k_f = self.filter_spectrum(k, grad.shape[-1])  # under autograd: dk is its backward
         with torch.no_grad(), launch_lock():
-            return self._launch_backward(grad, **tensors)
+            found, dk_f = self._launch_backward(grad, k_f.detach(), **tensors)
+        dk, dD = long_conv_backward.spectrum_grads(k, k_f, dk_f)
+        found.update(k=dk.to(k.dtype), D=None if tensors["D"] is None else dD.to(tensors["D"].dtype))
+        return found
 
-    def _launch_backward(self, grad, u, k, D, pre_gate, post_gate) -> dict[str, torch.Tensor]:
+    def _launch_backward(self, grad, k_f, u, k, D, pre_gate, post_gate):
+        """(du, dpre and dpost by Rows field name, the kernel's partial spectra dk_f)."""
         module, kernel = _load_backward(self, self.spec, long_conv_backward.kernel_name,
                                         long_conv_backward.render_long_conv_backward)
         seqlen = u.shape[-1]
-        k_f = long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
         dk_f = long_conv_backward.spectrum_grad_buffer(long_conv_backward.batch_splits(*u.shape[:2]), k_f)
         found = dict(u=torch.empty_like(u), pre_gate=_empty_like(pre_gate), post_gate=_empty_like(post_gate))
@@ -108,9 +114,7 @@ class LongConvBackward:
             run=run,
         )
         run(config)
-        dk, dD = long_conv_backward.filter_spectrum_grad(dk_f.sum(0), k.shape[-1], self.scale)
-        found.update(k=dk.to(k.dtype), D=None if D is None else dD.to(D.dtype))
-        return found
+        return found, dk_f
 
 
 def _empty_like(tensor: torch.Tensor | None) -> torch.Tensor | None:

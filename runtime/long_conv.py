@@ -149,10 +149,14 @@ class LongConvOp(LongConvBackward, FusedOp):
         """Generate (render, store, load) the kernel this op launches."""
         self.kernel_for(self.spec)
 
+    def filter_spectrum(self, k: torch.Tensor, seqlen: int) -> torch.Tensor:
+        """The spectrum of k (H, Lk) the kernels multiply by, forward and (conjugated) backward."""
+        return long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale)
+
     def _launch(self, rows: Rows, out: torch.Tensor) -> None:
         module, kernel = self.kernel_for(self.spec)
         seqlen = rows.u.shape[-1]
-        k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale)
+        k_f = self.filter_spectrum(rows.k, seqlen)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
 
         def run(config):

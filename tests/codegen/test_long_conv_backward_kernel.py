@@ -3,7 +3,7 @@
 Each case draws the forward kernel tests' operands (tests/codegen/test_long_conv_kernel.py: u
 scaled small, decaying filters, standard normal D and gates) and a random output gradient,
 poisons every output with NaN, launches the backward kernel on the filter's spectrum, turns the
-summed spectrum into dk and dD (filter_spectrum_grad), and holds each gradient to the tolerance
+summed spectrum into dk and dD (spectrum_grads), and holds each gradient to the tolerance
 rule of tests/numerics.py: the reference is long_conv_backward_reference in fp64, the baseline the
 same autograd of the torch.fft code in the dtype under test.
 
@@ -21,12 +21,12 @@ from codegen.long_conv import LongConvSpec, fft_plan, filter_spectrum, plan_of
 from codegen.long_conv_backward import (
     batch_splits,
     dot_precision,
-    filter_spectrum_grad,
     kernel_name,
     long_conv_backward_reference,
     program_count,
     render_long_conv_backward,
     spectrum_grad_buffer,
+    spectrum_grads,
 )
 from runtime.loader import load_source
 from tests.codegen.test_long_conv_kernel import Case, _channels, _sequence, bf16, fp16, fp32, make_operands
@@ -101,16 +101,18 @@ def test_backward_kernel_matches_reference_at_scale(case: BackwardCase):
     assert_gradients_by_rule(run_backward_case(case))
 
 
-def test_filter_spectrum_grad_is_the_adjoint_of_filter_spectrum():
-    """<filter_spectrum(k), G> differentiated by autograd gives dk; Parseval's dD is Re sum G / N."""
+def test_spectrum_grads_are_the_correlation_and_parseval():
+    """dk by autograd through filter_spectrum is scale * Re iDFT(d K)[:Lk]; dD is Re sum d K / N."""
     generator = torch.Generator().manual_seed(0)
     k = torch.randn(3, 50, dtype=torch.float64, generator=generator, requires_grad=True)
-    spectrum = filter_spectrum(k, 100, scale=0.5, max_cols=256)
-    G = torch.randn(spectrum.shape, dtype=torch.float64, generator=generator)
-    (expected,) = torch.autograd.grad((spectrum.double() * G).sum(), [k])
-    dk, dD = filter_spectrum_grad(G, taps=50, scale=0.5)
-    torch.testing.assert_close(dk, expected)
-    torch.testing.assert_close(dD, G[:, 0].sum((1, 2, 3)) / plan_of(spectrum, 100).n)
+    k_f = filter_spectrum(k, 100, scale=0.5, max_cols=256)
+    partials = torch.randn((2, *k_f.shape), dtype=torch.float64, generator=generator)
+    dk, dD = spectrum_grads(k, k_f, partials)
+    total = partials.sum(0)
+    n = plan_of(k_f, 100).n
+    natural = torch.complex(total[:, 0], total[:, 1]).permute(0, 3, 2, 1).reshape(3, n)
+    torch.testing.assert_close(dk, 0.5 * torch.fft.ifft(natural).real[:, :50])
+    torch.testing.assert_close(dD, total[:, 0].sum((1, 2, 3)) / n)
 
 
 def test_launcher_rejects_operands_it_was_not_generated_for():
@@ -163,12 +165,13 @@ def run_backward_case(case: BackwardCase, splits: int | None = None, config: dic
     """({gradient name: (kernel's, baseline in case.dtype, fp64 reference)}) for one case."""
     u, k, D, pre_gate, post_gate = make_operands(case)
     grad = _sequence(case, "grad")
-    k_f = filter_spectrum(k, case.seqlen, scale=case.scale, max_cols=case.max_cols)
+    k_f = filter_spectrum(k.requires_grad_(), case.seqlen, scale=case.scale, max_cols=case.max_cols)
     dk_f = poisoned_like(spectrum_grad_buffer(splits or batch_splits(case.batch, case.channels), k_f))
     du, dpre, dpost = (None if t is None else poisoned_like(t) for t in (u, pre_gate, post_gate))
-    load_kernel(case.spec).launch(u, k_f, grad, du, dk_f, D=D, pre_gate=pre_gate, post_gate=post_gate, dpre=dpre,
-                                  dpost=dpost, dot_precision=dot_precision(u.dtype, k.dtype), config=config)
-    dk, dD = filter_spectrum_grad(dk_f.sum(0), k.shape[-1], case.scale)
+    load_kernel(case.spec).launch(u, k_f.detach(), grad, du, dk_f, D=D, pre_gate=pre_gate, post_gate=post_gate,
+                                  dpre=dpre, dpost=dpost, dot_precision=dot_precision(u.dtype, k.dtype), config=config)
+    dk, dD = spectrum_grads(k, k_f, dk_f)
+    k = k.detach()
     ours = dict(u=du, k=dk.to(k.dtype), D=None if D is None else dD.to(D.dtype), pre_gate=dpre, post_gate=dpost)
     operands = dict(D=D, pre_gate=pre_gate, post_gate=post_gate)
     baseline = long_conv_backward_reference(u, k, grad, scale=case.scale, **operands)
