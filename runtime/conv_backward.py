@@ -9,7 +9,7 @@ Long convolution. The op views its operands as (B, H, L) rows (runtime.long_conv
 repeats those views under autograd, so that one autograd.grad maps the rows' gradients back onto
 the operands whatever the views were (time moved last, broadcast gates and D summed, skip scale):
 
-    rows      = op._rows(time-last views of the operands)          recorded by autograd
+    rows      = op.rows_of(time-last views of the operands)        recorded by autograd
     row grads = codegen.long_conv_backward's kernel on the rows    du, dpre, dpost, and d K
     dk, dD    = autograd.grad(op.filter_spectrum(k), k, d K), Parseval's sum of d K
     grads     = autograd.grad(rows, operands, row grads)
@@ -72,8 +72,7 @@ class LongConvBackward:
 
     def _rows_of(self, operands: list[torch.Tensor]):
         """The forward's Rows of these operands."""
-        u, k, *rest = [self._time_last(t) for t in operands]
-        return self._rows(u, k, *self._unpack(rest))
+        return self.rows_of(*[self._time_last(t) for t in operands])
 
     def _row_gradients(self, rows, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """d loss / d each of the rows' tensors, by Rows field name, from the kernel or the reference."""

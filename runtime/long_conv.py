@@ -113,7 +113,7 @@ class LongConvOp(LongConvBackward, FusedOp):
 
     def _forward_time_last(self, u, k, *rest):
         out = self.layout.out.empty(u.shape, u.device)
-        rows = self._rows(u, k, *self._unpack(rest))
+        rows = self.rows_of(u, k, *rest)
         out_rows = out.view(rows.u.shape)
         reason = (self.why_not_kernel(rows.tensors())
                   or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
@@ -124,6 +124,10 @@ class LongConvOp(LongConvBackward, FusedOp):
             self.fell_back(reason)
             out_rows.copy_(self._reference(rows, out.dtype))
         return out
+
+    def rows_of(self, u, k, *rest) -> Rows:
+        """The kernel's view of the operands (time last), in the forward and (under autograd) the backward."""
+        return self._rows(u, k, *self._unpack(rest))
 
     def _unpack(self, rest):
         """(D, pre_gate, post_gate) from the operands after u and k, None where the graph has none."""
