@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import fields
 
 import torch
 
@@ -37,6 +36,7 @@ from codegen.long_conv import (
     LongConvSpec,
     long_conv_reference,
 )
+from codegen.long_conv import kernel_name as forward_kernel_name
 from codegen.render import render
 
 SCRATCH_PLANES = 4  # per program when P > 1: v's and gy's column transforms, real and imaginary
@@ -44,8 +44,7 @@ SCRATCH_PLANES = 4  # per program when P > 1: v's and gy's column transforms, re
 
 def kernel_name(spec: LongConvSpec) -> str:
     """e.g. long_conv_backward, long_conv_backward_D_pre_gate_post_gate."""
-    fused = [f.name.removeprefix("has_") for f in fields(spec) if getattr(spec, f.name)]
-    return "_".join(["long_conv_backward", *fused])
+    return forward_kernel_name(spec).replace("long_conv", "long_conv_backward", 1)
 
 
 def render_long_conv_backward(spec: LongConvSpec) -> str:
