@@ -89,6 +89,23 @@ def wall_ms(fn, *, calls: int = 1) -> float | None:
         return None
 
 
+def saved_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph (any device, the
+    meta device included), less the storages of the tensors in `exclude` (module state)."""
+    excluded = {t.untyped_storage()._cdata for t in exclude}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in excluded:
+            storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
 def first_call_s(fn) -> float | None:
     """Seconds taken by `fn()`'s first call (capture and compilation, for a compiled module);
     None when it raises."""

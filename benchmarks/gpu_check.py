@@ -7,8 +7,8 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 36 of the 76 `gpu` tests: each family's kernel at real sizes, awkward
-                   sizes, dtypes and layouts (attention's backward too), every autotuning candidate
+    1. GPU tests   GPU_TESTS, 39 of the 91 `gpu` tests: each family's kernel at real sizes, awkward
+                   sizes, dtypes and layouts (the backward kernels too), every autotuning candidate
                    of the attention (head dim 128; the backward's dkdv kernel), long-conv,
                    short-conv and sparse-MLP kernels, compile() on real-size
                    modules, and eight threads sharing one compiled model; pytest-xdist, one
@@ -20,7 +20,8 @@ Plan, in priority order, so that a run cut short has done what matters most:
                    scan 2 (the scan at L 2048 and the decode step), sparse MLP 3 (one gated), GPT-2 small
     4. training    fwd+bwd, suites of their own: attention fwd+bwd and bwd alone (head dim 128, L 4k,
                    causal; SDPA flash, cuDNN, efficient, FlexAttention) and a GPT-2 small training
-                   step against torch.compile; the selective scan's fwd+bwd at Mamba-130M's size
+                   step against torch.compile; the long convolution's fwd+bwd (conv_training's
+                   headline); the selective scan's fwd+bwd at Mamba-130M's size
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
 "elapsed_s" records the real figures, so correct ESTIMATE_S from them. torch.compile peers cost
@@ -42,9 +43,10 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
                             first calls, then 3 timings
     attention_training 60   2 x (ours ~4 s, flex fwd+bwd compile ~10 s, 5 timings); GPT-2 small
                             training step: ours and torch.compile fwd+bwd compiles ~20 s each
+    conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s
     ssm_training       30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
                             2 calls x ~2 s
-    total             360   + ~10 s of Python start-up (the default budget shares 270 s)
+    total             380   + ~10 s of Python start-up (the default budget shares 270 s)
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -81,8 +83,8 @@ from types import ModuleType
 import torch
 import triton
 
-from benchmarks import (attention, attention_decode, attention_training, end_to_end, long_conv, report, sparse_mlp,
-                        ssm_scan)
+from benchmarks import (attention, attention_decode, attention_training, conv_training, end_to_end, long_conv, report,
+                        sparse_mlp, ssm_scan)
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
 
@@ -104,9 +106,11 @@ class TrainingPart:
 
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
           "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
-          "attention_training": attention_training, "ssm_training": TrainingPart(ssm_scan)}  # each has grid and run
+          "attention_training": attention_training, "conv_training": conv_training,
+          "ssm_training": TrainingPart(ssm_scan)}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
-              "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "ssm_training": 30}  # H100/H200
+              "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "conv_training": 20,
+              "ssm_training": 30}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
 
 # Left out, for `pytest -m gpu` (run_all.py): the other at-scale cases of the same kernels, the decode
@@ -146,6 +150,11 @@ GPU_TESTS = [
     "[k4-b8h3072l2048-bfloat16-bias-silu-blh]",
     "tests/codegen/test_short_conv_kernel.py::test_kernel_matches_reference_at_scale[k2-b4h1001l4097-float16]",
     "tests/codegen/test_short_conv_kernel.py::test_every_autotuning_candidate_runs",
+    # their backward kernels: the gated long convolution at H3's length, Mamba's short one
+    "tests/codegen/test_long_conv_backward_kernel.py::test_backward_kernel_matches_reference_at_scale"
+    "[b8h768l2048-bfloat16-D+gates]",
+    "tests/codegen/test_short_conv_backward_kernel.py::test_backward_kernel_matches_reference_at_scale"
+    "[k4-b8h3072l2048-bfloat16-bias-silu-blh]",
     # selective scan and its backward at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
     "tests/codegen/test_ssm_scan_backward_kernel.py::test_backward_kernel_at_mamba_130m_size",

@@ -34,10 +34,12 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
                              as written (the unrolled loop only up to 4096 layer-steps, ~20 s)
     attention_training 480 s 48 attention rows x (flex fwd+bwd compile ~6 s, 5 timings), 2 GPT-2
                              small training steps x (ours, torch.compile: ~25 s to first call)
-    total            ~43 min, plus ~1-2 min to start a machine
+    conv_training     150 s  long and short conv fwd+bwd, 3 x a torch.compile; a Hyena-150M training
+                             step x (ours with Inductor, torch.compile), ~40 s of compiling each
+    total            ~45 min, plus ~1-2 min to start a machine
 
 That is over four times one call's 10-minute limit and more than a session's 15 minutes of device time,
-so the full set does not fit one call. Run it as six calls (each ~5-8 min, the budget a
+so the full set does not fit one call. Run it as seven calls (each ~5-8 min, the budget a
 safety net; each call's $OUT holds at most 6 files), then merge them on any machine:
 
     1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~510 s
@@ -46,11 +48,13 @@ safety net; each call's $OUT holds at most 6 files), then merge them on any mach
     4. run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500  # ~380 s
     5. run_all.py --suites compile_time --skip-tests --budget-s 500         # ~300 s
     6. run_all.py --suites attention_training --skip-tests --budget-s 500   # ~480 s
-    run_all.py --merge <files_at of 1..6> --out benchmarks/results/<date>-h100
+    7. run_all.py --suites conv_training --skip-tests --budget-s 500        # ~150 s
+    run_all.py --merge <files_at of 1..7> --out benchmarks/results/<date>-h100
 
 A session working on one issue runs only the suites it needs (issue 3: attention,
 attention_decode and end_to_end; issue 4: long_conv; issue 5: ssm_scan; issue 6: sparse_mlp;
-issue 7: warm_start; issue 19's item 8: compile_time), with --skip-tests unless it changed kernels.
+issue 7: warm_start; issue 14: attention_training; issue 15: conv_training and ssm_scan; issue
+19's item 8: compile_time), with --skip-tests unless it changed kernels.
 
 --budget-s B shares B seconds among the tests and suites in proportion to their estimates (time
 a part leaves unused passes to the next); a suite starts no config past its share and reports
@@ -70,19 +74,19 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import (attention, attention_decode, attention_training, compile_time, end_to_end, long_conv, report,
-                        sparse_mlp,
+from benchmarks import (attention, attention_decode, attention_training, compile_time, conv_training, end_to_end,
+                        long_conv, report, sparse_mlp,
                         ssm_scan, warm_start)
 from benchmarks.common import Budget, device_name, measure_ceilings, run_pytest, run_suite, write_json
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
           "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
           "end_to_end": end_to_end.run, "compile_time": compile_time.run,
-          "attention_training": attention_training.run}
+          "attention_training": attention_training.run, "conv_training": conv_training.run}
 TESTS = "GPU tests"
 ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
               "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140, "compile_time": 300,
-              "attention_training": 480}  # full size, H100, see above
+              "attention_training": 480, "conv_training": 150}  # full size, H100, see above
 
 
 def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 import compiler
 from benchmarks.common import (Row, bench_ms, exp2_floor_ms, first_call_s, memory_floor_ms, run_configs,
-                               seconds_left, wall_ms)
+                               saved_bytes, seconds_left, wall_ms)
 from models import mamba
 from models.mamba import MambaConfig, selective_scan_ref, selective_state_update_ref
 
@@ -331,20 +331,6 @@ def run(quick: bool, device: torch.device, headline: bool = False, training: boo
 
 
 # -- memory saved for the backward ------------------------------------------------------------
-def saved_bytes(run) -> int:
-    """Bytes of the distinct storages autograd saves while `run()` builds its graph (any device,
-    the meta device included)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage._cdata] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
-
 
 def saved_memory(quick: bool) -> list[dict]:
     """Bytes saved for the backward by the scan (Mamba-130M's sizes, bf16, L 2048 and 8192) and

@@ -35,6 +35,7 @@ import sympy
 import torch
 
 import compiler
+from benchmarks import common
 from models import gpt
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
@@ -49,25 +50,10 @@ def layer(attention: str, max_length: int, device="meta") -> torch.nn.Module:
     return gpt.Block(config).to(device, DTYPE).train()
 
 
-def _state_storages(module: torch.nn.Module) -> set[int]:
-    return {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())}
-
-
 def saved_bytes(module: torch.nn.Module, run, length: int) -> int:
     """Bytes of the distinct storages autograd saves while run(x) builds the graph, less module state."""
-    state = _state_storages(module)
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in state:
-            storages[storage._cdata] = storage.nbytes()
-        return tensor
-
     x = torch.empty(1, length, module.ln_1.normalized_shape[0], device="meta", dtype=DTYPE, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run(x)
-    return sum(storages.values())
+    return common.saved_bytes(lambda: run(x), exclude=(*module.parameters(), *module.buffers()))
 
 
 def eager_bytes(length: int) -> int:

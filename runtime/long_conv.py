@@ -24,6 +24,7 @@ on w viewed as (C, K), or runs short_conv_reference.
 
 Both allocate their output the way eager code produced it: its shape and dtype, dense, with the
 dims in the order of the eager tensor's strides ((B, L, H) tensors seen transposed stay so).
+Their backward kernels are mixed in from runtime/conv_backward.py.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
+from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from runtime.dispatch import FusedOp, Kernel
 
 
@@ -87,13 +89,6 @@ class Rows:
         return [t for t in (self.u, self.k, self.D, self.pre_gate, self.post_gate) if t is not None]
 
 
-def _time_last(tensor: torch.Tensor, time: int) -> torch.Tensor:
-    """A view of `tensor` with dim `time` (from the end) last, leading 1s added where it has fewer dims."""
-    while tensor.dim() < -time:
-        tensor = tensor.unsqueeze(0)
-    return tensor.movedim(time, -1)
-
-
 def _viewed(tensor: torch.Tensor, dims: tuple[int, ...] | None) -> torch.Tensor:
     """`tensor` (time last) with `dims` before time, or as it is for None."""
     return tensor if dims is None else tensor.reshape(*dims, tensor.shape[-1])
@@ -104,7 +99,7 @@ def _periodic(k: torch.Tensor, period: int) -> torch.Tensor:
     return F.pad(k, (0, period - k.shape[-1])) if k.shape[-1] < period else k[..., :period]
 
 
-class LongConvOp(FusedOp):
+class LongConvOp(LongConvBackward, FusedOp):
     pattern = "long_conv"
 
     def __init__(self, replaced, layout: LongConvLayout, scale: float = 1.0, skip_scale: float = 1.0,
@@ -134,14 +129,14 @@ class LongConvOp(FusedOp):
         time = self.layout.time
         if time == -1:
             return self._forward_time_last(u, k, *rest)
-        moved = [_time_last(tensor, time) for tensor in (u, k, *rest)]
+        moved = [time_last(tensor, time) for tensor in (u, k, *rest)]
         return self._forward_time_last(*moved).movedim(-1, time)
 
     def output_like(self, u, k, *rest):
         time = self.layout.time
         if time == -1:
             return self.layout.out.empty(self._out_shape(u, k), u.device)
-        return self.layout.out.empty(self._out_shape(_time_last(u, time), _time_last(k, time)),
+        return self.layout.out.empty(self._out_shape(time_last(u, time), time_last(k, time)),
                                      u.device).movedim(-1, time)
 
     def _out_shape(self, u, k) -> torch.Size:
@@ -151,7 +146,7 @@ class LongConvOp(FusedOp):
 
     def _forward_time_last(self, u, k, *rest):
         out = self.layout.out.empty(self._out_shape(u, k), u.device)
-        rows = self._rows(u, k, *self._unpack(rest), out.shape)
+        rows = self.rows_of(u, k, *rest)
         out_rows = out.view(rows.u.shape)
         reason = (self.why_not_kernel(rows.tensors())
                   or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
@@ -162,6 +157,10 @@ class LongConvOp(FusedOp):
             self.fell_back(reason)
             out_rows.copy_(self._reference(rows, out.dtype))
         return out
+
+    def rows_of(self, u, k, *rest) -> Rows:
+        """The kernel's view of the operands (time last), in the forward and (under autograd) the backward."""
+        return self._rows(u, k, *self._unpack(rest), self._out_shape(u, k))
 
     def _unpack(self, rest):
         """(D, pre_gate, post_gate) from the operands after u and k, None where the graph has none."""
@@ -204,11 +203,14 @@ class LongConvOp(FusedOp):
         """Generate (render, store, load) the kernel this op launches."""
         self.kernel_for(self.spec)
 
+    def filter_spectrum(self, k: torch.Tensor, seqlen: int) -> torch.Tensor:
+        """The spectrum of k (H, Lk) the kernels multiply by, forward and (conjugated) backward."""
+        return long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale, circular=self.circular)
+
     def _launch(self, rows: Rows, out: torch.Tensor) -> None:
         module, kernel = self.kernel_for(self.spec)
         seqlen = rows.u.shape[-1]
-        k_f = long_conv_codegen.filter_spectrum(rows.k, seqlen, scale=self.scale,
-                                                circular=self.circular)
+        k_f = self.filter_spectrum(rows.k, seqlen)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
 
         def run(config):
@@ -231,7 +233,7 @@ class LongConvOp(FusedOp):
                                                      circular=self.circular)
 
 
-class ShortConvOp(FusedOp):
+class ShortConvOp(ShortConvBackward, FusedOp):
     pattern = "short_conv"
 
     def __init__(self, replaced, activation: str | None, has_bias: bool, out: OutputLayout,

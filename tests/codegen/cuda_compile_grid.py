@@ -21,8 +21,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 
 import torch  # noqa: E402
 
-from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp,  # noqa: E402
-                     ssm_scan, ssm_scan_backward)
+from codegen import (attention, attention_backward, attention_decode, long_conv, long_conv_backward,  # noqa: E402
+                     short_conv, short_conv_backward, sparse_mlp, ssm_scan, ssm_scan_backward)
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -150,6 +150,25 @@ def _long_conv(dtype, seqlen, fused, batch=64, channels=768):
     module.launch(u, k_f, torch.empty_like(u), **(extras if fused else {}))
 
 
+def long_conv_backward_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    grid = [(BF16, 2048, True), (BF16, 16384, True), (FP32, 1024, False)]  # P 1 and 8; fp32 on the FMA path
+    for dtype, seqlen, fused in grid:
+        yield f"backward {dtype} L {seqlen} D+gates={fused}", \
+            lambda dtype=dtype, seqlen=seqlen, fused=fused: _long_conv_backward(dtype, seqlen, fused)
+
+
+def _long_conv_backward(dtype, seqlen, fused, batch=8, channels=768):
+    spec = long_conv.LongConvSpec(has_D=fused, has_pre_gate=fused, has_post_gate=fused)
+    module = load(long_conv_backward.kernel_name, long_conv_backward.render_long_conv_backward, spec)
+    u = meta(batch, channels, seqlen, dtype=dtype)
+    k_f = long_conv.filter_spectrum(meta(channels, seqlen, dtype=FP32), seqlen)
+    dk_f = long_conv_backward.spectrum_grad_buffer(long_conv_backward.batch_splits(batch, channels), k_f)
+    extras = dict(D=meta(channels, dtype=FP32), pre_gate=torch.empty_like(u), post_gate=torch.empty_like(u),
+                  dpre=torch.empty_like(u), dpost=torch.empty_like(u))
+    module.launch(u, k_f, torch.empty_like(u), torch.empty_like(u), dk_f, **(extras if fused else {}),
+                  dot_precision=long_conv_backward.dot_precision(dtype, FP32))
+
+
 def short_conv_cases() -> Iterator[tuple[str, Callable[[], None]]]:
     grid = [(BF16, width, True, "silu") for width in (2, 3, 4, 7)]
     grid += [(BF16, 4, False, None), (FP16, 3, True, "gelu"), (FP32, 4, True, "silu")]
@@ -164,6 +183,21 @@ def _short_conv(dtype, width, bias, activation, batch=8, channels=1536, seqlen=2
     module = load(short_conv.kernel_name, short_conv.render_short_conv, spec)
     x = meta(batch, channels, seqlen, dtype=dtype)
     module.launch(x, meta(channels, width, dtype=dtype), torch.empty_like(x),
+                  bias=meta(channels, dtype=dtype) if bias else None, activation=activation)
+
+
+def short_conv_backward_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    for dtype, width, bias, activation in [(BF16, 4, True, "silu"), (FP16, 3, False, None)]:
+        yield f"backward {dtype} k{width} bias={bias} {activation}", \
+            lambda dtype=dtype, width=width, bias=bias, activation=activation: \
+            _short_conv_backward(dtype, width, bias, activation)
+
+
+def _short_conv_backward(dtype, width, bias, activation, batch=8, channels=1536, seqlen=2048):
+    spec = short_conv.ShortConvSpec(width, has_bias=bias, activation=activation)
+    module = load(short_conv_backward.kernel_name, short_conv_backward.render_short_conv_backward, spec)
+    x = meta(batch, channels, seqlen, dtype=dtype)
+    module.launch(x, meta(channels, width, dtype=dtype), torch.empty_like(x), torch.empty_like(x),
                   bias=meta(channels, dtype=dtype) if bias else None, activation=activation)
 
 
@@ -251,6 +285,7 @@ FAMILIES = {
     "attention": attention_cases, "attention_backward": backward_cases, "attention_decode": decode_cases,
     "long_conv": long_conv_cases,
     "short_conv": short_conv_cases, "sparse_mlp": sparse_mlp_cases, "ssm_scan": ssm_scan_cases,
+    "long_conv_backward": long_conv_backward_cases, "short_conv_backward": short_conv_backward_cases,
 }
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import compiler
 from runtime import library
 from runtime.autotune import Autotuner
-from runtime.dispatch import RECOMPUTED, SPARSE_RECOMPUTED
+from runtime.dispatch import FusedOp
 from tests.compiler.test_attention_pass import NaiveCausal, Sdpa, WithMask, qkv
 from tests.compiler.test_attention_state_scale import StateScaleOverBias
 from tests.compiler.test_long_conv_forms import BidirectionalConv, SpelledProduct
@@ -82,10 +82,11 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
-BACKWARD_KERNELS = ("attention", "multihead_attention", "ssm_scan")  # case-name prefixes of the families
+BACKWARD_KERNELS = ("attention", "multihead_attention", "long_conv", "short_conv", "ssm_scan")  # case-name prefixes of the families
 # with backward kernels; the rest recompute their reference under autograd
 BACKWARD_KERNEL_NAMES = {"attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
                          "multihead_attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
+                         "long_conv": ("long_conv_backward",), "short_conv": ("short_conv_backward",),
                          "ssm_scan": ("ssm_scan_backward",)}  # what a training step of each launches
 
 
@@ -128,8 +129,8 @@ def test_opcheck_of_ops_captured_for_training(name):
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - NO_TRAINING))
 def test_gradients_through_compile_match_eager(name):
-    """Kernel forward and backward kernels (or the recomputed backward, the only fallback), gradients of
-    inputs and parameters."""
+    """Kernel forward and backward (or the recomputed reference, in families without backward kernels),
+    gradients of inputs and parameters."""
     module, args = CASES[name]()
 
     def gradients(model):
@@ -151,11 +152,9 @@ def test_gradients_through_compile_match_eager(name):
             assert grad is None or not grad.any()
         else:
             torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
-    fallbacks = [line for line in compiled.report().splitlines() if "ran in PyTorch" in line]
-    if name.startswith(BACKWARD_KERNELS):
-        assert not fallbacks, compiled.report()
-    else:
-        assert fallbacks and all(line.endswith((RECOMPUTED, SPARSE_RECOMPUTED)) for line in fallbacks), compiled.report()
+    for op in compiled._report.ops:  # backward kernels where the family has them, else the reference recomputed
+        recomputed = type(op).backward is FusedOp.backward
+        assert set(op.fallbacks) == ({op.recompute_reason} if recomputed else set()), compiled.report()
 
 
 def test_a_freed_op_is_a_clear_error():

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import compiler
 from codegen.ssm_scan import CHUNK_LEN
-from benchmarks.ssm_scan import Scan, rolled_scan, saved_bytes, saved_memory
+from benchmarks.common import saved_bytes
+from benchmarks.ssm_scan import Scan, rolled_scan, saved_memory
 from models.mamba import MambaConfig, MambaLM, selective_scan_ref
 from runtime.autotune import Autotuner
 from runtime.ssm_scan import Operand, Result, SelectiveScanOp, SSMLayout

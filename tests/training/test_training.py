@@ -13,23 +13,10 @@ import pytest
 import torch
 
 import compiler
+from benchmarks.common import saved_bytes
 from models import gpt
 from tests.compiler.test_attention_pass import NaiveCausal, qkv
 from tests.numerics import assert_close_by_rule
-
-
-def saved_bytes(run) -> int:
-    """Bytes of the distinct storages autograd saves while `run()` builds its graph."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(storages.values())
 
 
 def test_attention_saves_linear_not_quadratic_bytes():
