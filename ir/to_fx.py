@@ -18,6 +18,16 @@ def _repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return torch.repeat_interleave(x, repeats, dim=1)
 
 
+def segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """S[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i, -inf above the diagonal (ir op segsum),
+    summed as Hugging Face's segment_sum does: a cumsum of the masked columns, no differences."""
+    size = x.shape[-1]
+    columns = x[..., None].expand(*x.shape, size)
+    ones = torch.ones(size, size, dtype=torch.bool, device=x.device)
+    sums = torch.cumsum(columns.masked_fill(~ones.tril(-1), 0), dim=-2)
+    return sums.masked_fill(~ones.tril(0), -torch.inf)
+
+
 def _where_args(node: Node) -> tuple:
     """(condition, then, else): each branch its scalar attr, or the next tensor input."""
     tensors = iter(Ref(i) for i in range(1, len(node.inputs)))
@@ -39,6 +49,9 @@ LOWERINGS = {
     "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
     "where": lambda node: Call("call_function", torch.where, _where_args(node)),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
+    "einsum": lambda node: Call("call_function", torch.einsum,
+                                (node.attrs["equation"], *[Ref(i) for i in range(len(node.inputs))])),
+    "segsum": lambda node: Call("call_function", segment_sum, (Ref(0),)),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),
 }
