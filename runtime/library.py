@@ -35,6 +35,9 @@ SCHEMAS = {  # custom op -> its schema; `op` is the FusedOp's key in OPS
     "ssm_scan": "(Tensor[] operands, str op) -> Tensor",
     "ssm_scan_with_state": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
     "ssm_state_update": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
+    "ssd_scan": "(Tensor[] operands, str op) -> Tensor",
+    "ssd_scan_with_state": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
+    "ssd_state_update": "(Tensor[] operands, str op) -> (Tensor, Tensor)",
 }
 BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] grads, str op) -> Tensor[]"
 
