@@ -10,6 +10,9 @@
                                                            terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
+    reshape([contiguous](expand(x with a unit dim after k, r copies))) merging them into dim k
+                                                        -> repeat_interleave(x, r, k) (any rank; Mamba-2's
+                                                           B and C per head)
     x.expand_as(y), x.view_as(y), x.type_as(y)          -> the same op from its attrs, no longer reading y
                                                            (only y's shape or dtype mattered; static shapes)
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
@@ -239,6 +242,44 @@ def _repeat_kv_source(graph: Graph, node: Node) -> tuple[Node, int] | None:
     if tuple(expanded.type.shape) != (b, h, n, l, d) or tuple(node.type.shape) != (b, h * n, l, d):
         return None
     return source, int(n)
+
+
+def _rewrite_expanded_repeat(graph: Graph, node: Node) -> None:
+    """reshape(expand(x with a unit dim after dim k, r along it), ...) merging dim k with the r copies
+    (a .contiguous() copy between them or not): repeat_interleave(x, r, dim=k), reshaped when unit
+    dims differ. Mamba-2's B and C per head, GQA's K and V spelled this way, of any rank."""
+    found = _expanded_repeat_source(graph, node)
+    if found is None or not graph.users(node.name):
+        return
+    x, repeats, dim = found
+    value = torch.repeat_interleave(x.value, repeats, dim=dim)
+    repeated = _new_node(graph, node, "repeat_interleave", [x.name], {"repeats": repeats, "dim": dim}, value)
+    if tuple(value.shape) != node.type.static_shape():
+        repeated = _new_node(graph, node, "reshape", [repeated.name], {"shape": node.type.static_shape()},
+                             value.reshape(node.type.static_shape()))
+    graph.replace_uses(node.name, repeated.name)
+
+
+def _expanded_repeat_source(graph: Graph, node: Node) -> tuple[Node, int, int] | None:
+    """(x, r, k) when `node` reshapes x[..., k, None, ...] expanded to r copies with the copies after
+    each entry of dim k, and nothing else changed but unit dims."""
+    expanded = graph.node(node.inputs[0])
+    if expanded.op == "identity":
+        expanded = graph.node(expanded.inputs[0])
+    unsqueezed = graph.node(expanded.inputs[0]) if expanded.op == "expand" else None
+    if unsqueezed is None or unsqueezed.op != "reshape" or node.type.static_shape() is None:
+        return None
+    x = graph.node(unsqueezed.inputs[0])
+    shape, wide = x.type.static_shape() if x.type is not None else None, expanded.type.static_shape()
+    if shape is None or wide is None or unsqueezed.type.static_shape() is None:
+        return None
+    for k in range(len(shape)):
+        if unsqueezed.type.static_shape() == shape[:k + 1] + (1,) + shape[k + 1:] and wide[:k + 1] + wide[k + 2:] \
+                == shape and wide[k + 1] > 1:
+            merged = shape[:k] + (shape[k] * wide[k + 1],) + shape[k + 1:]
+            if [n for n in merged if n != 1] == [n for n in node.type.static_shape() if n != 1]:
+                return x, wide[k + 1], k
+    return None
 
 
 # -- reads of a tensor's shape or dtype alone --------------------------------------------
@@ -535,7 +576,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "einsum": [_split_einsum, _rewrite_einsum],
     "addmm": [_rewrite_addmm],
-    "reshape": [_rewrite_repeat_kv, _drop_metadata_reads],
+    "reshape": [_rewrite_repeat_kv, _rewrite_expanded_repeat, _drop_metadata_reads],
     "repeat_interleave": [_rewrite_repeat_kv],
     "expand": [_drop_metadata_reads],
     "cast": [_drop_metadata_reads],

@@ -1,13 +1,14 @@
 """Products and sums read as one contraction: an einsum over any number of factors.
 
-    contraction(graph, root) -> Contraction(out, factors, scale, nodes)
+    contraction(graph, root) -> Contraction(out, factors, nodes)
 
-reads root as  root[out...] = scale * Σ_{summed labels} Π_k factor_k[labels_k...]  by looking
-through, where nothing else reads them (root itself always):
+reads root as  root[out...] = Σ_{summed labels} Π_k factor_k[labels_k...]  by looking through,
+where nothing else reads them (root itself always):
 
     einsum (2 operands after canonicalisation; any arity)   matmul (batched, broadcast, 1-D sides)
-    mul of two tensors (broadcast), mul by a number (scale)  sum over dims (keepdim or not)
-    permute, expand, reshapes that add or drop unit dims     casts and copies between float dtypes
+    mul of two tensors (broadcast)                           sum over dims (keepdim or not)
+    permute, expand, casts and copies between float dtypes    reshapes that add or drop unit dims,
+                                                             merge adjacent dims or split one
 
 Each dim of each factor gets a label (a unit dim too, so views keep track of it); a unit dim
 broadcast against a larger one gets a label of its own. Labels in factors but not in `out` are
@@ -15,7 +16,8 @@ summed, labels in `out` that no factor has are broadcast; `active` leaves out un
 neither sum nor broadcast anything. Labels are fresh per call, so compare two contractions
 through the nodes they share, not through label names. So one analysis reads
 C B^T * L then @ X (Hugging Face), einsum("bclhn,bcshn,bhcls,bcshp->bclhp", ...) (mamba_ssm) and
-(C[..., None, :] * B).sum(-1) alike.
+(C[..., None, :] * B).sum(-1) alike. A product by a number is a factor like any other node: a
+caller that binds factors to roles sees it and stops, so no scale is ever dropped.
 """
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ class Factor:
 class Contraction:
     out: Labels
     factors: list[Factor] = field(default_factory=list)
-    scale: float = 1.0
     nodes: list[str] = field(default_factory=list)  # looked through, outermost last
 
     @property
@@ -65,10 +66,8 @@ def contraction(graph: Graph, root: Node, keep: frozenset = frozenset(), product
         if expanded is None:
             result.factors.append(Factor(node, labels))
             continue
-        parts, scale = expanded
-        result.scale *= scale
         result.nodes.append(node.name)
-        pending.extend((source, source_labels, False) for source, source_labels in reversed(parts))
+        pending.extend((source, source_labels, False) for source, source_labels in reversed(expanded))
     result.nodes.reverse()
     return result
 
@@ -82,19 +81,16 @@ def _fresh(node: Node, names) -> Labels:
 
 
 def _expand(graph: Graph, node: Node, labels: Labels, names, products: bool = True):
-    """([(input, its labels)], scale) for a node the contraction looks through, else None."""
+    """[(input, its labels)] for a node the contraction looks through, else None."""
     inputs = [graph.node(name) for name in node.inputs]
     if node.type is None or _shape(node) is None or any(_shape(x) is None for x in inputs):
         return None
     if node.op in ("cast", "identity") and _is_float(node, KERNEL_FLOATS) and _is_float(inputs[0]):
-        return [(inputs[0], labels)], 1.0
-    if node.op == "mul" and node.attrs["scalar"] is not None and products:
-        return [(inputs[0], labels)], node.attrs["scalar"]
-    if not products and node.op in PRODUCTS:
+        return [(inputs[0], labels)]
+    if (not products and node.op in PRODUCTS) or node.attrs.get("scalar") is not None:
         return None
     rule = EXPANSIONS.get(node.op)
-    parts = rule(node, inputs, labels, names) if rule is not None else None
-    return None if parts is None else (parts, 1.0)
+    return rule(node, inputs, labels, names) if rule is not None else None
 
 
 def _is_float(node: Node, dtypes=KERNEL_FLOATS + ("float64",)) -> bool:
@@ -131,29 +127,79 @@ def _expand_op(node, inputs, labels, names):
 
 
 def _reshape(node, inputs, labels, names):
-    """Only reshapes that add or drop unit dims (the others regroup dims); a unit dim keeps its
-    label when the units on both sides pair up in order between the same sized dims."""
+    """Reshapes that add or drop unit dims, merge adjacent dims or split one: a merged dim's label is
+    the tuple of its parts' labels, so (b * h, ...) views of (b, h, ...) tensors line up again; a
+    regrouping of several dims into several others is not looked through."""
     source_shape, result_shape = _shape(inputs[0]), _shape(node)
-    if [size for size in source_shape if size != 1] != [size for size in result_shape if size != 1]:
+    groups = _reshape_groups(source_shape, result_shape)
+    if groups is None:
         return None
-    source_groups, result_groups = _unit_runs(source_shape), _unit_runs(result_shape)
     source = [next(names) for _ in source_shape]
-    for (source_dims, result_dims) in zip(source_groups, result_groups):
-        for k_source, k_result in zip(source_dims, result_dims):
-            source[k_source] = labels[k_result]
+    for source_dims, result_dims in groups:
+        parts = _regrouped([labels[k] for k in result_dims], len(source_dims))
+        if parts is None:
+            return None
+        for k, label in zip(source_dims, parts):
+            source[k] = label
     return [(inputs[0], tuple(source))]
 
 
-def _unit_runs(shape: tuple[int, ...]) -> list[list[int]]:
-    """The dims of `shape` in runs: each sized dim on its own, the unit dims before it together."""
-    runs, units = [], []
-    for k, size in enumerate(shape):
-        if size == 1:
-            units.append(k)
+def _regrouped(result_labels: list, count: int) -> list | None:
+    """The labels of `count` source dims that form the result dims labelled `result_labels`."""
+    if len(result_labels) == count:
+        return result_labels
+    if count == 1:
+        return [tuple(result_labels)]
+    if len(result_labels) == 1:
+        merged = result_labels[0]
+        if isinstance(merged, tuple) and len(merged) == count:
+            return list(merged)
+        return [f"{merged}.{k}" for k in range(count)]
+    return None
+
+
+def _reshape_groups(source: tuple, result: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Pairs (source dims, result dims) of equal size products, in order; a unit dim pairs with a unit
+    dim facing it, or stands alone."""
+    groups, i, j = [], 0, 0
+    while i < len(source) or j < len(result):
+        if i < len(source) and j < len(result) and source[i] == result[j] == 1:
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+        elif i < len(source) and source[i] == 1:
+            groups.append(([i], []))
+            i += 1
+        elif j < len(result) and result[j] == 1:
+            groups.append(([], [j]))
+            j += 1
         else:
-            runs += [units, [k]]
-            units = []
-    return runs + [units]
+            found = _equal_products(source, result, i, j)
+            if found is None:
+                return None
+            groups.append(found)
+            i, j = found[0][-1] + 1, found[1][-1] + 1
+    return groups
+
+
+def _equal_products(source: tuple, result: tuple, i: int, j: int) -> tuple[list[int], list[int]] | None:
+    """The shortest runs of sized dims from source[i] and result[j] with equal products."""
+    if i >= len(source) or j >= len(result):
+        return None
+    source_dims, result_dims, a, b = [i], [j], source[i], result[j]
+    while a != b:
+        if a < b:
+            i += 1
+            if i >= len(source) or source[i] == 1:
+                return None
+            source_dims.append(i)
+            a *= source[i]
+        else:
+            j += 1
+            if j >= len(result) or result[j] == 1:
+                return None
+            result_dims.append(j)
+            b *= result[j]
+    return source_dims, result_dims
 
 
 def _sum(node, inputs, labels, names):

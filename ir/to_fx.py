@@ -41,6 +41,8 @@ LOWERINGS = {
     "reshape": lambda node: Call("call_function", torch.reshape, (Ref(0), node.attrs["shape"])),
     "expand": lambda node: Call("call_function", torch.broadcast_to, (Ref(0), node.attrs["shape"])),
     "cast": lambda node: Call("call_method", "to", (Ref(0), node.attrs["dtype"])),
+    "repeat_interleave": lambda node: Call("call_function", torch.repeat_interleave, (Ref(0), node.attrs["repeats"]),
+                                           {"dim": node.attrs["dim"]}),
     "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
     "add": lambda node: Call("call_function", torch.add, (Ref(0), Ref(1))),
     "mul": lambda node: Call("call_function", torch.mul, (Ref(0), node.attrs["scalar"])),

@@ -211,7 +211,7 @@ class Mamba2Mixer(nn.Module):
                 .repeat_interleave(config.nheads // config.ngroups, dim=2) for t in (B, C))
         dt = F.softplus(dt + self.dt_bias)
         A = -torch.exp(self.A_log.float())
-        y, _ = self.scan(x * dt[..., None], A * dt, B, C, config.chunk_size)
+        y, _ = self.scan(x * dt[..., None], (A * dt).to(x.dtype), B, C, config.chunk_size)
         y = y + x * self.D[:, None]
         y = (y.reshape(batch, seqlen, config.d_inner) * F.silu(z)).reshape(batch, seqlen, config.ngroups, -1)
         return self.out_proj(self.norm(y).reshape(batch, seqlen, config.d_inner))

@@ -19,8 +19,8 @@ import networkx as nx
 import torch
 
 from compiler.passes import NoMatch, PassContext
-from compiler.passes.ssd_scan.roles import Leaf, Roles, end_padding, is_real_cast, sole_reader, static_shape, \
-    through_casts
+from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding, is_real_cast, sole_reader, \
+    static_shape, through_casts
 from ir.contraction import Contraction, contraction
 from ir.graph import Call, Graph, Node, Ref
 from runtime.ssd_scan import Operand, Result, SSDLayout, SSDScanOp, SSDStateUpdateOp
@@ -121,23 +121,29 @@ def _grouped(graph: Graph, leaf: Leaf) -> tuple[int, Leaf]:
     return groups, Leaf(source.node, roles)
 
 
-def _step_sizes(graph: Graph, step: Leaf):
-    """(raw dt, dt_bias or None, softplus, (lo, hi) or None) for Δ = clamp(softplus(dt + dt_bias), lo, hi)."""
-    node, limit, softplus = through_casts(graph, step.node), None, False
-    if node.op == "clamp":
-        limit = (-INFINITY if node.attrs["min"] is None else float(node.attrs["min"]),
-                 INFINITY if node.attrs["max"] is None else float(node.attrs["max"]))
-        node = through_casts(graph, graph.node(node.inputs[0]))
-    if node.op == "softplus" and node.attrs["beta"] == 1 and node.attrs["threshold"] == 20:
+def _step_sizes(graph: Graph, step: Leaf, head: str = "h"):
+    """(raw dt, dt_bias or None, softplus, (lo, hi) or None) for Δ = clamp(softplus(dt + dt_bias), lo, hi),
+    each looked at under its views and casts (an elementwise chain commutes with them)."""
+    leaf, limit, softplus = down_views(graph, step.node, step.roles), None, False
+    if leaf.node.op == "clamp":
+        low, high = leaf.node.attrs["min"], leaf.node.attrs["max"]
+        limit = (-INFINITY if low is None else float(low), INFINITY if high is None else float(high))
+        leaf = down_views(graph, graph.node(leaf.node.inputs[0]), leaf.roles)
+    if leaf.node.op == "softplus" and leaf.node.attrs["beta"] == 1 and leaf.node.attrs["threshold"] == 20:
         softplus = True
-        node = through_casts(graph, graph.node(node.inputs[0]))
+        leaf = down_views(graph, graph.node(leaf.node.inputs[0]), leaf.roles)
+    node = leaf.node
     if node.op == "add" and node.attrs["scalar"] is None and len(node.inputs) == 2:
         for raw, bias in (node.inputs, node.inputs[::-1]):
             raw, bias = graph.node(raw), graph.node(bias)
-            bias_roles = _broadcast_roles(bias, node, step.roles)
-            if static_shape(raw) == static_shape(node) and bias_roles is not None and set(bias_roles) <= {"h", ""}:
-                return _source(graph, Leaf(raw, step.roles)), _source(graph, Leaf(bias, bias_roles)), softplus, limit
-    return _source(graph, Leaf(node, step.roles)), None, softplus, limit
+            bias_roles = _broadcast_roles(bias, node, leaf.roles)
+            if static_shape(raw) != static_shape(node) or bias_roles is None:
+                continue
+            bias_leaf = down_views(graph, bias, bias_roles)
+            if {role for role, size in zip(bias_leaf.roles, static_shape(bias_leaf.node)) if size != 1} <= {head}:
+                return (_source(graph, down_views(graph, raw, leaf.roles)), _source(graph, bias_leaf), softplus,
+                        limit)
+    return _source(graph, leaf), None, softplus, limit
 
 
 def _broadcast_roles(source: Node, result: Node, roles: Roles) -> Roles | None:

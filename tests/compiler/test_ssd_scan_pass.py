@@ -1,0 +1,165 @@
+"""The ssd_scan pass fuses Mamba-2's SSD, chunked and one-step, and the result matches fp64 eager.
+
+Spellings: Hugging Face's Mamba2 (mamba2_chunk_scan with segment_sum, padded to whole chunks or
+not, and mamba2_selective_state_update's in-place decode step), mamba_ssm's ssd_minimal_discrete
+in torch and with einops (models.mamba2), and mamba_ssm's Mamba2.step (models.mamba2.ssd_step,
+state.copy_ on a buffer). Every fusing test asserts the op fired and the outputs (and states)
+obey the tolerance rule against the same model in fp64. Near-misses name the node that broke.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compiler
+from models import mamba2
+from tests.compiler.equivalence import assert_compiles_equivalent
+from tests.numerics import assert_close_by_rule
+
+transformers = pytest.importorskip("transformers")
+
+SPELLINGS = [name for name in ("chunked", "einops") if name != "einops" or mamba2.einops is not None]
+
+
+def hf_mamba2(layers: int = 2, groups: int = 2):
+    config = transformers.Mamba2Config(num_hidden_layers=layers, hidden_size=32, num_heads=4, head_dim=8,
+                                       state_size=8, expand=1, n_groups=groups, chunk_size=8, vocab_size=64)
+    torch.manual_seed(0)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def logits(model, ids, **kwargs):
+    return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("seqlen", [5, 16, 19])
+def test_hf_mamba2_prefill(seqlen):
+    """One chunk padded, two whole chunks (no padding), three with an awkward last one."""
+    model = hf_mamba2()
+    ids = torch.randint(0, 64, (2, seqlen), generator=torch.Generator().manual_seed(seqlen))
+    compiled = compiler.compile(copy.deepcopy(model), strict=True)
+    with torch.no_grad():
+        ours = logits(compiled, ids)
+        baseline, reference = logits(model, ids), logits(copy.deepcopy(model).double(), ids)
+    assert compiled.patterns.count("ssd_scan") == 2, compiled.report()
+    assert "D, z" in compiled.report() and "dt limits" in compiled.report()
+    assert_close_by_rule(ours, baseline, reference)
+
+
+def _states(output) -> list[torch.Tensor]:
+    return [layer.recurrent_states[0] for layer in output.cache.layers]
+
+
+def test_hf_mamba2_decode_updates_the_cache():
+    """Prefill, then two one-token steps from the cache: logits and the cached states agree."""
+    model = hf_mamba2()
+    ids, steps = torch.randint(0, 64, (2, 11)), torch.randint(0, 64, (2, 2))
+    compiled = compiler.compile(copy.deepcopy(model), strict=True)
+    results = []
+    with torch.no_grad():
+        for run in (compiled, model, copy.deepcopy(model).double()):
+            out = run(ids, use_cache=True)
+            step_logits = [run(steps[:, t:t + 1], cache=out.cache, use_cache=True).logits for t in range(2)]
+            results.append((torch.cat(step_logits, 1), _states(out)))
+    assert [fused.detail.split(",")[0] for fused in compiled._report.fused if fused.pattern == "ssd_scan"] == \
+        ["chunked", "chunked", "decode step", "decode step"], compiled.report()
+    (ours, our_states), (baseline, base_states), (reference, ref_states) = results
+    assert_close_by_rule(ours, baseline, reference)
+    for state, base, ref in zip(our_states, base_states, ref_states):
+        assert_close_by_rule(state, base, ref)
+
+
+@pytest.mark.parametrize("scan", SPELLINGS)
+def test_mamba_ssm_minimal_discrete(scan):
+    config = mamba2.Mamba2Config.tiny()
+    torch.manual_seed(0)
+    mixer = mamba2.Mamba2Mixer(config, scan)
+    u = torch.randn(2, 24, config.d_model)
+    compiled = assert_compiles_equivalent(mixer, (u,), torch.float32, "ssd_scan")
+    assert "3 chunks of 8" in compiled.report()
+
+
+def test_bfloat16_mixer():
+    config = mamba2.Mamba2Config(d_model=32, d_state=16, headdim=16, ngroups=1, chunk_size=16)
+    torch.manual_seed(0)
+    assert_compiles_equivalent(mamba2.Mamba2Mixer(config), (torch.randn(1, 32, 32),), torch.bfloat16, "ssd_scan")
+
+
+class Step(nn.Module):
+    """mamba_ssm's Mamba2.step: the state is a buffer updated in place by ssd_step."""
+
+    def __init__(self, heads=4, headdim=8, dstate=8, groups=2, batch=2):
+        super().__init__()
+        self.register_buffer("state", torch.randn(batch, heads, headdim, dstate))
+        self.A_log = nn.Parameter(torch.rand(heads))
+        self.D, self.dt_bias = nn.Parameter(torch.randn(heads)), nn.Parameter(torch.rand(heads) - 4)
+        self.groups = groups
+
+    def forward(self, x, dt, B, C):
+        return mamba2.ssd_step(self.state, x, dt, -torch.exp(self.A_log), B, C, self.D, self.dt_bias)
+
+
+def test_mamba_ssm_step_writes_its_state_in_place():
+    torch.manual_seed(0)
+    module = Step()
+    args = (torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8))
+    ours_module, reference_module = copy.deepcopy(module), copy.deepcopy(module).double()
+    compiled = compiler.compile(ours_module, strict=True)
+    with torch.no_grad():
+        ours = compiled(*args)
+        baseline = module(*args)
+        reference = reference_module(*(a.double() for a in args))
+    assert compiled.patterns == ["ssd_scan"], compiled.report()
+    assert_close_by_rule(ours, baseline, reference)
+    assert_close_by_rule(ours_module.state, module.state, reference_module.state)
+
+
+class ChunkedVariant(nn.Module):
+    """ssd_minimal_discrete around a decay or an input the SSD does not have: X scaled by another step
+    size than the decay's (2 Δ: a product by a number is never dropped), a decay that depends on x."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, x, dt, A, B, C):
+        decay = A * dt if self.variant != "per_channel_decay" else (A * dt)[..., None].expand(*x.shape)[..., 0] * 1.5
+        X = x * (dt if self.variant != "other_step" else dt * 2)[..., None]
+        if self.variant == "per_channel_decay":
+            decay = decay + x[..., 0]  # the decay now depends on the input values, not Δ ⊗ A
+        y, _ = mamba2.ssd_minimal_discrete(X, decay, B, C, 4)
+        return y
+
+
+@pytest.mark.parametrize("variant, node, reason", [
+    ("other_step", "X", "X is not x times the decay's step size"),
+    ("per_channel_decay", "decay", "not a step size times a per-head rate"),
+])
+def test_near_misses_name_the_node(variant, node, reason):
+    b, L, h, p, n = 1, 8, 2, 4, 4
+    args = (torch.randn(b, L, h, p), F.softplus(torch.randn(b, L, h)), -torch.rand(h), torch.randn(b, L, h, n),
+            torch.randn(b, L, h, n))
+    compiled = compiler.compile(ChunkedVariant(variant))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), ChunkedVariant(variant)(*args))
+    assert compiled.patterns.count("ssd_scan") == 0
+    misses = [miss for miss in compiled._report.near_misses if miss.pattern == "ssd_scan"]
+    assert misses and misses[0].node.startswith(node) and reason in misses[0].reason, compiled.report()
+
+
+def test_training_recomputes_the_reference():
+    """Gradients flow (the backward recomputes the PyTorch reference; no SSD backward kernel yet)."""
+    config = mamba2.Mamba2Config.tiny()
+    torch.manual_seed(0)
+    mixer = mamba2.Mamba2Mixer(config)
+    u = torch.randn(1, 16, config.d_model, requires_grad=True)
+    compiled = compiler.compile(copy.deepcopy(mixer))
+    compiled(u).square().sum().backward()
+    reference_u = u.detach().double().requires_grad_()
+    copy.deepcopy(mixer).double()(reference_u).square().sum().backward()
+    torch.testing.assert_close(u.grad.double(), reference_u.grad, rtol=1e-4, atol=1e-5)
+    assert compiled.patterns.count("ssd_scan") == 1
