@@ -7,6 +7,7 @@ report() would say nothing. This pass looks for each family's anchor that is sti
     attention    softmax(s) read by a matmul, s made from a matmul (through scales, masks, casts)
     long_conv    irfft / ifft of a product of spectra (each made by an rfft / fft)
     ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step)
+    ssd_scan     segsum(a): the segment sums of a decay, Mamba-2's chunked SSD mask
     sparse_mlp   linear(act(linear(x)) (* | where | index) selection): two projections with a
                  selection of neurons between them
 
@@ -76,6 +77,10 @@ def _ssm_scan(graph: Graph, node: Node) -> str | None:
     return None
 
 
+def _ssd_scan(graph: Graph, node: Node) -> str | None:
+    return "segment sums of a decay (the decay mask of Mamba-2's chunked SSD)" if node.op == "segsum" else None
+
+
 def _sparse_mlp(graph: Graph, node: Node) -> str | None:
     if node.op not in ("linear", "matmul"):
         return None
@@ -105,4 +110,4 @@ def _factor_kind(graph: Graph, node: Node) -> str:
 
 
 ANCHORS = (("attention", _attention), ("long_conv", _long_conv), ("ssm_scan", _ssm_scan),
-           ("sparse_mlp", _sparse_mlp))
+           ("ssd_scan", _ssd_scan), ("sparse_mlp", _sparse_mlp))

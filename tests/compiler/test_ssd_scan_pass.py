@@ -118,6 +118,32 @@ def test_mamba_ssm_step_writes_its_state_in_place():
     assert_close_by_rule(ours_module.state, module.state, reference_module.state)
 
 
+class MinimalSSD(nn.Module):
+    """mamba_ssm's ssd_minimal_discrete on x * Δ, A * Δ (chunks of 4), returning the final state or not."""
+
+    def __init__(self, final_state: bool = True):
+        super().__init__()
+        self.final_state = final_state
+
+    def forward(self, x, dt, A, B, C):
+        y, state = mamba2.ssd_minimal_discrete(x * dt[..., None], A * dt, B, C, 4)
+        return (y, state) if self.final_state else y
+
+
+def minimal_ssd_case(final_state: bool = True):
+    """(module, inputs) for opcheck and gradient tests: 2 chunks, 2 heads, per-head B and C."""
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 1, 8, 2, 4, 4
+    inputs = [torch.randn(b, L, h, p, generator=g), F.softplus(torch.randn(b, L, h, generator=g)),
+              -torch.rand(h, generator=g), torch.randn(b, L, h, n, generator=g), torch.randn(b, L, h, n, generator=g)]
+    return MinimalSSD(final_state), inputs
+
+
+def step_case():
+    torch.manual_seed(0)
+    return Step(), [torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8)]
+
+
 class ChunkedVariant(nn.Module):
     """ssd_minimal_discrete around a decay or an input the SSD does not have: X scaled by another step
     size than the decay's (2 Δ: a product by a number is never dropped), a decay that depends on x."""
@@ -149,6 +175,22 @@ def test_near_misses_name_the_node(variant, node, reason):
     assert compiled.patterns.count("ssd_scan") == 0
     misses = [miss for miss in compiled._report.near_misses if miss.pattern == "ssd_scan"]
     assert misses and misses[0].node.startswith(node) and reason in misses[0].reason, compiled.report()
+
+
+class DecayAttention(nn.Module):
+    """A decay mask exp(segsum(pad(a, (1, 0)))) over values, without the chunked SSD around it (a
+    retention with a per-step decay): the pass starts no candidate there (that spelling is the SSD's
+    decay between chunk boundaries), yet report() names the mask (compiler/passes/unmatched.py)."""
+
+    def forward(self, a, v):
+        return torch.exp(mamba2.segsum(F.pad(a, (1, 0)))) @ v
+
+
+def test_an_unfused_decay_mask_is_reported():
+    a, v = -torch.rand(2, 9), torch.randn(2, 10, 4)
+    compiled = compiler.compile(DecayAttention())
+    torch.testing.assert_close(compiled(a, v), DecayAttention()(a, v))
+    assert compiled.patterns == [] and "ssd_scan at " in compiled.report(), compiled.report()
 
 
 def test_training_recomputes_the_reference():
