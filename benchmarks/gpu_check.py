@@ -7,7 +7,7 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 31 of the 69 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 33 of the 71 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts, every autotuning candidate of the attention (head dim
                    128), long-conv, short-conv and sparse-MLP kernels, compile() on real-size
                    modules, and eight threads sharing one compiled model; pytest-xdist, one
@@ -16,7 +16,8 @@ Plan, in priority order, so that a run cut short has done what matters most:
     3. headline    each suite's run(..., headline=True), reusing the suites' measurements:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
-                   scan 2 (the scan at L 2048 and the decode step), sparse MLP 2, GPT-2 small
+                   scan 2 (the scan at L 2048 and the decode step), SSD 3 (Mamba2-130M L 2k,
+                   Mamba2-780M L 8k, the decode step), sparse MLP 2, GPT-2 small
     4. training    2 fwd+bwd configs, named as not run: the kernels are forward-only so far
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
@@ -33,12 +34,14 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     long_conv          35   3 x (ours ~3 s, a torch.compile ~6 s, 3 timings)
     ssm_scan           30   scan L 2048: assoc-compile ~15 s, the eager loop ~8 calls x 0.25 s;
                             decode step: a torch.compile ~5 s
+    ssd_scan           30   Mamba2-130M L 2k and -780M L 8k: a torch.compile each (~8 s), eager
+                            (~12 timings); the decode step: a torch.compile ~5 s
     sparse_mlp         10   2 x 3 timings, eager peers (cuBLAS)
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
     training            0   not run: no backward kernels yet
-    total             270   + ~10 s of Python start-up
+    total             300   + ~10 s of Python start-up
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -73,14 +76,15 @@ from pathlib import Path
 import torch
 import triton
 
-from benchmarks import attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan
+from benchmarks import attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssd_scan, ssm_scan
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
 
 TESTS = "GPU tests"
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
-          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end}  # each has grid and run
-ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
+          "ssm_scan": ssm_scan, "ssd_scan": ssd_scan, "sparse_mlp": sparse_mlp,
+          "end_to_end": end_to_end}  # each has grid and run
+ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
               "sparse_mlp": 10, "end_to_end": 50}  # H100/H200, see above
 TRAINING = [dict(family="attention", head_dim=128, seqlen=4096, causal=True),
             dict(model="gpt2-small", batch=8, seqlen=1024)]
@@ -120,6 +124,8 @@ GPU_TESTS = [
     "tests/codegen/test_short_conv_kernel.py::test_every_autotuning_candidate_runs",
     # selective scan at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
+    "tests/codegen/test_ssd_scan_kernel.py::test_scan_kernel_at_mamba2_130m_size",
+    "tests/compiler/test_ssd_scan_pass.py::test_hf_chunk_scan_at_mamba2_780m_size",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[1]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[16]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_every_autotuning_candidate_bf16[16]",

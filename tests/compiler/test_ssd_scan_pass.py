@@ -193,6 +193,34 @@ def test_an_unfused_decay_mask_is_reported():
     assert compiled.patterns == [] and "ssd_scan at " in compiled.report(), compiled.report()
 
 
+@pytest.mark.gpu
+def test_hf_chunk_scan_at_mamba2_780m_size():
+    """Hugging Face's mamba2_chunk_scan at Mamba2-780M's layer size in bf16, L 2048 + 16, through compile()."""
+    from codegen.ssd_scan import ssd_scan_reference
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    class ChunkScan(nn.Module):
+        def forward(self, x, dt, A, B, C, D, dt_bias):
+            return mamba2_chunk_scan(x, dt, A, B, C, 256, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                     dt_limit=(0.0, float("inf")))
+
+    torch.manual_seed(0)
+    b, L, h, p, n = 2, 2048 + 16, 48, 64, 128
+    x, B, C = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for shape in
+               ((b, L, h, p), (b, L, 1, n), (b, L, 1, n)))
+    dt = 0.5 * torch.randn(b, L, h, device="cuda", dtype=torch.bfloat16)
+    A, D = -torch.exp(torch.rand(h, device="cuda") * 2.7), torch.randn(h, device="cuda")
+    dt_bias = torch.log(torch.expm1(torch.empty(h, device="cuda").uniform_(1e-3, 0.1)))
+    compiled = compiler.compile(ChunkScan())
+    with torch.no_grad():
+        ours, baseline = compiled(x, dt, A, B, C, D, dt_bias), ChunkScan()(x, dt, A, B, C, D, dt_bias)
+    reference, _ = ssd_scan_reference(*(t.double() for t in (x, dt, A[None, None].expand(b, L, h), B, C)),
+                                      D=D.double()[:, None].expand(h, p), dt_bias=dt_bias.double(), dt_softplus=True,
+                                      dt_limit=(0.0, float("inf")))
+    assert compiled.patterns == ["ssd_scan"], compiled.report()
+    assert_close_by_rule(ours, baseline, reference)
+
+
 def test_training_recomputes_the_reference():
     """Gradients flow (the backward recomputes the PyTorch reference; no SSD backward kernel yet)."""
     config = mamba2.Mamba2Config.tiny()
