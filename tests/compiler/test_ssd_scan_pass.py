@@ -89,6 +89,37 @@ def test_bfloat16_mixer():
     assert_compiles_equivalent(mamba2.Mamba2Mixer(config), (torch.randn(1, 32, 32),), torch.bfloat16, "ssd_scan")
 
 
+class Loop(nn.Module):
+    """The recurrence as a plain loop over time (Δ made for the whole sequence first, B and C per group
+    repeated to heads, dt indexed twice per step), outputs stacked, then the D skip; the final state returned."""
+
+    def forward(self, x, dt, A, B, C, D, dt_bias):
+        dt = F.softplus(dt + dt_bias)
+        batch, seqlen, heads, headdim = x.shape
+        state = x.new_zeros(batch, heads, headdim, B.shape[-1])
+        B, C = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (B, C))
+        ys = []
+        for t in range(seqlen):
+            decay = torch.exp(dt[:, t, :, None, None] * A[:, None, None])
+            state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+            ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+        return torch.stack(ys, dim=1) + x * D[:, None], state
+
+
+def test_plain_loop_over_time_runs_as_the_chunked_scan():
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 2, 13, 4, 5, 6
+    args = (torch.randn(b, L, h, p, generator=g), torch.randn(b, L, h, generator=g), -torch.rand(h, generator=g),
+            torch.randn(b, L, 2, n, generator=g), torch.randn(b, L, 2, n, generator=g), torch.randn(h, generator=g),
+            torch.rand(h, generator=g) - 3)
+    compiled = compiler.compile(Loop(), strict=True)
+    with torch.no_grad():
+        ours, baseline, reference = compiled(*args), Loop()(*args), Loop()(*(t.double() for t in args))
+    assert compiled.patterns == ["ssd_scan"] and "loop over time, L=13" in compiled.report(), compiled.report()
+    for out, base, ref in zip(ours, baseline, reference):
+        assert_close_by_rule(out, base, ref)
+
+
 class Step(nn.Module):
     """mamba_ssm's Mamba2.step: the state is a buffer updated in place by ssd_step."""
 

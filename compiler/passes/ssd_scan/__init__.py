@@ -11,30 +11,43 @@ segment sums as one segsum op), in the forms code writes it:
     decode    one step from a carried state, S' = exp(Δ A) S + Δ x ⊗ B, y = S' C, the state written
               back in place by the graph's own copy_ (Hugging Face's and mamba_ssm's step; decode.py);
               the candidate is each add of rank 4
+    loop      that step in a Python loop over time from a zero state, unrolled by tracing, the outputs
+              stacked (loop.py): each step recognised as a decode step, the steps chained; it runs as
+              the chunked scan. The candidate is each stack of rank 4
 
 and folded into the op around it: Δ = clamp(softplus(dt + dt_bias), lo, hi), B and C per group of
 heads, D skip, silu(z) gate, casts and views (operands.py). A candidate that breaks is reported
 with the node that broke it.
 
-A plain loop over time with a per-head scalar decay is the same recurrence; it is left to the
-ssm_scan family's loop re-rolling (a Mamba-1 scan with d = h * p channels computes it exactly),
-which does not yet take the rank-4 state: see the README.
+A loop with a per-head scalar decay belongs here, not to ssm_scan: Mamba-1's scan would compute it
+(d = h * p channels, A and Δ repeated along p) but pays an exp per (h, p, n) element and no matmul,
+while the scalar decay is exactly what lets the chunked SSD kernel run it on tensor cores; its
+state is (b, h, p, n), where ssm_scan's re-rolling reads (b, d, n). Loops are tried first, then
+chunked forms, then decode steps (a loop's steps are decode steps, fused together).
 """
 from __future__ import annotations
 
 from compiler.passes import PassContext
 from compiler.passes.ssd_scan.chunked import fuse_chunked, is_candidate
 from compiler.passes.ssd_scan.decode import fuse_decode_step, is_step_candidate
+from compiler.passes.ssd_scan.loop import fuse_loop, is_loop_candidate
 from ir.graph import Graph, Node
 
 PATTERN = "ssd_scan"
 
 
 def run(graph: Graph, context: PassContext) -> None:
-    def try_fuse(node: Node) -> None:
-        if is_candidate(node):
+    def try_scan(node: Node) -> None:
+        if is_loop_candidate(node):
+            fuse_loop(graph, node, context)
+        elif is_candidate(node):
             fuse_chunked(graph, node, context)
-        elif is_step_candidate(node):
+
+    def try_step(node: Node) -> None:
+        if is_step_candidate(node) and node.name not in fused:
             fuse_decode_step(graph, node, context)
 
-    context.for_each_candidate(PATTERN, graph, list(graph), try_fuse)
+    context.for_each_candidate(PATTERN, graph, list(graph), try_scan)
+    fused = {name for entry in context.report.fused if entry.graph == context.graph_index
+             for name in entry.replaced}  # a fused loop's steps are no decode steps of their own
+    context.for_each_candidate(PATTERN, graph, list(graph), try_step)

@@ -59,8 +59,8 @@ def fuse_chunked(graph: Graph, segsum: Node, context: PassContext) -> None:
     core = _off_diagonal(graph, diagonal, cumsum)
     discretised = discretise(graph, {name: _sequence_leaf(chunk) for name, chunk in chunks.items()})
     y = _merged_output(graph, core.total, diagonal.out)
-    fuse_scan(graph, context, discretised, y, chunks["X"][0].pad, core, f"chunked, {chunks['a'][0].chunks} chunks "
-                                                                       f"of {chunks['a'][0].steps}")
+    detail = f"chunked, {chunks['a'][0].chunks} chunks of {chunks['a'][0].steps}"
+    fuse_scan(graph, context, discretised, y, chunks["X"][0].pad, core.final, core.initial, core.nodes, detail)
 
 
 # -- Y_diag: the intra-chunk product, where every role is first told apart ------------------------

@@ -11,10 +11,12 @@ the remaining dim of S. The graph's copy_ of S' into its cache stays; the op ret
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from compiler.passes import NoMatch, PassContext
 from compiler.passes.ssd_scan.operands import Discretised, _factor_roles, _groups, _source, _step_sizes, \
     fuse_decode
-from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, static_shape, through_casts
+from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, same_value, static_shape, through_casts
 from ir.contraction import Contraction, active, contraction
 from ir.graph import Graph, Node
 
@@ -24,23 +26,39 @@ def is_step_candidate(node: Node) -> bool:
             and node.type.rank == 4 and node.type.static_shape() is not None)
 
 
+@dataclass
+class Step:
+    """One recognised step: its inputs, the readout y, the carried state S and the new state S'."""
+
+    disc: Discretised
+    y: Leaf
+    state: Leaf
+    new_state: Leaf
+    core: set[str]
+
+
 def fuse_decode_step(graph: Graph, h: Node, context: PassContext) -> None:
+    step = match_step(graph, h)
+    if step is not None:
+        fuse_decode(graph, context, step.disc, step.y, step.state, step.new_state, step.core, "decode step")
+
+
+def match_step(graph: Graph, h: Node) -> Step | None:
+    """h and its readout as one SSD step, None when h is no carried recurrence read out by a
+    product with C; NoMatch when it looks like one but breaks."""
     carried = _carried(graph, h)
-    if carried is None:
-        return
-    readout = _readout(graph, h)
+    readout = _readout(graph, h) if carried is not None else None
     if readout is None:
-        return
+        return None
     decay_product, state_factor, decay, update_root = carried
     y_root, product, n_label = readout
     state_roles = tuple("n" if label == n_label else str(k) for k, label in enumerate(_labels_of(product, h)))
     renamed, disc, state = _discretised(graph, h, decay_product, state_factor, decay, update_root, state_roles)
     y = Leaf(y_root, _rename(_factor_roles_by_label(product, h, state_roles, product.out), renamed))
-    C = _c_leaf(graph, product, h, state_roles, renamed)
-    disc = _with_c(graph, disc, C)
+    disc = _with_c(graph, disc, _c_leaf(graph, product, h, state_roles, renamed))
     core = {h.name, update_root.name, *decay_product.nodes, *product.nodes}
-    fuse_decode(graph, context, disc, y, Leaf(state.node, _rename(state.roles, renamed)),
-                Leaf(h, _rename(state_roles, renamed)), core, "decode step")
+    return Step(disc, y, Leaf(state.node, _rename(state.roles, renamed)), Leaf(h, _rename(state_roles, renamed)),
+                core)
 
 
 def _carried(graph: Graph, h: Node):
@@ -111,7 +129,7 @@ def _discretised(graph: Graph, h: Node, decay_product: Contraction, state_factor
     if len(parts) != 2 or exponent.summed:
         raise NoMatch(decay, "the decay is not exp(Δ ⊗ A)")
     update = contraction(graph, update_root)
-    steps = [part for part in parts if any(f.node is part.node for f in update.factors)]
+    steps = [part for part in parts if any(same_value(graph, f.node, part.node) for f in update.factors)]
     if len(steps) != 1:
         raise NoMatch(update_root, "the update does not share the decay's step size Δ")
     step = steps[0]
@@ -129,9 +147,11 @@ def _discretised(graph: Graph, h: Node, decay_product: Contraction, state_factor
     if len(value) != 1:
         raise NoMatch(h, "the state has dims besides batch, heads, head dim and state")
     leaves = [Leaf(f.node, _factor_roles(update, f.labels, f.node, roles)) for f in update.factors]
-    B = next((leaf for leaf in leaves if "n" in leaf.roles and leaf.node is not step.node), None)
-    x = next((leaf for leaf in leaves if leaf.node not in (step.node, getattr(B, "node", None))), None)
-    if len(leaves) != 3 or B is None or x is None or "n" in x.roles or static_shape(update_root) != static_shape(h):
+    others = [leaf for leaf in leaves if not same_value(graph, leaf.node, step.node)]
+    B = next((leaf for leaf in others if "n" in leaf.roles), None)
+    x = next((leaf for leaf in others if leaf is not B), None)
+    if len(leaves) != 3 or len(others) != 2 or B is None or x is None or "n" in x.roles \
+            or static_shape(update_root) != static_shape(h):
         raise NoMatch(update_root, "the update is not Δ ⊗ x ⊗ B")
     bias_leaf = None if bias is None else Leaf(bias.node, _rename(bias.roles, renamed))
     disc = Discretised(_source(graph, Leaf(x.node, _rename(x.roles, renamed))),

@@ -19,8 +19,8 @@ import networkx as nx
 import torch
 
 from compiler.passes import NoMatch, PassContext
-from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding, is_real_cast, sole_reader, \
-    static_shape, through_casts
+from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding, is_real_cast, same_value, \
+    sole_reader, static_shape, through_casts
 from ir.contraction import Contraction, contraction
 from ir.graph import Call, Graph, Node, Ref
 from runtime.ssd_scan import Operand, Result, SSDLayout, SSDScanOp, SSDStateUpdateOp
@@ -51,7 +51,7 @@ def discretise(graph: Graph, sequences: dict[str, Leaf]) -> Discretised:
     if step is None or rate is None or set(rate.roles) - {"h", ""}:
         raise NoMatch(sequences["a"].node, "the decay is not a step size (b, l, h) times a per-head rate A")
     scaled = _product_of_two(graph, sequences["X"], "X is not Δ ⊗ x")
-    shared = [leaf for leaf in scaled if leaf.node is step.node and _sized(leaf) == _sized(step)]
+    shared = [leaf for leaf in scaled if same_value(graph, leaf.node, step.node) and _sized(leaf) == _sized(step)]
     if not shared:
         raise NoMatch(sequences["X"].node, "X is not x times the decay's step size Δ (the same tensor)")
     x = next(leaf for leaf in scaled if leaf is not shared[0])
@@ -299,16 +299,18 @@ def check_private(graph: Graph, nodes: set[str], inside: set[str]) -> None:
             raise NoMatch(graph.node(name), f"is also read by {outside[0]} outside the SSD")
 
 
-def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, padding: int, core, detail: str):
+def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, padding: int, final: Leaf | None,
+              initial: Leaf | None, core: set[str], detail: str) -> None:
+    """The scan op in place of y's epilogue; the final state returned when something besides the
+    replaced nodes reads `final`."""
     tail = epilogue(graph, y, disc.x, padding)
-    state = core.final if core.final is not None and graph.users(core.final.node.name) else None
-    extra = {"initial_state": core.initial}
-    operands = operand_list(disc, tail, extra)
-    seqlen = _size(disc.x, "l")
-    fused_layout = layout(disc, operands, tail, state, seqlen)
+    operands = operand_list(disc, tail, {"initial_state": initial})
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
-    inside = set(replaced) | ({core.final.node.name} if core.final is not None else set())
-    check_private(graph, core.nodes - {tail.anchor.name}, inside)
+    state = final if final is not None and any(user.name not in replaced for user in graph.users(final.node.name)) \
+        else None
+    fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"))
+    inside = set(replaced) | ({final.node.name} if final is not None else set())
+    check_private(graph, core - {tail.anchor.name}, inside)
     op = SSDScanOp(replaced, fused_layout, mode=context.mode)
     _fuse(graph, context, op, operands, tail.anchor, state, replaced, f"{detail}, {fused_layout.describe()}")
 

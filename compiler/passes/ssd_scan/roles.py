@@ -71,6 +71,18 @@ def through_casts(graph: Graph, node: Node) -> Node:
     return node
 
 
+def same_value(graph: Graph, a: Node, b: Node) -> bool:
+    """Do a and b hold the same values: the same node, or the same selects, slices and views of one
+    (a loop body that indexes dt[:, t] twice makes two nodes of one tensor)?"""
+    return _value_key(graph, a) == _value_key(graph, b)
+
+
+def _value_key(graph: Graph, node: Node):
+    if node.op in ("select", "slice", "reshape", "permute", "expand") and len(node.inputs) == 1:
+        return node.op, repr(sorted(node.attrs.items())), _value_key(graph, graph.node(node.inputs[0]))
+    return node.name
+
+
 def down_views(graph: Graph, node: Node, roles: Roles) -> Leaf:
     """The tensor under node's views and casts, its dims' roles carried by position (a unit dim a
     reshape adds or an expand widens takes no role)."""
