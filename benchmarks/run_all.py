@@ -28,6 +28,7 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
     ssm_scan          240 s  unrolled capture at L 256 and 512 (~20 s), assoc-compile at 3 lengths
                              (~15 s each); the Mamba-130M row: eager 2 calls x ~6 s, Inductor on
                              the associative form ~60-120 s
+    ssd_scan           90 s  4 chunk scans x a torch.compile (~8 s) + eager, the decode step
     sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
     end_to_end        140 s  4 models x (ours ~12 s + torch.compile ~15 s to first call)
     total            ~30 min, plus ~1-2 min to start a machine
@@ -39,7 +40,7 @@ safety net; each call's $OUT holds at most 6 files), then merge them on any mach
     1. run_all.py --suites attention_decode,warm_start --budget-s 500       # + GPU tests, ~510 s
     2. run_all.py --suites attention --skip-tests --budget-s 500            # ~420 s
     3. run_all.py --suites long_conv,sparse_mlp --skip-tests --budget-s 500 # ~500 s
-    4. run_all.py --suites ssm_scan,end_to_end --skip-tests --budget-s 500  # ~380 s
+    4. run_all.py --suites ssm_scan,ssd_scan,end_to_end --skip-tests --budget-s 500  # ~470 s
     run_all.py --merge <files_at of 1..4> --out benchmarks/results/<date>-h100
 
 A session working on one issue runs only the suites it needs (issue 3: attention,
@@ -64,16 +65,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssm_scan,
-                        warm_start)
+from benchmarks import (attention, attention_decode, end_to_end, long_conv, report, sparse_mlp, ssd_scan,
+                        ssm_scan, warm_start)
 from benchmarks.common import Budget, device_name, measure_ceilings, run_pytest, run_suite, write_json
 
 SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, "warm_start": warm_start.run,
-          "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "sparse_mlp": sparse_mlp.run,
-          "end_to_end": end_to_end.run}
+          "long_conv": long_conv.run, "ssm_scan": ssm_scan.run, "ssd_scan": ssd_scan.run,
+          "sparse_mlp": sparse_mlp.run, "end_to_end": end_to_end.run}
 TESTS = "GPU tests"
 ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
-              "ssm_scan": 240, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
+              "ssm_scan": 240, "ssd_scan": 90, "sparse_mlp": 120, "end_to_end": 140}  # full size, H100, see above
 
 
 def run_gpu_tests(out: Path, timeout_s: float | None) -> dict:
