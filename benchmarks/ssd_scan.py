@@ -29,9 +29,13 @@ import torch.nn as nn
 import compiler
 from benchmarks.common import (Row, against_eager_and_inductor, bench_ms, first_call_s, measure_ceilings,
                                memory_floor_ms, run_configs)
+from models.mamba2 import Mamba2Config
 
-SIZES = {"mamba2-130m": dict(heads=24, headdim=64, dstate=128, groups=1),
-         "mamba2-780m": dict(heads=48, headdim=64, dstate=128, groups=1),
+def _sizes(config: Mamba2Config) -> dict:
+    return dict(heads=config.nheads, headdim=config.headdim, dstate=config.d_state, groups=config.ngroups)
+
+
+SIZES = {"mamba2-130m": _sizes(Mamba2Config.mamba2_130m()), "mamba2-780m": _sizes(Mamba2Config.mamba2_780m()),
          "tiny": dict(heads=2, headdim=16, dstate=16, groups=1)}
 
 

@@ -173,12 +173,12 @@ class Mamba2Config:
 
     @classmethod
     def mamba2_130m(cls) -> Mamba2Config:
-        """The block shapes of state-spaces/mamba2-130m: 24 heads of 64, 128 states."""
+        """The block shapes of state-spaces/mamba2-130m: 24 heads of 64, 128 states, one group."""
         return cls(d_model=768)
 
     @classmethod
     def mamba2_780m(cls) -> Mamba2Config:
-        """The block shapes of state-spaces/mamba2-780m: 48 heads of 64, 128 states."""
+        """The block shapes of state-spaces/mamba2-780m: 48 heads of 64, 128 states, one group."""
         return cls(d_model=1536)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler.passes import NoMatch, PassContext
-from compiler.passes.ssd_scan.operands import Discretised, _factor_roles, _groups, _source, _step_sizes, \
-    fuse_decode
+from compiler.passes.ssd_scan.operands import (
+    Discretised, factor_roles, fuse_decode, grouped_bc, step_sizes, under_upcasts)
 from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, same_value, static_shape, through_casts
 from ir.contraction import Contraction, active, contraction
 from ir.graph import Graph, Node
@@ -52,7 +52,8 @@ def match_step(graph: Graph, h: Node) -> Step | None:
         return None
     decay_product, state_factor, decay, update_root = carried
     y_root, product, n_label = readout
-    state_roles = tuple("n" if label == n_label else str(k) for k, label in enumerate(_labels_of(product, h)))
+    state_roles = tuple("n" if label == n_label else "" if size == 1 else str(k)
+                        for k, (label, size) in enumerate(zip(_labels_of(product, h), static_shape(h))))
     renamed, disc, state = _discretised(graph, h, decay_product, state_factor, decay, update_root, state_roles)
     y = Leaf(y_root, _rename(_factor_roles_by_label(product, h, state_roles, product.out), renamed))
     disc = _with_c(graph, disc, _c_leaf(graph, product, h, state_roles, renamed))
@@ -121,11 +122,11 @@ def _rename(roles: Roles, renamed: dict[str, str]) -> Roles:
 def _discretised(graph: Graph, h: Node, decay_product: Contraction, state_factor, decay: Node, update_root: Node,
                  roles: Roles):
     """(placeholder -> role, the discretised inputs without C, the state leaf) from S' = exp(Δ ⊗ A) S + Δ x ⊗ B."""
-    state = Leaf(state_factor.node, _factor_roles(decay_product, state_factor.labels, state_factor.node, roles))
+    state = Leaf(state_factor.node, factor_roles(decay_product, state_factor.labels, state_factor.node, roles))
     exp_factor = next(f for f in decay_product.factors if f is not state_factor)
-    exp_roles = _factor_roles(decay_product, exp_factor.labels, exp_factor.node, roles)
+    exp_roles = factor_roles(decay_product, exp_factor.labels, exp_factor.node, roles)
     exponent = contraction(graph, graph.node(decay.inputs[0]))
-    parts = [Leaf(f.node, _factor_roles(exponent, f.labels, f.node, exp_roles)) for f in exponent.factors]
+    parts = [Leaf(f.node, factor_roles(exponent, f.labels, f.node, exp_roles)) for f in exponent.factors]
     if len(parts) != 2 or exponent.summed:
         raise NoMatch(decay, "the decay is not exp(Δ ⊗ A)")
     update = contraction(graph, update_root)
@@ -133,20 +134,20 @@ def _discretised(graph: Graph, h: Node, decay_product: Contraction, state_factor
     if len(steps) != 1:
         raise NoMatch(update_root, "the update does not share the decay's step size Δ")
     step = steps[0]
-    rate = down_views(graph, _source(graph, next(p for p in parts if p is not step)).node,
+    rate = down_views(graph, under_upcasts(graph, next(p for p in parts if p is not step)).node,
                       next(p for p in parts if p is not step).roles)
     heads = {role for role, size in zip(rate.roles, static_shape(rate.node)) if size != 1}
-    raw, bias, softplus, limit = _step_sizes(graph, step, next(iter(heads), "h"))
+    raw, bias, softplus, limit = step_sizes(graph, step, next(iter(heads), "h"))
     batch_heads = {role for role, size in zip(raw.roles, static_shape(raw.node)) if size != 1}
     if len(heads) > 1 or "n" in heads or not heads <= batch_heads or len(batch_heads - heads) > 1 or "n" in batch_heads:
         raise NoMatch(decay, "the decay is not a scalar per head (Δ varies along batch and heads, A along heads)")
     (head,) = heads or {next(iter(batch_heads - {"n"}), "h")}
     batch = next(iter(batch_heads - heads), None)
-    value = [role for role in roles if role not in ("n", head, batch)]
+    value = [role for role in roles if role not in ("n", "", head, batch)]
     renamed = {head: "h", **({batch: "b"} if batch else {}), **({value[0]: "p"} if value else {})}
     if len(value) != 1:
         raise NoMatch(h, "the state has dims besides batch, heads, head dim and state")
-    leaves = [Leaf(f.node, _factor_roles(update, f.labels, f.node, roles)) for f in update.factors]
+    leaves = [Leaf(f.node, factor_roles(update, f.labels, f.node, roles)) for f in update.factors]
     others = [leaf for leaf in leaves if not same_value(graph, leaf.node, step.node)]
     B = next((leaf for leaf in others if "n" in leaf.roles), None)
     x = next((leaf for leaf in others if leaf is not B), None)
@@ -154,7 +155,7 @@ def _discretised(graph: Graph, h: Node, decay_product: Contraction, state_factor
             or static_shape(update_root) != static_shape(h):
         raise NoMatch(update_root, "the update is not Δ ⊗ x ⊗ B")
     bias_leaf = None if bias is None else Leaf(bias.node, _rename(bias.roles, renamed))
-    disc = Discretised(_source(graph, Leaf(x.node, _rename(x.roles, renamed))),
+    disc = Discretised(under_upcasts(graph, Leaf(x.node, _rename(x.roles, renamed))),
                        Leaf(raw.node, _rename(raw.roles, renamed)),
                        Leaf(rate.node, _rename(rate.roles, renamed)), Leaf(B.node, _rename(B.roles, renamed)),
                        None, 0, bias_leaf, softplus, limit)
@@ -173,5 +174,5 @@ def _c_leaf(graph: Graph, product: Contraction, h: Node, roles: Roles, renamed: 
 def _with_c(graph: Graph, disc: Discretised, C: Leaf) -> Discretised:
     heads = next(size for size, role in zip(static_shape(disc.x.node), disc.x.roles) if role == "h") \
         if "h" in disc.x.roles else 1
-    groups, B, C = _groups(graph, disc.B, C, heads)
+    groups, B, C = grouped_bc(graph, disc.B, C, heads)
     return Discretised(disc.x, disc.dt, disc.A, B, C, groups, disc.dt_bias, disc.softplus, disc.limit)

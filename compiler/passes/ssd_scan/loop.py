@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from compiler.passes import NoMatch, PassContext
 from compiler.passes.ssd_scan.decode import Step, match_step
-from compiler.passes.ssd_scan.operands import Discretised, _step_sizes, fuse_scan
+from compiler.passes.ssd_scan.operands import Discretised, fuse_scan, step_sizes
 from compiler.passes.ssd_scan.roles import Leaf, static_shape, through_casts
 from ir.graph import Graph, Node
 
@@ -93,7 +93,7 @@ def _sequences(graph: Graph, steps: list[Step]) -> Discretised:
         found[name] = Leaf(sequence, leaves[0].roles[:dim] + ("l",) + leaves[0].roles[dim:])
     disc = steps[0].disc
     if disc.dt_bias is None and not disc.softplus and disc.limit is None:  # Δ made for the whole sequence first
-        raw, bias, softplus, limit = _step_sizes(graph, found["dt"])
+        raw, bias, softplus, limit = step_sizes(graph, found["dt"])
         return Discretised(found["x"], raw, disc.A, found["B"], found["C"], disc.groups, bias, softplus, limit)
     return Discretised(found["x"], found["dt"], disc.A, found["B"], found["C"], disc.groups, disc.dt_bias,
                        disc.softplus, disc.limit)

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 
@@ -55,20 +54,20 @@ def discretise(graph: Graph, sequences: dict[str, Leaf]) -> Discretised:
     if not shared:
         raise NoMatch(sequences["X"].node, "X is not x times the decay's step size Δ (the same tensor)")
     x = next(leaf for leaf in scaled if leaf is not shared[0])
-    groups, B, C = _groups(graph, sequences["B"], sequences["C"], _size(sequences["X"], "h"))
-    raw, bias, softplus, limit = _step_sizes(graph, step)
-    return Discretised(_source(graph, x), raw, _source(graph, rate), B, C, groups, bias, softplus, limit)
+    groups, B, C = grouped_bc(graph, sequences["B"], sequences["C"], _size(sequences["X"], "h"))
+    raw, bias, softplus, limit = step_sizes(graph, step)
+    return Discretised(under_upcasts(graph, x), raw, under_upcasts(graph, rate), B, C, groups, bias, softplus, limit)
 
 
 def _product_of_two(graph: Graph, sequence: Leaf, why: str) -> list[Leaf]:
     product = contraction(graph, sequence.node)
     if len(product.factors) != 2 or product.summed:
         raise NoMatch(sequence.node, why)
-    return [Leaf(factor.node, _factor_roles(product, factor.labels, factor.node, sequence.roles))
+    return [Leaf(factor.node, factor_roles(product, factor.labels, factor.node, sequence.roles))
             for factor in product.factors]
 
 
-def _factor_roles(product: Contraction, labels: tuple, node: Node, out_roles: Roles) -> Roles:
+def factor_roles(product: Contraction, labels: tuple, node: Node, out_roles: Roles) -> Roles:
     """The roles of a factor's dims, from the result dims they line up with (a unit dim keeps its
     role when it is the result's own unit dim, so a sequence of one step still has a time dim)."""
     role_of = dict(zip(product.out, out_roles))
@@ -85,7 +84,7 @@ def _size(leaf: Leaf, role: str) -> int:
     return sizes[0] if sizes else 1
 
 
-def _source(graph: Graph, leaf: Leaf) -> Leaf:
+def under_upcasts(graph: Graph, leaf: Leaf) -> Leaf:
     """The tensor under exact copies and up-casts (fp16/bf16 -> fp32): the kernels read any float dtype."""
     node = leaf.node
     while is_real_cast(node):
@@ -97,9 +96,9 @@ def _source(graph: Graph, leaf: Leaf) -> Leaf:
     return Leaf(node, leaf.roles)
 
 
-def _groups(graph: Graph, B: Leaf, C: Leaf, heads: int) -> tuple[int, Leaf, Leaf]:
+def grouped_bc(graph: Graph, B: Leaf, C: Leaf, heads: int) -> tuple[int, Leaf, Leaf]:
     """(groups, B, C) with the head dim relabelled g: under repeat_interleave / repeat_kv, per head, or shared."""
-    grouped = [_grouped(graph, _source(graph, leaf)) for leaf in (B, C)]
+    grouped = [_grouped(graph, under_upcasts(graph, leaf)) for leaf in (B, C)]
     counts = {count for count, _ in grouped}
     if len(counts) != 1:
         raise NoMatch(C.node, f"B and C come in different groups of heads ({sorted(counts)})")
@@ -115,13 +114,13 @@ def _grouped(graph: Graph, leaf: Leaf) -> tuple[int, Leaf]:
     dim = leaf.roles.index("h")
     node = leaf.node
     repeated = (node.op == "repeat_kv" and dim == 1) or (node.op == "repeat_interleave" and node.attrs["dim"] == dim)
-    source = _source(graph, Leaf(graph.node(node.inputs[0]), leaf.roles)) if repeated else leaf
+    source = under_upcasts(graph, Leaf(graph.node(node.inputs[0]), leaf.roles)) if repeated else leaf
     groups = static_shape(source.node)[dim]
     roles = tuple("g" if k == dim and groups > 1 else ("" if k == dim else role) for k, role in enumerate(leaf.roles))
     return groups, Leaf(source.node, roles)
 
 
-def _step_sizes(graph: Graph, step: Leaf, head: str = "h"):
+def step_sizes(graph: Graph, step: Leaf, head: str = "h"):
     """(raw dt, dt_bias or None, softplus, (lo, hi) or None) for Δ = clamp(softplus(dt + dt_bias), lo, hi),
     each looked at under its views and casts (an elementwise chain commutes with them)."""
     leaf, limit, softplus = down_views(graph, step.node, step.roles), None, False
@@ -141,9 +140,9 @@ def _step_sizes(graph: Graph, step: Leaf, head: str = "h"):
                 continue
             bias_leaf = down_views(graph, bias, bias_roles)
             if {role for role, size in zip(bias_leaf.roles, static_shape(bias_leaf.node)) if size != 1} <= {head}:
-                return (_source(graph, down_views(graph, raw, leaf.roles)), _source(graph, bias_leaf), softplus,
+                return (under_upcasts(graph, down_views(graph, raw, leaf.roles)), under_upcasts(graph, bias_leaf), softplus,
                         limit)
-    return _source(graph, leaf), None, softplus, limit
+    return under_upcasts(graph, leaf), None, softplus, limit
 
 
 def _broadcast_roles(source: Node, result: Node, roles: Roles) -> Roles | None:
@@ -224,13 +223,13 @@ def _skip(graph: Graph, other: str, add: Node, roles: Roles, x: Leaf, padding: i
     aligned = _broadcast_roles(other_node, add, roles)
     if len(product.factors) != 2 or product.summed or aligned is None:
         return None
-    leaves = [Leaf(f.node, _factor_roles(product, f.labels, f.node, aligned)) for f in product.factors]
+    leaves = [Leaf(f.node, factor_roles(product, f.labels, f.node, aligned)) for f in product.factors]
     for skipped, scale in (leaves, leaves[::-1]):
         source = through_casts(graph, skipped.node)
         if "l" in skipped.roles and end_padding(source, skipped.roles.index("l")) == padding:
             source = through_casts(graph, graph.node(source.inputs[0]))  # x padded as y is (or by nothing)
-        if _source(graph, Leaf(source, ())).node is x.node and set(scale.roles) <= {"h", "p", "hp", ""}:
-            return _source(graph, scale)
+        if under_upcasts(graph, Leaf(source, ())).node is x.node and set(scale.roles) <= {"h", "p", "hp", ""}:
+            return under_upcasts(graph, scale)
     return None
 
 
@@ -241,7 +240,7 @@ def _gate(graph: Graph, other: str, mul: Node, roles: Roles) -> Leaf | None:
         return None
     z = graph.node(silu.inputs[0])
     z_roles = _broadcast_roles(z, mul, roles)
-    return None if z_roles is None else _source(graph, Leaf(z, z_roles))
+    return None if z_roles is None else under_upcasts(graph, Leaf(z, z_roles))
 
 
 def _reshaped_roles(shape: tuple, result: tuple, roles: Roles) -> Roles | None:
