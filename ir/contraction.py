@@ -8,7 +8,7 @@ where nothing else reads them (root itself always):
     einsum (2 operands after canonicalisation; any arity)   matmul (batched, broadcast, 1-D sides)
     mul of two tensors (broadcast)                           sum over dims (keepdim or not)
     permute, expand, casts and copies between float dtypes    reshapes that add or drop unit dims,
-                                                             merge adjacent dims or split one
+    selects of a unit dim (x[..., 0] dropping it)            merge adjacent dims or split one
 
 Each dim of each factor gets a label (a unit dim too, so views keep track of it); a unit dim
 broadcast against a larger one gets a label of its own. Labels in factors but not in `out` are
@@ -52,17 +52,19 @@ def active(factor: Factor) -> tuple[str, ...]:
     return tuple(label for label, size in zip(factor.labels, _shape(factor.node)) if size != 1)
 
 
-def contraction(graph: Graph, root: Node, keep: frozenset = frozenset(), products: bool = True) -> Contraction:
+def contraction(graph: Graph, root: Node, keep: frozenset = frozenset(), products: bool = True,
+                regroups: bool = True) -> Contraction:
     """root as a contraction of the factors under it (see the module docstring); nodes named in
     `keep` are factors even when only the contraction reads them. Without `products`, only views
-    and casts are looked through: the one factor is the tensor under them."""
+    and casts are looked through: the one factor is the tensor under them. Without `regroups`,
+    reshapes that merge or split dims are factors (a sequence cut into chunks stays one)."""
     names = (f"i{k}" for k in itertools.count())
     result = Contraction(out=_fresh(root, names))
     pending = [(root, result.out, True)]
     while pending:
         node, labels, is_root = pending.pop()
         private = is_root or (len(graph.nx.succ[node.name]) == 1 and node.name not in keep)
-        expanded = _expand(graph, node, labels, names, products) if private else None
+        expanded = _expand(graph, node, labels, names, products, regroups) if private else None
         if expanded is None:
             result.factors.append(Factor(node, labels))
             continue
@@ -80,7 +82,7 @@ def _fresh(node: Node, names) -> Labels:
     return tuple(next(names) for _ in _shape(node))
 
 
-def _expand(graph: Graph, node: Node, labels: Labels, names, products: bool = True):
+def _expand(graph: Graph, node: Node, labels: Labels, names, products: bool = True, allow_regroups: bool = True):
     """[(input, its labels)] for a node the contraction looks through, else None."""
     inputs = [graph.node(name) for name in node.inputs]
     if node.type is None or _shape(node) is None or any(_shape(x) is None for x in inputs):
@@ -89,8 +91,15 @@ def _expand(graph: Graph, node: Node, labels: Labels, names, products: bool = Tr
         return [(inputs[0], labels)]
     if (not products and node.op in PRODUCTS) or node.attrs.get("scalar") is not None:
         return None
+    if node.op == "reshape" and not allow_regroups and is_regrouping(inputs[0], node):
+        return None
     rule = EXPANSIONS.get(node.op)
     return rule(node, inputs, labels, names) if rule is not None else None
+
+
+def is_regrouping(source: Node, reshape: Node) -> bool:
+    """Does the reshape merge or split dims (more than add or drop unit dims)?"""
+    return [n for n in _shape(source) if n != 1] != [n for n in _shape(reshape) if n != 1]
 
 
 def _is_float(node: Node, dtypes=KERNEL_FLOATS + ("float64",)) -> bool:
@@ -202,6 +211,14 @@ def _equal_products(source: tuple, result: tuple, i: int, j: int) -> tuple[list[
     return source_dims, result_dims
 
 
+def _select(node, inputs, labels, names):
+    """x[..., 0, ...] of a unit dim drops it, as a reshape would; any other select picks values."""
+    if _shape(inputs[0])[node.attrs["dim"]] != 1:
+        return None
+    dim = node.attrs["dim"]
+    return [(inputs[0], labels[:dim] + (next(names),) + labels[dim:])]
+
+
 def _sum(node, inputs, labels, names):
     if node.attrs["dtype"] is not None:
         return None
@@ -248,5 +265,6 @@ def _batch(operand: Node, result: Node, batch: Labels, rank: int, names) -> Labe
 
 
 PRODUCTS = ("mul", "sum", "einsum", "matmul")
-EXPANSIONS = {"mul": _mul, "permute": _permute, "expand": _expand_op, "reshape": _reshape, "sum": _sum,
+EXPANSIONS = {"mul": _mul, "permute": _permute, "expand": _expand_op, "reshape": _reshape, "select": _select,
+              "sum": _sum,
               "einsum": _einsum, "matmul": _matmul}

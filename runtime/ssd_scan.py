@@ -13,7 +13,7 @@ kernel's layout (split merged dims, squeeze, permute, unsqueeze, expand: never a
 merged dim's strides forbid a view):
 
     scan:    x, z (b, l, h, p)   dt, A (b, l, h)   B, C (b, l, g, n)   D (h, p)   dt_bias (h,)
-             initial_state, final_state (b, h, p, n)
+             initial_state, final_state (b, h, p, n)    (no dt: a discrete SSD, Δ = 1)
     decode:  state (b, h, p, n)   x, z (b, h, p)   dt, A (b, h)   B, C (b, g, n)   D (h, p)   dt_bias (h,)
 
 Outputs are allocated the way eager code produced them (shape and dtype, contiguous) and the
@@ -110,8 +110,13 @@ class _SSDOp(FusedOp):
         self.sizes = dict(layout.sizes)
 
     def _arguments(self, tensors) -> dict[str, torch.Tensor]:
-        return {operand.name: arrange(tensor, operand.labels, self.targets[operand.name], self.sizes)
+        """The kernel's arguments viewed from the operands; a discrete SSD (no dt operand) steps by 1."""
+        args = {operand.name: arrange(tensor, operand.labels, self.targets[operand.name], self.sizes)
                 for operand, tensor in zip(self.layout.operands, tensors)}
+        if "dt" not in args:
+            ones = torch.ones((), dtype=torch.float32, device=tensors[0].device)
+            args["dt"] = ones.expand([self.sizes[role] for role in self.targets["dt"]])
+        return args
 
     def _allocate(self, result: Result, target: str, device) -> tuple[torch.Tensor, torch.Tensor]:
         tensor = torch.empty(result.shape, dtype=result.dtype, device=device)

@@ -175,34 +175,66 @@ def step_case():
     return Step(), [torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8)]
 
 
-class ChunkedVariant(nn.Module):
-    """ssd_minimal_discrete around a decay or an input the SSD does not have: X scaled by another step
-    size than the decay's (2 Δ: a product by a number is never dropped), a decay that depends on x."""
+def ssd_variant(X, A, B, C, block_len: int, variant: str):
+    """ssd_minimal_discrete with one part changed so that it no longer computes the SSD."""
+    X, A, B, C = [x.reshape(x.shape[0], x.shape[1] // block_len, block_len, *x.shape[2:]) for x in (X, A, B, C)]
+    A = A.permute(0, 3, 1, 2)
+    A_cumsum = torch.cumsum(A if variant != "other_cumsum" else A.abs(), dim=-1)
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, torch.exp(mamba2.segsum(A)), X)
+    if variant == "no_off_diagonal":
+        return Y_diag.reshape(Y_diag.shape[0], -1, *Y_diag.shape[3:])
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, X)
+    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", torch.exp(mamba2.segsum(F.pad(A_cumsum[:, :, :, -1], (1, 0)))),
+                              states)
+    state_decay_out = torch.exp(A_cumsum if variant != "doubled_decay_out" else 2 * A_cumsum)
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, new_states[:, :-1], state_decay_out)
+    Y = Y_diag + Y_off
+    return Y.reshape(Y.shape[0], -1, *Y.shape[3:])
 
+
+class Variant(nn.Module):
     def __init__(self, variant: str):
         super().__init__()
         self.variant = variant
 
-    def forward(self, x, dt, A, B, C):
-        decay = A * dt if self.variant != "per_channel_decay" else (A * dt)[..., None].expand(*x.shape)[..., 0] * 1.5
-        X = x * (dt if self.variant != "other_step" else dt * 2)[..., None]
-        if self.variant == "per_channel_decay":
-            decay = decay + x[..., 0]  # the decay now depends on the input values, not Δ ⊗ A
-        y, _ = mamba2.ssd_minimal_discrete(X, decay, B, C, 4)
-        return y
+    def forward(self, X, A, B, C):
+        return ssd_variant(X, A, B, C, 4, self.variant)
+
+
+def discrete_inputs():
+    """X, a, B, C given as they are (no Δ ⊗ x, Δ ⊗ A products to find): mamba_ssm's test of its minimal SSD."""
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 2, 12, 3, 4, 5
+    return (torch.randn(b, L, h, p, generator=g), -torch.rand(b, L, h, generator=g), torch.randn(b, L, h, n, generator=g),
+            torch.randn(b, L, h, n, generator=g))
+
+
+def test_discrete_inputs_fuse_with_unit_steps():
+    class Minimal(nn.Module):
+        def forward(self, X, A, B, C):
+            return mamba2.ssd_minimal_discrete(X, A, B, C, 4)
+
+    args = discrete_inputs()
+    compiled = compiler.compile(Minimal(), strict=True)
+    with torch.no_grad():
+        ours, baseline, reference = compiled(*args), Minimal()(*args), Minimal()(*(t.double() for t in args))
+    assert compiled.patterns == ["ssd_scan"], compiled.report()
+    for out, base, ref in zip(ours, baseline, reference):
+        assert_close_by_rule(out, base, ref)
 
 
 @pytest.mark.parametrize("variant, node, reason", [
-    ("other_step", "X", "X is not x times the decay's step size"),
-    ("per_channel_decay", "decay", "not a step size times a per-head rate"),
+    ("no_off_diagonal", "Y_diag", "not added to the off-diagonal term"),
+    ("doubled_decay_out", "Y_off", "has no factor exp(cs)"),
+    ("other_cumsum", "A", "no cumsum along the step dim reads the chunked decay"),
 ])
 def test_near_misses_name_the_node(variant, node, reason):
-    b, L, h, p, n = 1, 8, 2, 4, 4
-    args = (torch.randn(b, L, h, p), F.softplus(torch.randn(b, L, h)), -torch.rand(h), torch.randn(b, L, h, n),
-            torch.randn(b, L, h, n))
-    compiled = compiler.compile(ChunkedVariant(variant))
+    args = discrete_inputs()
+    compiled = compiler.compile(Variant(variant))
     with torch.no_grad():
-        torch.testing.assert_close(compiled(*args), ChunkedVariant(variant)(*args))
+        torch.testing.assert_close(compiled(*args), Variant(variant)(*args))
     assert compiled.patterns.count("ssd_scan") == 0
     misses = [miss for miss in compiled._report.near_misses if miss.pattern == "ssd_scan"]
     assert misses and misses[0].node.startswith(node) and reason in misses[0].reason, compiled.report()

@@ -55,8 +55,8 @@ def fuse_chunked(graph: Graph, segsum: Node, context: PassContext) -> None:
     diagonal = _diagonal(graph, mask)
     chunks = {name: _unchunked(graph, getattr(diagonal, name)) for name in ("X", "B", "C", "a")}
     _check_chunking(chunks)
-    cumsum = _running_sum(graph, diagonal.a.node)
-    core = _off_diagonal(graph, diagonal, cumsum)
+    total = _sum_of_terms(graph, diagonal)
+    core = _off_diagonal(graph, diagonal, _running_sum(graph, diagonal.a.node), total)
     discretised = discretise(graph, {name: _sequence_leaf(chunk) for name, chunk in chunks.items()})
     y = _merged_output(graph, core.total, diagonal.out)
     detail = f"chunked, {chunks['a'][0].chunks} chunks of {chunks['a'][0].steps}"
@@ -66,7 +66,7 @@ def fuse_chunked(graph: Graph, segsum: Node, context: PassContext) -> None:
 # -- Y_diag: the intra-chunk product, where every role is first told apart ------------------------
 def _diagonal(graph: Graph, mask: Node) -> Diagonal:
     root = climb(graph, mask)
-    product = contraction(graph, root)
+    product = contraction(graph, root, regroups=False)
     mask_factor = next((factor for factor in product.factors if factor.node is mask), None)
     if mask_factor is None or len(product.factors) != 4:
         names = [factor.node.name for factor in product.factors]
@@ -109,22 +109,33 @@ def _factor_roles(factor: Factor, role_of: dict[str, str]) -> Roles:
 
 def _lead_roles(graph: Graph, a: Node, lead: tuple) -> dict[str, str]:
     """Roles of the decay's dims before the step (their labels in Y_diag are `lead`): the chunk (the
-    dim its reshape splits off), the head (the one dim the rate A varies along, a = Δ ⊗ A) and the batch."""
+    dim its reshape splits off), the head (the one dim the rate A varies along, a = Δ ⊗ A) and the
+    batch. A decay given as is (mamba_ssm's discrete inputs) names its two other dims batch and head
+    in order: the scan treats the two alike (B and C broadcast along either), so either is right."""
     chunked, positions = find_chunks(graph, a, tuple(str(k) for k in range(len(lead))) + ("t",))
     roles = {lead[int(positions[chunked.time])]: "c"} if positions[chunked.time] not in ("", "t") else {}
+    heads = _rate_dims(graph, chunked)
+    others = [(label, lead[int(position)]) for k, label in enumerate(contraction(graph, chunked.seq).out)
+              if k != chunked.time and static_shape(chunked.seq)[k] != 1
+              and (position := positions[k if k < chunked.time else k + 1]) not in ("", "t")]
+    if len(others) > 2:
+        raise NoMatch(a, "the decay has dims besides batch, head, chunk and step")
+    for k, (label, lead_label) in enumerate(others):
+        roles[lead_label] = ("h" if label in heads else "b") if heads is not None else "bh"[k + 2 - len(others)]
+    if heads is not None and sorted(roles.values()).count("h") > 1:
+        raise NoMatch(a, "the decay has dims besides batch, head, chunk and step")
+    return roles
+
+
+def _rate_dims(graph: Graph, chunked: Chunked) -> set | None:
+    """The labels (in the decay sequence's own contraction) of the one dim the per-head rate A of
+    a = Δ ⊗ A varies along; None when the decay is no such product (a discrete decay)."""
     sequence = contraction(graph, chunked.seq)
     time_label = sequence.out[chunked.time]
     rate = [factor for factor in sequence.factors if time_label not in factor.labels]
-    heads = set(active(rate[0])) if len(rate) == 1 else set()
-    if len(sequence.factors) != 2 or sequence.summed or len(rate) != 1 or len(heads) > 1:
-        raise NoMatch(chunked.seq, "the decay is not a step size times a per-head rate (Δ ⊗ A, A per head)")
-    for k, label in enumerate(sequence.out):
-        position = positions[k if k < chunked.time else k + 1]
-        if k != chunked.time and static_shape(chunked.seq)[k] != 1 and position not in ("", "t"):
-            roles[lead[int(position)]] = "h" if label in heads else "b"
-    if sorted(role for role in roles.values() if role != "c") not in (["b", "h"], ["b"], ["h"], []):
-        raise NoMatch(a, "the decay has dims besides batch, head, chunk and step")
-    return roles
+    if len(sequence.factors) != 2 or sequence.summed or len(rate) != 1 or len(active(rate[0])) > 1:
+        return None
+    return set(active(rate[0]))
 
 
 # -- chunking ---------------------------------------------------------------------------------------
@@ -171,12 +182,17 @@ class Core:
     nodes: set[str]
 
 
-def _off_diagonal(graph: Graph, diagonal: Diagonal, cumsum: Node) -> Core:
+def _sum_of_terms(graph: Graph, diagonal: Diagonal) -> Node:
+    """Y_diag + Y_off: Y_diag's only reader."""
     total = sole_reader(graph, diagonal.root)
     if total is None or total.op != "add" or total.attrs["scalar"] is not None or len(total.inputs) != 2:
         raise NoMatch(diagonal.root, "Y_diag is not added to the off-diagonal term alone")
+    return total
+
+
+def _off_diagonal(graph: Graph, diagonal: Diagonal, cumsum: Node, total: Node) -> Core:
     off_root = graph.node(next(name for name in total.inputs if name != diagonal.root.name))
-    off = contraction(graph, off_root)
+    off = contraction(graph, off_root, regroups=False)
     decay_out = _factor(off, lambda node: node.op == "exp" and node.inputs == [cumsum.name], off_root,
                         "exp(cs), the decay from each chunk's start")
     starts = next((f.node for f in off.factors if f.node not in (decay_out, diagonal.C.node)), None)
@@ -213,7 +229,7 @@ def _factor(product: Contraction, test, where: Node, what: str) -> Node:
 def _passing(graph: Graph, diagonal: Diagonal, cumsum: Node, new: Node):
     """new = Σ_s exp(segsum(pad(cs[..., -1], (1, 0))))[z, s] P[s]: (new's roles, the initial state leaf
     or None, the nodes read through)."""
-    product = contraction(graph, new)
+    product = contraction(graph, new, regroups=False)
     decay = _factor(product, lambda node: node.op == "exp" and graph.node(node.inputs[0]).op == "segsum", new,
                     "exp(segsum(...)), the decay between chunk boundaries")
     boundary_roles, boundary_nodes = _boundary_decay(graph, diagonal, cumsum, decay)
@@ -271,7 +287,7 @@ def _prepended(graph: Graph, padded: Node | None, new: Node) -> tuple[Node, Node
 
 def _chunk_states(graph: Graph, diagonal: Diagonal, cumsum: Node, states: Node) -> tuple[Roles, list[str]]:
     """states = Σ_t B[c,t,n] exp(cs[c,-1] - cs[c,t]) X[c,t,p]: (its roles, the nodes read through)."""
-    product = contraction(graph, states)
+    product = contraction(graph, states, regroups=False)
     decay = _factor(product, lambda node: node.op == "exp" and _is_decay_to_end(graph, node, cumsum), states,
                     "exp(cs[..., -1:] - cs), the decay to each chunk's end")
     role_of = bind(product, {diagonal.B.node.name: diagonal.B.roles, diagonal.X.node.name: diagonal.X.roles,

@@ -32,7 +32,7 @@ class Discretised:
     """The SSD's inputs as the kernel takes them; roles use g for the groups of B and C."""
 
     x: Leaf
-    dt: Leaf
+    dt: Leaf | None  # None: a discrete decay and input, Δ = 1
     A: Leaf
     B: Leaf
     C: Leaf
@@ -43,26 +43,37 @@ class Discretised:
 
 
 def discretise(graph: Graph, sequences: dict[str, Leaf]) -> Discretised:
-    """x, Δ, A, B, C from the sequences X = Δ ⊗ x, a = Δ ⊗ A, B, C (roles b, l, h, p, n)."""
-    decay = _product_of_two(graph, sequences["a"], "the decay a is not Δ ⊗ A")
-    step = next((leaf for leaf in decay if "l" in leaf.roles), None)
-    rate = next((leaf for leaf in decay if "l" not in leaf.roles), None)
-    if step is None or rate is None or set(rate.roles) - {"h", ""}:
-        raise NoMatch(sequences["a"].node, "the decay is not a step size (b, l, h) times a per-head rate A")
-    scaled = _product_of_two(graph, sequences["X"], "X is not Δ ⊗ x")
-    shared = [leaf for leaf in scaled if same_value(graph, leaf.node, step.node) and _sized(leaf) == _sized(step)]
-    if not shared:
-        raise NoMatch(sequences["X"].node, "X is not x times the decay's step size Δ (the same tensor)")
-    x = next(leaf for leaf in scaled if leaf is not shared[0])
+    """x, Δ, A, B, C from the sequences X = Δ ⊗ x, a = Δ ⊗ A, B, C (roles b, l, h, p, n); when a and X
+    are not such products of one Δ (mamba_ssm's ssd_minimal_discrete on discrete inputs), x = X and
+    A = a, with no Δ (the kernel's Δ is then 1)."""
     groups, B, C = grouped_bc(graph, sequences["B"], sequences["C"], _size(sequences["X"], "h"))
+    factored = _factored(graph, sequences["a"], sequences["X"])
+    if factored is None:
+        return Discretised(under_upcasts(graph, sequences["X"]), None, under_upcasts(graph, sequences["a"]), B, C,
+                           groups)
+    x, step, rate = factored
     raw, bias, softplus, limit = step_sizes(graph, step)
     return Discretised(under_upcasts(graph, x), raw, under_upcasts(graph, rate), B, C, groups, bias, softplus, limit)
 
 
-def _product_of_two(graph: Graph, sequence: Leaf, why: str) -> list[Leaf]:
+def _factored(graph: Graph, decay: Leaf, scaled: Leaf) -> tuple[Leaf, Leaf, Leaf] | None:
+    """(x, Δ, A) when decay = Δ ⊗ A with A per head and scaled = Δ ⊗ x (the same Δ), else None."""
+    decay_factors, scaled_factors = _factors_of_two(graph, decay), _factors_of_two(graph, scaled)
+    step = next((leaf for leaf in decay_factors if "l" in leaf.roles), None)
+    rate = next((leaf for leaf in decay_factors if "l" not in leaf.roles), None)
+    if step is None or rate is None or set(rate.roles) - {"h", ""}:
+        return None
+    shared = [leaf for leaf in scaled_factors if same_value(graph, leaf.node, step.node) and _sized(leaf) == _sized(step)]
+    if not shared:
+        return None
+    return next(leaf for leaf in scaled_factors if leaf is not shared[0]), step, rate
+
+
+def _factors_of_two(graph: Graph, sequence: Leaf) -> list[Leaf]:
+    """The two factors of a product with their roles (nothing summed); [] for anything else."""
     product = contraction(graph, sequence.node)
     if len(product.factors) != 2 or product.summed:
-        raise NoMatch(sequence.node, why)
+        return []
     return [Leaf(factor.node, factor_roles(product, factor.labels, factor.node, sequence.roles))
             for factor in product.factors]
 
@@ -265,8 +276,8 @@ def _reshaped_roles(shape: tuple, result: tuple, roles: Roles) -> Roles | None:
 
 # -- fusing -------------------------------------------------------------------------------------------------
 def operand_list(disc: Discretised, tail: Epilogue, extra: dict[str, Leaf]) -> list[tuple[str, Leaf]]:
-    named = [("x", disc.x), ("dt", disc.dt), ("A", disc.A), ("B", disc.B), ("C", disc.C)]
-    optional = {"D": tail.D, "z": tail.z, "dt_bias": disc.dt_bias, **extra}
+    named = [("x", disc.x), ("A", disc.A), ("B", disc.B), ("C", disc.C)]
+    optional = {"dt": disc.dt, "D": tail.D, "z": tail.z, "dt_bias": disc.dt_bias, **extra}
     return named + [(name, leaf) for name, leaf in optional.items() if leaf is not None]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compiler.passes import NoMatch
-from ir.contraction import Contraction
+from ir.contraction import Contraction, is_regrouping
 from ir.graph import Graph, Node
 
 Roles = tuple  # per dim: a role string ("" for a unit dim)
@@ -47,9 +47,10 @@ def sole_reader(graph: Graph, node: Node) -> Node | None:
 
 def climb(graph: Graph, node: Node) -> Node:
     """The last node of the chain of products and views that reads `node` (each the only reader
-    of the one before): the root of the contraction node is a factor of."""
+    of the one before; reshapes only when they keep the dims but unit ones): the root of the
+    contraction `node` is a factor of."""
     while (reader := sole_reader(graph, node)) is not None and reader.op in CONTRACTING and _float_like(reader):
-        if reader.op == "mul" and reader.attrs["scalar"] is None and len(reader.inputs) != 2:
+        if (reader.op == "mul" and len(reader.inputs) != 2) or (reader.op == "reshape" and is_regrouping(node, reader)):
             break
         node = reader
     return node
