@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.render import render
+from ir.to_fx import segment_sum
 from codegen.ssm_scan import (
     _device_reason, _dtype_reason, _flag_name, _given, _rank_reason, _shape_reason, _template_flags, _with_shapes,
     require_spec)
@@ -241,22 +242,34 @@ def _per_head(BC: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 
 @_with_shapes(SCAN_SHAPES)
 def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
-                       initial_state=None):
-    """(out, final_state) of the SSD scan in PyTorch, as a loop over L in float32 (float64 when an input is
-    float64). dt_limit: (min, max) or None."""
+                       initial_state=None, chunk: int = 64):
+    """(out, final_state) of the SSD scan in PyTorch, chunked as the kernels are (so that autograd
+    through it, the op's backward, costs a few dozen ops at any L), in float32 (float64 when an
+    input is float64). dt_limit: (min, max) or None."""
     compute = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
     delta = step_sizes(dt, dt_bias, dt_softplus, dt_limit)
     batch, seqlen, heads, headdim = x.shape
-    B, C = _per_head(B, heads, 2), _per_head(C, heads, 2)
-    state = x.new_zeros(batch, heads, headdim, B.shape[-1]) if initial_state is None else initial_state.to(compute)
-    decay = torch.exp(delta * A)
-    ys = []
-    for t in range(seqlen):
-        state = decay[:, t, :, None, None] * state + (delta[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    out = torch.stack(ys, dim=1)
-    return _epilogue(out, x, D, z, compute), state
+    pad = -seqlen % chunk
+    X, a, B, C = (_chunked(t, pad, chunk) for t in (x * delta[..., None], delta * A, _per_head(B, heads, 2),
+                                                    _per_head(C, heads, 2)))
+    cs = torch.cumsum(a, dim=2)  # (b, c, t, h)
+    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * torch.exp(segment_sum(a.permute(0, 1, 3, 2)))
+    y = torch.einsum("bchls,bcshp->bclhp", scores, X)
+    states = torch.einsum("bclhn,bclh,bclhp->bchpn", B, torch.exp(cs[:, :, -1:] - cs), X)
+    start = x.new_zeros(batch, 1, heads, headdim, B.shape[-1]) if initial_state is None else \
+        initial_state.to(compute)[:, None]
+    passing = torch.exp(segment_sum(F.pad(cs[:, :, -1], (0, 0, 1, 0)).transpose(1, 2)))  # (b, h, z, c)
+    boundaries = torch.einsum("bhzc,bchpn->bzhpn", passing, torch.cat([start, states], dim=1))
+    y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, boundaries[:, :-1], torch.exp(cs))
+    out = y.reshape(batch, -1, heads, headdim)[:, :seqlen]
+    return _epilogue(out, x, D, z, compute), boundaries[:, -1]
+
+
+def _chunked(t: torch.Tensor, pad: int, chunk: int) -> torch.Tensor:
+    """(b, L, ...) padded with zero steps and cut into (b, chunks, chunk, ...)."""
+    t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+    return t.reshape(t.shape[0], -1, chunk, *t.shape[2:])
 
 
 @_with_shapes(STATE_UPDATE_SHAPES)

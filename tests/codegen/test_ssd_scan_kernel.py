@@ -1,5 +1,6 @@
 """The SSD kernels (codegen/ssd_scan.py, templates/ssd_scan.py.jinja and ssd_state_update.py.jinja)
-against their references in float64.
+against their references in float64 (the scan's reference is chunked; it is held to models.mamba2's
+loop over time here too).
 
 Every case draws fresh random inputs at Mamba-2's scales (A_h in -1..-16, step sizes 1e-3..1e-1
 after bias and softplus), poisons the outputs with NaN and launches the generated kernels. Results
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from codegen.ssd_scan import (
     SSDSpec, SSDStateUpdateSpec, config_space, default_config, kernel_name, render_scan, render_state_update,
     ssd_scan_reference, ssd_state_update_reference, state_update_unsupported_reason, unsupported_reason)
+from models import mamba2
 from runtime.interpret import ensure_mode
 from runtime.loader import load_source
 from tests.numerics import assert_close_by_rule, poisoned_like
@@ -187,6 +189,18 @@ def test_state_update_kernel_matches_reference(case: Case):
     out = run_state_update(case, inputs, new_state)
     assert_close_by_rule(out, baseline.to(case.dtype), reference)
     assert_close_by_rule(new_state, baseline_state.to(case.dtype), reference_state)
+
+
+def test_chunked_reference_is_the_recurrence():
+    """ssd_scan_reference (chunked, as autograd runs it) against models.mamba2's loop over time, in fp64."""
+    inputs = _fp64(scan_inputs(Case(seqlen=70, initial=True)))
+    y, state = ssd_scan_reference(**dict(inputs, D=None, z=None), dt_softplus=True)
+    delta = F.softplus(inputs["dt"] + inputs["dt_bias"])
+    B, C = (inputs[name].repeat_interleave(2, dim=2) for name in "BC")
+    expected, expected_state = mamba2.ssd_recurrence(inputs["x"] * delta[..., None], delta * inputs["A"], B, C,
+                                                     initial_states=inputs["initial_state"][:, None])
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(state, expected_state)
 
 
 def test_decode_steps_continue_the_scan():
