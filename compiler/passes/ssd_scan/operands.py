@@ -282,16 +282,32 @@ def operand_list(disc: Discretised, tail: Epilogue, extra: dict[str, Leaf]) -> l
 
 
 def layout(disc: Discretised, operands: list[tuple[str, Leaf]], tail: Epilogue, state: Leaf | None,
-           seqlen: int) -> SSDLayout:
+           seqlen: int, op) -> SSDLayout:
+    """The op's layout; every operand and output must hold only roles its kernel argument has, each
+    dim of the size its roles give (or a unit dim), so the run-time views always exist."""
     x, B = disc.x, disc.B
     sizes = dict(b=_size(x, "b"), l=seqlen, h=_size(x, "h"), p=_size(x, "p"), n=_size(B, "n"), g=disc.groups)
     for name, leaf in operands:
         if leaf.node.type.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise NoMatch(leaf.node, f"{name} has dtype {leaf.node.type.dtype}: the SSD kernels take fp32, fp16, bf16")
+        _check_dims(name, leaf, op.targets[name], sizes)
+    _check_dims("the output", Leaf(tail.anchor, tail.roles), op.out_target, sizes)
+    if state is not None:
+        _check_dims("the state", state, "bhpn", sizes)
     out = Result(tail.roles, static_shape(tail.anchor), tail.anchor.type.dtype)
     state_result = None if state is None else Result(state.roles, static_shape(state.node), state.node.type.dtype)
     return SSDLayout(tuple(Operand(name, leaf.roles) for name, leaf in operands), tuple(sizes.items()), out,
                      state_result, disc.softplus, disc.limit)
+
+
+def _check_dims(name: str, leaf: Leaf, target: str, sizes: dict[str, int]) -> None:
+    for roles, size in zip(leaf.roles, static_shape(leaf.node)):
+        expected = 1
+        for role in roles:
+            expected *= sizes[role]
+        if set(roles) - set(target) or (size != expected and size != 1) or (not roles and size != 1):
+            raise NoMatch(leaf.node, f"{name} has a dim of {size} along {roles or 'no axis'}, where the kernel's "
+                                     f"{name} is laid out ({', '.join(target)})")
 
 
 def between(graph: Graph, operands: list[Leaf], anchor: Node) -> list[str]:
@@ -318,7 +334,7 @@ def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, pa
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
     state = final if final is not None and any(user.name not in replaced for user in graph.users(final.node.name)) \
         else None
-    fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"))
+    fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"), SSDScanOp)
     inside = set(replaced) | ({final.node.name} if final is not None else set())
     check_private(graph, core - {tail.anchor.name}, inside)
     op = SSDScanOp(replaced, fused_layout, mode=context.mode)
@@ -329,7 +345,7 @@ def fuse_decode(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, 
                 core_nodes: set[str], detail: str) -> None:
     tail = epilogue(graph, y, disc.x, 0)
     operands = [("state", state_in)] + operand_list(disc, tail, {})
-    fused_layout = layout(disc, operands, tail, new_state, 1)
+    fused_layout = layout(disc, operands, tail, new_state, 1, SSDStateUpdateOp)
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
     inside = set(replaced) | core_nodes
     check_private(graph, core_nodes - {tail.anchor.name, new_state.node.name}, inside)
