@@ -38,13 +38,17 @@ def logits(model, ids, **kwargs):
 
 @pytest.mark.parametrize("seqlen", [5, 16, 19])
 def test_hf_mamba2_prefill(seqlen):
-    """One chunk padded, two whole chunks (no padding), three with an awkward last one."""
+    """One chunk padded, two whole chunks (no padding), three with an awkward last one and a padding
+    mask (Mamba2 zeroes the padded tokens' inputs)."""
     model = hf_mamba2()
     ids = torch.randint(0, 64, (2, seqlen), generator=torch.Generator().manual_seed(seqlen))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0 if seqlen == 19 else 1
     compiled = compiler.compile(copy.deepcopy(model), strict=True)
     with torch.no_grad():
-        ours = logits(compiled, ids)
-        baseline, reference = logits(model, ids), logits(copy.deepcopy(model).double(), ids)
+        ours = logits(compiled, ids, attention_mask=mask)
+        baseline = logits(model, ids, attention_mask=mask)
+        reference = logits(copy.deepcopy(model).double(), ids, attention_mask=mask)
     assert compiled.patterns.count("ssd_scan") == 2, compiled.report()
     assert "D, z" in compiled.report() and "dt limits" in compiled.report()
     assert_close_by_rule(ours, baseline, reference)
