@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from codegen.render import render
-from ir.to_fx import segment_sum
 from codegen.ssm_scan import (
     _device_reason, _dtype_reason, _flag_name, _given, _rank_reason, _shape_reason, _template_flags, _with_shapes,
     require_spec)
@@ -254,16 +253,25 @@ def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
     X, a, B, C = (_chunked(t, pad, chunk) for t in (x * delta[..., None], delta * A, _per_head(B, heads, 2),
                                                     _per_head(C, heads, 2)))
     cs = torch.cumsum(a, dim=2)  # (b, c, t, h)
-    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * torch.exp(segment_sum(a.permute(0, 1, 3, 2)))
+    scores = torch.einsum("bclhn,bcshn->bchls", C, B) * _decay(a.permute(0, 1, 3, 2))
     y = torch.einsum("bchls,bcshp->bclhp", scores, X)
     states = torch.einsum("bclhn,bclh,bclhp->bchpn", B, torch.exp(cs[:, :, -1:] - cs), X)
     start = x.new_zeros(batch, 1, heads, headdim, B.shape[-1]) if initial_state is None else \
         initial_state.to(compute)[:, None]
-    passing = torch.exp(segment_sum(F.pad(cs[:, :, -1], (0, 0, 1, 0)).transpose(1, 2)))  # (b, h, z, c)
+    passing = _decay(F.pad(cs[:, :, -1], (0, 0, 1, 0)).transpose(1, 2))  # (b, h, z, c)
     boundaries = torch.einsum("bhzc,bchpn->bzhpn", passing, torch.cat([start, states], dim=1))
     y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, boundaries[:, :-1], torch.exp(cs))
     out = y.reshape(batch, -1, heads, headdim)[:, :seqlen]
     return _epilogue(out, x, D, z, compute), boundaries[:, -1]
+
+
+def _decay(a: torch.Tensor) -> torch.Tensor:
+    """exp(a[..., j+1] + ... + a[..., i]) at [..., i, j] for j <= i, 0 above: differences of running sums,
+    as the kernels take them (codegen imports nothing from ir, so runtime and codegen stand alone)."""
+    sums = torch.cumsum(a, dim=-1)
+    size = a.shape[-1]
+    causal = torch.ones(size, size, dtype=torch.bool, device=a.device).tril()
+    return torch.exp((sums[..., :, None] - sums[..., None, :]).masked_fill(~causal, -torch.inf))
 
 
 def _chunked(t: torch.Tensor, pad: int, chunk: int) -> torch.Tensor:
