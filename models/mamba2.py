@@ -215,3 +215,13 @@ class Mamba2Mixer(nn.Module):
         y = y + x * self.D[:, None]
         y = (y.reshape(batch, seqlen, config.d_inner) * F.silu(z)).reshape(batch, seqlen, config.ngroups, -1)
         return self.out_proj(self.norm(y).reshape(batch, seqlen, config.d_inner))
+
+
+def example(config: Mamba2Config, scan: str = "chunked", batch: int = 2, length: int = 32, seed: int = 0):
+    """(a Mamba-2 block in eval mode, example inputs) for the CLI and the demo."""
+    torch.manual_seed(seed)
+    return Mamba2Mixer(config, scan).eval(), (torch.randn(batch, length, config.d_model),)
+
+
+def tiny():
+    return example(Mamba2Config.tiny())
