@@ -20,7 +20,8 @@ five-kernel structure of mamba_ssm with C B^T fused into the chunk scan):
 Only the chunk-boundary states (n / CHUNK of x's size per head dim, in fp32) and two fp32
 vectors per step go through memory; the (L, L) decay mask and the per-step states never exist.
 Dots of two inputs (C B^T) run in the input dtype with fp32 accumulation; dots with a computed
-fp32 operand run in TF32 for 16-bit inputs, full fp32 for fp32 inputs (as PyTorch does).
+fp32 operand run in full fp32 for fp32 inputs, 3xTF32 for 16-bit inputs read out in fp32, TF32
+for a 16-bit output (dot_precision).
 
 This module does not import triton: loading a generated module does (see runtime.interpret).
 """
@@ -130,6 +131,15 @@ STATE_UPDATE_CONFIG_KEYS = ("BLOCK_P", "num_warps")
 def block(size: int, smallest: int = MIN_DOT) -> int:
     """The power-of-two tile that covers `size`, at least `smallest`."""
     return max(smallest, 1 << max(size - 1, 0).bit_length())
+
+
+def dot_precision(input_dtype: torch.dtype, out_dtype: torch.dtype) -> str:
+    """tl.dot's input precision for the products with a computed fp32 operand: full fp32 for fp32
+    inputs (as PyTorch computes), TF32 when the output is 16-bit (its rounding dominates), 3xTF32 for
+    16-bit inputs read out in fp32 (Hugging Face's Mamba-2 path upcasts and computes in fp32)."""
+    if input_dtype == torch.float32:
+        return "ieee"
+    return "tf32x3" if out_dtype == torch.float32 else "tf32"
 
 
 def default_config(spec, *, seqlen: int = 1, headdim: int, dstate: int, itemsize: int = 2) -> dict:

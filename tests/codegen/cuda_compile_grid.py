@@ -179,15 +179,17 @@ def _state_update(dtype, dstate, grouped, batch=8, dim=1536, groups=2):
 
 
 def ssd_scan_cases() -> Iterator[tuple[str, Callable[[], None]]]:
-    for dtype, dstate, headdim, fused in [(BF16, 128, 64, True), (FP32, 128, 64, False), (FP16, 64, 64, True),
-                                          (BF16, 256, 128, False)]:
-        yield f"scan {dtype} n {dstate} p {headdim} D+z+bias+states={fused}", \
-            lambda dtype=dtype, dstate=dstate, headdim=headdim, fused=fused: _ssd(dtype, dstate, headdim, fused)
+    for dtype, dstate, headdim, fused, out in [(BF16, 128, 64, True, BF16), (FP32, 128, 64, False, FP32),
+                                               (FP16, 64, 64, True, FP16), (BF16, 256, 128, False, BF16),
+                                               (BF16, 128, 64, False, FP32)]:
+        yield f"scan {dtype} n {dstate} p {headdim} D+z+bias+states={fused} out {out}", \
+            lambda dtype=dtype, dstate=dstate, headdim=headdim, fused=fused, out=out: \
+            _ssd(dtype, dstate, headdim, fused, out)
     for dtype, dstate in [(BF16, 128), (FP32, 64)]:
         yield f"state update {dtype} n {dstate}", lambda dtype=dtype, dstate=dstate: _ssd_state_update(dtype, dstate)
 
 
-def _ssd(dtype, dstate, headdim, fused, batch=2, seqlen=8192, heads=24, groups=1):
+def _ssd(dtype, dstate, headdim, fused, out_dtype, batch=2, seqlen=8192, heads=24, groups=1):
     module = load(ssd_scan.kernel_name, ssd_scan.render_scan, ssd_scan.SSDSpec(*(fused,) * 7))
     x = meta(batch, seqlen, heads, headdim, dtype=dtype)
     bc = meta(batch, seqlen, groups, dstate, dtype=dtype)
@@ -195,7 +197,7 @@ def _ssd(dtype, dstate, headdim, fused, batch=2, seqlen=8192, heads=24, groups=1
                   dt_softplus=True, dt_limit=(0.0, float("inf")), initial_state=meta(batch, heads, headdim, dstate),
                   final_state=meta(batch, heads, headdim, dstate)) if fused else {}
     module.launch(x, meta(batch, seqlen, heads, dtype=dtype), meta(batch, seqlen, heads, dtype=FP32), bc, bc,
-                  torch.empty_like(x), **extras)
+                  torch.empty_like(x, dtype=out_dtype), **extras)
 
 
 def _ssd_state_update(dtype, dstate, batch=8, heads=24, headdim=64, groups=1):
