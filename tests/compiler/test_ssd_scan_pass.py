@@ -77,6 +77,20 @@ def test_hf_mamba2_decode_updates_the_cache():
         assert_close_by_rule(state, base, ref)
 
 
+def test_hf_mamba2_prefill_continues_from_the_cache():
+    """A second prompt chunk after the first: the chunked scan starts from the cached state (cat)."""
+    model = hf_mamba2()
+    ids, more = torch.randint(0, 64, (2, 11)), torch.randint(0, 64, (2, 5))
+    compiled = compiler.compile(copy.deepcopy(model), strict=True)
+    results = []
+    with torch.no_grad():
+        for run in (compiled, model, copy.deepcopy(model).double()):
+            results.append(run(more, cache=run(ids, use_cache=True).cache, use_cache=True).logits)
+    details = [fused.detail for fused in compiled._report.fused if fused.pattern == "ssd_scan"]
+    assert len(details) == 4 and all("initial_state" in detail for detail in details[2:]), compiled.report()
+    assert_close_by_rule(*results)
+
+
 @pytest.mark.parametrize("scan", SPELLINGS)
 def test_mamba_ssm_minimal_discrete(scan):
     config = mamba2.Mamba2Config.tiny()
