@@ -106,6 +106,17 @@ def saved_bytes(run, exclude=()) -> int:
     return sum(storages.values())
 
 
+def against_eager_and_inductor(compiled, factory: Callable[[], torch.nn.Module], args, device) -> tuple:
+    """(ms of `compiled`, {"eager": ms, "torch.compile": ms (CUDA only)}) of factory()'s module called
+    on args, without autograd."""
+    peers = {"eager": factory()}
+    if device.type == "cuda":
+        peers["torch.compile"] = torch.compile(factory())
+    with torch.no_grad():
+        ours = bench_ms(lambda: compiled(*args))
+        return ours, {name: bench_ms(lambda fn=fn: fn(*args)) for name, fn in peers.items()}
+
+
 def first_call_s(fn) -> float | None:
     """Seconds taken by `fn()`'s first call (capture and compilation, for a compiled module);
     None when it raises."""

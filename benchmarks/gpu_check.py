@@ -7,7 +7,7 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 39 of the 91 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 41 of the 95 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts (the backward kernels too), every autotuning candidate
                    of the attention (head dim 128; the backward's dkdv kernel), long-conv,
                    short-conv and sparse-MLP kernels, compile() on real-size
@@ -17,7 +17,8 @@ Plan, in priority order, so that a run cut short has done what matters most:
     3. headline    each suite's run(..., headline=True), reusing the suites' measurements:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
-                   scan 2 (the scan at L 2048 and the decode step), sparse MLP 3 (one gated), GPT-2 small
+                   scan 2 (the scan at L 2048 and the decode step), SSD 3 (Mamba2-130M L 2k,
+                   Mamba2-780M L 8k, the decode step), sparse MLP 3 (one gated), GPT-2 small
     4. training    fwd+bwd, suites of their own: attention fwd+bwd and bwd alone (head dim 128, L 4k,
                    causal; SDPA flash, cuDNN, efficient, FlexAttention) and a GPT-2 small training
                    step against torch.compile; the long convolution's fwd+bwd (conv_training's
@@ -37,6 +38,8 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     long_conv          35   3 x (ours ~3 s, a torch.compile ~6 s, 3 timings)
     ssm_scan           30   scan L 2048: assoc-compile ~15 s, the eager loop ~8 calls x 0.25 s;
                             decode step: a torch.compile ~5 s
+    ssd_scan           30   Mamba2-130M L 2k and -780M L 8k: a torch.compile each (~8 s), eager
+                            (~12 timings); the decode step: a torch.compile ~5 s
     sparse_mlp         10   3 x 3 timings, eager peers (cuBLAS)
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
@@ -46,7 +49,7 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s
     ssm_training       30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
                             2 calls x ~2 s
-    total             380   + ~10 s of Python start-up (the default budget shares 270 s)
+    total             410   + ~10 s of Python start-up (the default budget shares 270 s)
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -84,7 +87,7 @@ import torch
 import triton
 
 from benchmarks import (attention, attention_decode, attention_training, conv_training, end_to_end, long_conv, report,
-                        sparse_mlp, ssm_scan)
+                        sparse_mlp, ssd_scan, ssm_scan)
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
 
@@ -105,10 +108,10 @@ class TrainingPart:
 
 
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
-          "ssm_scan": ssm_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
+          "ssm_scan": ssm_scan, "ssd_scan": ssd_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
           "attention_training": attention_training, "conv_training": conv_training,
           "ssm_training": TrainingPart(ssm_scan)}  # each has grid and run
-ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30,
+ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
               "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "conv_training": 20,
               "ssm_training": 30}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
@@ -158,6 +161,8 @@ GPU_TESTS = [
     # selective scan and its backward at Mamba-130M's size; sparse MLP at OPT-6.7B's, GEMV and tl.dot paths
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
     "tests/codegen/test_ssm_scan_backward_kernel.py::test_backward_kernel_at_mamba_130m_size",
+    "tests/codegen/test_ssd_scan_kernel.py::test_scan_kernel_at_mamba2_130m_size",
+    "tests/compiler/test_ssd_scan_pass.py::test_hf_chunk_scan_at_mamba2_780m_size",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[1]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[16]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_every_autotuning_candidate_bf16[16]",

@@ -122,27 +122,27 @@ class StateUpdateSpec:
 def kernel_name(spec: ScanSpec | StateUpdateSpec) -> str:
     """e.g. ssm_scan_D_z_delta_bias_delta_softplus: the family, then every fused feature."""
     family = "ssm_scan" if isinstance(spec, ScanSpec) else "ssm_state_update"
-    flags = [_flag_name(f.name) for f in fields(spec) if getattr(spec, f.name)]
+    flags = [flag_name(f.name) for f in fields(spec) if getattr(spec, f.name)]
     return "_".join([family, *flags])
 
 
-def _flag_name(field: str) -> str:
+def flag_name(field: str) -> str:
     return field.removeprefix("has_").removeprefix("return_")
 
 
 def render_scan(spec: ScanSpec) -> str:
     """Triton source of the chunked selective scan for `spec`."""
     return render("ssm_scan.py.jinja", name=kernel_name(spec), spec=repr(spec), shapes=SCAN_SHAPES,
-                  **_template_flags(spec))
+                  **template_flags(spec))
 
 
 def render_state_update(spec: StateUpdateSpec) -> str:
     """Triton source of the one-step state update for `spec`."""
     return render("ssm_state_update.py.jinja", name=kernel_name(spec), spec=repr(spec),
-                  shapes=STATE_UPDATE_SHAPES, **_template_flags(spec))
+                  shapes=STATE_UPDATE_SHAPES, **template_flags(spec))
 
 
-def _template_flags(spec) -> dict[str, bool]:
+def template_flags(spec) -> dict[str, bool]:
     return {f.name: getattr(spec, f.name) for f in fields(spec)}
 
 
@@ -233,9 +233,9 @@ def _good_scan_tile(block_d: int, bn: int, block_l: int, warps: int) -> bool:
 
 def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, last_state=None, out=None) -> str | None:
     """Why the chunked-scan kernel cannot run this selective_scan_ref call, or None when it can."""
-    given = _given(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, last_state=last_state, out=out)
-    reason = (_device_reason(given) or _dtype_reason(given)
-              or _rank_reason(given, u=3, delta=3, A=2, D=1, z=3, delta_bias=1, last_state=3, out=3))
+    given = given_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, last_state=last_state, out=out)
+    reason = (device_reason(given) or dtype_reason(given)
+              or rank_reason(given, u=3, delta=3, A=2, D=1, z=3, delta_bias=1, last_state=3, out=3))
     if reason:
         return reason
     if B.dim() not in (3, 4) or C.dim() != B.dim():
@@ -247,14 +247,14 @@ def unsupported_reason(u, delta, A, B, C, D=None, z=None, delta_bias=None, last_
     bc_shape = (batch, groups, dstate, seqlen) if B.dim() == 4 else (batch, dstate, seqlen)
     expected = dict(delta=(batch, dim, seqlen), A=(dim, dstate), B=bc_shape, C=bc_shape, D=(dim,), z=(batch, dim, seqlen),
                     delta_bias=(dim,), last_state=(batch, dim, dstate), out=(batch, dim, seqlen))
-    return _shape_reason(given, expected) or _size_reason(batch, dim, dstate, groups, seqlen)
+    return shape_reason(given, expected) or _size_reason(batch, dim, dstate, groups, seqlen)
 
 
 def state_update_unsupported_reason(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, out=None) -> str | None:
     """Why the decode-step kernel cannot run this selective_state_update_ref call, or None when it can."""
-    given = _given(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, out=out)
-    reason = (_device_reason(given) or _dtype_reason(given)
-              or _rank_reason(given, state=3, x=2, dt=2, A=2, D=1, z=2, dt_bias=1, out=2))
+    given = given_tensors(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, out=out)
+    reason = (device_reason(given) or dtype_reason(given)
+              or rank_reason(given, state=3, x=2, dt=2, A=2, D=1, z=2, dt_bias=1, out=2))
     if reason:
         return reason
     if B.dim() not in (2, 3) or C.dim() != B.dim():
@@ -265,14 +265,14 @@ def state_update_unsupported_reason(state, x, dt, A, B, C, D=None, z=None, dt_bi
     bc_shape = (batch, groups, dstate) if B.dim() == 3 else (batch, dstate)
     expected = dict(x=(batch, dim), dt=(batch, dim), A=(dim, dstate), B=bc_shape, C=bc_shape, D=(dim,),
                     z=(batch, dim), dt_bias=(dim,), out=(batch, dim))
-    return _shape_reason(given, expected) or _size_reason(batch, dim, dstate, groups, seqlen=1)
+    return shape_reason(given, expected) or _size_reason(batch, dim, dstate, groups, seqlen=1)
 
 
-def _given(**tensors) -> dict[str, torch.Tensor]:
+def given_tensors(**tensors) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in tensors.items() if tensor is not None}
 
 
-def _device_reason(tensors: dict[str, torch.Tensor]) -> str | None:
+def device_reason(tensors: dict[str, torch.Tensor]) -> str | None:
     devices = {tensor.device for tensor in tensors.values()}
     if len(devices) > 1:
         placed = ", ".join(f"{name} on {tensor.device}" for name, tensor in tensors.items())
@@ -283,21 +283,21 @@ def _device_reason(tensors: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _dtype_reason(tensors: dict[str, torch.Tensor]) -> str | None:
+def dtype_reason(tensors: dict[str, torch.Tensor]) -> str | None:
     for name, tensor in tensors.items():
         if tensor.dtype not in KERNEL_DTYPES:
             return f"{name} has dtype {tensor.dtype}; the kernel takes float32, float16 or bfloat16 (real only)"
     return None
 
 
-def _rank_reason(tensors: dict[str, torch.Tensor], **ranks: int) -> str | None:
+def rank_reason(tensors: dict[str, torch.Tensor], **ranks: int) -> str | None:
     for name, rank in ranks.items():
         if name in tensors and tensors[name].dim() != rank:
             return f"{name} must have {rank} dimensions, got shape {tuple(tensors[name].shape)}"
     return None
 
 
-def _shape_reason(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
+def shape_reason(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> str | None:
     for name, shape in expected.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
             return f"{name} has shape {tuple(tensors[name].shape)}, expected {shape}"

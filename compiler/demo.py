@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 import compiler
-from models import dejavu, gpt, h3, hyena, mamba
+from models import dejavu, gpt, h3, hyena, mamba, mamba2
 
 def sparsified_gpt():
     """Our dense tiny GPT made contextually sparse (25% of MLP neurons) by compiler.sparsify."""
@@ -32,6 +32,7 @@ MODELS: dict[str, Callable] = {
     "H3 tiny, FFT long convolutions (shift and diagonal SSM kernels, gated)": h3.tiny,
     "Hyena tiny, implicit long filter by FFT, short depthwise conv, order-2 gating": hyena.tiny,
     "Mamba tiny, selective scan as a Python loop (selective_scan_ref)": mamba.tiny,
+    "Mamba-2 block tiny, chunked SSD (mamba_ssm's ssd_minimal_discrete)": mamba2.tiny,
 }
 TOLERANCE = 1e-4
 

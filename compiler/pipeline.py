@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssm_scan, unmatched
+from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssd_scan, ssm_scan, unmatched
 from compiler.report import Report
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
@@ -21,7 +21,7 @@ from ir.graph import Node
 from ir.to_fx import to_fx
 from ir.verify import verify
 
-PASSES = (attention.run, sparse_mlp.run, ssm_scan.run, long_conv.run, short_conv.run)
+PASSES = (attention.run, sparse_mlp.run, ssd_scan.run, ssm_scan.run, long_conv.run, short_conv.run)
 # Calls kept even when nobody reads their result: vmap's level bookkeeping (torch's
 # associative_scan traces into vmapped combines on CPU) brackets the calls between them.
 EFFECTFUL = ("print", "_vmap_increment_nesting", "_vmap_decrement_nesting")

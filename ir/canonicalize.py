@@ -4,12 +4,17 @@
                                                         contiguous/clone stay: strides matter)
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
+    einsum of n > 2 operands                             -> 2-operand einsums, left to right, each summing
+                                                           what nothing later reads
     einsum("bhl,chl->bchl", a, b, ...) (no index summed)  -> permute + reshape (unit dims) of each, then mul
                                                            (a broadcast product, e.g. S4's spectral product)
     addmm/baddbmm(c, a, b, beta, alpha)                  -> (a @ b) * alpha + c * beta  (factors of 1 and
                                                            terms times 0 dropped)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
+    reshape([contiguous](expand(x with a unit dim after k, r copies))) merging them into dim k
+                                                        -> repeat_interleave(x, r, k) (any rank; Mamba-2's
+                                                           B and C per head)
     x.expand_as(y), x.view_as(y), x.type_as(y)          -> the same op from its attrs, no longer reading y
                                                            (only y's shape or dtype mattered; static shapes)
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
@@ -22,6 +27,10 @@
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
+    where(~tril(ones, 0), -inf, cumsum(where(~tril(ones, -1), 0, x[..., None].expand(..., T)), -2))
+    and where(~tril(ones, 0), -inf, cs[..., :, None] - cs[..., None, :]), cs = cumsum(x, -1)
+                                                        -> segsum(x)  (segment sums, Mamba-2's decay mask;
+                                                           masks evaluated at compile time)
     s = dst.copy_(src), src of dst's shape, dtype and device; readers of s's values
     (not writes, not views of it)                       -> read src  (the copy stays: a cache
                                                            update; mamba_ssm's decode step)
@@ -43,6 +52,7 @@ import functools
 
 import torch
 
+from ir.consteval import evaluate
 from ir.graph import Graph, Node, StaleRead
 from ir.mutation import storages
 from ir.types import TensorType
@@ -120,6 +130,35 @@ def _permute(graph: Graph, anchor: Node, source: Node, perm: tuple[int, ...]) ->
 
 
 # -- einsum ------------------------------------------------------------------------
+def _split_einsum(graph: Graph, node: Node) -> None:
+    """An einsum of n > 2 operands becomes a chain of 2-operand einsums, left to right, each summing
+    the indices that no later operand and not the output holds (mamba_ssm's 4-operand SSD einsums
+    then read as Hugging Face writes them: C B^T, times the decay mask, times X)."""
+    terms, out = _einsum_terms(node)
+    if terms is None or len(terms) <= 2:
+        return
+    acc, acc_term = graph.node(node.inputs[0]), terms[0]
+    for position in range(1, len(terms)):
+        term, operand = terms[position], graph.node(node.inputs[position])
+        later = "".join(terms[position + 1:]) + out
+        kept = out if position == len(terms) - 1 else "".join(
+            dict.fromkeys(index for index in acc_term + term if index in later))
+        equation = f"{acc_term},{term}->{kept}"
+        acc = _new_node(graph, node, "einsum", [acc.name, operand.name], {"equation": equation},
+                        torch.einsum(equation, acc.value, operand.value))
+        acc_term = kept
+    graph.replace_uses(node.name, acc.name)
+
+
+def _einsum_terms(node: Node) -> tuple[list[str] | None, str]:
+    """(input terms, output) of an explicit einsum without repeated indices in a term; (None, "") else."""
+    inputs, _, out = node.attrs["equation"].partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(node.inputs) or any(len(set(term)) != len(term) for term in terms + [out]):
+        return None, ""
+    return terms, out
+
+
 def _rewrite_einsum(graph: Graph, node: Node) -> None:
     """Batched-matmul einsums become matmul; anything else stays an einsum."""
     plan = _einsum_plan(node.attrs["equation"], len(node.inputs))
@@ -245,6 +284,44 @@ def _repeat_kv_source(graph: Graph, node: Node) -> tuple[Node, int] | None:
     if tuple(expanded.type.shape) != (b, h, n, l, d) or tuple(node.type.shape) != (b, h * n, l, d):
         return None
     return source, int(n)
+
+
+def _rewrite_expanded_repeat(graph: Graph, node: Node) -> None:
+    """reshape(expand(x with a unit dim after dim k, r along it), ...) merging dim k with the r copies
+    (a .contiguous() copy between them or not): repeat_interleave(x, r, dim=k), reshaped when unit
+    dims differ. Mamba-2's B and C per head, GQA's K and V spelled this way, of any rank."""
+    found = _expanded_repeat_source(graph, node)
+    if found is None or not graph.users(node.name):
+        return
+    x, repeats, dim = found
+    value = torch.repeat_interleave(x.value, repeats, dim=dim)
+    repeated = _new_node(graph, node, "repeat_interleave", [x.name], {"repeats": repeats, "dim": dim}, value)
+    if tuple(value.shape) != node.type.static_shape():
+        repeated = _new_node(graph, node, "reshape", [repeated.name], {"shape": node.type.static_shape()},
+                             value.reshape(node.type.static_shape()))
+    graph.replace_uses(node.name, repeated.name)
+
+
+def _expanded_repeat_source(graph: Graph, node: Node) -> tuple[Node, int, int] | None:
+    """(x, r, k) when `node` reshapes x[..., k, None, ...] expanded to r copies with the copies after
+    each entry of dim k, and nothing else changed but unit dims."""
+    expanded = graph.node(node.inputs[0])
+    if expanded.op == "identity":
+        expanded = graph.node(expanded.inputs[0])
+    unsqueezed = graph.node(expanded.inputs[0]) if expanded.op == "expand" else None
+    if unsqueezed is None or unsqueezed.op != "reshape" or node.type.static_shape() is None:
+        return None
+    x = graph.node(unsqueezed.inputs[0])
+    shape, wide = x.type.static_shape() if x.type is not None else None, expanded.type.static_shape()
+    if shape is None or wide is None or unsqueezed.type.static_shape() is None:
+        return None
+    for k in range(len(shape)):
+        if unsqueezed.type.static_shape() == shape[:k + 1] + (1,) + shape[k + 1:] and wide[:k + 1] + wide[k + 2:] \
+                == shape and wide[k + 1] > 1:
+            merged = shape[:k] + (shape[k] * wide[k + 1],) + shape[k + 1:]
+            if [n for n in merged if n != 1] == [n for n in node.type.static_shape() if n != 1]:
+                return x, wide[k + 1], k
+    return None
 
 
 # -- reads of a tensor's shape or dtype alone --------------------------------------------
@@ -395,6 +472,78 @@ def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
     return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % (last + 1) == last
 
 
+# -- segment sums ------------------------------------------------------------------------
+def _rewrite_segment_sum(graph: Graph, node: Node) -> None:
+    """where(j > i, -inf, S) over the last two dims with S[..., i, j] = x[..., j+1] + ... + x[..., i]:
+    segsum(x). S spelled as a cumsum down the rows of x broadcast along a new last dim with its
+    upper triangle and diagonal zeroed (Hugging Face's segment_sum, mamba_ssm's segsum), or as a
+    difference of running sums, cs[..., :, None] - cs[..., None, :] (mamba_ssm's segsum_unstable)."""
+    sums = _kept_branch(graph, node, float("-inf"), diagonal=0)
+    x = None if sums is None else _masked_cumsum_source(graph, sums) or _cumsum_difference_source(graph, sums)
+    if x is None:
+        return
+    segsum = graph.add(Node(name=graph.fresh_name(f"{node.name}_segsum"), op="segsum", inputs=[x.name],
+                            type=node.type, value=node.value, order=node.order))
+    graph.replace_uses(node.name, segsum.name)
+
+
+def _kept_branch(graph: Graph, where: Node, fill: float, diagonal: int) -> Node | None:
+    """t, when `where` is where(c, fill, t) or where(c, t, fill) with c a constant that keeps t exactly
+    on tril(ones(T, T), diagonal) of the last two dims (and alike along any others)."""
+    shape = where.type.static_shape() if where.type is not None else None
+    if where.op != "where" or len(where.inputs) != 2 or shape is None or len(shape) < 2 or shape[-1] != shape[-2]:
+        return None
+    then, other = where.attrs["then_scalar"], where.attrs["else_scalar"]
+    if fill not in (then, other) or (then is None) == (other is None):
+        return None
+    condition = evaluate(graph, graph.node(where.inputs[0]), {})
+    if not isinstance(condition, torch.Tensor) or condition.dtype != torch.bool or condition.shape[-2:] != shape[-2:]:
+        return None
+    if any(size != 1 for size in condition.shape[:-2]):
+        return None
+    kept = ~condition if then == fill else condition
+    expected = torch.ones(shape[-2:], dtype=torch.bool, device=kept.device).tril(diagonal)
+    return graph.node(where.inputs[1]) if torch.equal(kept.reshape(shape[-2:]), expected) else None
+
+
+def _masked_cumsum_source(graph: Graph, sums: Node) -> Node | None:
+    """x, when sums = cumsum(where(strictly upper, 0, x[..., :, None] broadcast), dim=-2)."""
+    if sums.op != "cumsum" or sums.attrs["dtype"] is not None or sums.attrs["dim"] != sums.type.rank - 2:
+        return None
+    columns = _kept_branch(graph, graph.node(sums.inputs[0]), 0.0, diagonal=-1)
+    return None if columns is None else _broadcast_column_source(graph, columns)
+
+
+def _broadcast_column_source(graph: Graph, node: Node) -> Node | None:
+    """x (..., T), when node is x[..., :, None] expanded to (..., T, T)."""
+    if node.op != "expand":
+        return None
+    column = graph.node(node.inputs[0])
+    x = graph.node(column.inputs[0]) if column.op == "reshape" else None
+    if x is None or x.type is None or x.type.static_shape() is None:
+        return None
+    shape = x.type.static_shape()
+    fits = column.type.static_shape() == shape + (1,) and node.type.static_shape() == shape + shape[-1:]
+    return x if fits else None
+
+
+def _cumsum_difference_source(graph: Graph, sums: Node) -> Node | None:
+    """x, when sums = cs[..., :, None] - cs[..., None, :] with cs = cumsum(x, dim=-1)."""
+    if sums.op != "sub" or len(sums.inputs) != 2:
+        return None
+    rows, columns = (graph.node(name) for name in sums.inputs)
+    if rows.op != "reshape" or columns.op != "reshape" or rows.inputs != columns.inputs:
+        return None
+    running = graph.node(rows.inputs[0])
+    shape = running.type.static_shape() if running.type is not None else None
+    if (running.op != "cumsum" or running.attrs["dtype"] is not None or shape is None
+            or running.attrs["dim"] != len(shape) - 1):
+        return None
+    if rows.type.static_shape() != shape + (1,) or columns.type.static_shape() != shape[:-1] + (1, shape[-1]):
+        return None
+    return graph.node(running.inputs[0])
+
+
 # -- the value a copy_ wrote -------------------------------------------------------------
 def _forward_copied_value(graph: Graph, copy: Node) -> None:
     """Readers of dst.copy_(src)'s values read src, which holds the same values: the copy (a write
@@ -467,15 +616,15 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
-    "einsum": [_rewrite_einsum, _rewrite_einsum_product],
+    "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],
     "addmm": [_rewrite_addmm],
-    "reshape": [_rewrite_repeat_kv, _drop_metadata_reads],
+    "reshape": [_rewrite_repeat_kv, _rewrite_expanded_repeat, _drop_metadata_reads],
     "repeat_interleave": [_rewrite_repeat_kv],
     "expand": [_drop_metadata_reads],
     "cast": [_drop_metadata_reads],
     "getitem": [_rewrite_select_unsqueeze],
     "cat": [_rewrite_zero_padding],
-    "where": [_rewrite_zero_branch],
+    "where": [_rewrite_zero_branch, _rewrite_segment_sum],
     "copy_": [_forward_copied_value],
     **{allocation: [_rewrite_filled_buffer] for allocation in ALLOCATIONS},
 }

@@ -8,7 +8,9 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     matmul      a @ b, torch.matmul, torch.bmm, torch.mm, x.matmul, x.bmm, x.mm
     addmm       torch.addmm/baddbmm(input, a, b, beta, alpha), x.addmm/baddbmm: beta * input + alpha * a @ b
                 (rewritten later to matmul, mul and add)
-    einsum      torch.einsum(equation, *operands)        (rewritten later to matmul)
+    einsum      torch.einsum(equation, *operands); the equation made explicit: no spaces, "..." spelled
+                out as letters from each operand's rank, the implicit output (indices seen once, sorted)
+                written after "->" (rewritten later to matmul, or split into 2-operand products)
     permute     transpose, swapaxes, permute, .t(), .T, .mT
     reshape     view, reshape, flatten, unflatten, squeeze, unsqueeze, x[None, :, ...]
     expand      expand, expand_as, broadcast_to
@@ -42,6 +44,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     silu        F.silu, nn.SiLU (inlined), not in place
     sum         torch.sum, x.sum(); attrs["dim"] a sorted tuple (all dims when none given),
                 attrs["keepdim"], attrs["dtype"]
+    cumsum      torch.cumsum, x.cumsum(); attrs["dim"] (non-negative), attrs["dtype"]
+    clamp       torch.clamp/clip, x.clamp/clip with number bounds; attrs["min"], attrs["max"] (None: unbounded)
     slice       x[..., a:b], x[:, a:b:s], x.narrow(d, a, n), torch.narrow: one slice with int bounds among
                 full slices; attrs["dim"], attrs["start"], attrs["stop"], attrs["step"] (clamped to the
                 dim's size the way Python slicing does, stop >= start)
@@ -118,7 +122,29 @@ def einsum(node) -> Normalised | None:
         operands = list(operands[0])
     if not isinstance(equation, str) or not all(_is_tensor_node(o) for o in operands):
         return None
-    return "einsum", {"equation": equation.replace(" ", "")}, list(operands)
+    explicit = _explicit_equation(equation.replace(" ", ""), [_rank(o) for o in operands])
+    return None if explicit is None else ("einsum", {"equation": explicit}, list(operands))
+
+
+def _explicit_equation(equation: str, ranks: list[int]) -> str | None:
+    """The equation with "..." spelled out in letters no term uses and the output written out
+    (torch's implicit output: the "..." dims, then the indices seen once, in alphabetical order);
+    None when malformed."""
+    inputs, arrow, out = equation.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(ranks) or not all(c.isalpha() for term in terms + [out] for c in term.replace("...", "")):
+        return None
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in equation]
+    widths = [rank - len(term.replace("...", "")) for term, rank in zip(terms, ranks)]
+    ellipsis = "".join(spare[:max([w for term, w in zip(terms, widths) if "..." in term], default=0)])
+    terms = [term.replace("...", ellipsis[len(ellipsis) - width:] if width > 0 else "") for term, width in
+             zip(terms, widths)]
+    if any(len(term) != rank for term, rank in zip(terms, ranks)):
+        return None
+    letters = "".join(terms)
+    once = sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ellipsis)
+    out = out.replace("...", ellipsis) if arrow else ellipsis + "".join(once)
+    return f"{','.join(terms)}->{out}"
 
 
 def transpose(node) -> Normalised:
@@ -506,6 +532,23 @@ def reduce_sum(node) -> Normalised | None:
     return "sum", {"dim": tuple(sorted({_dim(d, rank) for d in dims})), "keepdim": bool(keepdim), "dtype": dtype}, [x]
 
 
+def cumsum(node) -> Normalised | None:
+    x, dim = node.args[0], _arg(node, 1, "dim")
+    if node.kwargs.get("out") is not None or not _is_tensor_node(x) or not isinstance(dim, int):
+        return None
+    return "cumsum", {"dim": _dim(dim, _rank(x)), "dtype": _arg(node, 2, "dtype")}, [x]
+
+
+def clamp(node) -> Normalised | None:
+    """clamp/clip with number (or absent) bounds; tensor bounds stay opaque."""
+    x, low, high = node.args[0], _arg(node, 1, "min"), _arg(node, 2, "max")
+    bounds = [bound for bound in (low, high) if bound is not None]
+    if (node.kwargs.get("out") is not None or not _is_tensor_node(x) or not bounds
+            or not all(isinstance(b, Number) and not isinstance(b, bool) for b in bounds)):
+        return None
+    return "clamp", {"min": low, "max": high}, [x]
+
+
 def _transform(op: str) -> Callable:
     """torch.fft.rfft/irfft/fft/ifft along one dim; n is the input's length along it when not given
     (rfft), else the output's (the inverse transforms' default 2 (m - 1) included)."""
@@ -597,7 +640,8 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.select: select,
     torch.stack: _joined("stack", 1), torch.cat: _joined("cat", 0), torch.concat: _joined("cat", 0),
     torch.concatenate: _joined("cat", 0),
-    torch.exp: exp, F.softplus: softplus, F.silu: silu, torch.sum: reduce_sum,
+    torch.exp: exp, F.softplus: softplus, F.silu: silu, torch.sum: reduce_sum, torch.cumsum: cumsum,
+    torch.clamp: clamp, torch.clip: clamp,
     torch.narrow: narrow, torch.real: real, torch.conv1d: conv1d, F.conv1d: conv1d,
     F.pad: pad, torch._C._nn.pad: pad, torch.constant_pad_nd: pad,
     torch.sigmoid: sigmoid, F.sigmoid: sigmoid, torch.tanh: tanh, F.tanh: tanh,
@@ -622,7 +666,7 @@ METHODS: dict[str, Callable] = {
     "repeat_interleave": repeat_interleave,
     "index_select": index_select,
     "relu": relu, "relu_": relu,
-    "select": select, "exp": exp, "sum": reduce_sum,
+    "select": select, "exp": exp, "sum": reduce_sum, "cumsum": cumsum, "clamp": clamp, "clip": clamp,
     "narrow": narrow, "sigmoid": sigmoid, "tanh": tanh,
 }
 

@@ -18,6 +18,16 @@ def _repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return torch.repeat_interleave(x, repeats, dim=1)
 
 
+def segment_sum(x: torch.Tensor) -> torch.Tensor:
+    """S[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i, -inf above the diagonal (ir op segsum),
+    summed as Hugging Face's segment_sum does: a cumsum of the masked columns, no differences."""
+    size = x.shape[-1]
+    columns = x[..., None].expand(*x.shape, size)
+    ones = torch.ones(size, size, dtype=torch.bool, device=x.device)
+    sums = torch.cumsum(columns.masked_fill(~ones.tril(-1), 0), dim=-2)
+    return sums.masked_fill(~ones.tril(0), -torch.inf)
+
+
 def _where_args(node: Node) -> tuple:
     """(condition, then, else): each branch its scalar attr, or the next tensor input."""
     tensors = iter(Ref(i) for i in range(1, len(node.inputs)))
@@ -42,6 +52,8 @@ LOWERINGS = {
     "reshape": lambda node: Call("call_function", torch.reshape, (Ref(0), node.attrs["shape"])),
     "expand": lambda node: Call("call_function", torch.broadcast_to, (Ref(0), node.attrs["shape"])),
     "cast": lambda node: Call("call_method", "to", (Ref(0), node.attrs["dtype"])),
+    "repeat_interleave": lambda node: Call("call_function", torch.repeat_interleave, (Ref(0), node.attrs["repeats"]),
+                                           {"dim": node.attrs["dim"]}),
     "repeat_kv": lambda node: Call("call_function", _repeat_kv, (Ref(0), node.attrs["repeats"])),
     "add": lambda node: Call("call_function", torch.add, (Ref(0), Ref(1))),
     "mul": lambda node: Call("call_function", torch.mul, (Ref(0), _second_factor(node))),
@@ -53,6 +65,9 @@ LOWERINGS = {
     "irfft": _transform(torch.fft.irfft),
     "ifft": _transform(torch.fft.ifft),
     "real": lambda node: Call("call_function", torch.real, (Ref(0),)),
+    "einsum": lambda node: Call("call_function", torch.einsum,
+                                (node.attrs["equation"], *[Ref(i) for i in range(len(node.inputs))])),
+    "segsum": lambda node: Call("call_function", segment_sum, (Ref(0),)),
     "stack": lambda node: Call("call_function", torch.stack, ([Ref(i) for i in range(len(node.inputs))],),
                                {"dim": node.attrs["dim"]}),
 }

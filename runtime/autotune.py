@@ -40,7 +40,8 @@ import filelock
 import torch
 import triton
 
-from codegen import attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan
+from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssd_scan,
+                     ssm_scan)
 from runtime import knobs
 from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_text, read_cache_file, read_problem,
                            sweep_stale_temps, warn_once)
@@ -59,6 +60,8 @@ FAMILY_CONFIG_KEYS = (
     ("sparse_mlp", sparse_mlp.CONFIG_KEYS),
     ("ssm_state_update", ssm_scan.STATE_UPDATE_CONFIG_KEYS),
     ("ssm_scan", ssm_scan.CONFIG_KEYS),
+    ("ssd_state_update", ssd_scan.STATE_UPDATE_CONFIG_KEYS),
+    ("ssd_scan", ssd_scan.CONFIG_KEYS),
 )
 MAX_META = 1 << 20  # Triton's largest tensor (TRITON_MAX_TENSOR_NUMEL): no meta-parameter goes past it
 LARGEST = {"num_warps": 32, "num_stages": 8}

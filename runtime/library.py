@@ -41,6 +41,9 @@ OUTPUTS = {  # custom op -> how many tensors it returns before its residuals
     "ssm_scan": 1,
     "ssm_scan_with_state": 2,
     "ssm_state_update": 2,
+    "ssd_scan": 1,
+    "ssd_scan_with_state": 2,
+    "ssd_state_update": 2,
 }
 SCHEMAS = {name: f"(Tensor[] operands, str op) -> ({'Tensor, ' * count}Tensor[] residuals)"
            for name, count in OUTPUTS.items()}  # `op` is the FusedOp's key in OPS

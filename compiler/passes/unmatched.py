@@ -11,6 +11,7 @@ report() would say nothing. This pass looks for each family's anchor that is sti
     ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step,
                  a decode step), or two steps h = a * h + b in a row with a and b not read from h
                  (a Python loop's linear recurrence, whatever its decay: sigmoid, complex...)
+    ssd_scan     segsum(a): the segment sums of a decay, Mamba-2's chunked SSD mask
     sparse_mlp   linear(act(linear(x)) (* | where | index) selection): two projections with a
                  selection of neurons between them (gated too: a where keeping act(gate(x)) * up(x))
 
@@ -142,6 +143,10 @@ def _computed_from(graph: Graph, node: Node, source: Node) -> bool:
     return False
 
 
+def _ssd_scan(graph: Graph, node: Node) -> str | None:
+    return "segment sums of a decay (the decay mask of Mamba-2's chunked SSD)" if node.op == "segsum" else None
+
+
 def _sparse_mlp(graph: Graph, node: Node) -> str | None:
     if node.op not in ("linear", "matmul"):
         return None
@@ -170,4 +175,4 @@ def _factor_kind(graph: Graph, node: Node) -> str:
 
 
 ANCHORS = (("attention", _attention), ("long_conv", _long_conv), ("ssm_scan", _ssm_scan),
-           ("sparse_mlp", _sparse_mlp))
+           ("ssd_scan", _ssd_scan), ("sparse_mlp", _sparse_mlp))

@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import torch  # noqa: E402
 
 from codegen import (attention, attention_backward, attention_decode, long_conv, long_conv_backward,  # noqa: E402
-                     short_conv, short_conv_backward, sparse_mlp, ssm_scan, ssm_scan_backward)
+                     short_conv, short_conv_backward, sparse_mlp, ssd_scan, ssm_scan, ssm_scan_backward)
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -281,11 +281,43 @@ def _state_update(dtype, dstate, grouped, batch=8, dim=1536, groups=2):
                   dt_bias=meta(dim, dtype=FP32), dt_softplus=True)
 
 
+def ssd_scan_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    for dtype, dstate, headdim, fused, out in [(BF16, 128, 64, True, BF16), (FP32, 128, 64, False, FP32),
+                                               (FP16, 64, 64, True, FP16), (BF16, 256, 128, False, BF16),
+                                               (BF16, 128, 64, False, FP32)]:
+        yield f"scan {dtype} n {dstate} p {headdim} D+z+bias+states={fused} out {out}", \
+            lambda dtype=dtype, dstate=dstate, headdim=headdim, fused=fused, out=out: \
+            _ssd(dtype, dstate, headdim, fused, out)
+    for dtype, dstate in [(BF16, 128), (FP32, 64)]:
+        yield f"state update {dtype} n {dstate}", lambda dtype=dtype, dstate=dstate: _ssd_state_update(dtype, dstate)
+
+
+def _ssd(dtype, dstate, headdim, fused, out_dtype, batch=2, seqlen=8192, heads=24, groups=1):
+    module = load(ssd_scan.kernel_name, ssd_scan.render_scan, ssd_scan.SSDSpec(*(fused,) * 7))
+    x = meta(batch, seqlen, heads, headdim, dtype=dtype)
+    bc = meta(batch, seqlen, groups, dstate, dtype=dtype)
+    extras = dict(D=meta(heads, headdim, dtype=FP32), z=torch.empty_like(x), dt_bias=meta(heads, dtype=FP32),
+                  dt_softplus=True, dt_limit=(0.0, float("inf")), initial_state=meta(batch, heads, headdim, dstate),
+                  final_state=meta(batch, heads, headdim, dstate)) if fused else {}
+    module.launch(x, meta(batch, seqlen, heads, dtype=dtype), meta(batch, seqlen, heads, dtype=FP32), bc, bc,
+                  torch.empty_like(x, dtype=out_dtype), **extras)
+
+
+def _ssd_state_update(dtype, dstate, batch=8, heads=24, headdim=64, groups=1):
+    module = load(ssd_scan.kernel_name, ssd_scan.render_state_update, ssd_scan.SSDStateUpdateSpec(*(True,) * 5))
+    x, state, bc = meta(batch, heads, headdim, dtype=dtype), meta(batch, heads, headdim, dstate, dtype=FP32), \
+        meta(batch, groups, dstate, dtype=dtype)
+    module.launch(state, x, meta(batch, heads, dtype=dtype), meta(batch, heads, dtype=FP32), bc, bc, state,
+                  torch.empty_like(x), D=meta(heads, headdim, dtype=FP32), z=torch.empty_like(x),
+                  dt_bias=meta(heads, dtype=FP32), dt_softplus=True, dt_limit=(0.0, float("inf")))
+
+
 FAMILIES = {
     "attention": attention_cases, "attention_backward": backward_cases, "attention_decode": decode_cases,
     "long_conv": long_conv_cases,
     "short_conv": short_conv_cases, "sparse_mlp": sparse_mlp_cases, "ssm_scan": ssm_scan_cases,
     "long_conv_backward": long_conv_backward_cases, "short_conv_backward": short_conv_backward_cases,
+    "ssd_scan": ssd_scan_cases,
 }
 
 

@@ -3,7 +3,8 @@ with in-place writes at random points.
 
 A program is a list of steps. Each step is one statement template over the program's tensors,
 all of shape (2, 3, 4): a `value` step makes a new tensor `v<i>` from existing ones (cat with
-zeros, a stack of slices, a filled buffer, a written-out softmax, einsum, baddbmm, attention,
+zeros, a stack of slices, a filled buffer, a written-out softmax, einsums of 2 and 3 operands, segment
+sums, a repeat spelled with expand, baddbmm, attention,
 SDPA, casts, views, masks, scales), a `write` step writes one in place (copy_, add_, setitem into
 it or a view of it, fill_, zero_, index_put_, scatter_, relu_, +=, masked_fill_, div_). The
 inputs x0, x1, x2 are tensors too, so writes reach the caller. `source(steps)` is the forward's
@@ -31,6 +32,11 @@ VALUES = {  # template over {a}, {b}, {c}: the expression of a new (2, 3, 4) ten
     "transpose": "{a}.transpose(1, 2).contiguous().transpose(1, 2) - {b}",
     "softmax_written": "torch.exp({a} - {a}.amax(-1, keepdim=True)) / torch.exp({a} - {a}.amax(-1, keepdim=True)).sum(-1, keepdim=True)",
     "einsum": "torch.einsum('bij,bkj->bik', {a}, {b}) @ {c}",
+    "einsum3": "torch.einsum('bij,bkj,bkl->bil', {a}, {b}, {c})",
+    "segsum": "(torch.cumsum(({a} * 0.1)[..., None].expand(2, 3, 4, 4).masked_fill(~torch.ones(4, 4, dtype=torch.bool)"
+              ".tril(-1), 0), dim=-2).masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), -torch.inf).exp() "
+              "@ {b}[..., None])[..., 0]",
+    "repeat_expand": "{a}[:, :1, None].expand(2, 1, 3, 4).contiguous().reshape(2, 3, 4) * {b}",
     "baddbmm": "torch.baddbmm({a}, {b}[:, :, :3], {c}, beta=0.5, alpha=2.0)",
     "attention": "(torch.softmax({a}[None] @ {b}[None].transpose(-2, -1) * 0.5, dim=-1) @ {c}[None])[0]",
     "sdpa": "F.scaled_dot_product_attention({a}[None], {b}[None], {c}[None], is_causal=True)[0]",

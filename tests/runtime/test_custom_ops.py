@@ -23,6 +23,7 @@ from tests.compiler.test_long_conv_pass import TransposedConv
 from tests.compiler.test_robustness_families import (long_conv_gated, short_conv_silu, sparse_mlp_gathered,
                                                      sparse_mlp_masked, ssm_scan_grouped)
 from tests.compiler.test_sparse_mlp_pass import gated_case
+from tests.compiler.test_ssd_scan_pass import minimal_ssd_case, step_case
 from tests.compiler.test_ssm_scan_pass import Case as ScanCase
 from tests.compiler.test_ssm_scan_pass import ReferenceScan, StateUpdate, scan_inputs
 from tests.reliability.test_runtime_edges import CausalBiasBuffer, TemperatureBuffer
@@ -78,10 +79,13 @@ CASES = {
     "ssm_scan": ssm_scan_grouped,
     "ssm_scan_with_state": lambda: (ReferenceScan(last_state=True), list(scan_inputs(ScanCase(seqlen=5, batch=2)))),
     "ssm_state_update": decode_case,
+    "ssd_scan": lambda: minimal_ssd_case(final_state=False),
+    "ssd_scan_with_state": minimal_ssd_case,
+    "ssd_state_update": step_case,
 }
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
-NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update"}
+NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update", "ssd_state_update"}
 BACKWARD_KERNELS = ("attention", "multihead_attention", "long_conv", "short_conv", "ssm_scan")  # case-name prefixes of the families
 # with backward kernels; the rest recompute their reference under autograd
 BACKWARD_KERNEL_NAMES = {"attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
