@@ -32,18 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from codegen.render import render
+from ir.limits import KERNEL_DTYPES, MAX_GRID_YZ, MAX_HEAD_DIM, SHARED_MEMORY_LIMIT
 
 MASK_KINDS = ("none", "bool", "additive")
-MAX_HEAD_DIM = 256
-MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, batch * q_heads here
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = math.log2(math.e)
 FP32_MAX = torch.finfo(torch.float32).max
 
 # Shared memory a config may plan for: the default config must fit an A100 (164 KB per block,
 # less headroom); autotuning candidates only need to fit the largest GPU, an H100 (227 KB).
 DEFAULT_SMEM_BUDGET = 160 * 1024
-CANDIDATE_SMEM_BUDGET = 227 * 1024
+CANDIDATE_SMEM_BUDGET = SHARED_MEMORY_LIMIT[90]
 
 MASK_ITEMSIZE = {"none": 0, "bool": 1, "additive": 4}  # bytes per mask element (fp32 for additive)
 _MASK_NAMES = {("bool", True): "boolmask", ("bool", False): "fillmask", ("additive", True): "addmask"}
@@ -259,8 +257,8 @@ def _shape_reason(q, k, v) -> str | None:
         return f"head dim {max(head_dim, value_dim)} > {MAX_HEAD_DIM}"
     if q_heads % kv_heads:
         return f"{q_heads} query heads are not a multiple of {kv_heads} kv heads"
-    if batch * q_heads > MAX_GRID_Y:
-        return f"batch * q_heads = {batch * q_heads} exceeds the launch grid's limit of {MAX_GRID_Y}"
+    if batch * q_heads > MAX_GRID_YZ:  # the grid's second axis
+        return f"batch * q_heads = {batch * q_heads} exceeds the launch grid's limit of {MAX_GRID_YZ}"
     return None
 
 

@@ -35,7 +35,6 @@ import torch
 from codegen.attention import (
     CANDIDATE_SMEM_BUDGET,
     DEFAULT_SMEM_BUDGET,
-    MAX_GRID_Y,
     AttentionSpec,
     _smem_bytes,
     attention_reference,
@@ -43,6 +42,7 @@ from codegen.attention import (
 )
 from codegen.attention import kernel_name as attention_kernel_name
 from codegen.render import render
+from ir.limits import MAX_GRID_YZ
 
 CPU_SM_COUNT = 4  # Triton's interpreter: enough programs per split to exercise the combine
 PROGRAMS_PER_SM = 2  # default split count aims at two resident programs per SM (3-stage tiles fit)
@@ -99,14 +99,14 @@ def num_splits(kv_len: int, rows: int, kv_rows: int, sm_count: int, block_m: int
     programs = kv_rows * cdiv(rows, block_m)
     wanted = cdiv(PROGRAMS_PER_SM * sm_count, programs)
     min_keys = max(MIN_SPLIT_KEYS, block_n, WORKSPACE_KEYS_PER_ROW * rows)
-    return max(1, min(wanted, cdiv(kv_len, min_keys), MAX_GRID_Y))
+    return max(1, min(wanted, cdiv(kv_len, min_keys), MAX_GRID_YZ))
 
 
 def split_keys(kv_len: int, splits: int, block_n: int) -> int:
-    """Keys per split: kv_len over `splits` (at most MAX_GRID_Y), rounded up to whole BLOCK_N blocks.
+    """Keys per split: kv_len over `splits` (at most MAX_GRID_YZ), rounded up to whole BLOCK_N blocks.
 
     cdiv(kv_len, split_keys(...)) <= splits, so the grid never exceeds the requested split count."""
-    per_split = cdiv(kv_len, min(max(splits, 1), MAX_GRID_Y))
+    per_split = cdiv(kv_len, min(max(splits, 1), MAX_GRID_YZ))
     return cdiv(per_split, block_n) * block_n
 
 

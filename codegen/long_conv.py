@@ -32,8 +32,8 @@ from functools import lru_cache
 import torch
 
 from codegen.render import render
+from ir.limits import KERNEL_DTYPES
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_FFT = 256  # 16 x 16: the smallest tile pair tl.dot takes
 MAX_FFT_ROWS = 32  # P
 MAX_FFT_COLS = 4096  # M = M1 * M2 <= 64 x 64, one row in registers

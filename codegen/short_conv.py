@@ -25,11 +25,9 @@ import torch.nn.functional as F
 
 from codegen.activations import REFERENCES
 from codegen.render import render
+from ir.limits import KERNEL_DTYPES, MAX_GRID_YZ, MAX_SHORT_CONV_WIDTH, MIN_SHORT_CONV_WIDTH
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_WIDTH, MAX_WIDTH = 2, 8
 ACTIVATIONS = (None, *REFERENCES)
-MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,8 @@ class ShortConvSpec:
     activation: str | None = None
 
     def __post_init__(self):
-        if not MIN_WIDTH <= self.width <= MAX_WIDTH:
-            raise ValueError(f"ShortConvSpec.width must be in {MIN_WIDTH}..{MAX_WIDTH}, got {self.width}")
+        if not MIN_SHORT_CONV_WIDTH <= self.width <= MAX_SHORT_CONV_WIDTH:
+            raise ValueError(f"ShortConvSpec.width must be in {MIN_SHORT_CONV_WIDTH}..{MAX_SHORT_CONV_WIDTH}, got {self.width}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ShortConvSpec.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 
@@ -120,8 +118,8 @@ def unsupported_reason(x, weight, bias=None, out=None, activation=None) -> str |
             return f"{name} has shape {tuple(given[name].shape)}, expected {shape}"
     if activation not in ACTIVATIONS:
         return f"activation {activation!r} is not fused (only {', '.join(REFERENCES)})"
-    if not MIN_WIDTH <= width <= MAX_WIDTH:
-        return f"filter width {width} is outside {MIN_WIDTH}..{MAX_WIDTH}"
+    if not MIN_SHORT_CONV_WIDTH <= width <= MAX_SHORT_CONV_WIDTH:
+        return f"filter width {width} is outside {MIN_SHORT_CONV_WIDTH}..{MAX_SHORT_CONV_WIDTH}"
     if min(batch, channels, seqlen) == 0:
         return "empty tensors (a zero-sized batch, channel or time axis)"
     if batch > MAX_GRID_YZ:

@@ -38,12 +38,11 @@ import torch.nn.functional as F
 
 from codegen.activations import REFERENCES
 from codegen.render import render
+from ir.limits import KERNEL_DTYPES, MAX_GRID_YZ
 
 ACTIVATIONS = {name: REFERENCES[name] for name in ("relu", "gelu", "gelu_tanh", "silu")}
 UP_ACTIVATIONS = {"identity": lambda v: v, **ACTIVATIONS}  # of the gated MLP's up projection
-MAX_GRID_Z = 65535  # CUDA's limit on grid axes 1 and 2; the row tiles run along axis 2
 MIN_BLOCK_M = 16  # the smallest row tile a config uses for more than a handful of rows
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 GEMV_MAX_ROWS = 8  # larger batches pad their row tile to 16 and use tl.dot
 GEMV_PRODUCT_BUDGET = 8192  # elements of one GEMV broadcast product (rows x neurons x dims) per program
@@ -177,8 +176,8 @@ def unsupported_reason(x, w1, b1, w2, b2, idx, out=None, *, activation: str, w3=
     devices = {t.device for t in (x, w1, b1, w3, b3, w2, b2, idx, row_mask, out) if t is not None}
     if len(devices) > 1:
         return f"operands are on different devices ({', '.join(sorted(map(str, devices)))})"
-    if x.shape[0] > MAX_GRID_Z * MIN_BLOCK_M:
-        return f"{x.shape[0]} rows exceed the launch grid's limit ({MAX_GRID_Z} row tiles of {MIN_BLOCK_M})"
+    if x.shape[0] > MAX_GRID_YZ * MIN_BLOCK_M:  # the row tiles run along the grid's third axis
+        return f"{x.shape[0]} rows exceed the launch grid's limit ({MAX_GRID_YZ} row tiles of {MIN_BLOCK_M})"
     return None
 
 

@@ -37,6 +37,7 @@ from codegen.render import render
 from codegen.ssm_scan import (
     device_reason, dtype_reason, flag_name, given_tensors, rank_reason, shape_reason, template_flags, with_shapes,
     require_spec)
+from ir.limits import MAX_GRID_YZ
 
 SCAN_SHAPES = """Shapes (b batch, L seqlen, h heads, p head dim, n dstate, g groups of heads sharing B and C):
     x           (b, L, h, p)     input
@@ -61,10 +62,8 @@ STATE_UPDATE_SHAPES = """Shapes (b batch, h heads, p head dim, n dstate, g group
     new_state   (b, h, p, n)     S_t (may be state itself: updated in place)
     out         (b, h, p)"""
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DSTATE = 256
 MAX_HEADDIM = 256
-MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid axes
 MIN_DOT = 16  # tl.dot's smallest tile side
 
 

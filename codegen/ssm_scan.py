@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen.render import render
+from ir.limits import KERNEL_DTYPES, MAX_GRID_YZ
 
 SCAN_SHAPES = """Shapes (b batch, d channels, L seqlen, n dstate, g groups of channels sharing B and C):
     u           (b, d, L)                    input sequence
@@ -76,8 +77,6 @@ def with_shapes(shapes: str):
 
 MAX_DSTATE = 256
 CHUNK_LEN = 256  # steps between the states a training forward saves for the backward (a power of 2)
-MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid axes: groups and batch
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TARGET_PROGRAMS = 512  # default_config's lower bound on the grid: about 4 one-warp programs per SM
 
 

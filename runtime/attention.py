@@ -52,13 +52,13 @@ import torch.nn.functional as F
 from codegen import attention as attention_codegen
 from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
+from ir.limits import MASKED_OUT
 from runtime import library
 from runtime.dispatch import FusedOp, Kernel, _autograd_on, grad_like
 from runtime.interpret import launch_lock
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
-MASKED_OUT = -6.0e4  # scores at or below this, next to a visible score, get exactly zero weight
 SEED_RANGE = 1 << 62  # dropout seeds are drawn from torch's generator in [0, SEED_RANGE)
 _replayed_seed: ContextVar[torch.Tensor | None] = ContextVar("flashfx_replayed_seed", default=None)
 

@@ -26,9 +26,9 @@ from typing import Iterator
 
 import torch
 
+from ir.limits import SHARED_MEMORY_LIMIT
 from runtime import knobs
 
-SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}  # opt-in bytes per block
 REGISTERS_PER_THREAD_LIMIT = 255
 
 

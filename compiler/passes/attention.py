@@ -32,12 +32,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from codegen.attention import MAX_HEAD_DIM
 from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES, MASKED_OUT, MAX_HEAD_DIM
 from ir.pattern import Any, Op, Skip, match
-from runtime.attention import (MASKED_OUT, AttentionLayout, AttentionOp, EncoderLayerOp, EncoderLayout, MaskForm,
+from runtime.attention import (AttentionLayout, AttentionOp, EncoderLayerOp, EncoderLayout, MaskForm,
                                MultiheadAttentionOp, MultiheadLayout)
 
 PATTERN = "attention"
@@ -45,7 +45,6 @@ MAX_MASKS = 2
 NATIVE_LAYERS = {  # PyTorch's fused inference fast paths Dynamo records as one op, left to PyTorch
     "_native_multi_head_attention": "nn.MultiheadAttention's native fast path is one op (left to PyTorch)",
 }
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def attention_reference(q, k, v, scale: float, bias: torch.Tensor | None = None):

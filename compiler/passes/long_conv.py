@@ -54,9 +54,9 @@ from typing import Callable
 
 import torch
 
-from codegen.long_conv import KERNEL_DTYPES
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES
 from ir.types import TensorType
 from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 

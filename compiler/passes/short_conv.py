@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codegen.short_conv import KERNEL_DTYPES, MAX_WIDTH, MIN_WIDTH
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES, MAX_SHORT_CONV_WIDTH, MIN_SHORT_CONV_WIDTH
 from runtime.long_conv import OutputLayout, ShortConvOp
 
 PATTERN = "short_conv"
@@ -77,8 +77,8 @@ def _check_depthwise(conv: Node, x: Node, weight: Node) -> None:
     if attrs["groups"] != channels or _shape(weight) != (channels, 1, width):
         raise NoMatch(conv, f"groups={attrs['groups']} with {channels} channels and weight {_shape(weight)}: "
                             "not depthwise")
-    if not MIN_WIDTH <= width <= MAX_WIDTH:
-        raise NoMatch(conv, f"kernel size {width} is outside {MIN_WIDTH}..{MAX_WIDTH}")
+    if not MIN_SHORT_CONV_WIDTH <= width <= MAX_SHORT_CONV_WIDTH:
+        raise NoMatch(conv, f"kernel size {width} is outside {MIN_SHORT_CONV_WIDTH}..{MAX_SHORT_CONV_WIDTH}")
     if conv.type.dtype not in KERNEL_DTYPES:
         raise NoMatch(conv, f"dtype {conv.type.dtype} is not supported by the kernel (fp16/bf16/fp32)")
 

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codegen.sparse_mlp import KERNEL_DTYPES
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES
 from ir.pattern import Any, Op, match
 from runtime.sparse_mlp import SparseMLPLayout, SparseMLPOp
 

@@ -22,6 +22,7 @@ from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding,
     sole_reader, static_shape, through_casts
 from ir.contraction import Contraction, contraction
 from ir.graph import Call, Graph, Node, Ref
+from ir.limits import KERNEL_DTYPES
 from runtime.ssd_scan import Operand, Result, SSDLayout, SSDScanOp, SSDStateUpdateOp
 
 INFINITY = float("inf")
@@ -288,7 +289,7 @@ def layout(disc: Discretised, operands: list[tuple[str, Leaf]], tail: Epilogue, 
     x, B = disc.x, disc.B
     sizes = dict(b=_size(x, "b"), l=seqlen, h=_size(x, "h"), p=_size(x, "p"), n=_size(B, "n"), g=disc.groups)
     for name, leaf in operands:
-        if leaf.node.type.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if leaf.node.type.dtype not in KERNEL_DTYPES:
             raise NoMatch(leaf.node, f"{name} has dtype {leaf.node.type.dtype}: the SSD kernels take fp32, fp16, bf16")
         _check_dims(name, leaf, op.targets[name], sizes)
     _check_dims("the output", Leaf(tail.anchor, tail.roles), op.out_target, sizes)

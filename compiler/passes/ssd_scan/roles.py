@@ -18,10 +18,10 @@ import torch
 from compiler.passes import NoMatch
 from ir.contraction import Contraction, is_regrouping
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES
 
 Roles = tuple  # per dim: a role string ("" for a unit dim)
 VIEWS = ("permute", "reshape", "expand", "cast", "identity")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CONTRACTING = ("mul", "einsum", "matmul", "sum", "permute", "reshape", "expand", "cast", "identity")
 
 

@@ -19,10 +19,10 @@ import torch
 
 from compiler.passes import NoMatch
 from ir.graph import Graph, Node
+from ir.limits import KERNEL_DTYPES
 
 TIME = 3  # frame position of the time axis; positions 0..2 are the dims of the state h
-REAL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_PRECISIONS = (torch.float16, torch.bfloat16, torch.float32)  # casts to these are looked through
+REAL = KERNEL_DTYPES + (torch.float64,)
 
 Frame = tuple  # per dim of a node: its frame position, or None for a unit dim
 
@@ -100,7 +100,7 @@ def is_real_cast(node: Node) -> bool:
     """A copy or a cast to a precision the kernels compute in (fp32) or above: looking through it
     loses nothing. Casts to float64 are not: the kernels would compute them in fp32."""
     return (node.op in ("cast", "identity") and bool(node.inputs) and node.type is not None
-            and node.type.dtype in KERNEL_PRECISIONS)
+            and node.type.dtype in KERNEL_DTYPES)
 
 
 def through_casts(graph: Graph, node: Node) -> tuple[Node, list[str]]:
