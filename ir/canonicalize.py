@@ -54,6 +54,7 @@ import torch
 
 from ir.consteval import evaluate
 from ir.graph import Graph, Node, StaleRead
+from ir.match import int_index
 from ir.mutation import storages
 from ir.types import TensorType
 
@@ -344,7 +345,7 @@ def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
     index = node.call.args[1] if node.call is not None and len(node.call.args) == 2 else None
     if source is None or source.type is None or node.type is None or node.type.static_shape() is None:
         return
-    picked = _int_index(index, source.value.shape)
+    picked = int_index(index, source.value.shape)
     if picked is None:
         return
     dim, position = picked
@@ -353,23 +354,6 @@ def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
     selected = _new_node(graph, node, "select", [source.name], {"dim": dim, "index": position}, value)
     result = _new_node(graph, node, "reshape", [selected.name], {"shape": tuple(shape)}, value.reshape(shape))
     graph.replace_uses(node.name, result.name)
-
-
-def _int_index(index, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """(dim, position >= 0) for an index holding one Python int (in range) among full slices,
-    Nones (new unit dims) and at most one Ellipsis, trailing dims left out; None otherwise."""
-    index = index if isinstance(index, tuple) else (index,)
-    ints = [at for at, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
-    if len(ints) != 1 or index.count(Ellipsis) > 1 or not all(
-            item is None or item is Ellipsis or item == slice(None) for at, item in enumerate(index) if at != ints[0]):
-        return None
-    before = [item for item in index[:ints[0]] if item is not None]
-    after = [item for item in index[ints[0] + 1:] if item is not None and item is not Ellipsis]
-    dim = len(shape) - 1 - len(after) if Ellipsis in before else len(before)
-    if len(before) + 1 + len(after) - (Ellipsis in before) > len(shape) or not 0 <= dim < len(shape):
-        return None
-    position = index[ints[0]]
-    return (dim, position % shape[dim]) if -shape[dim] <= position < shape[dim] else None
 
 
 # -- zero padding spelled as a concatenation -------------------------------------------
@@ -574,7 +558,7 @@ def _rewrite_filled_buffer(graph: Graph, buffer: Node) -> None:
     writes = _write_chain(graph, buffer)
     if shape is None or not writes or graph.writers_of([buffer.name]) - {write.name for write in writes}:
         return  # (a later write to the buffer would miss the stack, a new tensor)
-    slices = [_int_index(write.call.args[1], shape) if write.call is not None and len(write.call.args) == 3
+    slices = [int_index(write.call.args[1], shape) if write.call is not None and len(write.call.args) == 3
               else None for write in writes]
     dims = {dim for dim, _ in filter(None, slices)}
     if None in slices or len(dims) != 1:

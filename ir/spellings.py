@@ -70,6 +70,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from ir import mutation
+from ir.match import int_index
 
 Normalised = tuple[str, dict, list]
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -217,12 +218,9 @@ def _tensor_index(x, index: tuple) -> Normalised | None:
 
 
 def _int_index(x, index: tuple) -> Normalised | None:
-    """x[:, ..., i, ...]: one Python int, full slices and at most one Ellipsis around it."""
-    positions = [i for i, item in enumerate(index) if isinstance(item, int) and not isinstance(item, bool)]
-    if len(positions) != 1:
-        return None
-    dim = _item_dim(x, index, positions[0])
-    return None if dim is None else _select(x, dim, index[positions[0]])
+    """x[:, ..., i, ...]: one Python int (in range), full slices and at most one Ellipsis around it."""
+    picked = None if None in index else int_index(index, _value(x).shape)
+    return None if picked is None else _select(x, *picked)
 
 
 def _slice_index(x, index: tuple) -> Normalised | None:

@@ -13,6 +13,7 @@ import torch
 
 from compiler.report import Fused, NearMiss, Report
 from ir.graph import Graph, Node, StaleRead
+from ir.match import NoMatch
 
 
 def _requires_grad(value) -> bool:
@@ -21,14 +22,6 @@ def _requires_grad(value) -> bool:
     if isinstance(value, (tuple, list)):
         return any(_requires_grad(item) for item in value)
     return isinstance(value, torch.Tensor) and value.requires_grad
-
-
-class NoMatch(Exception):
-    """A candidate that failed to match: `node` broke it, for `reason` (shown in report())."""
-
-    def __init__(self, node: Node, reason: str):
-        super().__init__(reason)
-        self.node, self.reason = node, reason
 
 
 @dataclass

@@ -36,6 +36,7 @@ from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES, MASKED_OUT, MAX_HEAD_DIM
+from ir.match import check_private
 from ir.pattern import Any, Op, Skip, match
 from runtime.attention import (AttentionLayout, AttentionOp, EncoderLayerOp, EncoderLayout, MaskForm,
                                MultiheadAttentionOp, MultiheadLayout)
@@ -125,7 +126,8 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     probabilities = _probability_chain(graph, node, found["softmax"])
     dropout_p = _dropout_on(graph, probabilities)
     replaced = list(scores.nodes[::-1]) + probabilities
-    _check_private(graph, replaced)
+    check_private(graph, replaced[:-1], set(replaced),
+                  "intermediate is also read by {reader} (e.g. returned attention weights)")
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
     query, key = (_under_upcast(graph, node, found["value"]) for node in (query, key))
@@ -170,15 +172,6 @@ def _dropout_p(node: Node, p) -> float:
     if not isinstance(p, (int, float)) or not 0 <= p < 1:
         raise NoMatch(node, f"dropout p={p} is not a probability below 1")
     return float(p)
-
-
-def _check_private(graph, replaced: list[str]) -> None:
-    """Intermediates (scores, probabilities) must not be read outside the pattern."""
-    inside = set(replaced)
-    for name in replaced[:-1]:
-        outside = [user.name for user in graph.users(name) if user.name not in inside]
-        if outside:
-            raise NoMatch(graph.node(name), f"intermediate is also read by {outside[0]} (e.g. returned attention weights)")
 
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:

@@ -57,6 +57,7 @@ import torch
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES
+from ir.match import check_private
 from ir.types import TensorType
 from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 
@@ -172,7 +173,7 @@ def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
     inside = set(spectral.nodes + reading.signal.nodes + reading.filter.nodes + tail.nodes
                  + (tail.skip.nodes if tail.skip else []))
     signal = _signal(graph, reading, tail, inside)
-    _check_private(graph, reading.signal.nodes + spectral.nodes[:-1], inside)
+    check_private(graph, reading.signal.nodes + spectral.nodes[:-1], inside)
     time = spectral.time
     filter_taps = _filter_operand(graph, spectral, reading.filter)
     layout = LongConvLayout(
@@ -271,14 +272,6 @@ def _check_time_dim(transform: Node, time: int) -> None:
     if _time_dim(transform) != time:
         raise NoMatch(transform, f"{transform.op} along dim {transform.attrs['dim']}, not the time dim of the "
                                  f"inverse transform ({time} from the end)")
-
-
-def _check_private(graph: Graph, names: list[str], inside: set[str]) -> None:
-    """Spectra and other intermediates must not be read outside the pattern."""
-    for name in names:
-        outside = [user.name for user in graph.users(name) if user.name not in inside]
-        if outside:
-            raise NoMatch(graph.node(name), f"intermediate is also read by {outside[0]}")
 
 
 def _rows(out_shape: tuple[int, ...], batch_dims: int) -> tuple[int, int, int]:

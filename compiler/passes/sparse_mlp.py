@@ -50,6 +50,7 @@ import torch
 from compiler.passes import NoMatch, PassContext
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES
+from ir.match import readers_outside
 from ir.pattern import Any, Op, match
 from runtime.sparse_mlp import SparseMLPLayout, SparseMLPOp
 
@@ -484,7 +485,7 @@ def _check_private(graph, computed: list[str], selection: Selection | None) -> s
     mask_side = set() if selection is None else graph.ancestors(selection.mask.name) | {selection.mask.name}
     kept = set()
     for name in computed[:-1]:
-        outside = [user.name for user in graph.users(name) if user.name not in inside]
+        outside = readers_outside(graph, name, inside)
         if any(user not in mask_side for user in outside):
             raise NoMatch(graph.node(name), f"intermediate is also read by {next(u for u in outside if u not in mask_side)}")
         if outside:

@@ -23,6 +23,7 @@ from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding,
 from ir.contraction import Contraction, contraction
 from ir.graph import Call, Graph, Node, Ref
 from ir.limits import KERNEL_DTYPES
+from ir.match import check_private
 from runtime.ssd_scan import Operand, Result, SSDLayout, SSDScanOp, SSDStateUpdateOp
 
 INFINITY = float("inf")
@@ -318,12 +319,10 @@ def between(graph: Graph, operands: list[Leaf], anchor: Node) -> list[str]:
     return sorted(upstream & downstream, key=lambda name: graph.node(name).order)
 
 
-def check_private(graph: Graph, nodes: set[str], inside: set[str]) -> None:
+def _check_private(graph: Graph, nodes: set[str], inside: set[str]) -> None:
     """Nothing outside reads what the op computes internally (it would be computed twice)."""
-    for name in sorted(nodes, key=lambda name: graph.node(name).order):
-        outside = [user.name for user in graph.users(name) if user.name not in inside]
-        if outside:
-            raise NoMatch(graph.node(name), f"is also read by {outside[0]} outside the SSD")
+    check_private(graph, sorted(nodes, key=lambda name: graph.node(name).order), inside,
+                  "is also read by {reader} outside the SSD")
 
 
 def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, padding: int, final: Leaf | None,
@@ -337,7 +336,7 @@ def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, pa
         else None
     fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"), SSDScanOp)
     inside = set(replaced) | ({final.node.name} if final is not None else set())
-    check_private(graph, core - {tail.anchor.name}, inside)
+    _check_private(graph, core - {tail.anchor.name}, inside)
     op = SSDScanOp(replaced, fused_layout, mode=context.mode)
     _fuse(graph, context, op, operands, tail.anchor, state, replaced, f"{detail}, {fused_layout.describe()}")
 
@@ -349,7 +348,7 @@ def fuse_decode(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, 
     fused_layout = layout(disc, operands, tail, new_state, 1, SSDStateUpdateOp)
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
     inside = set(replaced) | core_nodes
-    check_private(graph, core_nodes - {tail.anchor.name, new_state.node.name}, inside)
+    _check_private(graph, core_nodes - {tail.anchor.name, new_state.node.name}, inside)
     op = SSDStateUpdateOp(replaced, fused_layout, mode=context.mode)
     _fuse(graph, context, op, operands, tail.anchor, new_state, replaced, f"{detail}, {fused_layout.describe()}")
 

@@ -23,6 +23,7 @@ from compiler.passes.ssm_scan.frames import (
 from compiler.passes.ssm_scan.lowering import (
     assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels, sole_user)
 from ir.graph import Graph, Node
+from ir.match import check_private
 from runtime.ssm_scan import SelectiveScanOp, StateUpdateOp
 
 ZEROS = ("zeros", "new_zeros", "zeros_like")
@@ -398,12 +399,8 @@ def _check_initial_state(graph: Graph, first: Step) -> None:
 def _check_private(graph: Graph, steps: list[Step], inside: set[str]) -> None:
     """Nothing outside the loop may read a step's intermediates; the last state may be read."""
     for i, step in enumerate(steps):
-        for name in step.nodes:
-            if name == steps[-1].h.name:
-                continue
-            outside = [user.name for user in graph.users(name) if user.name not in inside]
-            if outside:
-                raise NoMatch(graph.node(name), f"step {i}'s {name} is also read by {outside[0]} outside the scan")
+        check_private(graph, [name for name in step.nodes if name != steps[-1].h.name], inside,
+                      f"step {i}'s {{name}} is also read by {{reader}} outside the scan")
 
 
 def _sequence(graph: Graph, select: Node, time: int) -> Leaf:
