@@ -1,7 +1,7 @@
 """The pass pipeline for one captured graph.
 
-    fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...) --dce--> unmatched anchors
-    reported --> verify --to_fx--> GraphModule
+    fx GraphModule --from_fx--> IR --canonicalize--> passes (attention, ...: fused nodes holding specs)
+    --dce--> unmatched anchors reported --> verify --lower (build the ops, load their kernels; to_fx)--> GraphModule
 
 Module state among the graph's inputs (buffers and plain tensor attributes, not parameters) is
 "pinned": passes may evaluate masks and scales computed from it at compile time. The fused op then
@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from compiler.lower import lower
 from compiler.passes import PassContext, attention, long_conv, short_conv, sparse_mlp, ssd_scan, ssm_scan, unmatched
 from compiler.report import Report
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
 from ir.graph import Node
-from ir.to_fx import to_fx
 from ir.verify import verify
 
 PASSES = (attention.run, sparse_mlp.run, ssd_scan.run, ssm_scan.run, long_conv.run, short_conv.run)
@@ -40,7 +40,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
     graph.eliminate_dead_code(_is_pure)
     unmatched.run(graph, context)
     verify(graph)
-    return to_fx(graph)
+    return lower(graph, report, context.graph_index, mode)
 
 
 def _pinned_buffers(gm: torch.fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
     - the graph is acyclic and every input names a node in the graph
     - edges mirror inputs exactly
-    - there is exactly one output node, and every node has a way to be lowered
+    - there is exactly one output node, and every node has a way to be lowered (a fused one: its spec)
     - no node reads a tensor across an in-place write to its storage, in the order lowering
       emits them (ir.graph's invariant)
 """
@@ -31,7 +31,7 @@ def verify(graph: Graph) -> None:
                 raise VerificationError(f"{node.name} reads missing node {source}")
         if set(graph.nx.predecessors(node.name)) != set(node.inputs):
             raise VerificationError(f"{node.name}: edges do not match inputs {node.inputs}")
-        if node.call is None and "module" not in node.attrs and node.op not in LOWERINGS:
+        if node.call is None and "spec" not in node.attrs and node.op not in LOWERINGS:
             raise VerificationError(f"{node.name}: op {node.op} cannot be lowered")
         stale = graph.stale_read(node, position.__getitem__)
         if stale is not None:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from codegen import attention as attention_codegen
 from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
+from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
 from runtime import library
 from runtime.dispatch import FusedOp, Kernel, _autograd_on, grad_like
@@ -66,27 +67,6 @@ _replayed_seed: ContextVar[torch.Tensor | None] = ContextVar("flashfx_replayed_s
 def uses_decode_kernel(q_len: int, kv_len: int) -> bool:
     """Whether attention of q_len queries over kv_len keys runs the decode kernel (module docstring)."""
     return q_len <= DECODE_MAX_Q_LEN and kv_len >= DECODE_MIN_KV_LEN
-
-
-@dataclass(frozen=True)
-class MaskForm:
-    """How one kernel variant masks the scores."""
-
-    kind: str = "none"  # "none" | "bool" | "additive"
-    keep_when: bool = True  # bool masks: keep scores where mask == keep_when
-    fill_value: float = -math.inf  # bool masks: value replacing dropped scores
-    multiplier: float = 1.0  # additive masks: scales applied after the mask
-    causal: str | None = None  # None | "top_left" (SDPA) | "bottom_right" (flash-attn)
-    empty_rows_zero: bool = False  # rows with no visible key give 0 (SDPA) instead of NaN (softmax)
-    chain: tuple = ()  # several masks applied in turn (each a MaskForm), combined into one additive one
-
-    def describe(self) -> str:
-        parts = [f"causal ({self.causal})"] if self.causal else []
-        if self.chain:
-            parts.append(f"{' then '.join(form.kind for form in self.chain)} masks as one bias")
-        elif self.kind != "none":
-            parts.append(f"{self.kind} mask")
-        return ", ".join(parts) or "no mask"
 
 
 def combined_bias(masks: list[torch.Tensor], chain: tuple) -> tuple[torch.Tensor, str | None]:
@@ -112,18 +92,6 @@ def combined_bias(masks: list[torch.Tensor], chain: tuple) -> tuple[torch.Tensor
     reasons = ("the masks hold NaN", "a dropped score rises above the masked-out level once later masks add to it",
                "a row of the combined masks keeps no clearly visible key")
     return bias, next((reason for reason, failed in zip(reasons, failures) if failed), None)
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where q/k/v come from in the graph: key given transposed; scores regrouped between batch
-    layouts ((b*h, ...) <-> (b, h, ...)) on the way, and the batch dims of the scores each mask was
-    written for when they differ from v's (the output's)."""
-
-    key_transposed: bool = False
-    out_dtype: torch.dtype = torch.float32
-    regroup_qk: bool = False
-    mask_batches: tuple = ()  # per mask: None, or the batch dims it was written for
 
 
 def _regrouped_mask(mask: torch.Tensor, written_for: tuple, batch: tuple) -> torch.Tensor:
@@ -190,7 +158,7 @@ class AttentionOp(FusedOp):
                  static_form: MaskForm | None, tensor_form: MaskForm | None,
                  folded_mask: torch.Tensor | None = None, mode: str = "default", scale_factors: tuple = (),
                  softcap: float | None = None, mask_scalings: tuple = (), static_dropped: float = -math.inf,
-                 dropout_p: float = 0.0):
+                 dropout_p: float = 0.0, masks_require_grad: bool = False):
         super().__init__(tuple(replaced), mode)
         self.scale = scale
         self.softcap = softcap
@@ -209,7 +177,7 @@ class AttentionOp(FusedOp):
         self._static_dropped = static_dropped  # the largest score the static form's mask leaves a dropped one
         self._static_holds = True  # the static form's dropped scores stay dropped at the current scale
         self._inexact_scale: str | None = None  # why the current scale needs eager's math, if it does
-        self.masks_require_grad = False  # set by the pass: a mask is a learned bias (the dq kernel gives its gradient)
+        self.masks_require_grad = masks_require_grad  # a mask is a learned bias (the dq kernel gives its gradient)
 
     # -- call ------------------------------------------------------------------------
     def forward(self, q, k, v, *rest):
@@ -552,17 +520,6 @@ class AttentionOp(FusedOp):
         return out.to(self.layout.out_dtype)
 
 
-@dataclass(frozen=True)
-class MultiheadLayout:
-    """Which of F.multi_head_attention_forward's tensors the graph passes (`roles`, in order), its head
-    count, and whether its attention weights path (need_weights: softmax rows of -inf give NaN) or
-    its SDPA path (they give 0) is the one to match."""
-
-    roles: tuple[str, ...]
-    num_heads: int
-    need_weights: bool
-
-
 class MultiheadAttentionOp(AttentionOp):
     """F.multi_head_attention_forward (nn.MultiheadAttention) without bias_k/bias_v, static keys or
     zero attention: the projections run in PyTorch as eager writes them, the attention (and its
@@ -573,9 +530,10 @@ class MultiheadAttentionOp(AttentionOp):
 
     def __init__(self, replaced, layout: MultiheadLayout, head_dim: int, out_dtype: torch.dtype,
                  static_form: MaskForm | None, tensor_form: MaskForm | None, mode: str = "default",
-                 dropout_p: float = 0.0):
+                 dropout_p: float = 0.0, masks_require_grad: bool = False):
         super().__init__(replaced, 1.0 / math.sqrt(head_dim), AttentionLayout(out_dtype=out_dtype),
-                         static_form, tensor_form, mode=mode, dropout_p=dropout_p)
+                         static_form, tensor_form, mode=mode, dropout_p=dropout_p,
+                         masks_require_grad=masks_require_grad)
         self.heads = layout
 
     library_op = "multihead_attention"
@@ -714,19 +672,6 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
     return mask
-
-
-@dataclass(frozen=True)
-class EncoderLayout:
-    """torch._transformer_encoder_layer_fwd's tensors as the graph passes them (`roles`) and its flags;
-    mask_type 1 is a key padding mask (batch, src_len), 2 a merged (batch, heads, len, len) mask."""
-
-    roles: tuple[str, ...]
-    num_heads: int
-    use_gelu: bool
-    norm_first: bool
-    eps: float
-    mask_type: int | None
 
 
 class EncoderLayerOp(MultiheadAttentionOp):

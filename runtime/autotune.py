@@ -18,8 +18,8 @@ miss. Writes are atomic and serialised by a file lock, so concurrent processes w
 one cache never see half a file.
 
 A checksum proves integrity, not validity, so a stored config is also checked against its
-template (config_problem): exactly the keys its family declares beside its default_config
-(FAMILY_CONFIG_KEYS), each a positive int, block sizes and warp counts powers of two, within
+template (config_problem): exactly the keys its template declares in the family registry
+(runtime.families), each a positive int, block sizes and warp counts powers of two, within
 Triton's limits. An entry that is unreadable, truncated, corrupt, from another version or
 invalid is a miss, reported once: it is removed if it can be (an unreadable one is left to
 its owner), and the template's default config is used ("default") or it is tuned again
@@ -40,8 +40,6 @@ import filelock
 import torch
 import triton
 
-from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssd_scan,
-                     ssm_scan)
 from runtime import knobs
 from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_text, read_cache_file, read_problem,
                            sweep_stale_temps, warn_once)
@@ -49,20 +47,6 @@ from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_tex
 FORMAT_VERSION = 1
 MODES = ("default", "max-autotune")
 
-# The launch meta-parameters of each family's template, by kernel-name prefix (longest first);
-# codegen/<family>.py declares them beside its default_config.
-FAMILY_CONFIG_KEYS = (
-    ("attention_decode", attention_decode.CONFIG_KEYS),
-    ("attention_bwd", attention_backward.CONFIG_KEYS),
-    ("attention", attention.CONFIG_KEYS),
-    ("long_conv", long_conv.CONFIG_KEYS),
-    ("short_conv", short_conv.CONFIG_KEYS),
-    ("sparse_mlp", sparse_mlp.CONFIG_KEYS),
-    ("ssm_state_update", ssm_scan.STATE_UPDATE_CONFIG_KEYS),
-    ("ssm_scan", ssm_scan.CONFIG_KEYS),
-    ("ssd_state_update", ssd_scan.STATE_UPDATE_CONFIG_KEYS),
-    ("ssd_scan", ssd_scan.CONFIG_KEYS),
-)
 MAX_META = 1 << 20  # Triton's largest tensor (TRITON_MAX_TENSOR_NUMEL): no meta-parameter goes past it
 LARGEST = {"num_warps": 32, "num_stages": 8}
 
@@ -100,9 +84,11 @@ def _key_body(key: TuningKey) -> dict:
 
 
 def family_config_keys(kernel: str) -> tuple | dict | None:
-    """The config keys `kernel`'s family declares (a dict of key tuples for a nested config)."""
-    return next((keys for prefix, keys in FAMILY_CONFIG_KEYS if kernel == prefix or kernel.startswith(prefix + "_")),
-                None)
+    """The config keys `kernel`'s template declares (a dict of key tuples for a nested config)."""
+    from runtime.families import template_of  # here: the registry imports the ops, which import this module
+
+    template = template_of(kernel)
+    return None if template is None else template.config_keys
 
 
 def config_problem(kernel: str, config, default: dict | None = None) -> str | None:

@@ -37,42 +37,8 @@ import torch.nn.functional as F
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
+from ir.fused import LongConvLayout, OutputLayout
 from runtime.dispatch import FusedOp, Kernel
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """The eager output's dtype and dim order (outermost first) for a dense allocation."""
-
-    dtype: torch.dtype
-    order: tuple[int, ...]
-
-    @classmethod
-    def like(cls, value: torch.Tensor) -> OutputLayout:
-        """The layout of `value` (a fake tensor from capture): dims sorted by decreasing stride."""
-        order = sorted(range(value.dim()), key=lambda dim: -value.stride(dim))
-        return cls(value.dtype, tuple(order))
-
-    def empty(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        inverse = sorted(range(len(self.order)), key=self.order.__getitem__)
-        dense = torch.empty([shape[dim] for dim in self.order], dtype=self.dtype, device=device)
-        return dense.permute(inverse)
-
-
-@dataclass(frozen=True)
-class LongConvLayout:
-    """How graph tensors map onto kernel rows: u's leading `batch_dims` dims are batch, the rest
-    before L channels; which optional operands the graph passes; the output's layout."""
-
-    batch_dims: int
-    has_D: bool
-    has_pre_gate: bool
-    has_post_gate: bool
-    out: OutputLayout  # of the output with time moved last
-    time: int = -1  # the graph tensors' time dim, counted from the end
-    signal_dims: tuple[int, ...] | None = None  # u's dims before time, as the output's broadcast reads them
-    filter_dims: tuple[int, ...] | None = None  # k's dims before time, likewise (None: its own)
-    period: int | None = None  # k is the filter of a circular convolution of this period
 
 
 @dataclass
@@ -242,9 +208,6 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         self.activation = activation
         self.has_bias = has_bias
         self.out = out
-
-    def describe(self) -> str:
-        return ", ".join(["bias"] * self.has_bias + [self.activation or "no activation"])
 
     # -- call ------------------------------------------------------------------------
     def output_like(self, x, weight, *bias):

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
+from ir.fused import SparseMLPLayout
 from runtime.dispatch import SPARSE_RECOMPUTED, FusedOp, Kernel
 
 
@@ -77,44 +78,6 @@ def masked_sparse_mlp_reference(x, weights: Weights, mask, *, activation: str, u
         factors[selects] = select(factors[selects])
     h = factors["gate"] * factors["up"] if "up" in factors else factors["gate"]
     return F.linear(select(h) if selects == "h" else h, weights.w2, weights.b2)
-
-
-@dataclass(frozen=True)
-class SparseMLPLayout:
-    """Which operands the graph passes, and how: form, optional biases, weights stored transposed."""
-
-    form: str  # "gathered" (idx) | "masked" (mask)
-    has_b1: bool
-    has_b2: bool
-    w1_transposed: bool = False  # the graph holds W1^T (D, F)
-    w2_transposed: bool = False  # the graph holds W2^T (F, D)
-    indices_proven: bool = True  # gathered idx provably in [0, F) (top-k/sort indices); else checked per call
-    mask_keeps: bool | None = None  # masked by selection: a bool mask keeps where it equals this; None: a product
-    gated: bool = False  # operands W3 (and b3) follow b1: the up projection
-    has_b3: bool = False
-    w3_transposed: bool = False
-    w1_rows: tuple[int, int] | None = None  # W1 (b1) is these rows of the operand: a merged gate_up_proj
-    w3_rows: tuple[int, int] | None = None
-    selects: str = "h"  # masked: what the mask selects from, h or (gated) its "gate" or "up" factor
-    zero_is_product: bool = False  # selected by where(mask, h, 0 * h): a dropped inf or NaN is NaN
-
-    @property
-    def drops_by_product(self) -> bool:
-        """Is a dropped neuron's value a product with 0 in eager (NaN where a factor is not finite)?"""
-        return self.mask_keeps is None or self.zero_is_product or self.selects != "h"
-
-    def describe(self) -> str:
-        names = ("b1", "b3", "b2") if self.gated else ("b1", "b2")
-        present = (self.has_b1, self.has_b3, self.has_b2) if self.gated else (self.has_b1, self.has_b2)
-        biases = [name for name, there in zip(names, present) if there]
-        form = ("gated " if self.gated else "") + self.form
-        if self.mask_keeps is not None:
-            form += f" (selected where mask is {self.mask_keeps})"
-        if self.selects != "h":
-            form += f" (on the {self.selects} factor)"
-        if self.w1_rows is not None:
-            form += " (gate and up split from one projection)"
-        return f"{form}, bias {'+'.join(biases) or 'none'}"
 
 
 def _rows(weight, bias, rows: tuple[int, int] | None):

@@ -22,55 +22,13 @@ or the new state (the decode step; the graph's own copy_ into its cache stays in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from codegen import ssd_scan as ssd_codegen
+from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Result, SSDLayout
 from runtime.dispatch import FusedOp, Kernel
 
 Labels = tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A fused-op input: the kernel argument it feeds and the roles each of its dims holds."""
-
-    name: str
-    labels: Labels
-
-
-@dataclass(frozen=True)
-class Result:
-    """An output the op allocates: eager's shape and dtype, and the roles of each dim."""
-
-    labels: Labels
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class SSDLayout:
-    """Everything the pass proved about one fused SSD scan or decode step."""
-
-    operands: tuple[Operand, ...]
-    sizes: tuple[tuple[str, int], ...]  # role -> size: b, l, h, p, n, g
-    out: Result
-    state: Result | None  # the final state (scan, when the graph reads it) or the new state (decode)
-    dt_softplus: bool = False
-    dt_limit: tuple[float, float] | None = None
-
-    def has(self, name: str) -> bool:
-        return any(operand.name == name for operand in self.operands)
-
-    def describe(self) -> str:
-        sizes = dict(self.sizes)
-        parts = [f"b={sizes['b']} h={sizes['h']} p={sizes['p']} n={sizes['n']}"]
-        parts += [f"{sizes['g']} groups of B, C"] if sizes["g"] not in (1, sizes["h"]) else []
-        parts += ["softplus"] if self.dt_softplus else []
-        parts += [f"dt limits {self.dt_limit}"] if self.dt_limit is not None else []
-        parts += [name for name in ("dt_bias", "D", "z", "initial_state") if self.has(name)]
-        return ", ".join(parts)
 
 
 def arrange(x: torch.Tensor, labels: Labels, target: str, sizes: dict[str, int]) -> torch.Tensor:
@@ -157,9 +115,8 @@ class _SSDOp(FusedOp):
 class SSDScanOp(_SSDOp):
     """y (and the final state) of an SSD scan over a whole sequence."""
 
-    targets = {"x": "blhp", "dt": "blh", "A": "blh", "B": "blgn", "C": "blgn", "D": "hp", "z": "blhp",
-               "dt_bias": "h", "initial_state": "bhpn"}
-    out_target = "blhp"
+    targets = SSD_SCAN_DIMS
+    out_target = SSD_SCAN_DIMS["out"]
 
     @property
     def library_op(self) -> str:
@@ -200,9 +157,8 @@ class SSDStateUpdateOp(_SSDOp):
     """One decoding step: y and the new state from a carried state (left unchanged)."""
 
     library_op = "ssd_state_update"
-    targets = {"state": "bhpn", "x": "bhp", "dt": "bh", "A": "bh", "B": "bgn", "C": "bgn", "D": "hp", "z": "bhp",
-               "dt_bias": "h"}
-    out_target = "bhp"
+    targets = SSD_STATE_UPDATE_DIMS
+    out_target = SSD_STATE_UPDATE_DIMS["out"]
 
     def spec(self) -> ssd_codegen.SSDStateUpdateSpec:
         has = self.layout.has

@@ -27,51 +27,15 @@ are reduced to each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
+from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.dispatch import FusedOp, Kernel, grad_like
 from runtime.interpret import launch_lock
 
 Labels = tuple[str | None, ...]
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A fused-op input: the kernel argument it feeds and the role of each of its dims."""
-
-    name: str
-    labels: Labels
-
-
-@dataclass(frozen=True)
-class Result:
-    """An output the op allocates: eager's shape and dtype, and the role of each dim."""
-
-    labels: Labels
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class SSMLayout:
-    """Everything the pass proved about one fused scan or decode step."""
-
-    operands: tuple[Operand, ...]
-    sizes: tuple[tuple[str, int], ...]  # role -> size, e.g. (("b", 2), ("d", 64), ...)
-    out: Result
-    state: Result | None  # the final state, when the graph reads it
-    softplus: bool = False
-
-    def has(self, name: str) -> bool:
-        return any(operand.name == name for operand in self.operands)
-
-    @property
-    def grouped(self) -> bool:
-        return any("g" in operand.labels for operand in self.operands)
 
 
 def arrange(x: torch.Tensor, labels: Labels, target: str, sizes: dict[str, int]) -> torch.Tensor:
@@ -165,9 +129,8 @@ class SelectiveScanOp(_SSMOp):
     """y (and the final state) of a selective scan over a whole sequence, from a zero state."""
 
     pattern = "ssm_scan"
-    targets = {"u": "bdl", "delta": "bdl", "A": "dn", "B": "bnl", "C": "bnl", "D": "d", "z": "bdl",
-               "delta_bias": "d"}
-    out_target = "bdl"
+    targets = SSM_SCAN_DIMS
+    out_target = SSM_SCAN_DIMS["out"]
 
     def spec(self, chunk_states: bool = False) -> ssm_codegen.ScanSpec:
         return ssm_codegen.ScanSpec(has_D=self.layout.has("D"), has_z=self.layout.has("z"),

@@ -1,9 +1,10 @@
 """Compiler passes, one file per pattern family, run in order by compiler.pipeline.
 
 Each pass is a function `run(graph, context)` that rewrites matched subgraphs of the IR
-into fused-op nodes and records what it fused and what it nearly fused in the report.
+into fused nodes, each holding a FusedSpec (ir.fused: data, no runtime op; compiler.lower
+builds the ops), and records what it fused and what it nearly fused in the report.
 A pass raises NoMatch(node, reason) from deep inside a match; `for_each_candidate` turns
-it into a near-miss naming that node.
+it into a near-miss naming that node. Passes import ir (and torch), never runtime or codegen.
 """
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from compiler.report import Fused, NearMiss, Report
+from ir.fused import FusedSpec
 from ir.graph import Graph, Node, StaleRead
 from ir.match import NoMatch
-
-
-def _requires_grad(value) -> bool:
-    """Does a captured value (a fake tensor, or a tuple of them) require grad? Then the graph was
-    captured for training, and TorchDynamo guards on that."""
-    if isinstance(value, (tuple, list)):
-        return any(_requires_grad(item) for item in value)
-    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 @dataclass
@@ -31,8 +25,9 @@ class PassContext:
     pinned: dict[str, torch.Tensor] = field(default_factory=dict)
     mode: str = "default"
 
-    def fuse(self, graph: Graph, anchor: Node, op, inputs: list[str], replaced: list[str], detail: str) -> Node:
-        """Replace `anchor` (the last node of a match) by a call to the fused op module `op`.
+    def fuse(self, graph: Graph, anchor: Node, spec: FusedSpec, inputs: list[str], replaced: list[str],
+             detail: str) -> Node:
+        """Replace `anchor` (the last node of a match) by a fused node holding `spec`, which reads `inputs`.
 
         Raises NoMatch when a replaced node writes memory someone else may see, or when the fused
         op would read an input across an in-place write to it (ir.graph's invariant). A write that
@@ -43,10 +38,10 @@ class PassContext:
         written = graph.writers_of([anchor.name]) - set(replaced)
         if written:  # the fused op's output need not alias what the anchor's did
             raise NoMatch(graph.node(min(written)), f"writes {anchor.name} (or a view of it) in place")
-        name = graph.fresh_name(op.pattern)
-        op.label = name
-        op.differentiable = _requires_grad(anchor.value)
-        fused = Node(name=name, op=op.pattern, inputs=inputs, attrs={"module": op},
+        if not isinstance(spec, FusedSpec):  # LEGACY: a pass that builds its op
+            spec.family, spec.params, spec.example, spec.op = spec.pattern, {}, (), spec
+        name = graph.fresh_name(spec.family)
+        fused = Node(name=name, op=spec.family, inputs=inputs, attrs={"spec": spec, "replaced": tuple(replaced)},
                      type=anchor.type, value=anchor.value, order=anchor.order)
         try:
             graph.add(fused, allowed_writes=self._writes_after(graph, replaced, inputs))
@@ -54,8 +49,7 @@ class PassContext:
             raise NoMatch(graph.node(stale.write), f"writes {stale.source} in place before the fused op "
                                                    "would read it") from None
         graph.replace_uses(anchor.name, name)
-        self.report.fused.append(Fused(self.graph_index, op.pattern, name, detail, tuple(replaced)))
-        self.report.ops.append(op)
+        self.report.fused.append(Fused(self.graph_index, spec.family, name, detail, tuple(replaced)))
         return fused
 
     @staticmethod

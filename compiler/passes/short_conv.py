@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from compiler.passes import NoMatch, PassContext
+from ir.fused import FusedSpec, OutputLayout
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES, MAX_SHORT_CONV_WIDTH, MIN_SHORT_CONV_WIDTH
-from runtime.long_conv import OutputLayout, ShortConvOp
 
 PATTERN = "short_conv"
 
@@ -50,11 +50,12 @@ def _fuse(graph: Graph, conv: Node, context: PassContext) -> None:
     anchor, activation = _activation(graph, y)
     if anchor is not y:
         nodes += [user.name for user in graph.users(y.name) if user is not anchor] + [anchor.name]
-    op = ShortConvOp(nodes, activation, conv.attrs["has_bias"], OutputLayout.like(anchor.value), mode=context.mode)
-    op.prepare(width)
-    inputs = [source.name, weight.name] + ([conv.inputs[2]] if conv.attrs["has_bias"] else [])
-    detail = f"k={width}: {op.describe()}"
-    context.fuse(graph, anchor, op, inputs, nodes, detail)
+    has_bias = conv.attrs["has_bias"]
+    spec = FusedSpec(PATTERN, dict(activation=activation, has_bias=has_bias, out=OutputLayout.like(anchor.value)),
+                     example=(width,))
+    inputs = [source.name, weight.name] + ([conv.inputs[2]] if has_bias else [])
+    detail = f"k={width}: {', '.join(['bias'] * has_bias + [activation or 'no activation'])}"
+    context.fuse(graph, anchor, spec, inputs, nodes, detail)
 
 
 def _shape(node: Node) -> tuple[int, ...]:

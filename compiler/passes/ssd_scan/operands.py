@@ -24,7 +24,8 @@ from ir.contraction import Contraction, contraction
 from ir.graph import Call, Graph, Node, Ref
 from ir.limits import KERNEL_DTYPES
 from ir.match import check_private
-from runtime.ssd_scan import Operand, Result, SSDLayout, SSDScanOp, SSDStateUpdateOp
+from ir.fused import Operand, Result, SSDLayout
+from runtime.ssd_scan import SSDScanOp, SSDStateUpdateOp
 
 INFINITY = float("inf")
 

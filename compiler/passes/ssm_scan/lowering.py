@@ -24,7 +24,7 @@ from compiler.passes.ssm_scan.frames import (
     TIME, Frame, Leaf, NoMatch, REAL, aligned_frame, factor_leaves, is_real_cast, static_shape, through_casts,
     under_views, unit_free, view_leaf)
 from ir.graph import Call, Graph, Node, Ref
-from runtime.ssm_scan import Operand, Result, SSMLayout
+from ir.fused import Operand, Result, SSMLayout
 
 SCAN_ROLES = {"u": "bdl", "delta": "bdl", "z": "bdl", "A": "dn", "D": "d", "delta_bias": "d"}
 

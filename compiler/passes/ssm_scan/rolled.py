@@ -30,7 +30,8 @@ from compiler.passes.ssm_scan.frames import REAL, NoMatch, static_shape
 from compiler.passes.ssm_scan.lowering import describe
 from ir.graph import Graph, Node, Ref
 from runtime.dispatch import _autograd_on
-from runtime.ssm_scan import Operand, Result, SelectiveScanOp, SSMLayout
+from ir.fused import Operand, Result, SSMLayout
+from runtime.ssm_scan import SelectiveScanOp
 
 PARAMETERS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
 LABELS = {"u": "bdl", "delta": "bdl", "A": "dn", "B": "bnl", "C": "bnl", "D": "d", "z": "bdl", "delta_bias": "d"}
