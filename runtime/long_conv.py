@@ -81,15 +81,6 @@ class LongConvOp(LongConvBackward, FusedOp):
         """Is k the filter of a circular convolution (of period layout.period)?"""
         return self.layout.period is not None
 
-    def describe(self) -> str:
-        parts = [name for name, present in (("D skip", self.layout.has_D), ("pre-gate", self.layout.has_pre_gate),
-                                            ("post-gate", self.layout.has_post_gate)) if present]
-        if self.circular:
-            parts.append(f"circular filter of period {self.layout.period}")
-        if self.scale != 1.0:
-            parts.append(f"scale {self.scale:.6g}")
-        return ", ".join(parts) or "plain"
-
     # -- call ------------------------------------------------------------------------
     def forward(self, u, k, *rest):
         time = self.layout.time

@@ -55,11 +55,11 @@ from typing import Callable
 import torch
 
 from compiler.passes import NoMatch, PassContext
+from ir.fused import FusedSpec, LongConvLayout, OutputLayout
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES
 from ir.match import check_private
 from ir.types import TensorType
-from runtime.long_conv import LongConvLayout, LongConvOp, OutputLayout
 
 PATTERN = "long_conv"
 FORWARD = {"irfft": "rfft", "ifft": "fft"}
@@ -184,15 +184,24 @@ def _fuse(graph: Graph, inverse: Node, context: PassContext) -> None:
         filter_dims=_view(filter_taps, reading.filter_lead, time), period=reading.period)
     replaced = (signal.nodes + reading.filter.nodes + reading.signal.nodes + spectral.nodes
                 + (tail.skip.nodes if tail.skip else []) + tail.nodes)
-    op = LongConvOp(replaced, layout, scale=spectral.scale * signal.scale * tail.conv_scale * tail.outer_scale,
-                    skip_scale=tail.outer_scale, mode=context.mode)
-    op.prepare()
+    scale = spectral.scale * signal.scale * tail.conv_scale * tail.outer_scale
+    spec = FusedSpec(PATTERN, dict(layout=layout, scale=scale, skip_scale=tail.outer_scale))
     operands = [signal.u, filter_taps]
     operands += [tail.skip.D] if tail.skip else []
     operands += [signal.pre_gate] if signal.pre_gate is not None else []
     operands += [tail.post_gate] if tail.post_gate is not None else []
-    detail = f"{inverse.op} n={inverse.attrs['n']}, L={reading.seqlen}: {op.describe()}"
-    context.fuse(graph, tail.anchor, op, [node.name for node in operands], replaced, detail)
+    detail = f"{inverse.op} n={inverse.attrs['n']}, L={reading.seqlen}: {_describe(layout, scale)}"
+    context.fuse(graph, tail.anchor, spec, [node.name for node in operands], replaced, detail)
+
+
+def _describe(layout: LongConvLayout, scale: float) -> str:
+    parts = [name for name, present in (("D skip", layout.has_D), ("pre-gate", layout.has_pre_gate),
+                                        ("post-gate", layout.has_post_gate)) if present]
+    if layout.period is not None:
+        parts.append(f"circular filter of period {layout.period}")
+    if scale != 1.0:
+        parts.append(f"scale {scale:.6g}")
+    return ", ".join(parts) or "plain"
 
 
 # -- helpers ---------------------------------------------------------------------------------------
