@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 import torch
 
 from compiler.passes import NoMatch, PassContext
+from ir.fused import FusedSpec, SparseMLPLayout
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES
 from ir.match import readers_outside
 from ir.pattern import Any, Op, match
-from runtime.sparse_mlp import SparseMLPLayout, SparseMLPOp
 
 PATTERN = "sparse_mlp"
 KERNEL_ACTIVATIONS = "relu, gelu, gelu tanh, silu"
@@ -326,7 +326,7 @@ def _roles(down: Projection, hidden: Hidden, gathered: bool) -> Roles:
 
 
 def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, hidden: Hidden) -> None:
-    """Match the MLP below its down projection and replace it by a SparseMLPOp."""
+    """Match the MLP below its down projection and replace it by a fused sparse_mlp node."""
     roles = _roles(down, hidden, w2.idx is not None)
     before = "the down projection" if roles.selection is None else "the mask"
     activation = _factor_activation(graph, roles.gate, before)
@@ -343,11 +343,10 @@ def _fuse(graph, anchor: Node, context, down: Projection, w2: Weight, hidden: Hi
     layout = _layout(graph, roles, projections, w2, down, ffn)
     weights_nodes = [name for weight, bias in projections for name in weight.nodes + bias.nodes] + w2.nodes
     replaced = _in_order(graph, [name for name in computed if name not in kept] + weights_nodes)
-    op = SparseMLPOp(replaced, activation, layout, mode=context.mode, up_activation=up_activation)
-    op.prepare()
+    spec = FusedSpec(PATTERN, dict(activation=activation, layout=layout, up_activation=up_activation))
     selector = w2.idx if roles.selection is None else roles.selection.mask
     detail = activation if up_activation == "identity" else f"{activation}, {up_activation} up"
-    context.fuse(graph, anchor, op, [n.name for n in operands + [selector]], replaced,
+    context.fuse(graph, anchor, spec, [n.name for n in operands + [selector]], replaced,
                  f"{layout.describe()}, {detail}")
 
 
