@@ -21,11 +21,10 @@ from compiler.passes import NoMatch, PassContext
 from compiler.passes.ssd_scan.roles import Leaf, Roles, down_views, end_padding, is_real_cast, same_value, \
     sole_reader, static_shape, through_casts
 from ir.contraction import Contraction, contraction
+from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, FusedSpec, Operand, Result, SSDLayout
 from ir.graph import Call, Graph, Node, Ref
 from ir.limits import KERNEL_DTYPES
 from ir.match import check_private
-from ir.fused import Operand, Result, SSDLayout
-from runtime.ssd_scan import SSDScanOp, SSDStateUpdateOp
 
 INFINITY = float("inf")
 
@@ -285,16 +284,16 @@ def operand_list(disc: Discretised, tail: Epilogue, extra: dict[str, Leaf]) -> l
 
 
 def layout(disc: Discretised, operands: list[tuple[str, Leaf]], tail: Epilogue, state: Leaf | None,
-           seqlen: int, op) -> SSDLayout:
-    """The op's layout; every operand and output must hold only roles its kernel argument has, each
-    dim of the size its roles give (or a unit dim), so the run-time views always exist."""
+           seqlen: int, dims: dict[str, str]) -> SSDLayout:
+    """The op's layout; every operand and output must hold only roles its kernel argument has (`dims`),
+    each dim of the size its roles give (or a unit dim), so the run-time views always exist."""
     x, B = disc.x, disc.B
     sizes = dict(b=_size(x, "b"), l=seqlen, h=_size(x, "h"), p=_size(x, "p"), n=_size(B, "n"), g=disc.groups)
     for name, leaf in operands:
         if leaf.node.type.dtype not in KERNEL_DTYPES:
             raise NoMatch(leaf.node, f"{name} has dtype {leaf.node.type.dtype}: the SSD kernels take fp32, fp16, bf16")
-        _check_dims(name, leaf, op.targets[name], sizes)
-    _check_dims("the output", Leaf(tail.anchor, tail.roles), op.out_target, sizes)
+        _check_dims(name, leaf, dims[name], sizes)
+    _check_dims("the output", Leaf(tail.anchor, tail.roles), dims["out"], sizes)
     if state is not None:
         _check_dims("the state", state, "bhpn", sizes)
     out = Result(tail.roles, static_shape(tail.anchor), tail.anchor.type.dtype)
@@ -335,30 +334,30 @@ def fuse_scan(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, pa
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
     state = final if final is not None and any(user.name not in replaced for user in graph.users(final.node.name)) \
         else None
-    fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"), SSDScanOp)
+    fused_layout = layout(disc, operands, tail, state, _size(disc.x, "l"), SSD_SCAN_DIMS)
     inside = set(replaced) | ({final.node.name} if final is not None else set())
     _check_private(graph, core - {tail.anchor.name}, inside)
-    op = SSDScanOp(replaced, fused_layout, mode=context.mode)
-    _fuse(graph, context, op, operands, tail.anchor, state, replaced, f"{detail}, {fused_layout.describe()}")
+    spec = FusedSpec("ssd_scan", dict(layout=fused_layout))
+    _fuse(graph, context, spec, operands, tail.anchor, state, replaced, f"{detail}, {fused_layout.describe()}")
 
 
 def fuse_decode(graph: Graph, context: PassContext, disc: Discretised, y: Leaf, state_in: Leaf, new_state: Leaf,
                 core_nodes: set[str], detail: str) -> None:
     tail = epilogue(graph, y, disc.x, 0)
     operands = [("state", state_in)] + operand_list(disc, tail, {})
-    fused_layout = layout(disc, operands, tail, new_state, 1, SSDStateUpdateOp)
+    fused_layout = layout(disc, operands, tail, new_state, 1, SSD_STATE_UPDATE_DIMS)
     replaced = between(graph, [leaf for _, leaf in operands], tail.anchor)
     inside = set(replaced) | core_nodes
     _check_private(graph, core_nodes - {tail.anchor.name, new_state.node.name}, inside)
-    op = SSDStateUpdateOp(replaced, fused_layout, mode=context.mode)
-    _fuse(graph, context, op, operands, tail.anchor, new_state, replaced, f"{detail}, {fused_layout.describe()}")
+    spec = FusedSpec("ssd_scan", dict(layout=fused_layout), op="ssd_state_update")
+    _fuse(graph, context, spec, operands, tail.anchor, new_state, replaced, f"{detail}, {fused_layout.describe()}")
 
 
-def _fuse(graph: Graph, context: PassContext, op, operands, anchor: Node, state: Leaf | None, replaced, detail):
+def _fuse(graph: Graph, context: PassContext, spec: FusedSpec, operands, anchor: Node, state: Leaf | None, replaced,
+          detail):
     """Replace the anchor by the op; with a state, the op returns (out, state) and the state's readers
     outside the replaced nodes read it from there."""
-    op.prepare()
-    fused = context.fuse(graph, anchor, op, [leaf.node.name for _, leaf in operands], replaced, detail)
+    fused = context.fuse(graph, anchor, spec, [leaf.node.name for _, leaf in operands], replaced, detail)
     if state is None:
         return
     fused.type, fused.value = None, (anchor.value, state.node.value)
