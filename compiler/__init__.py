@@ -13,7 +13,7 @@ from compiler.api import CompiledModule, compile, warmup
 from compiler.backend import register as _register_backend
 from compiler.calibrate import SparsifyReport, sparsify
 from compiler.known_scans import install as _install_known_scans
-from compiler.passes.ssm_scan import register_rolled
+from compiler.rolled import register_rolled
 from runtime.bundle import export_cache, import_cache
 from runtime.dispatch import Kernel
 

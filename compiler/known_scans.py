@@ -4,7 +4,7 @@
                    transformers' Mamba, FalconMamba, Jamba and Zamba slow paths: mamba_selective_scan
                    mamba_ssm: selective_scan_ref
 
-Each is handed to register_rolled (compiler.passes.ssm_scan.rolled) once its module is imported:
+Each is handed to register_rolled (compiler.rolled) once its module is imported:
 at `import compiler` if it already is, else right after it runs (a finder on sys.meta_path wraps
 the module's loader), so `import compiler` imports none of them (transformers' modeling modules
 take about a second). transformers wraps its function (functools.wraps, and with the `kernels`
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from compiler.backend import Backend, flashfx_backend
-from compiler.passes.ssm_scan.rolled import register_rolled
+from compiler.rolled import register_rolled
 from runtime import knobs
 
 SCAN_TAIL = ("A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")

@@ -16,6 +16,7 @@ import compiler
 from compiler import known_scans
 from compiler.backend import default_backend
 from compiler.passes.ssm_scan import recurrence
+from runtime.rolled import key_of
 from tests.numerics import assert_close_by_rule
 
 transformers = pytest.importorskip("transformers")
@@ -133,7 +134,7 @@ def rolled_call_inputs(dtype: torch.dtype = torch.float32, requires_grad: bool =
     tensors = [torch.randn(b, d, seqlen), torch.randn(b, d, seqlen), -torch.rand(d, n) - 0.5, torch.randn(b, n, seqlen),
                torch.randn(b, n, seqlen), torch.randn(d), torch.randn(b, d, seqlen), torch.randn(d)]
     tensors = [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
-    return [id(known_scans._plain_function(mamba_selective_scan)), *tensors, True]
+    return [key_of(known_scans._plain_function(mamba_selective_scan)), *tensors, True]
 
 
 def test_rolled_op_passes_opcheck():

@@ -25,9 +25,10 @@ import compiler
 from codegen.ssm_scan import CHUNK_LEN
 from benchmarks.common import saved_bytes
 from benchmarks.ssm_scan import Scan, rolled_scan, saved_memory
+from ir.fused import Operand, Result, SSMLayout
 from models.mamba import MambaConfig, MambaLM, selective_scan_ref
 from runtime.autotune import Autotuner
-from runtime.ssm_scan import Operand, Result, SelectiveScanOp, SSMLayout
+from runtime.ssm_scan import SelectiveScanOp
 from tests.compiler.test_ssm_scan_pass import (Case, HuggingFaceScan, MatmulCatScan, PlainScan, PointwiseAssociativeScan,
                                                PreallocatedOutputScan, ReferenceScan, StackedStatesScan, SumCatScan,
                                                hugging_face_mamba, scan_inputs)

@@ -27,7 +27,7 @@ every operand has the dims it may have (A: d, n; u, Δ, z: b, d, l; D, bias: d).
 assignments fit, the data is symmetric in them and either is right.
 
 The decode form, one step from a carried state S (mamba_ssm's and Hugging Face's
-selective_state_update), becomes a StateUpdateOp:
+selective_state_update), becomes a state update (runtime's StateUpdateOp):
 
     h = exp(Δ ⊗ A) * S + Δ ⊗ B ⊗ x,   y = <h, C>  (+ x * D) (* silu(z))
 
@@ -40,13 +40,13 @@ Either op also returns the final state when the graph reads it. Candidates that 
 near-misses naming the node.
 
 Unrolling makes capture cost grow with L (TorchDynamo traces every step: 15-20 s per layer at
-L 1024 on a CPU core, against well under a second for matching); `register_rolled(fn)` keeps a
-scan function rolled instead, and the pass lowers the one op Dynamo records.
+L 1024 on a CPU core, against well under a second for matching); `register_rolled(fn)` (compiler.rolled)
+keeps a scan function rolled instead, and the pass fuses the one op Dynamo records.
 
     frames.py       which recurrence axis each dim of a tensor holds; factors of products
     recurrence.py   readouts, the unrolled loop, the decode step
     associative.py  torch's associative_scan: the higher-order op, and its decomposition
-    rolled.py       register_rolled and its calls
+    rolled.py       the one op a rolled scan function is recorded as (compiler.register_rolled)
     lowering.py     discretisation, epilogue, roles, the fused op's layout; fusing it in
 """
 from __future__ import annotations
@@ -54,12 +54,12 @@ from __future__ import annotations
 from compiler.passes import PassContext
 from compiler.passes.ssm_scan.associative import fuse_associative, is_candidate
 from compiler.passes.ssm_scan.recurrence import fuse_decode, fuse_loop
-from compiler.passes.ssm_scan.rolled import fuse_rolled, is_rolled, register_rolled
+from compiler.passes.ssm_scan.rolled import fuse_rolled, is_rolled
 from ir.graph import Graph, Node
 
 PATTERN = "ssm_scan"
 
-__all__ = ["PATTERN", "register_rolled", "run"]
+__all__ = ["PATTERN", "run"]
 
 
 def run(graph: Graph, context: PassContext) -> None:

@@ -33,8 +33,8 @@ from compiler.passes import PassContext
 from compiler.passes.ssm_scan.frames import TIME, Frame, Leaf, NoMatch, is_real_cast, static_shape, through_casts, unit_free
 from compiler.passes.ssm_scan.lowering import (
     assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, sole_user)
+from ir.fused import FusedSpec
 from ir.graph import Graph, Node, Ref
-from runtime.ssm_scan import SelectiveScanOp
 
 REGION_CALLS = ("slice", "_add_batch_dim", "_remove_batch_dim")
 MULS, ADDS = (operator.mul, torch.mul), (operator.add, torch.add)
@@ -66,9 +66,9 @@ def fuse_associative(graph: Graph, node: Node, context: PassContext) -> None:
     plan = assign_roles(graph, core, find_epilogues(graph, y, unit_free(y, y_frame)))
     layout = build_layout(plan, decay, final, seqlen)
     replaced = sorted(region, key=lambda name: graph.node(name).order) + [node.name] + readout_nodes + plan.epilogue.nodes
-    op = SelectiveScanOp(replaced, layout, mode=context.mode)
     detail = f"associative_scan ({form}), L={seqlen}, {describe(layout, plan.groups)}"
-    fuse_op(graph, context, plan, op, detail, replaced, final, inside | set(plan.epilogue.nodes))
+    fuse_op(graph, context, plan, FusedSpec("ssm_scan", dict(layout=layout)), detail, replaced, final,
+            inside | set(plan.epilogue.nodes))
 
 
 def _movedim(node: Node) -> tuple[int, int] | None:

@@ -8,7 +8,7 @@
                      (A: d, n; u, Δ, z: b, d, l; D, delta_bias: d; B, C: b, n, l and per-group
                      channels through repeat_interleave / repeat_kv). Where two assignments fit
                      the data is symmetric in them and either is right.
-    layout, fuse     the op's operands with role labels (runtime.ssm_scan views them at run
+    layout, fuse     the op's operands with role labels (the runtime op views them at run
                      time), eager's output shape and dtype, the final state when it is read.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from compiler.passes.ssm_scan.frames import (
     TIME, Frame, Leaf, NoMatch, REAL, aligned_frame, factor_leaves, is_real_cast, static_shape, through_casts,
     under_views, unit_free, view_leaf)
 from ir.graph import Call, Graph, Node, Ref
-from ir.fused import Operand, Result, SSMLayout
+from ir.fused import FusedSpec, Operand, Result, SSMLayout
 
 SCAN_ROLES = {"u": "bdl", "delta": "bdl", "z": "bdl", "A": "dn", "D": "d", "delta_bias": "d"}
 
@@ -292,15 +292,14 @@ def describe(layout: SSMLayout, groups: int) -> str:
     return ", ".join(parts)
 
 
-def fuse_op(graph: Graph, context: PassContext, plan: Plan, op, detail: str, replaced: list[str],
-          state: Node | None, inside: set[str]) -> None:
+def fuse_op(graph: Graph, context: PassContext, plan: Plan, spec: FusedSpec, detail: str, replaced: list[str],
+            state: Node | None, inside: set[str]) -> None:
     """Replace the anchor by the op; with a final state, the op returns (out, state) and the
     state's readers outside the pattern read it from there."""
-    op.prepare()
     anchor = plan.epilogue.anchor
     inputs = [leaf.node.name for _, leaf, _ in plan.operands]
-    fused = context.fuse(graph, anchor, op, inputs, replaced, detail)
-    if op.layout.state is None:
+    fused = context.fuse(graph, anchor, spec, inputs, replaced, detail)
+    if spec.params["layout"].state is None:
         return
     fused.type, fused.value = None, (anchor.value, state.value)
     graph.replace_uses(fused.name, _item(graph, fused, 0, anchor).name)

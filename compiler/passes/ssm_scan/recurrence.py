@@ -22,9 +22,9 @@ from compiler.passes.ssm_scan.frames import (
     TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, unit_free, view_leaf)
 from compiler.passes.ssm_scan.lowering import (
     assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels, sole_user)
+from ir.fused import FusedSpec
 from ir.graph import Graph, Node
 from ir.match import check_private
-from runtime.ssm_scan import SelectiveScanOp, StateUpdateOp
 
 ZEROS = ("zeros", "new_zeros", "zeros_like")
 DECODE_NAMES = {"u": "x", "delta": "dt", "delta_bias": "dt_bias"}
@@ -175,9 +175,8 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
     state = last_h if any(user.name not in loop.inside for user in graph.users(last_h.name)) else None
     layout = build_layout(plan, Leaf(last_h, (0, 1, 2)), state, seqlen=len(loop.steps))
     replaced = loop.nodes + plan.epilogue.nodes
-    op = SelectiveScanOp(replaced, layout, mode=context.mode)
     detail = f"unrolled loop{loop.form}, L={len(loop.steps)}, {describe(layout, plan.groups)}"
-    fuse_op(graph, context, plan, op, detail, replaced, state, loop.inside)
+    fuse_op(graph, context, plan, FusedSpec("ssm_scan", dict(layout=layout)), detail, replaced, state, loop.inside)
 
 
 def _note_long_loop(context: PassContext, anchor: Node, steps: int) -> None:
@@ -432,8 +431,8 @@ def fuse_decode(graph: Graph, h: Node, context: PassContext) -> None:
     inside = {h.name, mul.name, *readout.nodes, *plan.epilogue.nodes, plan.epilogue.anchor.name}
     layout = build_layout(plan, Leaf(h, (0, 1, 2)), h, seqlen=1)
     replaced = [mul.name, h.name] + readout.nodes + plan.epilogue.nodes
-    op = StateUpdateOp(replaced, layout, mode=context.mode)
-    fuse_op(graph, context, plan, op, f"decode step, {describe(layout, plan.groups)}", replaced, h, inside)
+    spec = FusedSpec("ssm_scan", dict(layout=layout), op="ssm_state_update")
+    fuse_op(graph, context, plan, spec, f"decode step, {describe(layout, plan.groups)}", replaced, h, inside)
 
 
 def _carried_recurrence(graph: Graph, h: Node):
