@@ -36,9 +36,6 @@ def lower(graph: Graph, report: Report, graph_index: int, mode: str) -> torch.fx
 def build(node: Node, mode: str) -> FusedOp:
     """The runtime op of a fused node, its kernels loaded."""
     spec = node.attrs["spec"]
-    if not isinstance(spec.op, str):  # LEGACY
-        spec.op.label, spec.op.differentiable = node.name, _requires_grad(node.value)
-        return spec.op
     family = FAMILIES[spec.op]
     op = family.op(node.attrs["replaced"], mode=mode, **spec.params)
     if op.pattern != spec.family:

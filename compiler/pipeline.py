@@ -32,8 +32,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, report: Report,
     graph = canonicalize(from_fx(gm))
     graph.eliminate_dead_code(_is_pure)
     verify(graph)
-    context = PassContext(graph_index=report.graphs, report=report, pinned=_pinned_buffers(gm, example_inputs),
-                          mode=mode)
+    context = PassContext(graph_index=report.graphs, report=report, pinned=_pinned_buffers(gm, example_inputs))
     report.graphs += 1
     for run_pass in PASSES:
         run_pass(graph, context)

@@ -1,8 +1,8 @@
 """Fused ops at run time: launch the generated kernel, or fall back to PyTorch.
 
-A FusedOp is what a compiler pass puts in place of the nodes it fused; the lowered fx graph
-calls it through its custom op, torch.ops.flashfx.<library_op>(operands, key) (runtime.library).
-On each call it decides:
+A FusedOp is what compiler.lower builds, from a pass's FusedSpec, in place of the nodes the pass
+fused (prepare() loads its kernels then); the lowered fx graph calls it through its custom op,
+torch.ops.flashfx.<library_op>(operands, key) (runtime.library). On each call it decides:
 
     reason = why_not_kernel(tensors)      # device, dtype, autograd, unsupported shape...
     if reason is None: out = launch(...)  # generated Triton kernel (loaded from the cache)
@@ -101,6 +101,11 @@ class FusedOp(torch.nn.Module):
     differentiable = False  # captured for training: forward_saving returns the backward's residuals
     saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
     recompute_reason = RECOMPUTED  # report()'s words for a backward recomputed in PyTorch
+
+    def prepare(self, *example) -> None:
+        """Generate (render, store, load) the kernels this op will launch; `example` is its spec's
+        (example operands or sizes, ir.fused.FusedSpec)."""
+        raise NotImplementedError
 
     def output_like(self, *operands: torch.Tensor):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""

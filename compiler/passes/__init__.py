@@ -23,7 +23,6 @@ class PassContext:
     graph_index: int
     report: Report
     pinned: dict[str, torch.Tensor] = field(default_factory=dict)
-    mode: str = "default"
 
     def fuse(self, graph: Graph, anchor: Node, spec: FusedSpec, inputs: list[str], replaced: list[str],
              detail: str) -> Node:
@@ -38,8 +37,6 @@ class PassContext:
         written = graph.writers_of([anchor.name]) - set(replaced)
         if written:  # the fused op's output need not alias what the anchor's did
             raise NoMatch(graph.node(min(written)), f"writes {anchor.name} (or a view of it) in place")
-        if not isinstance(spec, FusedSpec):  # LEGACY: a pass that builds its op
-            spec.family, spec.params, spec.example, spec.op = spec.pattern, {}, (), spec
         name = graph.fresh_name(spec.family)
         fused = Node(name=name, op=spec.family, inputs=inputs, attrs={"spec": spec, "replaced": tuple(replaced)},
                      type=anchor.type, value=anchor.value, order=anchor.order)

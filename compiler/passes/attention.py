@@ -34,12 +34,11 @@ import torch
 
 from compiler.passes import NoMatch, PassContext
 from ir import consteval
+from ir.fused import AttentionLayout, EncoderLayout, FusedSpec, MaskForm, MultiheadLayout
 from ir.graph import Graph, Node
 from ir.limits import KERNEL_DTYPES, MASKED_OUT, MAX_HEAD_DIM
 from ir.match import check_private
 from ir.pattern import Any, Op, Skip, match
-from runtime.attention import (AttentionLayout, AttentionOp, EncoderLayerOp, EncoderLayout, MaskForm,
-                               MultiheadAttentionOp, MultiheadLayout)
 
 PATTERN = "attention"
 MAX_MASKS = 2
@@ -370,12 +369,13 @@ def _fuse_multihead(graph: Graph, node: Node, context: PassContext) -> None:
         raise NoMatch(node, f"head dim {head_dim} exceeds the kernel's {MAX_HEAD_DIM}")
     static_form, tensor_form = _multihead_forms(attrs, operands)
     layout = MultiheadLayout(attrs["roles"], attrs["num_heads"], attrs["need_weights"])
-    op = MultiheadAttentionOp([node.name], layout, head_dim, out.dtype, static_form, tensor_form, mode=context.mode,
-                              dropout_p=dropout_p)
-    op.masks_require_grad = any(_requires_grad(operands[role]) for role in ("attn_mask", "key_padding_mask")
-                                if role in operands)
-    op.prepare(*(_heads_view(operands[role].value, attrs["num_heads"]) for role in ("query", "key", "value")))
-    context.fuse(graph, node, op, list(node.inputs), [node.name],
+    masks_require_grad = any(_requires_grad(operands[role]) for role in ("attn_mask", "key_padding_mask")
+                             if role in operands)
+    spec = FusedSpec(PATTERN, dict(layout=layout, head_dim=head_dim, out_dtype=out.dtype, static_form=static_form,
+                                   tensor_form=tensor_form, dropout_p=dropout_p, masks_require_grad=masks_require_grad),
+                     example=tuple(_heads_view(operands[role].value, attrs["num_heads"])
+                                   for role in ("query", "key", "value")), op="multihead_attention")
+    context.fuse(graph, node, spec, list(node.inputs), [node.name],
                  f"nn.MultiheadAttention, {attrs['num_heads']} heads: {(static_form or tensor_form).describe()}"
                  + _dropout_detail(dropout_p))
 
@@ -395,10 +395,11 @@ def _fuse_encoder_layer(graph: Graph, node: Node, context: PassContext) -> None:
     tensor_form = MaskForm(kind="additive") if masked else None
     layer = EncoderLayout(attrs["roles"], attrs["num_heads"], attrs["use_gelu"], attrs["norm_first"], attrs["eps"],
                           attrs["mask_type"] if masked else None)
-    op = EncoderLayerOp([node.name], layer, head_dim, src.type.dtype, static_form, tensor_form, mode=context.mode)
     sequence_first = src.value.transpose(0, 1)
-    op.prepare(*(_heads_view(sequence_first, attrs["num_heads"]),) * 3)
-    context.fuse(graph, node, op, list(node.inputs), [node.name],
+    spec = FusedSpec(PATTERN, dict(layer=layer, head_dim=head_dim, out_dtype=src.type.dtype, static_form=static_form,
+                                   tensor_form=tensor_form),
+                     example=(_heads_view(sequence_first, attrs["num_heads"]),) * 3, op="transformer_encoder_layer")
+    context.fuse(graph, node, spec, list(node.inputs), [node.name],
                  f"nn.TransformerEncoderLayer fast path, {attrs['num_heads']} heads: "
                  f"{(static_form or tensor_form).describe()}")
 
@@ -427,7 +428,7 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
           key_transposed: bool, causal: str | None, empty_rows_zero: bool, replaced: list[str],
           regrouped: bool = False, state_scales: tuple = (), softcap: float | None = None,
           dropout_p: float = 0.0) -> None:
-    """Replace `anchor` by an AttentionOp; `masks` in the order they apply (the innermost first)."""
+    """Replace `anchor` by a fused attention node; `masks` in the order they apply (the innermost first)."""
     if regrouped:
         batch = _check_regrouped(anchor, query, key, value)
         mask_batches = tuple(mask.batch_shape if mask.batch_shape != batch else None for mask in masks)
@@ -449,11 +450,12 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
                           for name in consteval.pinned_dependencies(graph, scale.factor, context.pinned)})
     scaled_static = folded_mask is not None and any(scalings)
     static_dropped = _dropped_at_most(folded_mask, masks[0]) if scaled_static else -math.inf
-    op = AttentionOp(replaced, scale, layout, static_form, tensor_form, folded_mask=folded_mask, mode=context.mode,
-                     scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap,
-                     mask_scalings=scalings, static_dropped=static_dropped, dropout_p=dropout_p)
-    op.masks_require_grad = any(_requires_grad(graph.node(name)) for name in extra_inputs)
-    op.prepare(query.value, key.value, value.value)
+    spec = FusedSpec(PATTERN, dict(
+        scale=scale, layout=layout, static_form=static_form, tensor_form=tensor_form, folded_mask=folded_mask,
+        scale_factors=tuple((scale.value, scale.exponent) for scale in state_scales), softcap=softcap,
+        mask_scalings=scalings, static_dropped=static_dropped, dropout_p=dropout_p,
+        masks_require_grad=any(_requires_grad(graph.node(name)) for name in extra_inputs)),
+        example=(query.value, key.value, value.value))
     detail = (static_form or tensor_form).describe()
     if softcap is not None:
         detail += f"; scores soft-capped: {softcap:.6g} * tanh({scale:.6g} * QK^T)"
@@ -466,7 +468,7 @@ def _fuse(graph, anchor: Node, context, query, key, value, scale, masks: list[Ma
         detail += "; it scales the mask too, as eager does (exact while positive, else in PyTorch)"
     detail += _dropout_detail(dropout_p)
     extra_inputs += [scale.factor.name for scale in state_scales]
-    context.fuse(graph, anchor, op, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
+    context.fuse(graph, anchor, spec, [query.name, key.name, value.name] + extra_inputs, replaced, detail)
 
 
 def _requires_grad(node: Node) -> bool:
