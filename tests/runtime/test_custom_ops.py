@@ -13,8 +13,10 @@ import torch.nn as nn
 
 import compiler
 from runtime import library
+from runtime.attention import DECODE_MIN_KV_LEN
 from runtime.autotune import Autotuner
 from runtime.dispatch import FusedOp
+from runtime.families import FAMILIES, Family, template_of
 from tests.compiler.test_attention_pass import NaiveCausal, Sdpa, WithMask, qkv
 from tests.compiler.test_attention_state_scale import StateScaleOverBias
 from tests.compiler.test_long_conv_forms import BidirectionalConv, SpelledProduct
@@ -29,8 +31,8 @@ from tests.compiler.test_ssm_scan_pass import ReferenceScan, StateUpdate, scan_i
 from tests.reliability.test_runtime_edges import CausalBiasBuffer, TemperatureBuffer
 
 
-def attention_case(module, *masks, kv_heads=None):
-    return lambda: (module, [*qkv(1, 2, 7, 9, 8, kv_heads=kv_heads), *masks])
+def attention_case(module, *masks, kv_heads=None, q_len=7, kv_len=9):
+    return lambda: (module, [*qkv(1, 2, q_len, kv_len, 8, kv_heads=kv_heads), *masks])
 
 
 def decode_case():
@@ -58,6 +60,7 @@ def encoder_case():
 CASES = {
     "attention": attention_case(Sdpa()),
     "attention_causal_gqa": attention_case(Sdpa(is_causal=True, enable_gqa=True), kv_heads=1),
+    "attention_decode": attention_case(Sdpa(enable_gqa=True), kv_heads=1, q_len=1, kv_len=DECODE_MIN_KV_LEN),
     "attention_bool_mask": attention_case(Sdpa(), torch.rand(7, 9) > 0.3),
     "attention_additive_mask": attention_case(WithMask(), torch.randn(1, 1, 7, 9)),
     "attention_naive_causal": attention_case(NaiveCausal()),
@@ -86,12 +89,6 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update", "ssd_state_update"}
-BACKWARD_KERNELS = ("attention", "multihead_attention", "long_conv", "short_conv", "ssm_scan")  # case-name prefixes of the families
-# with backward kernels; the rest recompute their reference under autograd
-BACKWARD_KERNEL_NAMES = {"attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
-                         "multihead_attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
-                         "long_conv": ("long_conv_backward",), "short_conv": ("short_conv_backward",),
-                         "ssm_scan": ("ssm_scan_backward",)}  # what a training step of each launches
 
 
 def recorded_calls(build, training: bool = False):
@@ -172,10 +169,19 @@ TUNED = [name for name in CASES if name not in ("attention_mask_state", "attenti
                                                    "multihead_attention_padding", "long_conv_transposed")]
 
 
+def family_of(op) -> tuple[str, Family]:
+    """The family registry's row an op was built from."""
+    return next((kind, family) for kind, family in FAMILIES.items() if type(op) is family.op)
+
+
+def test_every_family_has_a_tuned_case():
+    assert {kind for kind in FAMILIES if any(name.startswith(kind) for name in TUNED)} == set(FAMILIES)
+
+
 @pytest.mark.parametrize("name", TUNED)
 def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
     """compile(mode="max-autotune") benchmarks the candidates of every kernel each op launches; a
-    training step of the families with backward kernels launches and tunes those too."""
+    training step of a family with backward templates (runtime.families) launches and tunes each."""
     monkeypatch.setenv("FLASHFX_CACHE_DIR", str(tmp_path))
     tuned = []
     monkeypatch.setattr(Autotuner, "tune", lambda self, key, candidates, run: tuned.append(key.kernel) or candidates[0])
@@ -183,16 +189,17 @@ def test_max_autotune_tunes_every_family(name, monkeypatch, tmp_path):
     compiled = compiler.compile(module, mode="max-autotune", strict=True)
     with torch.no_grad():
         compiled(*args)
-    trains = name.startswith(BACKWARD_KERNELS) and name not in NO_TRAINING
+    (kind, family), = {family_of(op) for op in compiled._report.ops}
+    assert name.startswith(kind)
+    trains = bool(family.backward) and name not in NO_TRAINING
     if trains:
         outputs = compiled(*[a.detach().requires_grad_() if a.is_floating_point() else a for a in args])
         sum(out.sum() for out in (outputs if isinstance(outputs, tuple) else (outputs,))).backward()
     launched = {kernel.name for kernel in compiled.kernels if kernel.config}
     assert launched and set(tuned) == launched, compiled.report()
-    backward = [prefix for family, prefixes in BACKWARD_KERNEL_NAMES.items() if name.startswith(family)
-                for prefix in prefixes]
-    assert backward or not trains
-    assert all(trains == any(kernel.startswith(prefix) for kernel in launched) for prefix in backward), launched
+    templates = {template_of(kernel) for kernel in launched}
+    assert templates <= set(family.forward + family.backward), launched
+    assert templates >= set(family.backward if trains else ()), launched
 
 
 @pytest.mark.parametrize("grad", [True, False])
