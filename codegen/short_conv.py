@@ -40,7 +40,8 @@ class ShortConvSpec:
 
     def __post_init__(self):
         if not MIN_SHORT_CONV_WIDTH <= self.width <= MAX_SHORT_CONV_WIDTH:
-            raise ValueError(f"ShortConvSpec.width must be in {MIN_SHORT_CONV_WIDTH}..{MAX_SHORT_CONV_WIDTH}, got {self.width}")
+            raise ValueError(f"ShortConvSpec.width must be in {MIN_SHORT_CONV_WIDTH}..{MAX_SHORT_CONV_WIDTH}, "
+                             f"got {self.width}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ShortConvSpec.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
 

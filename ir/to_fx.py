@@ -2,8 +2,8 @@
 
 Nodes imported from fx are written back with their original call; nodes created by
 rewrites are written from LOWERINGS (canonical op -> torch function); fused nodes carry the
-runtime op compiler.lower built from their spec in `attrs["module"]` and become a call of its custom op, `op.custom_op([inputs], op.key)`
-(runtime.library), followed by `op.graph_output`, which drops the residuals the op returns for its
+runtime op compiler.lower built from their spec in `attrs["module"]` and become a call of its
+custom op, `op.custom_op([inputs], op.key)` (runtime.library), followed by `op.graph_output`, which drops the residuals the op returns for its
 backward and rebuilds what the replaced node returned. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
 """
 from __future__ import annotations

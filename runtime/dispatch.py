@@ -89,7 +89,7 @@ class FusedOp(torch.nn.Module):
 
     @property
     def library_op(self) -> str:
-        """The name of this op's custom op in runtime.library.SCHEMAS."""
+        """The name of this op's custom op (runtime.library.OUTPUTS; its family's registry row declares it)."""
         return self.pattern
 
     @property

@@ -1,9 +1,10 @@
 """The registry of families: each fused op's declared contract, in one table.
 
-    FAMILIES[spec.op] = Family(op, forward, backward)
-        op        the runtime FusedOp class compiler.lower builds from a FusedSpec's params
-        forward   the Templates of the kernels its forward launches
-        backward  those its backward launches in training (none: the reference recomputed under autograd)
+    FAMILIES[spec.op] = Family(op, custom_ops, forward, backward)
+        op          the runtime FusedOp class compiler.lower builds from a FusedSpec's params
+        custom_ops  the torch.ops.flashfx ops it calls (its library_op), each with its number of outputs
+        forward     the Templates of the kernels its forward launches
+        backward    those its backward launches in training (none: the reference recomputed under autograd)
 
     Template(prefix, spec, kernel_name, render, config_keys, default_config, config_space,
              unsupported_reason, reference)
@@ -21,6 +22,7 @@ from typing import Callable
 
 from codegen import (attention, attention_backward, attention_decode, long_conv, long_conv_backward, short_conv,
                      short_conv_backward, sparse_mlp, ssd_scan, ssm_scan, ssm_scan_backward)
+from runtime import library
 from runtime.attention import AttentionOp, EncoderLayerOp, MultiheadAttentionOp
 from runtime.dispatch import FusedOp
 from runtime.long_conv import LongConvOp, ShortConvOp
@@ -42,9 +44,10 @@ class Template:
     reference: Callable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Family:
     op: type[FusedOp]
+    custom_ops: dict[str, int]
     forward: tuple[Template, ...]
     backward: tuple[Template, ...] = ()
 
@@ -97,18 +100,21 @@ SSD_STATE_UPDATE = Template("ssd_state_update", ssd_scan.SSDStateUpdateSpec, ssd
                             ssd_scan.ssd_state_update_reference)
 
 FAMILIES = {
-    "attention": Family(AttentionOp, (ATTENTION, ATTENTION_DECODE), (ATTENTION_BACKWARD,)),
-    "multihead_attention": Family(MultiheadAttentionOp, (ATTENTION, ATTENTION_DECODE), (ATTENTION_BACKWARD,)),
-    "transformer_encoder_layer": Family(EncoderLayerOp, (ATTENTION, ATTENTION_DECODE)),
-    "long_conv": Family(LongConvOp, (LONG_CONV,), (LONG_CONV_BACKWARD,)),
-    "short_conv": Family(ShortConvOp, (SHORT_CONV,), (SHORT_CONV_BACKWARD,)),
-    "sparse_mlp": Family(SparseMLPOp, (SPARSE_MLP,)),
-    "ssm_scan": Family(SelectiveScanOp, (SSM_SCAN,), (SSM_SCAN_BACKWARD,)),
-    "ssm_state_update": Family(StateUpdateOp, (SSM_STATE_UPDATE,)),
-    "ssd_scan": Family(SSDScanOp, (SSD_SCAN,)),
-    "ssd_state_update": Family(SSDStateUpdateOp, (SSD_STATE_UPDATE,)),
+    "attention": Family(AttentionOp, {"attention": 1}, (ATTENTION, ATTENTION_DECODE), (ATTENTION_BACKWARD,)),
+    "multihead_attention": Family(MultiheadAttentionOp, {"multihead_attention": 1}, (ATTENTION, ATTENTION_DECODE),
+                                  (ATTENTION_BACKWARD,)),
+    "transformer_encoder_layer": Family(EncoderLayerOp, {"transformer_encoder_layer": 1},
+                                        (ATTENTION, ATTENTION_DECODE)),
+    "long_conv": Family(LongConvOp, {"long_conv": 1}, (LONG_CONV,), (LONG_CONV_BACKWARD,)),
+    "short_conv": Family(ShortConvOp, {"short_conv": 1}, (SHORT_CONV,), (SHORT_CONV_BACKWARD,)),
+    "sparse_mlp": Family(SparseMLPOp, {"sparse_mlp": 1}, (SPARSE_MLP,)),
+    "ssm_scan": Family(SelectiveScanOp, {"ssm_scan": 1, "ssm_scan_with_state": 2}, (SSM_SCAN,), (SSM_SCAN_BACKWARD,)),
+    "ssm_state_update": Family(StateUpdateOp, {"ssm_state_update": 2}, (SSM_STATE_UPDATE,)),
+    "ssd_scan": Family(SSDScanOp, {"ssd_scan": 1, "ssd_scan_with_state": 2}, (SSD_SCAN,)),
+    "ssd_state_update": Family(SSDStateUpdateOp, {"ssd_state_update": 2}, (SSD_STATE_UPDATE,)),
 }
-TEMPLATES = sorted(dict.fromkeys(template for family in FAMILIES.values() for template in family.forward + family.backward),
+TEMPLATES = sorted(dict.fromkeys(template for family in FAMILIES.values()
+                                 for template in family.forward + family.backward),
                    key=lambda template: -len(template.prefix))  # longest prefix first
 
 
@@ -116,3 +122,12 @@ def template_of(kernel: str) -> Template | None:
     """The template kernel `kernel` was rendered from, by the longest prefix of its name."""
     return next((template for template in TEMPLATES if kernel == template.prefix
                  or kernel.startswith(template.prefix + "_")), None)
+
+
+def _define_custom_ops() -> None:
+    for family in FAMILIES.values():
+        for name, outputs in family.custom_ops.items():
+            library.define(name, outputs)
+
+
+_define_custom_ops()

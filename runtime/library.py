@@ -17,7 +17,8 @@ so FakeTensor shape propagation, autograd, AOTAutograd and Inductor see an ordin
                      op's backward kernels, or its PyTorch reference recomputed under autograd; it
                      returns one gradient per floating-point operand
 
-Every schema ends in `Tensor[] residuals`, which the lowered graph drops (`visible_outputs`).
+Every schema ends in `Tensor[] residuals`, which the lowered graph drops (`visible_outputs`). The
+family registry (runtime.families) defines one op per name its rows declare (`define`).
 
 A key is random, so a graph cached by Inductor in one process never names another process's op.
 OPS holds each FusedOp weakly: the compiled model's report and the lowered graph keep it alive.
@@ -31,22 +32,7 @@ import weakref
 import torch
 
 NAMESPACE = "flashfx"
-OUTPUTS = {  # custom op -> how many tensors it returns before its residuals
-    "attention": 1,
-    "multihead_attention": 1,
-    "transformer_encoder_layer": 1,
-    "long_conv": 1,
-    "short_conv": 1,
-    "sparse_mlp": 1,
-    "ssm_scan": 1,
-    "ssm_scan_with_state": 2,
-    "ssm_state_update": 2,
-    "ssd_scan": 1,
-    "ssd_scan_with_state": 2,
-    "ssd_state_update": 2,
-}
-SCHEMAS = {name: f"(Tensor[] operands, str op) -> ({'Tensor, ' * count}Tensor[] residuals)"
-           for name, count in OUTPUTS.items()}  # `op` is the FusedOp's key in OPS
+OUTPUTS: dict[str, int] = {}  # custom op -> how many tensors it returns before its residuals (`define`)
 BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] outputs, Tensor[] residuals, Tensor[] grads, str op) -> Tensor[]"
 
 OPS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
@@ -142,14 +128,19 @@ def _fake_backward(operands: list[torch.Tensor], outputs: list[torch.Tensor], re
     return [torch.empty_like(t) for t in operands if t.is_floating_point()]
 
 
-def _define() -> None:
-    for name, schema in SCHEMAS.items():
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", _run, mutates_args=(), schema=schema)
-        op.register_fake(_fake)
-        op.register_autograd(_backward, setup_context=_save_for_backward)
+def define(name: str, outputs: int) -> None:
+    """torch.ops.flashfx.<name>: a fused op returning `outputs` tensors, then its residuals."""
+    OUTPUTS[name] = outputs
+    schema = f"(Tensor[] operands, str op) -> ({'Tensor, ' * outputs}Tensor[] residuals)"  # `op`: the FusedOp's key
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", _run, mutates_args=(), schema=schema)
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def _define_backward() -> None:
     backward = torch.library.custom_op(f"{NAMESPACE}::backward", _run_backward, mutates_args=(),
                                        schema=BACKWARD_SCHEMA)
     backward.register_fake(_fake_backward)
 
 
-_define()
+_define_backward()
