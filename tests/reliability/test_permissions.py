@@ -18,7 +18,7 @@ from runtime.cache import SourceCache
 
 REPO = Path(__file__).parents[2]
 OTHER_USER = 65534  # nobody
-PACKAGES = ("runtime", "codegen")  # what the child imports
+PACKAGES = ("runtime", "codegen", "ir")  # what the child imports
 SOURCE = "VALUE = 42\n"
 DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 TUNED = DEFAULT | {"BLOCK_M": 128}
