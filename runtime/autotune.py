@@ -41,7 +41,7 @@ import torch
 import triton
 
 from codegen import (attention, attention_backward, attention_decode, long_conv, short_conv, sparse_mlp, ssd_scan,
-                     ssm_scan)
+                     ssd_scan_backward, ssm_scan)
 from runtime import knobs
 from runtime.cache import (MISSING, UNREADABLE, CacheMissError, atomic_write_text, read_cache_file, read_problem,
                            sweep_stale_temps, warn_once)
@@ -61,6 +61,7 @@ FAMILY_CONFIG_KEYS = (
     ("ssm_state_update", ssm_scan.STATE_UPDATE_CONFIG_KEYS),
     ("ssm_scan", ssm_scan.CONFIG_KEYS),
     ("ssd_state_update", ssd_scan.STATE_UPDATE_CONFIG_KEYS),
+    ("ssd_scan_backward", ssd_scan_backward.BACKWARD_CONFIG_KEYS),
     ("ssd_scan", ssd_scan.CONFIG_KEYS),
 )
 MAX_META = 1 << 20  # Triton's largest tensor (TRITON_MAX_TENSOR_NUMEL): no meta-parameter goes past it
