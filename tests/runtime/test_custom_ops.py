@@ -86,12 +86,13 @@ CASES = {
 # the encoder layer's fused fast path runs only without autograd; the decode step writes the state it
 # read in place, so eager's backward raises (as ours does: the op saved that state)
 NO_TRAINING = {"transformer_encoder_layer", "ssm_state_update", "ssd_state_update"}
-BACKWARD_KERNELS = ("attention", "multihead_attention", "long_conv", "short_conv", "ssm_scan")  # case-name prefixes of the families
-# with backward kernels; the rest recompute their reference under autograd
+# case-name prefixes of the families with backward kernels; the rest recompute their reference under autograd
+BACKWARD_KERNELS = ("attention", "multihead_attention", "long_conv", "short_conv", "ssm_scan", "ssd_scan")
 BACKWARD_KERNEL_NAMES = {"attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
                          "multihead_attention": ("attention_bwd_dkdv", "attention_bwd_dq"),
                          "long_conv": ("long_conv_backward",), "short_conv": ("short_conv_backward",),
-                         "ssm_scan": ("ssm_scan_backward",)}  # what a training step of each launches
+                         "ssm_scan": ("ssm_scan_backward",),
+                         "ssd_scan": ("ssd_scan_backward",)}  # what a training step of each launches
 
 
 def recorded_calls(build, training: bool = False):
@@ -116,7 +117,7 @@ def test_opcheck(build):
 
 
 @pytest.mark.parametrize("name", ["attention_causal_gqa", "attention_additive_mask", "multihead_attention_padding",
-                                  "ssm_scan", "ssm_scan_with_state"])
+                                  "ssm_scan", "ssm_scan_with_state", "ssd_scan", "ssd_scan_with_state"])
 def test_opcheck_of_ops_captured_for_training(name):
     """Captured with grad, an op returns its backward's residuals (lse, MHA's attention output, chunk
     states), the fake kernel's like the real ones, and its backward kernels pass autograd's and
