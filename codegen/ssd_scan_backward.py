@@ -43,7 +43,8 @@ BACKWARD_SHAPES = ssd_scan.SCAN_SHAPES + """
     dx, dz       like x, z          written in their tensors' dtypes
     dt, A, B, C, D, dt_bias, initial_state      float32 gradients, shaped as the kernels take them"""
 
-BACKWARD_CONFIG_KEYS = ("BLOCK_M", "BLOCK_K", "BLOCK_P", "HEADS", "num_warps")
+BACKWARD_CONFIG_KEYS = ("BLOCK_M", "BLOCK_K", "BLOCK_P", "HEADS", "num_warps", "num_stages")
+MAX_STATE_TILE = 64 * 1024  # bytes of the float32 (p, n) state tile the backward's row kernels hold
 LONGEST_CHUNK = 256
 TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs: split a group's heads until the grid has this many
 
@@ -66,43 +67,56 @@ def render_scan_backward(spec: SSDSpec) -> str:
                   shapes=BACKWARD_SHAPES, **template_flags(spec))
 
 
-def backward_dot_precision(input_dtype: torch.dtype) -> str:
-    """Full fp32 for fp32 inputs, 3xTF32 for 16-bit ones: every gradient, A's, D's and dt_bias's
-    (float32 parameters in mixed precision) among them, flows through dots with a computed fp32
-    operand, so TF32's 10-bit mantissa would cost them fp32 accuracy."""
-    return "ieee" if input_dtype == torch.float32 else "tf32x3"
+def backward_dot_precisions(input_dtype: torch.dtype) -> dict[str, str]:
+    """tl.dot's input precision for the dots with a computed fp32 operand: full fp32 for fp32 inputs.
+    For 16-bit ones, DOT_PRECISION 3xTF32 where the result reaches da, ddt, dx or the state
+    gradients (dA, dD and d dt_bias are float32 parameters in mixed precision: TF32's 10-bit
+    mantissa would cost them fp32 accuracy), BCZ_PRECISION TF32 for the dots that reach only dB,
+    dC and dz, gradients of 16-bit activations (and half the registers of 3xTF32)."""
+    if input_dtype == torch.float32:
+        return {"DOT_PRECISION": "ieee", "BCZ_PRECISION": "ieee"}
+    return {"DOT_PRECISION": "tf32x3", "BCZ_PRECISION": "tf32"}
 
 
 def backward_default_config(*, batch: int, seqlen: int, heads: int, groups: int, headdim: int, dstate: int,
                             itemsize: int = 2, chunk: int | None = None) -> dict:
     """A first guess, checked with ptxas for an H100 (tests/codegen/cuda_compile_grid.py): the row
-    kernels hold a [BLOCK_M, head dim] and a [BLOCK_M, dstate] fp32 accumulator and a [head dim,
-    dstate] state tile, so 32 rows and 8 warps for 16-bit inputs (16 past 128 in head dim or
-    dstate; fp32 inputs 16 rows), streamed steps in blocks of 32 (16 for fp32 and the widest
-    tiles); a group's heads split across programs until the grid has TARGET_PROGRAMS."""
+    kernels hold a [BLOCK_M, head dim] and a [BLOCK_M, dstate] fp32 accumulator, the [head dim,
+    dstate] fp32 state tile and, for 16-bit inputs, its 3xTF32 parts, so 16 rows on 8 warps and no
+    software pipelining (a second stage spills); steps streamed in blocks of 32 for 16-bit inputs,
+    16 for fp32 and past 64 x 128 state tiles; a group's heads split across programs until the grid
+    has TARGET_PROGRAMS."""
     chunk = chunk or saved_chunk(seqlen)
-    wide = block(headdim) > 128 or block(dstate) > 128
-    rows = 16 if itemsize >= 4 or wide else 32
-    steps = 16 if itemsize >= 4 or wide else 32
-    rows, steps = min(rows, chunk), min(steps, chunk)
+    wide = block(headdim) * block(dstate) > 64 * 128
+    rows, steps = min(16, chunk), min(16 if itemsize >= 4 or wide else 32, chunk)
     per_group = heads // groups
     programs = (chunk // rows) * -(-seqlen // chunk) * batch * groups
     splits = min(per_group, -(-TARGET_PROGRAMS // programs))
     return {"BLOCK_M": rows, "BLOCK_K": steps, "BLOCK_P": min(64, block(headdim)), "HEADS": -(-per_group // splits),
-            "num_warps": 8 if itemsize < 4 else 4}
+            "num_warps": 8, "num_stages": 1}
 
 
 def backward_config_space(*, seqlen: int, heads: int, groups: int, headdim: int, dstate: int,
                           chunk: int | None = None) -> list[dict]:
     """Candidates: row and step tiles of 16..64 within the chunk (the row kernels' registers grow
-    with BLOCK_M x (head dim + dstate)), a group's heads in 1, 2, 4 or all per program."""
+    with BLOCK_M x (head dim + dstate)), a group's heads in 1, 2, 4 or all per program, 1 or 2
+    pipeline stages."""
     chunk = chunk or saved_chunk(seqlen)
     per_group = heads // groups
     heads_options = sorted({h for h in (1, 2, 4, per_group) if h <= per_group})
-    return [{"BLOCK_M": m, "BLOCK_K": k, "BLOCK_P": p, "HEADS": h, "num_warps": w}
-            for m, k, p, h, w in itertools.product((16, 32, 64), (16, 32, 64), (32, 64), heads_options, (4, 8))
+    return [{"BLOCK_M": m, "BLOCK_K": k, "BLOCK_P": p, "HEADS": h, "num_warps": w, "num_stages": stages}
+            for m, k, p, h, w, stages in itertools.product((16, 32, 64), (16, 32, 64), (32, 64), heads_options,
+                                                           (4, 8), (1, 2))
             if m <= chunk and k <= chunk and p <= max(block(headdim), 32)
             and m * (block(headdim) + block(dstate)) <= 64 * 256]
+
+
+def backward_unsupported_reason(headdim: int, dstate: int) -> str | None:
+    """Why the backward kernels cannot take these sizes (on top of the forward's reasons), or None."""
+    if block(headdim) * block(dstate) * 4 > MAX_STATE_TILE:
+        return (f"a head dim of {headdim} by {dstate} states: the backward's row kernels hold that state tile in "
+                f"float32 (at most {MAX_STATE_TILE // 1024} KiB, 64 x 256 or 128 x 128)")
+    return None
 
 
 @with_shapes(BACKWARD_SHAPES)

@@ -249,7 +249,8 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
         reason = ("no chunk states: captured for inference" if not residuals else
                   self.why_not_kernel(list(operands) + list(grads))
                   or ssd_codegen.unsupported_reason(**args, out=output_grads["dout"],
-                                                    final_state=output_grads["dfinal_state"]))
+                                                    final_state=output_grads["dfinal_state"])
+                  or ssd_backward.backward_unsupported_reason(self.sizes["p"], self.sizes["n"]))
         if reason is not None:
             return self.recomputed_backward(operands, grads, reason=f"backward: {reason}")
         with launch_lock():

@@ -18,7 +18,8 @@ import torch
 
 from codegen.ssd_scan import SSDSpec, kernel_name, render_scan, ssd_scan_reference
 from codegen.ssd_scan_backward import (backward_config_space, backward_default_config, backward_kernel_name,
-                                       render_scan_backward, saved_chunk, ssd_scan_backward_reference)
+                                       backward_unsupported_reason, render_scan_backward, saved_chunk,
+                                       ssd_scan_backward_reference)
 from runtime.loader import load_source
 from tests.codegen.test_ssd_scan_kernel import (DEVICE, SMALL, Case, _all_specs, _fp64, _generator, _model_layout,
                                                 _options, scan_inputs)
@@ -28,7 +29,7 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
 
 def tiles(rows: int = 16, steps: int = 16, heads: int = 1) -> dict:
-    return {"BLOCK_M": rows, "BLOCK_K": steps, "BLOCK_P": 16, "HEADS": heads, "num_warps": 4}
+    return {"BLOCK_M": rows, "BLOCK_K": steps, "BLOCK_P": 16, "HEADS": heads, "num_warps": 4, "num_stages": 1}
 
 
 # (case, forward config (its CHUNK is the saved chunk), backward config)
@@ -125,13 +126,15 @@ def test_every_variant_renders_to_python_with_a_distinct_name():
         compile(render_scan_backward(spec), backward_kernel_name(spec), "exec")
 
 
-def test_default_configs_and_config_spaces():
+def test_default_configs_config_spaces_and_sizes():
     mamba2_130m = dict(heads=24, groups=1, headdim=64, dstate=128)
     config = backward_default_config(batch=1, seqlen=2048, **mamba2_130m)
-    assert config == {"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_P": 64, "HEADS": 5, "num_warps": 8}
+    assert config == {"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_P": 64, "HEADS": 8, "num_warps": 8, "num_stages": 1}
     assert backward_default_config(batch=8, seqlen=8192, **mamba2_130m)["HEADS"] == 24
-    assert backward_default_config(batch=1, seqlen=20, heads=4, groups=2, headdim=5, dstate=7)["BLOCK_M"] == 32
+    assert backward_default_config(batch=1, seqlen=20, heads=4, groups=2, headdim=5, dstate=7)["BLOCK_K"] == 32
     assert saved_chunk(20) == 32 and saved_chunk(5000) == 256
+    assert backward_unsupported_reason(64, 256) is None and backward_unsupported_reason(128, 128) is None
+    assert "128 by 256 states" in backward_unsupported_reason(128, 256)
     for headdim, dstate in ((64, 16), (64, 128), (128, 128), (256, 256)):
         space = backward_config_space(seqlen=4096, heads=8, groups=2, headdim=headdim, dstate=dstate)
         assert space and all(c["BLOCK_M"] <= 256 and 1 <= c["HEADS"] <= 4 for c in space)
