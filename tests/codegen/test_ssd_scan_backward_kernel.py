@@ -138,3 +138,19 @@ def test_default_configs_config_spaces_and_sizes():
     for headdim, dstate in ((64, 16), (64, 128), (128, 128), (256, 256)):
         space = backward_config_space(seqlen=4096, heads=8, groups=2, headdim=headdim, dstate=dstate)
         assert space and all(c["BLOCK_M"] <= 256 and 1 <= c["HEADS"] <= 4 for c in space)
+
+
+@pytest.mark.gpu
+def test_backward_kernels_at_mamba2_130m_size():
+    """Mamba2-130M's layer (24 heads of 64, 128 states, one group) at L 2048 + 16 (chunks of 256, a
+    ragged last one), bf16, every part fused, the default configs."""
+    case = Case(batch=1, seqlen=2048 + 16, heads=24, headdim=64, dstate=128, groups=1, dtype=bf16, initial=True,
+                limit=True)
+    inputs = scan_inputs(case)
+    grads = output_gradients(case)
+    _, _, chunk_states = forward(case, inputs, None)
+    ours = backward(case, inputs, grads, chunk_states, None, None)
+    reference = ssd_scan_backward_reference(**_fp64(inputs), **_fp64(grads), **_options(case))
+    baseline = ssd_scan_backward_reference(**inputs, **grads, **_options(case))
+    for name, grad in ours.items():
+        assert_close_by_rule(grad, baseline[name].to(grad.dtype), reference[name])
