@@ -96,7 +96,8 @@ def arrange(x: torch.Tensor, labels: Labels, target: str, sizes: dict[str, int])
     return x.expand([sizes[role] for role in target])
 
 
-def unarrange(grad: torch.Tensor, labels: Labels, target: str, like: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
+def unarrange(grad: torch.Tensor, labels: Labels, target: str, like: torch.Tensor,
+              sizes: dict[str, int]) -> torch.Tensor:
     """The gradient of `like` from `grad`, the gradient of arrange(like, labels, target, sizes): summed
     over the roles arrange broadcast (in grad's dtype), in like's shape, dtype and strides."""
     present = [role for label in labels for role in label]

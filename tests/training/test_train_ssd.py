@@ -51,9 +51,9 @@ def minimal_mixer(scan: str):
 def loop():
     g = torch.Generator().manual_seed(0)
     b, L, h, p, n = 2, 13, 4, 5, 6
-    return Loop(), [torch.randn(b, L, h, p, generator=g), torch.randn(b, L, h, generator=g), -torch.rand(h, generator=g),
-                    torch.randn(b, L, 2, n, generator=g), torch.randn(b, L, 2, n, generator=g),
-                    torch.randn(h, generator=g), torch.rand(h, generator=g) - 3]
+    return Loop(), [torch.randn(b, L, h, p, generator=g), torch.randn(b, L, h, generator=g),
+                    -torch.rand(h, generator=g), torch.randn(b, L, 2, n, generator=g),
+                    torch.randn(b, L, 2, n, generator=g), torch.randn(h, generator=g), torch.rand(h, generator=g) - 3]
 
 
 SPELLINGS = {  # name: (module and inputs, dtype)
