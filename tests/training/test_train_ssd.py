@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import codegen.ssd_scan
+import codegen.ssd_scan_backward
 import compiler
 from benchmarks.common import saved_bytes
 from benchmarks.ssd_scan import ChunkScan, SIZES, scan_inputs
@@ -74,16 +75,23 @@ def test_spellings_train_through_the_kernels(name):
     assert_gradients_by_rule(*build(), dtype)
 
 
-def test_a_call_the_kernels_cannot_take_gets_the_reference_gradients(monkeypatch):
-    """A reason to leave a call to PyTorch (here a made-up one) holds for the backward too: the
-    gradients are the reference's, and the report counts the backward's fallback apart."""
+@pytest.mark.parametrize("cause", ["made-up reason", "state tile too wide"])
+def test_a_call_the_kernels_cannot_take_gets_the_reference_gradients(cause, monkeypatch):
+    """A reason to leave a call to PyTorch (a made-up one) holds for the backward too, and a state
+    tile too wide for the backward's row kernels (here past a limit lowered below 16 x 16) leaves
+    just the backward to it: the gradients are the reference's, each fallback counted with its reason."""
     module, args = minimal_ssd_case()
-    monkeypatch.setattr(codegen.ssd_scan, "unsupported_reason", lambda *args, **kwargs: "a made-up reason")
+    if cause == "made-up reason":
+        monkeypatch.setattr(codegen.ssd_scan, "unsupported_reason", lambda *args, **kwargs: "a made-up reason")
+        expected = {"a made-up reason": 1, "backward: a made-up reason": 1}
+    else:
+        monkeypatch.setattr(codegen.ssd_scan_backward, "MAX_STATE_TILE", 16 * 16 * 4 - 1)
+        expected = {f"backward: {codegen.ssd_scan_backward.backward_unsupported_reason(4, 4)}": 1}
     compiled = compiler.compile(module, strict=True)
     for ours, eager in zip(gradients(compiled, args, 5), gradients(module, args, 5), strict=True):
         torch.testing.assert_close(ours, eager)
     (op,) = compiled._report.ops
-    assert op.fallbacks == {"a made-up reason": 1, "backward: a made-up reason": 1}
+    assert op.fallbacks == expected
 
 
 def test_scan_saves_its_operands_and_chunk_states():
