@@ -232,13 +232,13 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
             self._launch(args["x"], run, seqlen=self.sizes["l"])
         else:
             self.fell_back(reason)
-            y, h, saved = ssd_codegen.ssd_scan_reference(**args, **self._options(), chunk=self._saved_chunk(),
-                                                         chunk_states=True)
+            saving = dict(chunk=self._saved_chunk(), chunk_states=True) if save else {}
+            y, h, *saved = ssd_codegen.ssd_scan_reference(**args, **self._options(), **saving)
             out_view.copy_(y)
             if state_view is not None:
                 state_view.copy_(h)
             if chunk_states is not None:
-                chunk_states.copy_(saved)
+                chunk_states.copy_(saved[0])
         outputs = out if state is None else (out, state)
         return outputs, [] if chunk_states is None else [chunk_states]
 
