@@ -7,7 +7,7 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 41 of the 95 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 42 of the 96 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts (the backward kernels too), every autotuning candidate
                    of the attention (head dim 128; the backward's dkdv kernel), long-conv,
                    short-conv and sparse-MLP kernels, compile() on real-size
@@ -22,7 +22,8 @@ Plan, in priority order, so that a run cut short has done what matters most:
     4. training    fwd+bwd, suites of their own: attention fwd+bwd and bwd alone (head dim 128, L 4k,
                    causal; SDPA flash, cuDNN, efficient, FlexAttention) and a GPT-2 small training
                    step against torch.compile; the long convolution's fwd+bwd (conv_training's
-                   headline); the selective scan's fwd+bwd at Mamba-130M's size
+                   headline); the selective scan's fwd+bwd at Mamba-130M's size; the SSD's fwd+bwd
+                   at Mamba2-130M's
 
 Seconds on an H100/H200. These are estimates (no run has been timed yet): summary.json's
 "elapsed_s" records the real figures, so correct ESTIMATE_S from them. torch.compile peers cost
@@ -49,7 +50,9 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s
     ssm_training       30   scan fwd+bwd L 2048: assoc-compile's fwd+bwd ~20 s, the eager loop's
                             2 calls x ~2 s
-    total             410   + ~10 s of Python start-up (the default budget shares 270 s)
+    ssd_training       25   SSD fwd+bwd, Mamba2-130M L 2048: a torch.compile of fwd+bwd ~12 s, ours
+                            (capture, JIT of 10 kernels) ~5 s, eager ~12 timings
+    total             435   + ~10 s of Python start-up (the default budget shares 270 s)
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -110,10 +113,10 @@ class TrainingPart:
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
           "ssm_scan": ssm_scan, "ssd_scan": ssd_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
           "attention_training": attention_training, "conv_training": conv_training,
-          "ssm_training": TrainingPart(ssm_scan)}  # each has grid and run
+          "ssm_training": TrainingPart(ssm_scan), "ssd_training": TrainingPart(ssd_scan)}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
               "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "conv_training": 20,
-              "ssm_training": 30}  # H100/H200
+              "ssm_training": 30, "ssd_training": 25}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
 
 # Left out, for `pytest -m gpu` (run_all.py): the other at-scale cases of the same kernels, the decode
@@ -162,6 +165,7 @@ GPU_TESTS = [
     "tests/codegen/test_ssm_scan_kernel.py::test_scan_kernel_at_mamba_130m_size",
     "tests/codegen/test_ssm_scan_backward_kernel.py::test_backward_kernel_at_mamba_130m_size",
     "tests/codegen/test_ssd_scan_kernel.py::test_scan_kernel_at_mamba2_130m_size",
+    "tests/codegen/test_ssd_scan_backward_kernel.py::test_backward_kernels_at_mamba2_130m_size",
     "tests/compiler/test_ssd_scan_pass.py::test_hf_chunk_scan_at_mamba2_780m_size",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[1]",
     "tests/codegen/test_sparse_mlp_kernel.py::test_opt_6_7b_sizes_bf16[16]",

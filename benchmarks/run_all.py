@@ -28,7 +28,8 @@ the 2-core CPU machine (L 256: 13 s, L 512: 24 s), perhaps twice that on the GPU
     ssm_scan          240 s  unrolled capture at L 256 and 512 (~20 s), assoc-compile at 3 lengths
                              (~15 s each); the Mamba-130M row: eager 2 calls x ~6 s, Inductor on
                              the associative form ~60-120 s
-    ssd_scan           90 s  4 chunk scans x a torch.compile (~8 s) + eager, the decode step
+    ssd_scan          110 s  4 chunk scans x a torch.compile (~8 s) + eager, the decode step, the
+                             scan's fwd+bwd (a torch.compile of both ~12 s)
     sparse_mlp        120 s  36 MLP configs x ~2 s, 2 OPT-6.7B layers x a torch.compile
     end_to_end        300 s  10 models x (ours ~12 s + torch.compile ~15 s to first call); Mamba's
                              eager loop one call of ~6-12 s
@@ -88,7 +89,7 @@ SUITES = {"attention": attention.run, "attention_decode": attention_decode.run, 
           "attention_training": attention_training.run, "conv_training": conv_training.run}
 TESTS = "GPU tests"
 ESTIMATE_S = {TESTS: 300, "attention": 420, "attention_decode": 60, "warm_start": 150, "long_conv": 380,
-              "ssm_scan": 240, "ssd_scan": 90, "sparse_mlp": 120, "end_to_end": 300, "compile_time": 300,
+              "ssm_scan": 240, "ssd_scan": 110, "sparse_mlp": 120, "end_to_end": 300, "compile_time": 300,
               "attention_training": 480, "conv_training": 150}  # full size, H100, see above
 
 

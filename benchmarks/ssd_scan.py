@@ -6,6 +6,8 @@
             batch 4, L 2048 and 8192
     decode  mamba2_selective_state_update, one token, the state (b, h, p, n) updated in place,
             Mamba2-130M's layer, batch 64
+    scan_train  the scan's forward and backward (every input's gradient, for a random dout),
+            Mamba2-130M's layer, batch 4, L 2048 (benchmarks/gpu_check.py's training part)
 
     ours              compiler.compile of the module (the user's path)
     eager             the module in PyTorch (the chunked algorithm in fp32: einsums, an (L/256, 256, 256)
@@ -15,7 +17,9 @@
                       at the copy bandwidth measured in this run
     matmul floor      the chunked algorithm's matmul FLOPs (C B^T and (.) X on the causal half of each
                       chunk, the chunk states and the off-diagonal term, 2 per multiply-add) at the bf16
-                      matmul rate measured in this run
+                      matmul rate measured in this run; fwd+bwd: those of ours' backward kernels too
+                      (five products on each chunk's causal half, five with the (p, n) states)
+    fwd+bwd floors    memory: x, dt, B, C read twice, dout read and every gradient written once
 
 Times in ms; ratios are peer / ours, so against a floor the ratio is the fraction of it we reach.
 """
@@ -69,16 +73,23 @@ class StateUpdate(nn.Module):
 
 
 def grid(quick: bool, headline: bool = False) -> list[dict]:
-    """Scan rows (the issue's four), then decode. headline: Mamba2-130M at L 2048 and Mamba2-780M at
-    L 8192, and the decode step."""
+    """Scan rows (the issue's four), then decode, then fwd+bwd. headline: Mamba2-130M at L 2048 and
+    Mamba2-780M at L 8192, and the decode step."""
     if quick:
         scans = [dict(op="scan", model="tiny", batch=1, seqlen=40, chunk=16)]
         decode = dict(op="decode", model="tiny", batch=2)
-        return scans + [decode]
+        return scans + [decode] + ([] if headline else training_grid(quick))
     scans = [dict(op="scan", model=model, batch=4, seqlen=length, chunk=256)
              for model in ("mamba2-130m", "mamba2-780m") for length in (2048, 8192)]
     decode = dict(op="decode", model="mamba2-130m", batch=64)
-    return [scans[0], scans[3], decode] if headline else scans + [decode]
+    return [scans[0], scans[3], decode] if headline else scans + [decode] + training_grid(quick)
+
+
+def training_grid(quick: bool) -> list[dict]:
+    """The scan's fwd+bwd at Mamba2-130M's size (benchmarks/gpu_check.py's training part runs it)."""
+    if quick:
+        return [dict(op="scan_train", model="tiny", batch=1, seqlen=40, chunk=16)]
+    return [dict(op="scan_train", model="mamba2-130m", batch=4, seqlen=2048, chunk=256)]
 
 
 def _parameters(heads: int, headdim: int, device) -> tuple:
@@ -128,6 +139,16 @@ def matmul_flops(config: dict) -> float:
     return 2.0 * steps * (chunk * (n + p) / 2 + 2 * n * p)
 
 
+def training_matmul_flops(config: dict) -> float:
+    """matmul_flops plus ours' backward: per step and head, (3 n + 4 p) Q / 2 multiply-adds on the
+    causal half of the chunk (C B^T and dy X^T twice each, dX, dB, dC) and 5 n p with the states
+    (dstates, the state terms of y, dC, dX and dB)."""
+    sizes = SIZES[config["model"]]
+    chunk, n, p = config["chunk"], sizes["dstate"], sizes["headdim"]
+    steps = config["batch"] * config["seqlen"] * sizes["heads"]
+    return matmul_flops(config) + 2.0 * steps * (chunk * (3 * n + 4 * p) / 2 + 5 * n * p)
+
+
 def _matmul_floor_ms(flops: float) -> float | None:
     rate = measure_ceilings().get("matmul_tflops")
     return flops / (rate * 1e12) * 1e3 if rate else None
@@ -136,6 +157,10 @@ def _matmul_floor_ms(flops: float) -> float | None:
 def _fired(compiled) -> str:
     found = compiled.patterns.count("ssd_scan")
     return "" if found == 1 else f"ssd_scan fused {found} of 1; "
+
+
+def _notes(compiled, capture_s: float | None) -> str:
+    return f"{_fired(compiled)}ours' first call {'failed' if capture_s is None else f'{capture_s:.1f} s'}"
 
 
 def measure_scan(config: dict, device, dtype) -> Row:
@@ -154,9 +179,7 @@ def measure_scan(config: dict, device, dtype) -> Row:
     peers["memory floor"] = memory_floor_ms(_nbytes([x, dt, B, C]) + _nbytes([x]))
     flops = matmul_flops(config)
     peers["matmul floor"] = _matmul_floor_ms(flops)
-    capture = "failed" if capture_s is None else f"{capture_s:.1f} s"
-    return Row("ssd_scan", config, ours, peers, work={"flops": flops}, notes=f"{_fired(compiled)}ours' first call "
-                                                                             f"{capture}")
+    return Row("ssd_scan", config, ours, peers, work={"flops": flops}, notes=_notes(compiled, capture_s))
 
 
 def measure_decode(config: dict, device, dtype) -> Row:
@@ -169,9 +192,36 @@ def measure_decode(config: dict, device, dtype) -> Row:
     return Row("ssd_scan", config, ours, peer_ms, work={"bytes": moved}, notes=_fired(compiled).rstrip("; "))
 
 
-MEASURE = {"scan": measure_scan, "decode": measure_decode}
+def _gradients(module, args: tuple, dout: torch.Tensor):
+    """One forward and the gradients of every input for the output gradient dout."""
+    return torch.autograd.grad(module(*args), args, dout)
 
 
-def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
+def measure_scan_train(config: dict, device, dtype) -> Row:
+    args = tuple(t.requires_grad_() for t in scan_inputs(config, device, dtype))
+    x, dt, _, B, C = args[:5]
+    dout = torch.randn_like(x)
+    module = ChunkScan(config["chunk"])
+    compiled = compiler.compile(ChunkScan(config["chunk"]))
+    capture_s = first_call_s(lambda: _gradients(compiled, args, dout))
+    ours = bench_ms(lambda: _gradients(compiled, args, dout))
+    peers = {"eager": bench_ms(lambda: _gradients(module, args, dout), warmup=2, rep=10)}
+    if device.type == "cuda":
+        inductor = torch.compile(ChunkScan(config["chunk"]))
+        peers["torch.compile"] = bench_ms(lambda: _gradients(inductor, args, dout))
+    peers["memory floor"] = memory_floor_ms(2 * _nbytes([x, dt, B, C]) + _nbytes([x, dout]) + _nbytes([x, dt, B, C]))
+    flops = training_matmul_flops(config)
+    peers["matmul floor"] = _matmul_floor_ms(flops)
+    notes = _notes(compiled, capture_s) + ("; the backward fell back to PyTorch" if "ran in PyTorch" in
+                                           compiled.report() else "")
+    return Row("ssd_scan", config, ours, peers, work={"flops": flops}, notes=notes)
+
+
+MEASURE = {"scan": measure_scan, "decode": measure_decode, "scan_train": measure_scan_train}
+
+
+def run(quick: bool, device: torch.device, headline: bool = False, training: bool = False) -> list[Row]:
+    """The suite's rows; headline: gpu_check's forward configs; training: only its fwd+bwd ones."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return run_configs("ssd_scan", grid(quick, headline), lambda config: MEASURE[config["op"]](config, device, dtype))
+    configs = training_grid(quick) if training else grid(quick, headline)
+    return run_configs("ssd_scan", configs, lambda config: MEASURE[config["op"]](config, device, dtype))

@@ -250,10 +250,11 @@ def _per_head(BC: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 
 @with_shapes(SCAN_SHAPES)
 def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
-                       initial_state=None, chunk: int = 64):
+                       initial_state=None, chunk: int = 64, chunk_states: bool = False):
     """(out, final_state) of the SSD scan in PyTorch, chunked as the kernels are (so that autograd
     through it, the op's backward, costs a few dozen ops at any L), in float32 (float64 when an
-    input is float64). dt_limit: (min, max) or None."""
+    input is float64). dt_limit: (min, max) or None. chunk_states: also return the state entering
+    each chunk of `chunk` steps, (b, chunks, h, p, n), as a training forward saves them."""
     compute = _compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_state)
     x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
     delta = step_sizes(dt, dt_bias, dt_softplus, dt_limit)
@@ -271,7 +272,8 @@ def ssd_scan_reference(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
     boundaries = torch.einsum("bhzc,bchpn->bzhpn", passing, torch.cat([start, states], dim=1))
     y = y + torch.einsum("bclhn,bchpn,bclh->bclhp", C, boundaries[:, :-1], torch.exp(cs))
     out = y.reshape(batch, -1, heads, headdim)[:, :seqlen]
-    return _epilogue(out, x, D, z, compute), boundaries[:, -1]
+    out = _epilogue(out, x, D, z, compute)
+    return (out, boundaries[:, -1], boundaries[:, :-1]) if chunk_states else (out, boundaries[:, -1])
 
 
 def _decay(a: torch.Tensor) -> torch.Tensor:

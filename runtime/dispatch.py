@@ -191,3 +191,22 @@ class FusedOp(torch.nn.Module):
         kernel.config = dict(config)
         self._configs[memo_key] = config
         return config
+
+
+class SavesChunkStates:
+    """Mixed into a scan's FusedOp whose `_scan(tensors, save)` returns (outputs, residuals): the
+    forward saves nothing; captured for training it saves [the states its backward kernels start
+    from], shaped by the op's `_chunk_states_like(*tensors)` (the fake kernel's too)."""
+
+    def forward(self, *tensors):
+        outputs, _ = self._scan(tensors, save=False)
+        return outputs
+
+    def forward_saving(self, *tensors):
+        if not self.differentiable:
+            return super().forward_saving(*tensors)
+        with launch_lock():
+            return self._scan(tensors, save=True)
+
+    def residuals_like(self, *tensors):
+        return [self._chunk_states_like(*tensors)] if self.differentiable else []

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from codegen import (attention, attention_backward, attention_decode, long_conv, long_conv_backward, short_conv,
-                     short_conv_backward, sparse_mlp, ssd_scan, ssm_scan, ssm_scan_backward)
+                     short_conv_backward, sparse_mlp, ssd_scan, ssd_scan_backward, ssm_scan, ssm_scan_backward)
 from runtime import library
 from runtime.attention import AttentionOp, EncoderLayerOp, MultiheadAttentionOp
 from runtime.dispatch import FusedOp
@@ -94,6 +94,11 @@ SSM_STATE_UPDATE = Template("ssm_state_update", ssm_scan.StateUpdateSpec, ssm_sc
 SSD_SCAN = Template("ssd_scan", ssd_scan.SSDSpec, ssd_scan.kernel_name, ssd_scan.render_scan, ssd_scan.CONFIG_KEYS,
                     ssd_scan.default_config, ssd_scan.config_space, ssd_scan.unsupported_reason,
                     ssd_scan.ssd_scan_reference)
+SSD_SCAN_BACKWARD = Template("ssd_scan_backward", ssd_scan.SSDSpec, ssd_scan_backward.backward_kernel_name,
+                             ssd_scan_backward.render_scan_backward, ssd_scan_backward.BACKWARD_CONFIG_KEYS,
+                             ssd_scan_backward.backward_default_config, ssd_scan_backward.backward_config_space,
+                             ssd_scan_backward.backward_unsupported_reason,
+                             ssd_scan_backward.ssd_scan_backward_reference)
 SSD_STATE_UPDATE = Template("ssd_state_update", ssd_scan.SSDStateUpdateSpec, ssd_scan.kernel_name,
                             ssd_scan.render_state_update, ssd_scan.STATE_UPDATE_CONFIG_KEYS, ssd_scan.default_config,
                             ssd_scan.config_space, ssd_scan.state_update_unsupported_reason,
@@ -110,7 +115,7 @@ FAMILIES = {
     "sparse_mlp": Family(SparseMLPOp, {"sparse_mlp": 1}, (SPARSE_MLP,)),
     "ssm_scan": Family(SelectiveScanOp, {"ssm_scan": 1, "ssm_scan_with_state": 2}, (SSM_SCAN,), (SSM_SCAN_BACKWARD,)),
     "ssm_state_update": Family(StateUpdateOp, {"ssm_state_update": 2}, (SSM_STATE_UPDATE,)),
-    "ssd_scan": Family(SSDScanOp, {"ssd_scan": 1, "ssd_scan_with_state": 2}, (SSD_SCAN,)),
+    "ssd_scan": Family(SSDScanOp, {"ssd_scan": 1, "ssd_scan_with_state": 2}, (SSD_SCAN,), (SSD_SCAN_BACKWARD,)),
     "ssd_state_update": Family(SSDStateUpdateOp, {"ssd_state_update": 2}, (SSD_STATE_UPDATE,)),
 }
 TEMPLATES = sorted(dict.fromkeys(template for family in FAMILIES.values()

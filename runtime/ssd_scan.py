@@ -19,14 +19,23 @@ merged dim's strides forbid a view):
 Outputs are allocated the way eager code produced them (shape and dtype, contiguous) and the
 kernels write through views of them: y, and the final state when the graph reads it (the scan),
 or the new state (the decode step; the graph's own copy_ into its cache stays in the graph).
+
+Training (a scan captured with grad): the forward also saves the state entering each chunk of
+saved_chunk(L) steps, (b, chunks, h, p, n) float32 (codegen/ssd_scan_backward.py says why), and
+the backward runs the generated backward kernels from them: dx and dz are written straight into
+tensors shaped like their operands (a float32 buffer summed down when the op's view of one
+broadcasts); the other gradients come back as float32 tensors in the kernel's layout and are
+summed over what the op's view broadcast, in each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
 import torch
 
 from codegen import ssd_scan as ssd_codegen
-from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Result, SSDLayout
-from runtime.dispatch import FusedOp, Kernel
+from codegen import ssd_scan_backward as ssd_backward
+from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Operand, Result, SSDLayout
+from runtime.dispatch import FusedOp, Kernel, SavesChunkStates, grad_like
+from runtime.interpret import launch_lock
 
 Labels = tuple[str, ...]
 
@@ -43,6 +52,24 @@ def arrange(x: torch.Tensor, labels: Labels, target: str, sizes: dict[str, int])
         if role not in present:
             x = x.unsqueeze(position)
     return x.expand([sizes[role] for role in target])
+
+
+def unarrange(grad: torch.Tensor, labels: Labels, target: str, like: torch.Tensor,
+              sizes: dict[str, int]) -> torch.Tensor:
+    """The gradient of `like` from `grad`, the gradient of arrange(like, labels, target, sizes): summed
+    over the roles arrange broadcast (in grad's dtype), in like's shape, dtype and strides."""
+    present = [role for label in labels for role in label]
+    broadcast = [i for i, role in enumerate(target) if role not in present]
+    grad = grad.sum(broadcast) if broadcast else grad
+    kept = [role for role in target if role in present]
+    grad = grad.permute([kept.index(role) for role in present])
+    split = [part for label, size in zip(labels, like.shape)
+             for part in ([sizes[role] for role in label] if len(label) > 1 else [size] * len(label))]
+    return grad_like(like, grad.sum_to_size(split).reshape(like.shape).to(like.dtype))
+
+
+def _broadcasts(view: torch.Tensor) -> bool:
+    return any(stride == 0 and size > 1 for stride, size in zip(view.stride(), view.shape))
 
 
 def _split(x: torch.Tensor, labels: Labels, sizes: dict[str, int]) -> torch.Tensor:
@@ -99,20 +126,22 @@ class _SSDOp(FusedOp):
         """Run `run(module, config)` with the config tuned (or guessed) for these sizes; `run` must be
         repeatable, since max-autotune calls it once per candidate."""
         spec = self.spec()
-        module, kernel = self.kernel_for(spec)
         shape = dict(headdim=self.sizes["p"], dstate=self.sizes["n"])
         scan = dict(seqlen=seqlen) if isinstance(spec, ssd_codegen.SSDSpec) else {}
+        self._tuned_run(self.kernel_for(spec), like, run, seqlen,
+                        default=lambda: ssd_codegen.default_config(spec, **scan, **shape, itemsize=like.element_size()),
+                        candidates=lambda: ssd_codegen.config_space(spec, **scan, **shape))
+
+    def _tuned_run(self, loaded: tuple[object, Kernel], like: torch.Tensor, run, seqlen: int, default,
+                   candidates) -> None:
+        module, kernel = loaded
         lengths = (self.sizes["b"], seqlen, self.sizes["h"], self.sizes["p"], self.sizes["n"])
-        config = self.tuned_config(
-            kernel, lengths, like,
-            default=lambda: ssd_codegen.default_config(spec, **scan, **shape, itemsize=like.element_size()),
-            candidates=lambda: ssd_codegen.config_space(spec, **scan, **shape),
-            run=lambda config: run(module, config),
-        )
+        config = self.tuned_config(kernel, lengths, like, default=default, candidates=candidates,
+                                   run=lambda config: run(module, config))
         run(module, config)
 
 
-class SSDScanOp(_SSDOp):
+class SSDScanOp(SavesChunkStates, _SSDOp):
     """y (and the final state) of an SSD scan over a whole sequence."""
 
     targets = SSD_SCAN_DIMS
@@ -132,25 +161,102 @@ class SSDScanOp(_SSDOp):
     def render(self, spec) -> str:
         return ssd_codegen.render_scan(spec)
 
-    def forward(self, *tensors):
+    def _chunk_states_like(self, *tensors) -> torch.Tensor:
+        """Saved for training: the state entering each chunk of saved_chunk(L) steps, (b, chunks, h, p, n)
+        in float32, from which the backward kernels start."""
+        sizes = self.sizes
+        shape = (sizes["b"], -(-sizes["l"] // self._saved_chunk()), sizes["h"], sizes["p"], sizes["n"])
+        return torch.empty(shape, dtype=torch.float32, device=tensors[0].device)
+
+    def _saved_chunk(self) -> int:
+        return ssd_backward.saved_chunk(self.sizes["l"])
+
+    def _scan(self, tensors, save: bool) -> tuple[object, list[torch.Tensor]]:
         args = self._arguments(tensors)
         out, out_view = self._allocate(self.layout.out, self.out_target, args["x"].device)
         state, state_view = (self._allocate(self.layout.state, "bhpn", out.device)
                              if self.layout.state is not None else (None, None))
+        chunk_states = self._chunk_states_like(*tensors) if save else None
         reason = self.why_not_kernel(list(tensors)) or ssd_codegen.unsupported_reason(
             **args, out=out_view, final_state=state_view)
         if reason is None:
             def run(module, config):
-                module.launch(**args, out=out_view, final_state=state_view, config=config, **self._options())
+                if save:  # tuned or not, the saved states are those of the backward's chunks
+                    config = _with_chunk(config, self._saved_chunk())
+                module.launch(**args, out=out_view, final_state=state_view, chunk_states=chunk_states, config=config,
+                              **self._options())
 
             self._launch(args["x"], run, seqlen=self.sizes["l"])
         else:
             self.fell_back(reason)
-            y, h = ssd_codegen.ssd_scan_reference(**args, **self._options())
+            saving = dict(chunk=self._saved_chunk(), chunk_states=True) if save else {}
+            y, h, *saved = ssd_codegen.ssd_scan_reference(**args, **self._options(), **saving)
             out_view.copy_(y)
             if state_view is not None:
                 state_view.copy_(h)
-        return out if state is None else (out, state)
+            if chunk_states is not None:
+                chunk_states.copy_(saved[0])
+        outputs = out if state is None else (out, state)
+        return outputs, [] if chunk_states is None else [chunk_states]
+
+    def backward(self, operands, outputs, residuals, grads):
+        """The backward kernels from the saved chunk states; where they cannot run (captured for
+        inference, a dtype, device or size the kernels do not take), the reference recomputed under
+        autograd, the reason counted for report()."""
+        args, output_grads = self._arguments(operands), self._output_gradients(grads)
+        reason = ("no chunk states: captured for inference" if not residuals else
+                  self.why_not_kernel(list(operands) + list(grads))
+                  or ssd_codegen.unsupported_reason(**args, out=output_grads["dout"],
+                                                    final_state=output_grads["dfinal_state"])
+                  or ssd_backward.backward_unsupported_reason(self.sizes["p"], self.sizes["n"]))
+        if reason is not None:
+            return self.recomputed_backward(operands, grads, reason=f"backward: {reason}")
+        with launch_lock():
+            return self._backward_kernels(operands, args, residuals[0], output_grads)
+
+    def _output_gradients(self, grads) -> dict[str, torch.Tensor | None]:
+        """dout and dfinal_state in the kernel's layout (dfinal_state None without a final state)."""
+        state = self.layout.state
+        return dict(dout=arrange(grads[0], self.layout.out.labels, self.out_target, self.sizes),
+                    dfinal_state=None if state is None else arrange(grads[1], state.labels, "bhpn", self.sizes))
+
+    def _backward_kernels(self, operands, args, chunk_states, grads) -> list[torch.Tensor]:
+        written = {operand.name: self._gradient_buffer(operand, tensor)
+                   for operand, tensor in zip(self.layout.operands, operands) if operand.name in ("x", "z")}
+        views = {name: view for name, (_, view) in written.items()}
+        sums = {}
+
+        def run(module, config):
+            sums.update(module.launch(**args, **grads, chunk_states=chunk_states, dx=views["x"], dz=views.get("z"),
+                                      chunk=self._saved_chunk(), config=config, **self._options()))
+
+        sizes = self.sizes
+        shape = dict(seqlen=sizes["l"], heads=sizes["h"], groups=sizes["g"], headdim=sizes["p"], dstate=sizes["n"])
+        loaded = self.load_kernel(self.spec(), ssd_backward.backward_kernel_name, ssd_backward.render_scan_backward)
+        self._tuned_run(loaded, args["x"], run, sizes["l"],
+                        default=lambda: ssd_backward.backward_default_config(
+                            batch=sizes["b"], **shape, itemsize=args["x"].element_size()),
+                        candidates=lambda: ssd_backward.backward_config_space(**shape))
+        in_place = {name: grad for name, (grad, _) in written.items() if grad is not None}
+        arranged = {**views, **sums}
+        return [grad_like(tensor, in_place[operand.name]) if operand.name in in_place
+                else unarrange(arranged[operand.name], operand.labels, self.targets[operand.name], tensor, sizes)
+                for operand, tensor in zip(self.layout.operands, operands) if tensor.is_floating_point()]
+
+    def _gradient_buffer(self, operand: Operand, tensor: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the gradient, its kernel view) for x or z: a contiguous tensor of the operand's shape, which
+        every merged dim views, when the kernel's view of the operand broadcasts nothing; else (None, a
+        float32 buffer summed afterwards)."""
+        grad = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        view = arrange(grad, operand.labels, self.targets[operand.name], self.sizes)
+        if not _broadcasts(view):
+            return grad, view
+        return None, torch.empty(view.shape, dtype=torch.float32, device=tensor.device)
+
+
+def _with_chunk(config: dict, chunk: int) -> dict:
+    """A forward config run with chunks of `chunk` steps, its tiles no longer than a chunk."""
+    return dict(config, CHUNK=chunk, BLOCK_M=min(config["BLOCK_M"], chunk), BLOCK_K=min(config["BLOCK_K"], chunk))
 
 
 class SSDStateUpdateOp(_SSDOp):

@@ -32,7 +32,7 @@ import torch
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
-from runtime.dispatch import FusedOp, Kernel, grad_like
+from runtime.dispatch import FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
 
 Labels = tuple[str | None, ...]
@@ -125,7 +125,7 @@ class _SSMOp(FusedOp):
         run(module, config)
 
 
-class SelectiveScanOp(_SSMOp):
+class SelectiveScanOp(SavesChunkStates, _SSMOp):
     """y (and the final state) of a selective scan over a whole sequence, from a zero state."""
 
     pattern = "ssm_scan"
@@ -141,23 +141,11 @@ class SelectiveScanOp(_SSMOp):
     def render(self, spec) -> str:
         return ssm_codegen.render_scan(spec)
 
-    def forward(self, *tensors):
-        outputs, _ = self._scan(tensors, save=False)
-        return outputs
-
-    def forward_saving(self, *tensors):
-        """Captured for training: the outputs and [chunk_states], the state entering every CHUNK_LEN
-        steps (b, d, L / CHUNK_LEN, n), from which the backward kernel recomputes the rest."""
-        if not self.differentiable:
-            return super().forward_saving(*tensors)
-        with launch_lock():
-            return self._scan(tensors, save=True)
-
-    def residuals_like(self, *tensors):
-        if not self.differentiable:
-            return []
-        return [torch.empty(self._chunk_states_shape(), dtype=ssm_codegen.compute_dtype(*tensors),
-                            device=tensors[0].device)]
+    def _chunk_states_like(self, *tensors) -> torch.Tensor:
+        """Saved for training: the state entering every CHUNK_LEN steps (b, d, L / CHUNK_LEN, n), from
+        which the backward kernel recomputes the rest."""
+        return torch.empty(self._chunk_states_shape(), dtype=ssm_codegen.compute_dtype(*tensors),
+                           device=tensors[0].device)
 
     def _chunk_states_shape(self) -> tuple[int, ...]:
         chunks = -(-self.sizes["l"] // ssm_codegen.CHUNK_LEN)
@@ -168,7 +156,7 @@ class SelectiveScanOp(_SSMOp):
         out, out_view = self._allocate(self.layout.out, self.out_target, args["u"].device)
         state, state_view = (self._allocate(self.layout.state, self.state_target, out.device)
                              if self.layout.state is not None else (None, None))
-        chunk_states = self.residuals_like(*tensors)[0] if save else None
+        chunk_states = self._chunk_states_like(*tensors) if save else None
         reason = self.why_not_kernel(list(tensors)) or ssm_codegen.unsupported_reason(
             **args, last_state=state_view, out=out_view)
         if reason is None:

@@ -30,6 +30,19 @@ def assert_close_by_rule(ours: torch.Tensor, baseline: torch.Tensor, reference: 
     assert ours_error <= allowed, f"max error {ours_error:.3e} > allowed {allowed:.3e} ({ours.dtype})"
 
 
+def assert_each_close_by_rule(names, ours, baselines, references) -> None:
+    """assert_close_by_rule on each named triple (gradients, say), the failure naming its tensor; where
+    the reference is None (no gradient), ours is None or zero."""
+    for name, mine, theirs, exact in zip(names, ours, baselines, references, strict=True):
+        if exact is None:
+            assert mine is None or not mine.any(), name
+            continue
+        try:
+            assert_close_by_rule(mine, theirs, exact)
+        except AssertionError as error:
+            raise AssertionError(f"d {name}: {error}") from None
+
+
 def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
     """An output buffer filled with NaN, so a kernel that skips an element is caught."""
     return torch.full_like(tensor, float("nan"))

@@ -22,7 +22,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import torch  # noqa: E402
 
 from codegen import (attention, attention_backward, attention_decode, long_conv, long_conv_backward,  # noqa: E402
-                     short_conv, short_conv_backward, sparse_mlp, ssd_scan, ssm_scan, ssm_scan_backward)
+                     short_conv, short_conv_backward, sparse_mlp, ssd_scan, ssd_scan_backward, ssm_scan,
+                     ssm_scan_backward)
 from runtime.cross_compile import compile_only  # noqa: E402
 from runtime.loader import load_source  # noqa: E402
 
@@ -303,6 +304,31 @@ def _ssd(dtype, dstate, headdim, fused, out_dtype, batch=2, seqlen=8192, heads=2
                   torch.empty_like(x, dtype=out_dtype), **extras)
 
 
+def ssd_scan_backward_cases() -> Iterator[tuple[str, Callable[[], None]]]:
+    """Mamba2-130M's heads (24 of 64, 128 states, one group), 48 in 8 groups, the widest state tiles
+    the backward takes (64 x 256, 128 x 128)."""
+    for dtype, dstate, headdim, fused, heads, groups in [(BF16, 128, 64, True, 24, 1), (FP32, 128, 64, False, 24, 1),
+                                                         (FP16, 64, 64, True, 24, 1), (BF16, 128, 64, False, 48, 8),
+                                                         (BF16, 256, 64, True, 24, 1), (BF16, 128, 128, True, 24, 1)]:
+        yield f"backward {dtype} n {dstate} p {headdim} h {heads} g {groups} all fused={fused}", \
+            lambda dtype=dtype, dstate=dstate, headdim=headdim, fused=fused, heads=heads, groups=groups: \
+            _ssd_backward(dtype, dstate, headdim, fused, heads, groups)
+
+
+def _ssd_backward(dtype, dstate, headdim, fused, heads, groups, batch=2, seqlen=8192):
+    spec = ssd_scan.SSDSpec(*(fused,) * 7)
+    module = load(ssd_scan_backward.backward_kernel_name, ssd_scan_backward.render_scan_backward, spec)
+    x = meta(batch, seqlen, heads, headdim, dtype=dtype)
+    bc = meta(batch, seqlen, groups, dstate, dtype=dtype)
+    chunk_states = meta(batch, seqlen // ssd_scan_backward.saved_chunk(seqlen), heads, headdim, dstate, dtype=FP32)
+    extras = dict(D=meta(heads, headdim, dtype=FP32), z=torch.empty_like(x), dz=torch.empty_like(x),
+                  dt_bias=meta(heads, dtype=FP32), dt_softplus=True, dt_limit=(0.0, float("inf")),
+                  initial_state=meta(batch, heads, headdim, dstate), dfinal_state=meta(batch, heads, headdim, dstate)
+                  ) if fused else {}
+    module.launch(x, meta(batch, seqlen, heads, dtype=dtype), meta(batch, seqlen, heads, dtype=FP32), bc, bc,
+                  torch.empty_like(x), chunk_states, torch.empty_like(x), **extras)
+
+
 def _ssd_state_update(dtype, dstate, batch=8, heads=24, headdim=64, groups=1):
     module = load(ssd_scan.kernel_name, ssd_scan.render_state_update, ssd_scan.SSDStateUpdateSpec(*(True,) * 5))
     x, state, bc = meta(batch, heads, headdim, dtype=dtype), meta(batch, heads, headdim, dstate, dtype=FP32), \
@@ -317,7 +343,7 @@ FAMILIES = {
     "long_conv": long_conv_cases,
     "short_conv": short_conv_cases, "sparse_mlp": sparse_mlp_cases, "ssm_scan": ssm_scan_cases,
     "long_conv_backward": long_conv_backward_cases, "short_conv_backward": short_conv_backward_cases,
-    "ssd_scan": ssd_scan_cases,
+    "ssd_scan": ssd_scan_cases, "ssd_scan_backward": ssd_scan_backward_cases,
 }
 
 

@@ -95,10 +95,11 @@ def test_valid_tuned_config_is_used(tmp_path):
 
 def test_every_family_declares_the_keys_of_its_configs():
     """Each family's default config and every autotuning candidate pass the validation."""
-    from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssm_scan
+    from codegen import attention, attention_decode, long_conv, short_conv, sparse_mlp, ssd_scan_backward, ssm_scan
 
     prefill, decode = attention.AttentionSpec(64, 64), attention_decode.DecodeSpec(64, 64)
     scan, step = ssm_scan.ScanSpec(), ssm_scan.StateUpdateSpec()
+    ssd_sizes = dict(seqlen=2048, heads=24, groups=1, headdim=64, dstate=128)
     configs = {
         "attention_d64": [attention.default_config(prefill, 128, 128), *attention.config_space(prefill)],
         "attention_decode_d64": [attention_decode.default_config(decode, 1, 512, group=4, kv_rows=2),
@@ -113,6 +114,8 @@ def test_every_family_declares_the_keys_of_its_configs():
                      *ssm_scan.config_space(scan, 16)],
         "ssm_state_update": [ssm_scan.default_config(step, batch=1, dim=16, groups=1, dstate=16),
                              *ssm_scan.config_space(step, 16)],
+        "ssd_scan_backward_D": [ssd_scan_backward.backward_default_config(batch=1, **ssd_sizes),
+                                *ssd_scan_backward.backward_config_space(**ssd_sizes)],
     }
     for kernel, family_configs in configs.items():
         assert autotune.family_config_keys(kernel) is not None, kernel

@@ -113,7 +113,7 @@ def test_opcheck(build):
 
 
 @pytest.mark.parametrize("name", ["attention_causal_gqa", "attention_additive_mask", "multihead_attention_padding",
-                                  "ssm_scan", "ssm_scan_with_state"])
+                                  "ssm_scan", "ssm_scan_with_state", "ssd_scan", "ssd_scan_with_state"])
 def test_opcheck_of_ops_captured_for_training(name):
     """Captured with grad, an op returns its backward's residuals (lse, MHA's attention output, chunk
     states), the fake kernel's like the real ones, and its backward kernels pass autograd's and
