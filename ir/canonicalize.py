@@ -22,6 +22,7 @@
                                                            spelled as a concatenation)
     where(c, x, zeros_like(x)) (zeros, new_zeros, full(.., 0), tensor(0.); either branch; not widening
     the result's shape or dtype)                        -> where(c, x, 0.0)
+    x * sigmoid(x) (either order)                       -> silu(x)  (SiLU / Swish written out)
     e = exp(x - max(x, -1, keepdim)); e / sum(e, -1, keepdim) -> softmax(x, -1)  (softmax written out,
                                                            the max as amax, max(...).values or [0])
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
@@ -419,6 +420,19 @@ def _rewrite_zero_branch(graph: Graph, node: Node) -> None:
         return
 
 
+# -- activations written out -----------------------------------------------------------
+def _rewrite_written_out_silu(graph: Graph, node: Node) -> None:
+    """x * sigmoid(x) (either order): silu(x), SiLU / Swish as much model code writes it."""
+    if len(node.inputs) != 2 or node.attrs.get("scalar") is not None:
+        return
+    for x_name, sigmoid_name in (node.inputs, node.inputs[::-1]):
+        sigmoid = graph.node(sigmoid_name)
+        if sigmoid.op == "sigmoid" and sigmoid.inputs == [x_name] and node.value is not None:
+            silu = _new_node(graph, node, "silu", [x_name], {}, node.value)
+            graph.replace_uses(node.name, silu.name)
+            return
+
+
 # -- softmax written out ---------------------------------------------------------------
 def _rewrite_written_out_softmax(graph: Graph, node: Node) -> None:
     """e / sum(e, -1, keepdim=True) with e = exp(x - rowmax(x)) over the same last dim: softmax(x).
@@ -600,6 +614,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
+    "mul": [_rewrite_written_out_silu],
     "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],
     "addmm": [_rewrite_addmm],
     "reshape": [_rewrite_repeat_kv, _rewrite_expanded_repeat, _drop_metadata_reads],

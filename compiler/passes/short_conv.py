@@ -121,16 +121,10 @@ def _check_pad(pad: Node, width: int) -> None:
 
 def _activation(graph: Graph, y: Node) -> tuple[Node, str | None]:
     """(act(y), its name in codegen.activations) when y's only reader applies a fused activation
-    (SiLU also as y * sigmoid(y)); else (y, None)."""
+    (SiLU written out as y * sigmoid(y) is canonicalised into silu); else (y, None)."""
     users = graph.users(y.name)
     if len(users) == 1 and users[0].op in ("silu", "relu"):
         return users[0], users[0].op
     if len(users) == 1 and users[0].op == "gelu":
         return users[0], "gelu" if users[0].attrs["approximate"] == "none" else "gelu_tanh"
-    if len(users) == 2:
-        sigmoid = next((user for user in users if user.op == "sigmoid"), None)
-        product = next((user for user in users if user.op == "mul"), None)
-        if (sigmoid is not None and product is not None and sorted(product.inputs) == sorted([y.name, sigmoid.name])
-                and [user.name for user in graph.users(sigmoid.name)] == [product.name]):
-            return product, "silu"
     return y, None

@@ -327,6 +327,14 @@ class WhereSelected(LlamaMLP):
         return self.down_proj(torch.where(keep, h, 0.0 if self.zero is None else self.zero(h)))
 
 
+class SwishWrittenOut(LlamaMLP):
+    """SiLU written out as older code writes Swish, g * torch.sigmoid(g), masked by a predictor."""
+
+    def forward(self, x, mask):
+        g = self.gate_proj(x)
+        return self.down_proj(mask * (torch.sigmoid(g) * g) * self.up_proj(x))
+
+
 class MaskedFillGate(LlamaMLP):
     """The dropped neurons zeroed on the gate alone, gate.masked_fill(~keep, 0) * up."""
 
@@ -436,6 +444,7 @@ GATED_SPELLINGS = [  # (module, selector, activation, bias)
     (DownStoredTransposed, "idx", "relu", False),
     (DReLU, "bool", "relu", True),
     (InPlaceProduct, "float", "silu", False),
+    (SwishWrittenOut, "float", "silu", False),
     (Phi3MLP, "float", "silu", False),
     (MergedSliced, "bool", "gelu", True),
 ]

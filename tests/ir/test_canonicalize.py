@@ -53,6 +53,18 @@ def test_canonical_ops_and_round_trip():
     torch.testing.assert_close(lowered(q, k, v)[0], Spellings()(q, k, v))
 
 
+def test_silu_written_out_is_silu():
+    class Swish(nn.Module):
+        def forward(self, x, y):
+            return x * torch.sigmoid(x) + y.sigmoid() * y + x * torch.sigmoid(y)  # the last is no SiLU
+
+    x, y = torch.randn(3, 7), torch.randn(3, 7)
+    _, graph = imported(Swish(), x, y)
+    graph.eliminate_dead_code(lambda node: True)
+    assert [node.op for node in graph].count("silu") == 2 and "mul" in [node.op for node in graph]
+    torch.testing.assert_close(to_fx(graph)(x, y)[0], Swish()(x, y))
+
+
 def test_div_by_scalar_is_a_scale():
     class Scaled(nn.Module):
         def forward(self, x):
