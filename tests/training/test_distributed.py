@@ -74,6 +74,7 @@ def _worker(rank: int, wrapper: str, port: int, results: str) -> None:
         parameters = _full_parameters(model.module if wrapper == "ddp" else model)
         if rank == 0:
             torch.save((gathered, parameters, compiled.patterns), results)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
