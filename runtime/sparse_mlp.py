@@ -248,8 +248,8 @@ class SparseMLPOp(FusedOp):
             options["up_activation"] = self.up_activation
 
         def run(config):
-            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out,
-                                        activation=self.activation, row_mask=row_mask, config=config, **options)
+            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
+                                        row_mask=row_mask, config=config, checked=True, **options)
 
         gated = self.layout.gated
         tuning = dict(default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
