@@ -10,7 +10,9 @@ or causal with block skipping); a mask known only at run time is passed as a ten
 applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
 registered tril) is only trusted while the mask the graph computes from them equals the one
 it was read from (`folded_mask`, compared on every call: writes through `.data`, `.numpy()` or
-the storage bypass the version counter); otherwise the op applies that mask tensor. A scale
+the storage bypass the version counter); otherwise the op applies that mask tensor. Compiled for
+CUDA graphs (`sync_free`), it applies the mask tensor always: exact without the compare's host
+sync, at the cost of the static form's block skipping. A scale
 read from module state is recomputed whenever the factors the graph computes change. Two masks applied in turn
 (a causal where, then a padding bias) arrive as two tensors with a `chain` form; the op combines
 them into one additive bias (combined_bias), which equals eager wherever a row keeps a clearly
@@ -347,12 +349,23 @@ class AttentionOp(FusedOp):
         return (mask * form.multiplier if form.multiplier != 1.0 else mask), None
 
     def _choose_form(self, masks) -> MaskForm:
-        """The static form while the graph's mask is the one it was read from (one host sync), else the tensor form."""
+        """The static form while the graph's mask is the one it was read from (one host sync), else the
+        tensor form; compiled sync-free, the tensor form whenever there is one (exact without the
+        check, at the cost of the static form's block skipping)."""
         if self.static_form is None:
             return self.tensor_form
-        if self.tensor_form is None or (self._static_holds and torch.equal(masks[0], self._folded_mask)):
+        if self.tensor_form is None or (not self.sync_free and self._static_holds
+                                        and torch.equal(masks[0], self._folded_mask)):
             return self.static_form
         return self.tensor_form
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        if self.scale_exponents:
+            return "its scale is read from module state on the host (a float of each factor, per call)"
+        if self.tensor_form is not None and self.tensor_form.chain:
+            return "its chained masks are checked on the host for rows with no clearly visible key (combined_bias)"
+        return None
 
     # -- layout ----------------------------------------------------------------------
     def _to_4d(self, q, k, v, masks):

@@ -10,7 +10,10 @@ torch.ops.flashfx.<library_op>(operands, key) (runtime.library). On each call it
 
 so it never returns an answer the kernel could not compute correctly. What the call's metadata
 decides (views, reasons from shapes and dtypes, spec, config, output shapes) each family keeps per
-call signature (runtime.plans: `plan_key`, `launch_config`). An op captured for
+call signature (runtime.plans: `plan_key`, `launch_config`). An op compiled for CUDA graphs
+(`sync_free`) makes no host synchronisation on its default path; one that must still read values
+on the host says why (`host_sync_reason`) and is called through its custom op's cudagraph_unsafe
+twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
 training (`differentiable`, decided at compile time from whether its output requires grad, which
 TorchDynamo guards) also returns the residuals its backward kernels need (`forward_saving`). A
 family without backward kernels, or a call they cannot take, recomputes the reference under
@@ -98,7 +101,20 @@ class FusedOp(torch.nn.Module):
 
     @property
     def custom_op(self):
-        return library.custom_op(self.library_op)
+        """The custom op the lowered graph calls: library_op, or its twin for CUDA graphs to leave out."""
+        return library.custom_op(self.library_op + (library.HOST_SYNC if self.host_synced else ""))
+
+    sync_free = False  # compiled for CUDA graphs (compiler.lower.CUDA_GRAPHS): the default path never syncs
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        """Why this op's default path reads tensor values on the host even when sync_free, or None."""
+        return None
+
+    @property
+    def host_synced(self) -> bool:
+        """Compiled for CUDA graphs but reading values on the host: Inductor runs it outside them."""
+        return self.sync_free and self.host_sync_reason is not None
 
     # the custom op's result (outputs, then the residuals list) -> what the replaced node returned
     graph_output = staticmethod(library.visible_outputs)

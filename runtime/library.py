@@ -18,7 +18,10 @@ so FakeTensor shape propagation, autograd, AOTAutograd and Inductor see an ordin
                      returns one gradient per floating-point operand
 
 Every schema ends in `Tensor[] residuals`, which the lowered graph drops (`visible_outputs`). The
-family registry (runtime.families) defines one op per name its rows declare (`define`).
+family registry (runtime.families) defines one op per name its rows declare (`define`), and for
+each a twin, <name>_host_sync, tagged torch.Tag.cudagraph_unsafe: an op compiled for CUDA graphs
+whose default path must read tensor values on the host calls it (and its backward,
+backward_host_sync), so Inductor runs it between the captured partitions.
 
 The ops are registered through a torch.library.Library (define, impl, register_fake) rather than
 torch.library.custom_op, whose every call pays for a Python autograd wrapper, a redispatch, a
@@ -43,6 +46,7 @@ from torch._library.autograd import Info as AutogradInfo, make_autograd_impl
 from runtime.interpret import launch_lock
 
 NAMESPACE = "flashfx"
+HOST_SYNC = "_host_sync"  # the suffix of each op's twin that Inductor runs outside CUDA graphs (`define`)
 OUTPUTS: dict[str, int] = {}  # custom op -> how many tensors it returns before its residuals (`define`)
 BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] outputs, Tensor[] residuals, Tensor[] grads, str op) -> Tensor[]"
 
@@ -125,8 +129,9 @@ def _save_for_backward(ctx, inputs, output) -> None:
 def _backward(ctx, *grads):
     saved = list(ctx.saved_tensors)
     operands, outputs = ctx.counts
-    found = iter(torch.ops.flashfx.backward(saved[:operands], saved[operands:operands + outputs],
-                                            saved[operands + outputs:], list(grads[:-1]), ctx.op))
+    backward = custom_op("backward" + (HOST_SYNC if lookup(ctx.op).host_synced else ""))
+    found = iter(backward(saved[:operands], saved[operands:operands + outputs], saved[operands + outputs:],
+                          list(grads[:-1]), ctx.op))
     return [next(found) if floating else None for floating in ctx.floating], None
 
 
@@ -173,19 +178,22 @@ def _plain(keyset) -> bool:
 
 
 def define(name: str, outputs: int) -> None:
-    """torch.ops.flashfx.<name>: a fused op returning `outputs` tensors, then its residuals."""
-    OUTPUTS[name] = outputs
-    returns = f"({'Tensor, ' * outputs}Tensor[] residuals)"
-    _LIBRARY.define(f"{name}(Tensor[] operands, str op) -> {returns}")  # `op`: the FusedOp's key
-    _LIBRARY.impl(name, _run, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NAMESPACE}::{name}", _fake, lib=_LIBRARY)
-    _LIBRARY.impl(name, _autograd_kernel(name), "Autograd", with_keyset=True)
+    """torch.ops.flashfx.<name>: a fused op returning `outputs` tensors, then its residuals; and its
+    twin <name>_host_sync, tagged cudagraph_unsafe (a FusedOp's `host_synced` picks it)."""
+    for op_name, tags in ((name, ()), (name + HOST_SYNC, (torch.Tag.cudagraph_unsafe,))):
+        OUTPUTS[op_name] = outputs
+        returns = f"({'Tensor, ' * outputs}Tensor[] residuals)"
+        _LIBRARY.define(f"{op_name}(Tensor[] operands, str op) -> {returns}", tags=tags)  # `op`: the FusedOp's key
+        _LIBRARY.impl(op_name, _run, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{NAMESPACE}::{op_name}", _fake, lib=_LIBRARY)
+        _LIBRARY.impl(op_name, _autograd_kernel(op_name), "Autograd", with_keyset=True)
 
 
 def _define_backward() -> None:
-    backward = torch.library.custom_op(f"{NAMESPACE}::backward", _run_backward, mutates_args=(),
-                                       schema=BACKWARD_SCHEMA)
-    backward.register_fake(_fake_backward)
+    for name, tags in (("backward", None), ("backward" + HOST_SYNC, (torch.Tag.cudagraph_unsafe,))):
+        backward = torch.library.custom_op(f"{NAMESPACE}::{name}", _run_backward, mutates_args=(),
+                                           schema=BACKWARD_SCHEMA, tags=tags)
+        backward.register_fake(_fake_backward)
 
 
 _define_backward()

@@ -248,8 +248,9 @@ class SparseMLPOp(FusedOp):
             options["up_activation"] = self.up_activation
 
         def run(config):
-            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
-                                        row_mask=row_mask, config=config, checked=True, **options)
+            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out,
+                                        activation=self.activation, row_mask=row_mask, config=config, checked=True,
+                                        **options)
 
         gated = self.layout.gated
         tuning = dict(default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
@@ -264,9 +265,17 @@ class SparseMLPOp(FusedOp):
     def _sm_count(device: torch.device) -> int | None:
         return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
+    @property
+    def host_sync_reason(self) -> str | None:
+        if self.layout.form == "masked":
+            return "the neurons its mask keeps are found on the host (their number sizes the launch)"
+        return None
+
     def _column_major(self, w2: torch.Tensor) -> torch.Tensor:
-        """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged."""
-        if w2.stride(0) == 1:
+        """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged.
+        Compiled for CUDA graphs, w2 itself: a replay would not see w2 change, and so could not renew
+        the copy (the down kernel then reads the selected columns with stride F, uncoalesced)."""
+        if w2.stride(0) == 1 or self.sync_free:
             return w2
         key = (w2.data_ptr(), w2._version, tuple(w2.shape), w2.stride(), w2.dtype, w2.device)
         cached = self._w2_column_major
