@@ -5,7 +5,8 @@ that synchronises with the host on CUDA (item, tolist, bool, equal, nonzero...: 
 dispatch mode that raises on them); a mask folded from module state is applied as a tensor, so a
 write through `.data` still gives eager's answer; ops that must read values on the host (a scale
 from module state, chained masks) call their custom op's cudagraph_unsafe twin, stay exact, and
-report() says they run outside CUDA graphs. On a GPU: a decode step is captured and replayed
+report() says they run outside CUDA graphs; run-time fallbacks are still reported. On a GPU: a
+decode step is captured and replayed
 (no fused op's Python runs on a replay) and matches eager, step after step.
 """
 from __future__ import annotations
@@ -104,6 +105,21 @@ def test_ops_reading_values_on_the_host_run_outside_cuda_graphs_and_stay_exact(c
         module.state.data.fill_(0.5)
         with torch.no_grad():
             torch.testing.assert_close(compiled(*args), module(*args))
+
+
+def test_run_time_fallbacks_are_still_reported():
+    """A row with no visible key (read on the host, outside the graphs) and sizes past the launch grid's
+    limit (decided from metadata, so a captured graph holds the reference) fall back exactly, reported."""
+    chained, chained_args = CausalThenPadding(), (*qkv(2, 2, 17, 17, 16), padding_masks(2, 17, "left")[1])
+    wide, wide_args = CASES["attention"]()[0], qkv(4100, 16, 1, 3, 8)  # batch * heads > 65535
+    for module, args, reason in [(chained, chained_args, "keeps no clearly visible key"),
+                                 (wide, wide_args, "exceeds the launch grid's limit")]:
+        compiled, calls, out = sync_free_calls(module, args)
+        torch.testing.assert_close(out, module(*args), equal_nan=True)
+        assert f"{calls[0][0].label} ran in PyTorch 1x" in compiled.report() and reason in compiled.report()
+    (op, operands), = calls
+    with torch.no_grad(), launch_lock(), NoHostSync():
+        op.forward_saving(*operands)  # the reference, as a captured graph would hold it
 
 
 @pytest.mark.parametrize("options", [dict(mode="reduce-overhead"), dict(options={"cudagraphs": True})],
