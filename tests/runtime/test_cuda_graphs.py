@@ -6,8 +6,8 @@ dispatch mode that raises on them); a mask folded from module state is applied a
 write through `.data` still gives eager's answer; ops that must read values on the host (a scale
 from module state, chained masks) call their custom op's cudagraph_unsafe twin, stay exact, and
 report() says they run outside CUDA graphs; run-time fallbacks are still reported. On a GPU: a
-decode step is captured and replayed
-(no fused op's Python runs on a replay) and matches eager, step after step.
+decode step is captured and replayed (no fused op's Python runs on a replay) and matches eager,
+step after step.
 """
 from __future__ import annotations
 
