@@ -113,12 +113,13 @@ def rows(calls: int) -> list[tuple[str, str, float, float, float]]:
             if op.label in seen:
                 continue
             seen.add(op.label)
+            custom_op = op.custom_op  # the OpOverload the lowered graph holds
             with torch.no_grad():
                 with no_launch(op):
                     module = median_us(lambda: op(*operands), calls)
-                    custom = median_us(lambda: op.custom_op(operands, op.key), calls)
+                    custom = median_us(lambda: custom_op(operands, op.key), calls)
                 with no_kernels(op):
-                    launcher = median_us(lambda: op.custom_op(operands, op.key), calls)
+                    launcher = median_us(lambda: custom_op(operands, op.key), calls)
             table.append((name, f"{op.library_op} ({op.label})", module, custom, launcher))
     return table
 
