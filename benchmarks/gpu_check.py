@@ -7,11 +7,12 @@ headline configs against the peers measured in the same run, and one summary tab
 
 Plan, in priority order, so that a run cut short has done what matters most:
 
-    1. GPU tests   GPU_TESTS, 42 of the 96 `gpu` tests: each family's kernel at real sizes, awkward
+    1. GPU tests   GPU_TESTS, 44 of the 96 `gpu` tests: each family's kernel at real sizes, awkward
                    sizes, dtypes and layouts (the backward kernels too), every autotuning candidate
                    of the attention (head dim 128; the backward's dkdv kernel), long-conv,
                    short-conv and sparse-MLP kernels, compile() on real-size
-                   modules, and eight threads sharing one compiled model; pytest-xdist, one
+                   modules, eight threads sharing one compiled model, and a decode step under
+                   CUDA graphs (mode "reduce-overhead"); pytest-xdist, one
                    worker per core (16), so the JIT compiles overlap
     2. ceilings    bf16 matmul, device-to-device copy, tl.exp2 rate (benchmarks.common)
     3. headline    each suite's run(..., headline=True), reusing the suites' measurements:
@@ -184,6 +185,10 @@ GPU_TESTS = [
     "tests/compiler/test_sparse_mlp_pass.py::test_relu_llama_2_7b_mlp_bf16[1]",
     # eight threads calling one compiled model (kernels run concurrently, not serialised as on the interpreter)
     "tests/reliability/test_threads.py::test_threads_share_one_compiled_model_on_the_gpu",
+    # mode="reduce-overhead": a decode step captured and replayed under Inductor's CUDA graphs, and a folded
+    # causal buffer written through .data between replays
+    "tests/runtime/test_cuda_graphs.py::test_decode_step_is_captured_and_replayed",
+    "tests/runtime/test_cuda_graphs.py::test_folded_causal_buffer_under_cuda_graphs_follows_data_writes",
 ]
 OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 TEST_ID = re.compile(r"tests/\S+\.py::\S+")

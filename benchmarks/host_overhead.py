@@ -3,17 +3,24 @@
     PYTHONPATH=. python benchmarks/host_overhead.py [--calls 2000] [--out results.md]
 
 Each bundled model is compiled and called once; every fused op's calls are recorded with their
-operands. Then, with each generated kernel's `launch` replaced by a function that returns at once,
-each op is called `--calls` times two ways:
+operands. Then each op is called `--calls` times three ways:
 
-    module        op(*operands): the FusedOp itself (what the graph called before the custom ops)
-    custom op     torch.ops.flashfx.<family>(operands, key): what the lowered graph calls now
+    module        op(*operands): the FusedOp itself, each generated module's `launch` replaced by a
+                  function that returns at once (what the graph called before the custom ops)
+    custom op     torch.ops.flashfx.<family>(operands, key), `launch` replaced likewise: what the
+                  lowered graph calls now, up to the generated launcher
+    + launcher    the custom op with only the Triton kernels themselves replaced (`kernel[grid](...)`
+                  returns at once): the generated launcher's Python counted too
 
-and the median microseconds per call are printed as a Markdown table, with the difference. What
-remains is flashfx's own work per call: the dispatcher, the registry lookup, the interpreter lock,
-layout views, the fallback checks, the tuned-config lookup, the output allocation, and where the op
-checks module state folded in at compile time, that check (a torch.equal over the mask). Triton's
-own launch cost comes on top on a GPU; the target is at most 10 us beyond it. Runs on the CPU.
+and the median microseconds per call are printed as a Markdown table. What the custom op column
+holds is flashfx's own work per call: the dispatcher, the registry lookup, the interpreter lock,
+the plan lookup (runtime.plans: one key of the operands' shapes, strides, dtypes and devices),
+the kernel views (one as_strided each), the output allocation, and the checks on values that stay
+per call: attention's compare of a mask folded from module state (a torch.equal) or a chain's
+combined bias, the sparse MLP's selection. Long convolutions also compute their filter's spectrum
+per call in PyTorch (an FFT: device work on a GPU, counted here because it runs on the CPU).
+Triton's own launch cost comes on top on a GPU; the target is at most 10 us beyond it, the
+"+ launcher" column. Runs on the CPU.
 """
 from __future__ import annotations
 
@@ -58,18 +65,47 @@ def median_us(fn, calls: int) -> float:
 def no_launch(op):
     """Every kernel of `op` returns at once, with its output argument (the last positional, or out=),
     until the block ends (the generated modules are shared by every op in the process)."""
+    def returns_out(*args, **kwargs):
+        return kwargs.get("out", args[-1] if args else None)
+
+    with _replaced(op, lambda module: [("launch", returns_out)]):
+        yield
+
+
+@contextlib.contextmanager
+def no_kernels(op):
+    """Every Triton kernel of `op`'s generated modules returns at once when launched (`kernel[grid](...)`);
+    their launchers run as they are."""
+    from triton.runtime.jit import KernelInterface  # after flashfx's import has chosen the interpreter or not
+
+    def kernels(module):
+        return [(name, _NoKernel()) for name, value in vars(module).items() if isinstance(value, KernelInterface)]
+
+    with _replaced(op, kernels):
+        yield
+
+
+class _NoKernel:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _replaced(op, replacements):
+    """Each of `op`'s generated modules with the attributes `replacements(module)` gives, restored afterwards."""
     modules = {id(module): module for module, _ in op._loaded.values()}.values()
-    launches = [(module, module.launch) for module in modules]
-    for module, _ in launches:
-        module.launch = lambda *args, **kwargs: kwargs.get("out", args[-1] if args else None)
+    saved = [(module, name, getattr(module, name)) for module in modules for name, _ in replacements(module)]
+    for module in modules:
+        for name, value in replacements(module):
+            setattr(module, name, value)
     try:
         yield
     finally:
-        for module, launch in launches:
-            module.launch = launch
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
-def rows(calls: int) -> list[tuple[str, str, float, float]]:
+def rows(calls: int) -> list[tuple[str, str, float, float, float]]:
     table = []
     for name, build in MODELS.items():
         seen = set()
@@ -77,17 +113,21 @@ def rows(calls: int) -> list[tuple[str, str, float, float]]:
             if op.label in seen:
                 continue
             seen.add(op.label)
-            with no_launch(op), torch.no_grad():
-                module = median_us(lambda: op(*operands), calls)
-                custom = median_us(lambda: op.custom_op(operands, op.key), calls)
-            table.append((name, f"{op.library_op} ({op.label})", module, custom))
+            custom_op = op.custom_op  # the OpOverload the lowered graph holds
+            with torch.no_grad():
+                with no_launch(op):
+                    module = median_us(lambda: op(*operands), calls)
+                    custom = median_us(lambda: custom_op(operands, op.key), calls)
+                with no_kernels(op):
+                    launcher = median_us(lambda: custom_op(operands, op.key), calls)
+            table.append((name, f"{op.library_op} ({op.label})", module, custom, launcher))
     return table
 
 
 def markdown(table) -> str:
-    lines = ["| model | op | module (us) | custom op (us) | difference (us) |", "|---|---|---|---|---|"]
-    lines += [f"| {model} | {op} | {module:.1f} | {custom:.1f} | {custom - module:+.1f} |"
-              for model, op, module, custom in table]
+    lines = ["| model | op | module (us) | custom op (us) | + launcher (us) |", "|---|---|---|---|---|"]
+    lines += [f"| {model} | {op} | {module:.1f} | {custom:.1f} | {launcher:.1f} |"
+              for model, op, module, custom, launcher in table]
     return "\n".join(lines)
 
 

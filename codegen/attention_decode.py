@@ -42,7 +42,7 @@ from codegen.attention import (
 )
 from codegen.attention import kernel_name as attention_kernel_name
 from codegen.render import render
-from ir.limits import MAX_GRID_YZ
+from ir.limits import MAX_GRID_YZ, cdiv
 
 CPU_SM_COUNT = 4  # Triton's interpreter: enough programs per split to exercise the combine
 PROGRAMS_PER_SM = 2  # default split count aims at two resident programs per SM (3-stage tiles fit)
@@ -74,10 +74,6 @@ def render_decode(spec: DecodeSpec) -> str:
         block_dv=block_dim(spec.value_dim),
         shapes_doc=inspect.getdoc(attention_reference),
     )
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,10 +23,9 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from compiler.backend import Backend
+from compiler.backend import Backend, check_mode
 from compiler.report import Report
 from runtime import knobs
-from runtime.autotune import MODES
 from runtime.dispatch import Kernel
 
 
@@ -73,8 +72,7 @@ class CompiledModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, *, mode: str = "default", dynamic: bool | None = False,
                  fullgraph: bool = False, strict: bool = False, inductor: bool | None = None, rolled: bool = True):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode, inductor)
         self.model = model
         self._report = Report()
         self._backend = Backend(self._report, strict=strict, mode=mode, inductor=inductor, rolled=rolled)
@@ -143,7 +141,9 @@ def compile(model: torch.nn.Module, *, mode: str = "default", dynamic: bool | No
 
     mode: "default" launches each kernel with a tuned config from the cache if there is one,
           else its heuristic config, and never benchmarks; "max-autotune" benchmarks the
-          template's candidates once per shape bucket and persists the winner.
+          template's candidates once per shape bucket and persists the winner; "reduce-overhead"
+          tunes as "default" and runs each graph Inductor compiles under CUDA graphs (the fused
+          ops then make no host synchronisation; see compiler.backend).
     dynamic: passed to TorchDynamo (False: specialise every shape; None: go symbolic for sizes
           that keep changing; see the module docstring).
     strict: raise instead of leaving a graph that flashfx failed to compile to PyTorch.

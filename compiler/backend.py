@@ -9,9 +9,16 @@ runs flashfx's kernels there anyway); True or False forces it. Inductor sees the
 custom ops, so it neither undoes nor repeats a match: its own attention rewrites see only what
 flashfx left.
 
+`mode="reduce-overhead"` (CUDA_GRAPHS) runs what Inductor compiles under its CUDA graphs
+(cudagraph trees): the fused ops are built sync-free, and those whose default path must still read
+values on the host go through their custom op's twin tagged cudagraph_unsafe, which Inductor runs
+between the captured partitions (runtime.dispatch.FusedOp.host_sync_reason; report() lists them).
+It needs Inductor: inductor=False is an error.
+
 Registered as "flashfx" (entry point `torch_dynamo_backends`, and on `import compiler`), so
 `torch.compile(model, backend="flashfx")` works, and takes `mode` and `options={"inductor": ...,
-"rolled": ...}` as compile() does. `compiler.compile` uses a Backend of its own so that each
+"rolled": ..., "cudagraphs": ...}` as compile() does (torch.compile takes a mode or options, not both:
+`options={"cudagraphs": True}` is mode "reduce-overhead"). `compiler.compile` uses a Backend of its own so that each
 compiled model keeps its own report.
 """
 from __future__ import annotations
@@ -21,15 +28,16 @@ import warnings
 import torch
 import torch.fx
 
+from compiler.lower import COMPILE_MODES, CUDA_GRAPHS
 from compiler.pipeline import compile_graph
 from compiler.report import Report
-from runtime.autotune import MODES
 from runtime.cache import CacheMissError
 
 
 class Backend:
     def __init__(self, report: Report | None = None, strict: bool = False, mode: str = "default",
                  inductor: bool | None = None, rolled: bool = True):
+        check_mode(mode, inductor)
         self.report = report if report is not None else Report()
         self.strict = strict
         self.mode = mode
@@ -49,7 +57,8 @@ class Backend:
         from torch._inductor.compile_fx import compile_fx  # imported on first use: it is slow to import
 
         try:
-            compiled = compile_fx(lowered, example_inputs)
+            compiled = compile_fx(lowered, example_inputs,
+                                  config_patches={"triton.cudagraphs": True} if self.mode == CUDA_GRAPHS else None)
         except Exception as error:
             self._left_to_pytorch("Inductor failed to compile the rest of it", error)
             return lowered
@@ -69,20 +78,31 @@ class Backend:
         warnings.warn(f"flashfx: {message}", stacklevel=3)
 
 
+def check_mode(mode: str, inductor: bool | None) -> None:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == CUDA_GRAPHS and inductor is False:
+        raise ValueError(f"mode {CUDA_GRAPHS!r} runs graphs under Inductor's CUDA graphs: "
+                         "it needs inductor=None or True")
+
+
 default_backend = Backend()
 
 
 def flashfx_backend(gm: torch.fx.GraphModule, example_inputs, mode: str = "default", options: dict | None = None):
-    """`torch.compile(model, backend="flashfx", mode=..., options={"inductor": ..., "rolled": ...})`;
-    the report of calls is `compiler.backend.default_backend.report`. "rolled" acts at capture
-    (compiler.known_scans reads it from torch.compile's wrapper), before this is called."""
+    """`torch.compile(model, backend="flashfx", mode=..., options={"inductor": ..., "rolled": ...,
+    "cudagraphs": ...})`; the report of calls is `compiler.backend.default_backend.report`. "rolled"
+    acts at capture (compiler.known_scans reads it from torch.compile's wrapper), before this is
+    called; "cudagraphs": True is mode "reduce-overhead"."""
     options = dict(options or {})
     inductor = options.pop("inductor", None)
     options.pop("rolled", None)
+    if options.pop("cudagraphs", False):
+        mode = CUDA_GRAPHS
     if options:
-        raise ValueError(f"flashfx backend options are 'inductor' and 'rolled' only, got {sorted(options)}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"flashfx backend options are 'inductor', 'rolled' and 'cudagraphs' only, "
+                         f"got {sorted(options)}")
+    check_mode(mode, inductor)
     if mode == "default" and inductor is None:
         return default_backend(gm, example_inputs)
     return Backend(default_backend.report, mode=mode, inductor=inductor)(gm, example_inputs)

@@ -2,8 +2,9 @@
 
 Passes record `Fused` entries (a pattern replaced by a kernel) and `NearMiss` entries (a
 candidate that looked like a pattern until one node broke it). Fused ops add, at run
-time, how often they fell back to PyTorch and why. `Report.render()` is what
-`compiled.report()` prints.
+time, how often they fell back to PyTorch and why (under CUDA graphs, the calls made while
+Inductor warmed up and recorded: replays run no Python), and, compiled for CUDA graphs, which of
+them run outside the graphs and why. `Report.render()` is what `compiled.report()` prints.
 """
 from __future__ import annotations
 
@@ -50,5 +51,7 @@ class Report:
         for op in self.ops:
             for reason, count in op.fallbacks.items():
                 lines.append(f"  {op.pattern} op {op.label} ran in PyTorch {count}x: {reason}")
+            if op.host_synced:
+                lines.append(f"  {op.pattern} op {op.label} runs outside CUDA graphs: {op.host_sync_reason}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)

@@ -8,6 +8,8 @@ and the runtime to decide what to launch.
     MASKED_OUT             attention scores at or below it, next to a visible score, get exactly zero
                            weight (their exp underflows): a mask filling at most this drops a score
     MIN_SHORT_CONV_WIDTH, MAX_SHORT_CONV_WIDTH    the short-convolution kernel's filter widths (taps)
+    cdiv                   ceil(a / b) for launch grids on the host (triton.cdiv, a constexpr function,
+                           costs microseconds a call from host code)
 """
 from __future__ import annotations
 
@@ -19,3 +21,7 @@ SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024}
 MAX_HEAD_DIM = 256
 MASKED_OUT = -6.0e4
 MIN_SHORT_CONV_WIDTH, MAX_SHORT_CONV_WIDTH = 2, 8
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

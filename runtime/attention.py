@@ -10,7 +10,9 @@ or causal with block skipping); a mask known only at run time is passed as a ten
 applied by the `tensor_form`. A static form derived from module buffers (nanoGPT's
 registered tril) is only trusted while the mask the graph computes from them equals the one
 it was read from (`folded_mask`, compared on every call: writes through `.data`, `.numpy()` or
-the storage bypass the version counter); otherwise the op applies that mask tensor. A scale
+the storage bypass the version counter); otherwise the op applies that mask tensor. Compiled for
+CUDA graphs (`sync_free`), it applies the mask tensor always: exact without the compare's host
+sync, at the cost of the static form's block skipping. A scale
 read from module state is recomputed whenever the factors the graph computes change. Two masks applied in turn
 (a causal where, then a padding bias) arrive as two tensors with a `chain` form; the op combines
 them into one additive bias (combined_bias), which equals eager wherever a row keeps a clearly
@@ -55,8 +57,9 @@ from codegen import attention_decode as decode_codegen
 from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
 from runtime import library
-from runtime.dispatch import FusedOp, Kernel, _autograd_on, grad_like
+from runtime.dispatch import FusedOp, Kernel, _autograd_on, _recomputing, grad_like
 from runtime.interpret import launch_lock
+from runtime.plans import NO_PLAN_YET, signature, views_between
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
@@ -131,6 +134,30 @@ class AttentionCall:
     reason: str | None
 
 
+@dataclass
+class _Launch:
+    """A forward kernel launch as a plan keeps it: the config is looked up on its first launch."""
+
+    spec: attention_codegen.AttentionSpec
+    module: object
+    kernel: Kernel
+    out_shape: tuple  # the kernel's 4-d output
+    config: dict | None = None
+
+
+@dataclass(frozen=True)
+class _AttentionPlan:
+    """What one call signature decides (runtime.plans)."""
+
+    operand_views: tuple  # q, k, v and the masks as the kernel's 4-d operands
+    mask_shape: tuple | None  # the scores' shape the kernel's mask is broadcast to
+    out_batch: tuple
+    reason: str | None  # why the kernel cannot take operands of this signature
+    launch: _Launch | None  # None when it cannot
+    graph_shape: tuple | None  # the graph's output from the kernel's (None: the same)
+
+
+
 def _lse_buffer(q_shape: tuple, device) -> torch.Tensor:
     return torch.empty(attention_codegen.lse_shape(q_shape), dtype=torch.float32, device=device)
 
@@ -177,6 +204,7 @@ class AttentionOp(FusedOp):
         self._static_dropped = static_dropped  # the largest score the static form's mask leaves a dropped one
         self._static_holds = True  # the static form's dropped scores stay dropped at the current scale
         self._inexact_scale: str | None = None  # why the current scale needs eager's math, if it does
+        self._forms_version = 0  # counts the forms' rescalings (a key of the plans)
         self.masks_require_grad = masks_require_grad  # a mask is a learned bias (the dq kernel gives its gradient)
 
     # -- call ------------------------------------------------------------------------
@@ -187,9 +215,8 @@ class AttentionOp(FusedOp):
         """The output and, for training, the backward's residuals: the row log-sum-exp (base 2, fp32,
         codegen.attention.lse_shape of the 4-d q), then the dropout seed when there is dropout."""
         if not self.differentiable:
-            return self(*operands), []
-        with launch_lock():
-            return self._attend(list(operands), saving=True)
+            return self.forward(*operands), []
+        return self._attend(list(operands), saving=True)
 
     def output_like(self, q, k, v, *rest):
         return torch.empty((*self._out_batch(q, v), q.shape[-2], v.shape[-1]), dtype=self.layout.out_dtype,
@@ -208,30 +235,71 @@ class AttentionOp(FusedOp):
 
     def _attend(self, operands, saving: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the graph's output, the residuals when `saving`) for the graph's operands."""
-        call = self._call(operands)
+        call, plan = self._planned_call(operands, saving)
         lse = _lse_buffer(call.q.shape, call.q.device) if saving else None
         seed = self._seed(call.q.device) if self.dropout_p else None
-        if call.reason is None:
-            out = self._launch(call, lse=lse, seed=seed)
-        else:
-            self.fell_back(call.reason)
-            out = self._reference_of(call, seed)
         residuals = [lse] + ([seed] if seed is not None else []) if saving else []
-        return self._from_4d(out, call.out_batch), residuals
+        if call.reason is None:
+            out = self._launch(call, plan.launch if plan else self._launch_plan(call, saving), lse=lse, seed=seed)
+            if plan is None:
+                return self._from_4d(out, call.out_batch), residuals
+            return (out if plan.graph_shape is None else out.view(plan.graph_shape)), residuals
+        self.fell_back(call.reason)
+        return self._from_4d(self._reference_of(call, seed), call.out_batch), residuals
+
+    def _planned_call(self, operands, saving: bool) -> tuple[AttentionCall, _AttentionPlan | None]:
+        """The call (as _call makes it) and its signature's plan (runtime.plans; None if it has none):
+        the kernel views, the metadata reasons and the launch come from the plan, the mask's value
+        and the checks on values are made per call."""
+        q, k, v, *rest = operands
+        masks, factors = self._split_rest(rest)
+        if factors:
+            self._refresh_scale(factors)
+        form = self._choose_form(masks)
+        key = (signature(operands), torch.is_grad_enabled(), _recomputing.get(), saving, form is self.static_form,
+               self._forms_version)
+        plan = self._plans.get(key, NO_PLAN_YET)
+        if plan is NO_PLAN_YET:
+            call = self._call_of(q, k, v, masks, form)
+            return call, self._plans.remember(key, self._plan(call, [q, k, v, *masks], saving))
+        if plan is None:
+            return self._call_of(q, k, v, masks, form), None
+        q, k, v, *masks = (view.of(x) for view, x in zip(plan.operand_views, (q, k, v, *masks)))
+        mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
+        mask = None if mask is None else mask.expand(plan.mask_shape)
+        reason = plan.reason or inexact or self._inexact_scale
+        return AttentionCall(q, k, v, masks, mask, form, plan.out_batch, reason), plan
+
+    def _plan(self, call: AttentionCall, operands: list[torch.Tensor], saving: bool) -> _AttentionPlan | None:
+        """The plan of `call`'s signature (made from the call itself), or None where a view copied."""
+        views = views_between(operands, [call.q, call.k, call.v, *call.masks])
+        if views is None:
+            return None
+        reason = self._metadata_reason(call.q, call.k, call.v, call.mask)
+        launch = self._launch_plan(call, saving) if reason is None else None
+        graph_shape = (*call.out_batch, *launch.out_shape[-2:]) if launch else None
+        return _AttentionPlan(views, None if call.mask is None else tuple(call.mask.shape), call.out_batch, reason,
+                              launch, None if graph_shape == (launch and launch.out_shape) else graph_shape)
 
     def _call(self, operands) -> AttentionCall:
         q, k, v, *rest = operands
         masks, factors = self._split_rest(rest)
         self._refresh_scale(factors)
-        form = self._choose_form(masks)
+        return self._call_of(q, k, v, masks, self._choose_form(masks))
+
+    def _call_of(self, q, k, v, masks, form: MaskForm) -> AttentionCall:
+        """The call of the graph's q, k, v and masks, `form` chosen for them."""
         out_batch = self._out_batch(q, v)
         q, k, v, masks = self._to_4d(q, k, v, masks)
         mask, inexact = self._mask_operand(masks, form) if form is self.tensor_form else (None, None)
         if mask is not None:
             mask = mask.expand(torch.broadcast_shapes(mask.shape, (*q.shape[:-1], k.shape[-2])))
-        reason = (self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask) or inexact
-                  or self._inexact_scale)
+        reason = self._metadata_reason(q, k, v, mask) or inexact or self._inexact_scale
         return AttentionCall(q, k, v, masks, mask, form, out_batch, reason)
+
+    def _metadata_reason(self, q, k, v, mask) -> str | None:
+        """Why the kernel cannot take these 4-d operands, from their metadata alone."""
+        return self.why_not_kernel([q, k, v]) or attention_codegen.unsupported_reason(q, k, v, mask)
 
     def _seed(self, device) -> torch.Tensor:
         """Dropout's seed for this call: drawn from torch's generator (torch.manual_seed reproduces a
@@ -265,6 +333,7 @@ class AttentionOp(FusedOp):
             tensor_form = (replace(tensor_form, chain=tuple(map(_rescaled, tensor_form.chain, mask_ratios)))
                            if tensor_form.chain else _rescaled(tensor_form, mask_ratios[0]))
         self.tensor_form = tensor_form
+        self._forms_version += 1  # plans made for the old forms are not used again
         self._static_holds = (not mask_ratios or mask_ratios[0] == 1
                               or self._static_dropped * mask_ratios[0] <= MASKED_OUT)
         usable = math.isfinite(self.scale) and all(math.isfinite(ratio) and ratio > 0 for ratio in mask_ratios)
@@ -280,12 +349,23 @@ class AttentionOp(FusedOp):
         return (mask * form.multiplier if form.multiplier != 1.0 else mask), None
 
     def _choose_form(self, masks) -> MaskForm:
-        """The static form while the graph's mask is the one it was read from (one host sync), else the tensor form."""
+        """The static form while the graph's mask is the one it was read from (one host sync), else the
+        tensor form; compiled sync-free, the tensor form whenever there is one (exact without the
+        check, at the cost of the static form's block skipping)."""
         if self.static_form is None:
             return self.tensor_form
-        if self.tensor_form is None or (self._static_holds and torch.equal(masks[0], self._folded_mask)):
+        if self.tensor_form is None or (not self.sync_free and self._static_holds
+                                        and torch.equal(masks[0], self._folded_mask)):
             return self.static_form
         return self.tensor_form
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        if self.scale_exponents:
+            return "its scale is read from module state on the host (a float of each factor, per call)"
+        if self.tensor_form is not None and self.tensor_form.chain:
+            return "its chained masks are checked on the host for rows with no clearly visible key (combined_bias)"
+        return None
 
     # -- layout ----------------------------------------------------------------------
     def _to_4d(self, q, k, v, masks):
@@ -361,19 +441,24 @@ class AttentionOp(FusedOp):
         return dict(scale=self.scale, mask=call.mask, fill_value=call.form.fill_value,
                     causal_offset=self._causal_offset(call.q, call.k, call.form), softcap=self.softcap, **dropout)
 
-    def _launch(self, call: AttentionCall, lse: torch.Tensor | None = None, seed: torch.Tensor | None = None):
+    def _launch_plan(self, call: AttentionCall, saving: bool) -> _Launch:
+        spec = self.spec_for(call.q, call.k, call.v, call.form, lse=saving)
+        return _Launch(spec, *self.kernel_for(spec), (*call.q.shape[:-1], call.v.shape[-1]))
+
+    def _launch(self, call: AttentionCall, launch: _Launch, lse: torch.Tensor | None = None,
+                seed: torch.Tensor | None = None):
         q, k, v = call.q, call.k, call.v
-        spec = self.spec_for(q, k, v, call.form, lse=lse is not None)
-        module, kernel = self.kernel_for(spec)
-        out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=self.layout.out_dtype, device=q.device)
+        out = torch.empty(launch.out_shape, dtype=self.layout.out_dtype, device=q.device)
         options = self._options(call, seed) | ({"lse": lse} if lse is not None else {})
 
         def run(config):
-            return module.launch(q, k, v, out, config=config, **options)
+            return launch.module.launch(q, k, v, out, config=config, **options)
 
-        lengths, default, candidates = self._tuning(spec, q, k)
-        config = self.tuned_config(kernel, lengths, q, default=default, candidates=candidates, run=run)
-        return run(config)
+        if launch.config is None:
+            lengths, default, candidates = self._tuning(launch.spec, q, k)
+            launch.config = self.tuned_config(launch.kernel, lengths, q, default=default, candidates=candidates,
+                                              run=run)
+        return run(launch.config)
 
     @staticmethod
     def _tuning(spec, q, k):
@@ -551,9 +636,8 @@ class MultiheadAttentionOp(AttentionOp):
         """The output and, for training, the attention's output (batch, heads, tgt_len, head_dim), then
         AttentionOp's residuals."""
         if not self.differentiable:
-            return self(*tensors), []
-        with launch_lock():
-            return self._multihead(tensors, saving=True)
+            return self.forward(*tensors), []
+        return self._multihead(tensors, saving=True)
 
     def residuals_like(self, *tensors):
         if not self.differentiable:

@@ -8,7 +8,12 @@ torch.ops.flashfx.<library_op>(operands, key) (runtime.library). On each call it
     if reason is None: out = launch(...)  # generated Triton kernel (loaded from the cache)
     else:              out = reference(...) and count `reason` for report()
 
-so it never returns an answer the kernel could not compute correctly. An op captured for
+so it never returns an answer the kernel could not compute correctly. What the call's metadata
+decides (views, reasons from shapes and dtypes, spec, config, output shapes) each family keeps per
+call signature (runtime.plans: `plan_key`, `launch_config`). An op compiled for CUDA graphs
+(`sync_free`) makes no host synchronisation on its default path; one that must still read values
+on the host says why (`host_sync_reason`) and is called through its custom op's cudagraph_unsafe
+twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
 training (`differentiable`, decided at compile time from whether its output requires grad, which
 TorchDynamo guards) also returns the residuals its backward kernels need (`forward_saving`). A
 family without backward kernels, or a call they cannot take, recomputes the reference under
@@ -30,6 +35,7 @@ from runtime.cache import source_hash
 from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
+from runtime.plans import Launch, Plans, signature
 
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
 SPARSE_RECOMPUTED = ("backward: recomputed in PyTorch from the saved inputs (contextual sparsity is an inference "
@@ -81,6 +87,7 @@ class FusedOp(torch.nn.Module):
         self.fallbacks: Counter[str] = Counter()
         self._loaded: dict[object, tuple[object, Kernel]] = {}
         self._configs: dict[tuple, dict] = {}
+        self._plans = Plans()  # per call signature (runtime.plans)
 
     def __call__(self, *args, **kwargs):
         """Run the op (forward); under the interpreter while holding the process-wide launch lock."""
@@ -94,7 +101,20 @@ class FusedOp(torch.nn.Module):
 
     @property
     def custom_op(self):
-        return library.custom_op(self.library_op)
+        """The custom op the lowered graph calls: library_op, or its twin for CUDA graphs to leave out."""
+        return library.custom_op(self.library_op + (library.HOST_SYNC if self.host_synced else ""))
+
+    sync_free = False  # compiled for CUDA graphs (compiler.lower.CUDA_GRAPHS): the default path never syncs
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        """Why this op's default path reads tensor values on the host even when sync_free, or None."""
+        return None
+
+    @property
+    def host_synced(self) -> bool:
+        """Compiled for CUDA graphs but reading values on the host: Inductor runs it outside them."""
+        return self.sync_free and self.host_sync_reason is not None
 
     # the custom op's result (outputs, then the residuals list) -> what the replaced node returned
     graph_output = staticmethod(library.visible_outputs)
@@ -112,8 +132,9 @@ class FusedOp(torch.nn.Module):
         raise NotImplementedError
 
     def forward_saving(self, *operands: torch.Tensor) -> tuple[object, list[torch.Tensor]]:
-        """(forward's outputs, the residuals its backward needs): none unless a family overrides it."""
-        return self(*operands), []
+        """(forward's outputs, the residuals its backward needs): none unless a family overrides it.
+        The custom op calls it holding the launch lock (runtime.library)."""
+        return self.forward(*operands), []
 
     def residuals_like(self, *operands: torch.Tensor) -> list[torch.Tensor]:
         """Empty tensors like the residuals forward_saving returns (the fake kernel)."""
@@ -168,6 +189,18 @@ class FusedOp(torch.nn.Module):
                                                                  replaced=self.replaced))
             loaded = self._loaded[name, spec] = (module, kernel)
         return loaded
+
+    def plan_key(self, operands, *extra) -> tuple:
+        """The key of the plan (runtime.plans) for a call with these operands: their signature, grad
+        mode, the recompute in progress (why_not_kernel reads those), and what else the op's plan reads."""
+        return signature(operands), torch.is_grad_enabled(), _recomputing.get(), *extra
+
+    def launch_config(self, launch: Launch, lengths: tuple[int, ...], like: torch.Tensor,
+                      default: Callable[[], dict], candidates: Callable[[], list[dict]], run) -> dict:
+        """The config of a planned launch: tuned_config's, looked up on its first launch."""
+        if launch.config is None:
+            launch.config = self.tuned_config(launch.kernel, lengths, like, default, candidates, run)
+        return launch.config
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] += 1

@@ -27,6 +27,7 @@ from runtime import knobs
 _late_switch = False
 _interpreted: bool | None = None
 _INTERPRETER_LOCK = threading.RLock()
+_NO_LOCK = contextlib.nullcontext()
 
 
 def ensure_mode() -> bool:
@@ -53,4 +54,4 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
 def launch_lock():
     """The process-wide lock to hold around kernel launches on Triton's interpreter, or a no-op
     context when kernels run compiled."""
-    return _INTERPRETER_LOCK if ensure_mode() else contextlib.nullcontext()
+    return _INTERPRETER_LOCK if ensure_mode() else _NO_LOCK

@@ -39,6 +39,7 @@ from codegen import short_conv as short_conv_codegen
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from ir.fused import LongConvLayout, OutputLayout
 from runtime.dispatch import FusedOp, Kernel
+from runtime.plans import NO_PLAN_YET, Allocation, Launch, Recomputed, View, views_between
 
 
 @dataclass
@@ -83,11 +84,23 @@ class LongConvOp(LongConvBackward, FusedOp):
 
     # -- call ------------------------------------------------------------------------
     def forward(self, u, k, *rest):
-        time = self.layout.time
-        if time == -1:
-            return self._forward_time_last(u, k, *rest)
-        moved = [time_last(tensor, time) for tensor in (u, k, *rest)]
-        return self._forward_time_last(*moved).movedim(-1, time)
+        key = self.plan_key([u, k, *rest])
+        plan = self._plans.get(key, NO_PLAN_YET)
+        if plan is NO_PLAN_YET:
+            plan = self._plans.remember(key, self._plan(u, k, *rest))
+        operands = [view.of(t) for view, t in zip(plan.time_last, (u, k, *rest))]
+        out = plan.out.new(u.device)
+        if plan.rows is None:
+            rows = self.rows_of(*operands)
+        else:
+            rows = Rows(*(view.of(t) for view, t in zip(plan.rows, self._row_sources(operands))))
+        out_rows = plan.out_rows.of(out)
+        if plan.reason is None:
+            self._launch(rows, out_rows, plan.launch)
+        else:
+            self.fell_back(plan.reason)
+            out_rows.copy_(self._reference(rows, out.dtype))
+        return plan.graph_out.of(out)
 
     def output_like(self, u, k, *rest):
         time = self.layout.time
@@ -101,19 +114,31 @@ class LongConvOp(LongConvBackward, FusedOp):
         u, k = _viewed(u, self.layout.signal_dims), _viewed(k, self.layout.filter_dims)
         return torch.Size((*torch.broadcast_shapes(u.shape[:-1], k.shape[:-1]), u.shape[-1]))
 
-    def _forward_time_last(self, u, k, *rest):
-        out = self.layout.out.empty(self._out_shape(u, k), u.device)
-        rows = self.rows_of(u, k, *rest)
+    def _plan(self, u, k, *rest) -> _LongConvPlan:
+        """What calls of these operands' signature decide (runtime.plans): the views, with time last,
+        of the operands, of their kernel rows (None where one copies or scales: then rows_of per call)
+        and of the output; why the kernel cannot take them; the launch."""
+        operands = [self._time_last(t) for t in (u, k, *rest)]
+        out = self.layout.out.empty(self._out_shape(*operands[:2]), u.device)
+        rows = self.rows_of(*operands)
         out_rows = out.view(rows.u.shape)
         reason = (self.why_not_kernel(rows.tensors())
                   or long_conv_codegen.unsupported_reason(rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate,
                                                           out_rows, circular=self.circular))
-        if reason is None:
-            self._launch(rows, out_rows)
-        else:
-            self.fell_back(reason)
-            out_rows.copy_(self._reference(rows, out.dtype))
-        return out
+        launch = None if reason else Launch(*self.kernel_for(self.spec))
+        graph_out = out if self.layout.time == -1 else out.movedim(-1, self.layout.time)
+        row_fields = [rows.u, rows.k, rows.D, rows.pre_gate, rows.post_gate]
+        return _LongConvPlan(views_between([u, k, *rest], operands), views_between(self._row_sources(operands), row_fields),
+                             Allocation.like(out), View.between(out, out_rows), View.between(out, graph_out), reason,
+                             launch)
+
+    def _time_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.layout.time == -1 else time_last(tensor, self.layout.time)
+
+    def _row_sources(self, operands) -> list:
+        """The operands (time last) each of the Rows' fields is made from: u, k, D, pre_gate, post_gate."""
+        u, k, *rest = operands
+        return [u, k, *self._unpack(rest)]
 
     def rows_of(self, u, k, *rest) -> Rows:
         """The kernel's view of the operands (time last), in the forward and (under autograd) the backward."""
@@ -164,23 +189,17 @@ class LongConvOp(LongConvBackward, FusedOp):
         """The spectrum of k (H, Lk) the kernels multiply by, forward and (conjugated) backward."""
         return long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale, circular=self.circular)
 
-    def _launch(self, rows: Rows, out: torch.Tensor) -> None:
-        module, kernel = self.kernel_for(self.spec)
+    def _launch(self, rows: Rows, out: torch.Tensor, launch: Launch) -> None:
         seqlen = rows.u.shape[-1]
         k_f = self.filter_spectrum(rows.k, seqlen)
         plan = long_conv_codegen.plan_of(k_f, seqlen)
 
         def run(config):
-            return module.launch(rows.u, k_f, out, D=rows.D, pre_gate=rows.pre_gate, post_gate=rows.post_gate,
-                                 config=config)
+            return launch.module.launch(rows.u, k_f, out, D=rows.D, pre_gate=rows.pre_gate, post_gate=rows.post_gate,
+                                        config=config)
 
-        config = self.tuned_config(
-            kernel, (seqlen,), rows.u,
-            default=lambda: long_conv_codegen.default_config(plan),
-            candidates=lambda: long_conv_codegen.config_space(plan),
-            run=run,
-        )
-        run(config)
+        run(self.launch_config(launch, (seqlen,), rows.u, default=lambda: long_conv_codegen.default_config(plan),
+                               candidates=lambda: long_conv_codegen.config_space(plan), run=run))
 
     def _reference(self, rows: Rows, out_dtype: torch.dtype) -> torch.Tensor:
         """long_conv_reference, computing in at least the output's precision."""
@@ -188,6 +207,17 @@ class LongConvOp(LongConvBackward, FusedOp):
         return long_conv_codegen.long_conv_reference(u, rows.k, D=rows.D, pre_gate=rows.pre_gate,
                                                      post_gate=rows.post_gate, scale=self.scale,
                                                      circular=self.circular)
+
+
+@dataclass(frozen=True)
+class _LongConvPlan:
+    time_last: tuple  # the operands with time last
+    rows: tuple | None  # the Rows' fields from their sources (_row_sources), or None: rows_of per call
+    out: Allocation  # the output, time last
+    out_rows: View  # the output as the kernel's (B, H, L) rows
+    graph_out: View  # the output as the graph holds it
+    reason: str | None  # why the kernel cannot take operands of this signature
+    launch: Launch | None
 
 
 class ShortConvOp(ShortConvBackward, FusedOp):
@@ -205,18 +235,30 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         return self.out.empty(x.shape, x.device)
 
     def forward(self, x, weight, *bias):
+        key = self.plan_key([x, weight, *bias])
+        plan = self._plans.get(key, NO_PLAN_YET)
+        if plan is NO_PLAN_YET:
+            plan = self._plans.remember(key, self._plan(x, weight, *bias))
         bias = bias[0] if bias else None
-        weight = weight.reshape(weight.shape[0], weight.shape[-1])
-        out = self.out.empty(x.shape, x.device)
-        reason = (self.why_not_kernel([t for t in (x, weight, bias) if t is not None])
-                  or short_conv_codegen.unsupported_reason(x, weight, bias, out, self.activation))
-        if reason is None:
-            self._launch(x, weight, bias, out)
+        weight, out = plan.weight.of(weight), plan.out.new(x.device)
+        if plan.reason is None:
+            self._launch(x, weight, bias, out, plan.launch)
         else:
-            self.fell_back(reason)
+            self.fell_back(plan.reason)
             x = x.to(torch.promote_types(x.dtype, out.dtype))
             out.copy_(short_conv_codegen.short_conv_reference(x, weight, bias=bias, activation=self.activation))
         return out
+
+    def _plan(self, x, weight, *bias) -> _ShortConvPlan:
+        """What calls of these operands' signature decide (runtime.plans)."""
+        bias = bias[0] if bias else None
+        rows = _filter_rows(weight)
+        out = self.out.empty(x.shape, x.device)
+        reason = (self.why_not_kernel([t for t in (x, rows, bias) if t is not None])
+                  or short_conv_codegen.unsupported_reason(x, rows, bias, out, self.activation))
+        launch = None if reason else Launch(*self.kernel_for(self.spec_for(rows.shape[1])))
+        return _ShortConvPlan(View.between(weight, rows) or Recomputed(_filter_rows), Allocation.like(out), reason,
+                              launch)
 
     # -- kernels ---------------------------------------------------------------------
     def spec_for(self, width: int) -> short_conv_codegen.ShortConvSpec:
@@ -229,16 +271,22 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         """Generate (render, store, load) the kernel this op launches for filters of `width` taps."""
         self.kernel_for(self.spec_for(width))
 
-    def _launch(self, x, weight, bias, out) -> None:
-        module, kernel = self.kernel_for(self.spec_for(weight.shape[1]))
-
+    def _launch(self, x, weight, bias, out, launch: Launch) -> None:
         def run(config):
-            return module.launch(x, weight, out, bias=bias, activation=self.activation, config=config)
+            return launch.module.launch(x, weight, out, bias=bias, activation=self.activation, config=config)
 
-        config = self.tuned_config(
-            kernel, tuple(x.shape[1:]), x,
-            default=lambda: short_conv_codegen.default_config(x),
-            candidates=short_conv_codegen.config_space,
-            run=run,
-        )
-        run(config)
+        run(self.launch_config(launch, tuple(x.shape[1:]), x, default=lambda: short_conv_codegen.default_config(x),
+                               candidates=short_conv_codegen.config_space, run=run))
+
+
+def _filter_rows(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Conv1d's depthwise weight (C, 1, K) as the kernel's (C, K) rows."""
+    return weight.reshape(weight.shape[0], weight.shape[-1])
+
+
+@dataclass(frozen=True)
+class _ShortConvPlan:
+    weight: object  # the kernel's (C, K) filter rows from the graph's weight
+    out: Allocation
+    reason: str | None  # why the kernel cannot take operands of this signature
+    launch: Launch | None

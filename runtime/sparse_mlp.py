@@ -31,6 +31,7 @@ product that overflows to inf in a dropped neuron, eager's NaN, is the kernels' 
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from codegen import sparse_mlp as sparse_mlp_codegen
 from ir.fused import SparseMLPLayout
 from runtime.dispatch import SPARSE_RECOMPUTED, FusedOp, Kernel
+from runtime.plans import NO_PLAN_YET, Launch, Recomputed, View, views_between
 
 
 @dataclass
@@ -101,6 +103,21 @@ def _index_range_reason(idx: torch.Tensor, ffn: int) -> str | None:
     return None
 
 
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x's leading dims as one of rows: (M, D)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+@dataclass(frozen=True)
+class _SparseMLPPlan:
+    weights: tuple  # the canonical weights' fields (w1, b1, w2, b2, w3, b3) from the graph's operands
+    rows: object  # x as (M, D) rows
+    reason: str | None  # why the kernels cannot take operands of this signature
+    gathered_reason: str | None  # the gathered form: why not, from the operands' metadata and idx's
+    launch: Launch
+    out_shape: tuple  # the graph's output
+
+
 class SparseMLPOp(FusedOp):
     """DejaVu's MLP. In training the forward runs the gather kernels and the backward recomputes
     the gathered reference under autograd (SPARSE_RECOMPUTED): the sparse forward's gradients."""
@@ -118,31 +135,57 @@ class SparseMLPOp(FusedOp):
 
     # -- call ------------------------------------------------------------------------
     def forward(self, x, *operands):
-        weights, selector = self._unpack(operands)
-        rows = x.reshape(-1, x.shape[-1])
-        reason = self.why_not_kernel([x, *weights.tensors(), selector])
-        idx, row_mask = selector, None
+        key = self.plan_key([x, *operands])
+        plan = self._plans.get(key, NO_PLAN_YET)
+        if plan is NO_PLAN_YET:
+            plan = self._plans.remember(key, self._plan(x, *operands))
+        *raw, selector = self._by_role(operands)
+        weights = Weights(*(view.of(t) for view, t in zip(plan.weights, raw)))
+        reason, idx, row_mask = plan.reason, selector, None
         if reason is None and self.layout.form == "masked":
             idx, row_mask, reason = self._masked_selection(x, selector, weights.ffn)
         if reason is None and not self.layout.indices_proven:
             reason = _index_range_reason(idx, weights.ffn)
         if idx is not None and idx.dim() == 1 and idx.stride(0) != 1:
             idx = idx.contiguous()
-        reason = reason or sparse_mlp_codegen.unsupported_reason(
-            rows, weights.w1, weights.b1, weights.w2, weights.b2, idx, activation=self.activation,
-            w3=weights.w3, b3=weights.b3, up_activation=self.up_activation, row_mask=row_mask)
+        rows = plan.rows.of(x)
+        if reason is None:
+            reason = plan.gathered_reason if self.layout.form == "gathered" else self._unsupported_reason(
+                rows, weights, idx, row_mask)
         if reason is not None:
             self.fell_back(reason)
             return self._reference(x, weights, selector)
-        out = self._launch(rows, weights, idx, row_mask)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return self._launch(rows, weights, idx, row_mask, plan.launch).reshape(plan.out_shape)
+
+    def _plan(self, x, *operands) -> _SparseMLPPlan:
+        """What calls of these operands' signature decide (runtime.plans): the canonical weights' and
+        the rows' views, why the kernels cannot take them (beyond the selection's values), the launch."""
+        *raw, selector = self._by_role(operands)
+        weights = self._canonical(*raw)
+        rows = _rows_of(x)
+        reason = self.why_not_kernel([x, *weights.tensors(), selector])
+        gathered = None if reason or self.layout.form == "masked" else self._unsupported_reason(
+            rows, weights, selector, None)
+        fields = [weights.w1, weights.b1, weights.w2, weights.b2, weights.w3, weights.b3]
+        return _SparseMLPPlan(views_between(raw, fields), View.between(x, rows) or Recomputed(_rows_of), reason,
+                              gathered, Launch(*self.kernel_for(self.spec())), (*x.shape[:-1], weights.w2.shape[0]))
+
+    def _unsupported_reason(self, rows, weights: Weights, idx, row_mask) -> str | None:
+        return sparse_mlp_codegen.unsupported_reason(
+            rows, weights.w1, weights.b1, weights.w2, weights.b2, idx, activation=self.activation,
+            w3=weights.w3, b3=weights.b3, up_activation=self.up_activation, row_mask=row_mask)
 
     def output_like(self, x, *operands):
         w2 = self._unpack(operands)[0].w2
         return torch.empty((*x.shape[:-1], w2.shape[0]), dtype=x.dtype, device=x.device)
 
     def _unpack(self, operands) -> tuple[Weights, torch.Tensor]:
-        """(canonical weights, idx or mask) from the operands the pass wired in:
+        """(canonical weights, idx or mask) from the operands the pass wired in."""
+        *raw, selector = self._by_role(operands)
+        return self._canonical(*raw), selector
+
+    def _by_role(self, operands) -> tuple:
+        """(w1, b1, w2, b2, w3, b3, idx or mask) as the pass wired them in, None where absent:
         w1, [b1], [w3, [b3]], w2, [b2], idx or mask."""
         operands, layout = list(operands), self.layout
         w1 = operands.pop(0)
@@ -152,11 +195,16 @@ class SparseMLPOp(FusedOp):
         w2 = operands.pop(0)
         b2 = operands.pop(0) if layout.has_b2 else None
         (selector,) = operands
+        return w1, b1, w2, b2, w3, b3, selector
+
+    def _canonical(self, w1, b1, w2, b2, w3, b3) -> Weights:
+        """The weights as canonical matrices: untransposed, merged ones split into their rows."""
+        layout = self.layout
         transposed = {"w1": layout.w1_transposed, "w2": layout.w2_transposed, "w3": layout.w3_transposed}
         w1, w2, w3 = (w.t() if w is not None and transposed[name] else w
                       for name, w in (("w1", w1), ("w2", w2), ("w3", w3)))
         (w1, b1), (w3, b3) = _rows(w1, b1, layout.w1_rows), _rows(w3, b3, layout.w3_rows)
-        return Weights(w1, b1, w2, b2, w3, b3), selector
+        return Weights(w1, b1, w2, b2, w3, b3)
 
     def _masked_selection(self, x, mask, ffn: int):
         """(idx, row mask or None, None) for a mask the kernels compute exactly, else (None, None, why not).
@@ -189,9 +237,8 @@ class SparseMLPOp(FusedOp):
         """Generate (render, store, load) the kernels this op launches."""
         self.kernel_for(self.spec())
 
-    def _launch(self, rows, weights: Weights, idx, row_mask=None):
-        module, kernel = self.kernel_for(self.spec())
-        sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else None
+    def _launch(self, rows, weights: Weights, idx, row_mask, launch: Launch):
+        sm_count = self._sm_count(rows.device)
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
         out = torch.empty_like(rows)
         w2_columns = self._column_major(weights.w2)
@@ -201,21 +248,34 @@ class SparseMLPOp(FusedOp):
             options["up_activation"] = self.up_activation
 
         def run(config):
-            return module.launch(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
-                                 row_mask=row_mask, config=config, **options)
+            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out,
+                                        activation=self.activation, row_mask=row_mask, config=config, checked=True,
+                                        **options)
 
         gated = self.layout.gated
-        config = self.tuned_config(
-            kernel, sizes, rows,
-            default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
-            candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated),
-            run=run,
-        )
-        return run(config)
+        tuning = dict(default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
+                      candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated),
+                      run=run)
+        if self.layout.form == "masked":  # the selection's size, a key of the config, comes from values
+            return run(self.tuned_config(launch.kernel, sizes, rows, **tuning))
+        return run(self.launch_config(launch, sizes, rows, **tuning))
+
+    @staticmethod
+    @functools.cache
+    def _sm_count(device: torch.device) -> int | None:
+        return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        if self.layout.form == "masked":
+            return "the neurons its mask keeps are found on the host (their number sizes the launch)"
+        return None
 
     def _column_major(self, w2: torch.Tensor) -> torch.Tensor:
-        """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged."""
-        if w2.stride(0) == 1:
+        """W2 with contiguous columns: w2 itself when it is already, else a copy kept while w2 is unchanged.
+        Compiled for CUDA graphs, w2 itself: a replay would not see w2 change, and so could not renew
+        the copy (the down kernel then reads the selected columns with stride F, uncoalesced)."""
+        if w2.stride(0) == 1 or self.sync_free:
             return w2
         key = (w2.data_ptr(), w2._version, tuple(w2.shape), w2.stride(), w2.dtype, w2.device)
         cached = self._w2_column_major

@@ -27,6 +27,8 @@ are reduced to each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from codegen import ssm_scan as ssm_codegen
@@ -34,6 +36,7 @@ from codegen import ssm_scan_backward as ssm_backward
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.dispatch import FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
+from runtime.plans import NO_PLAN_YET, Allocation, Launch, View, views_between
 
 Labels = tuple[str | None, ...]
 
@@ -109,13 +112,47 @@ class _SSMOp(FusedOp):
         groups = self.sizes.get("g", 1) if self.layout.grouped else 1
         return dict(batch=self.sizes["b"], dim=self.sizes["d"], groups=groups, dstate=self.sizes["n"], seqlen=seqlen)
 
-    def _launch(self, spec, like: torch.Tensor, run, seqlen: int = 1) -> None:
-        """Run `run(module, config)` with the forward kernel for `spec`, config tuned (or guessed) for
-        these sizes; `run` must be repeatable, since max-autotune calls it once per candidate."""
+    def _launch(self, spec, launch: Launch, like: torch.Tensor, run, seqlen: int = 1) -> None:
+        """Run `run(module, config)` with the planned forward kernel for `spec`, config tuned (or guessed)
+        for these sizes; `run` must be repeatable, since max-autotune calls it once per candidate."""
         shape = self._shape(seqlen)
-        self._tuned_run(self.kernel_for(spec), like, run, shape,
-                        default=lambda: ssm_codegen.default_config(spec, **shape),
-                        candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]))
+        config = self.launch_config(launch, (shape["batch"], shape["dim"], shape["dstate"], shape["seqlen"]), like,
+                                    default=lambda: ssm_codegen.default_config(spec, **shape),
+                                    candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]),
+                                    run=lambda config: run(launch.module, config))
+        run(launch.module, config)
+
+    def _planned(self, tensors, reason_of, spec_of, *extra) -> _SSMPlan:
+        """The plan (runtime.plans) of these operands' signature: the kernel's views of the operands
+        and of the outputs (y, and the state when the op returns one), `reason_of(args, *outputs)`,
+        the spec `spec_of()` and the launch of its kernel; `extra`: what else the key holds."""
+        key = self.plan_key(tensors, *extra)
+        plan = self._plans.get(key, NO_PLAN_YET)
+        if plan is NO_PLAN_YET:
+            args = self._arguments(tensors)
+            device = tensors[0].device
+            results = [(self.layout.out, self.out_target)] + ([(self.layout.state, self.state_target)]
+                                                               if self.layout.state is not None else [])
+            allocated = [self._allocate(result, target, device) for result, target in results]
+            reason = self.why_not_kernel(list(tensors)) or reason_of(args, *(view for _, view in allocated))
+            spec = spec_of()
+            plan = self._plans.remember(key, _SSMPlan(
+                views_between(tensors, args.values()), tuple(args),
+                tuple((Allocation.like(tensor), View.between(tensor, view)) for tensor, view in allocated),
+                reason, spec, None if reason else Launch(*self.kernel_for(spec))))
+        return plan
+
+    def _planned_arguments(self, plan: _SSMPlan, tensors) -> dict[str, torch.Tensor]:
+        return {name: view.of(tensor) for name, view, tensor in zip(plan.names, plan.args, tensors)}
+
+    @staticmethod
+    def _planned_outputs(plan: _SSMPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, the kernel's view of it) for y, then the state if the op returns one."""
+        outputs = []
+        for allocation, view in plan.outputs:
+            tensor = allocation.new(device)
+            outputs.append((tensor, view.of(tensor)))
+        return outputs
 
     def _tuned_run(self, loaded: tuple[object, Kernel], like: torch.Tensor, run, shape: dict[str, int],
                    default, candidates) -> None:
@@ -152,21 +189,19 @@ class SelectiveScanOp(SavesChunkStates, _SSMOp):
         return self.sizes["b"], self.sizes["d"], chunks, self.sizes["n"]
 
     def _scan(self, tensors, save: bool) -> tuple[object, list[torch.Tensor]]:
-        args = self._arguments(tensors)
-        out, out_view = self._allocate(self.layout.out, self.out_target, args["u"].device)
-        state, state_view = (self._allocate(self.layout.state, self.state_target, out.device)
-                             if self.layout.state is not None else (None, None))
+        plan = self._planned(tensors, lambda args, out, state=None: ssm_codegen.unsupported_reason(
+            **args, last_state=state, out=out), lambda: self.spec(chunk_states=save), save)
+        args = self._planned_arguments(plan, tensors)
+        (out, out_view), (state, state_view) = (self._planned_outputs(plan, tensors[0].device) + [(None, None)])[:2]
         chunk_states = self._chunk_states_like(*tensors) if save else None
-        reason = self.why_not_kernel(list(tensors)) or ssm_codegen.unsupported_reason(
-            **args, last_state=state_view, out=out_view)
-        if reason is None:
+        if plan.reason is None:
             def run(module, config):
                 module.launch(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
                               chunk_states=chunk_states, config=config)
 
-            self._launch(self.spec(chunk_states=save), args["u"], run, seqlen=self.sizes["l"])
+            self._launch(plan.spec, plan.launch, args["u"], run, seqlen=self.sizes["l"])
         else:
-            self.fell_back(reason)
+            self.fell_back(plan.reason)
             y, h, checkpoints = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
             out_view.copy_(y)
             if state_view is not None:
@@ -246,21 +281,30 @@ class StateUpdateOp(_SSMOp):
         return ssm_codegen.render_state_update(spec)
 
     def forward(self, *tensors):
-        args = self._arguments(tensors)
+        plan = self._planned(tensors, lambda args, out, state: ssm_codegen.state_update_unsupported_reason(
+            state, **{name: arg for name, arg in args.items() if name != "state"}, out=out), self.spec)
+        args = self._planned_arguments(plan, tensors)
         carried = args.pop("state")
-        out, out_view = self._allocate(self.layout.out, self.out_target, carried.device)
-        state, state_view = self._allocate(self.layout.state, self.state_target, carried.device)
-        reason = self.why_not_kernel(list(tensors)) or ssm_codegen.state_update_unsupported_reason(
-            state_view, **args, out=out_view)
-        if reason is None:
+        (out, out_view), (state, state_view) = self._planned_outputs(plan, carried.device)
+        if plan.reason is None:
             def run(module, config):
                 state_view.copy_(carried)
                 module.launch(state_view, **args, out=out_view, dt_softplus=self.layout.softplus, config=config)
 
-            self._launch(self.spec(), args["x"], run)
+            self._launch(plan.spec, plan.launch, args["x"], run)
         else:
-            self.fell_back(reason)
+            self.fell_back(plan.reason)
             y, h = ssm_codegen.state_update_reference(carried, **args, dt_softplus=self.layout.softplus)
             out_view.copy_(y)
             state_view.copy_(h)
         return out, state
+
+
+@dataclass(frozen=True)
+class _SSMPlan:
+    args: tuple  # the kernel's view of each operand
+    names: tuple[str, ...]  # the kernel's name of each operand
+    outputs: tuple  # (Allocation, the kernel's View of it) for y, then the state when the op returns one
+    reason: str | None  # why the kernel cannot take operands of this signature
+    spec: object  # of the forward kernel
+    launch: Launch | None

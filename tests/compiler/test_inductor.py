@@ -85,5 +85,5 @@ def test_torch_compile_backend_takes_the_same_option():
 def test_unknown_backend_option_is_an_error():
     model, (ids,) = gpt.tiny_sdpa_gqa(batch=1, length=8)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="options are 'inductor' and 'rolled' only"):
+    with pytest.raises(Exception, match="options are 'inductor', 'rolled' and 'cudagraphs' only"):
         torch.compile(model, backend="flashfx", options={"inductr": True})(ids)

@@ -1,0 +1,54 @@
+"""Per-signature plans (runtime.plans): a repeat call reuses what the first decided, a call whose
+operands differ only in strides gets a plan of its own, and both give the first call's answer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.library import lookup
+from runtime.plans import COPIED, IDENTITY, View
+from tests.runtime.test_custom_ops import CASES, recorded_calls
+
+FAMILY_CASES = ["attention", "attention_causal_gqa", "attention_mask_state", "attention_scale_state",
+                "multihead_attention_padding", "long_conv_transposed", "long_conv_circular", "short_conv",
+                "sparse_mlp_gathered", "sparse_mlp_masked", "ssm_scan_with_state", "ssm_state_update"]
+
+
+def relaid(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values with other strides: the last two dims stored transposed (or a strided copy)."""
+    if tensor.dim() >= 2:
+        return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return torch.empty(tensor.shape[0] * 2, dtype=tensor.dtype)[::2].copy_(tensor) if tensor.dim() else tensor.clone()
+
+
+def outputs_of(op, operands) -> list[torch.Tensor]:
+    return list(op.custom_op(list(operands), op.key)[:-1])
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_repeat_and_relaid_calls_reuse_plans_and_agree(name):
+    _, calls = recorded_calls(CASES[name])
+    for _, (operands, key) in calls:
+        op = lookup(key)
+        with torch.no_grad():
+            first = outputs_of(op, operands)
+            plans = len(op._plans)
+            again = outputs_of(op, operands)
+            assert len(op._plans) == plans  # the repeat call found its plan
+            other = outputs_of(op, [relaid(t) for t in operands])
+        assert len(op._plans) == plans + 1  # other strides: a signature of its own
+        for expected, found in zip(first, again):
+            torch.testing.assert_close(found, expected, rtol=0, atol=0, equal_nan=True)
+        for expected, found in zip(first, other):
+            torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_view_between():
+    x = torch.randn(4, 6)
+    assert View.between(x, x) is IDENTITY
+    assert View.between(x, x[()]) is IDENTITY  # a new tensor object, the same elements and layout
+    view = View.between(x, x[1:, ::2].t())
+    assert torch.equal(view.of(x.clone()), x[1:, ::2].t())
+    assert View.between(x, x.t().reshape(24)) is COPIED
+    empty = torch.empty(0, 6)
+    assert View.between(empty, empty.t()).of(empty).shape == (6, 0)
