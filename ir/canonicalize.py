@@ -9,7 +9,8 @@
     einsum("bhl,chl->bchl", a, b, ...) (no index summed)  -> permute + reshape (unit dims) of each, then mul
                                                            (a broadcast product, e.g. S4's spectral product)
     addmm/baddbmm(c, a, b, beta, alpha)                  -> (a @ b) * alpha + c * beta  (factors of 1 and
-                                                           terms times 0 dropped)
+                                                           terms times 0 dropped; a factor may be a
+                                                           0-d tensor)
     reshape(expand(reshape(x, [b,h,1,l,d]), [b,h,n,l,d]), [b,h*n,l,d])
     and repeat_interleave(x, n, dim=1)                  -> repeat_kv(x, n)    (GQA/MQA)
     reshape([contiguous](expand(x with a unit dim after k, r copies))) merging them into dim k
@@ -18,6 +19,9 @@
     x.expand_as(y), x.view_as(y), x.type_as(y)          -> the same op from its attrs, no longer reading y
                                                            (only y's shape or dtype mattered; static shapes)
     x[:, None, ..., i]  (one int among full slices and Nones) -> reshape(select(x, dim, i))
+    gather(x, d, idx[:, None].expand(-1, n)) (idx 1-D, viewed along d, expanded to x's other sizes)
+                                                        -> index(x, idx, d)  (rows or columns gathered)
+    index(b viewed (F, 1), idx, 0) viewed (K,)          -> index(b, idx, 0)  (a bias gathered by F.embedding)
     cat([zeros(...), x, zeros(...)], dim) (either zeros optional) -> pad(x, widths)  (zero padding
                                                            spelled as a concatenation)
     where(c, x, zeros_like(x)) (zeros, new_zeros, full(.., 0), tensor(0.); either branch; not widening
@@ -25,6 +29,7 @@
     x * sigmoid(x) (either order)                       -> silu(x)  (SiLU / Swish written out)
     e = exp(x - max(x, -1, keepdim)); e / sum(e, -1, keepdim) -> softmax(x, -1)  (softmax written out,
                                                            the max as amax, max(...).values or [0])
+    softmax(x - max(x, d, keepdim), d)                  -> softmax(x, d)  (a stable softmax written out)
     out = empty/zeros(...); out[..., i, ...] = y_i for each i of one dim, before anything
     reads out                                           -> stack([y_0, ...], dim)  (a loop filling
                                                            a preallocated buffer, functionalised)
@@ -54,7 +59,7 @@ import functools
 import torch
 
 from ir.consteval import evaluate
-from ir.graph import Graph, Node, StaleRead
+from ir.graph import Graph, Node, Ref, StaleRead
 from ir.match import int_index
 from ir.mutation import storages
 from ir.types import TensorType
@@ -162,21 +167,25 @@ def _einsum_terms(node: Node) -> tuple[list[str] | None, str]:
 
 
 def _rewrite_einsum(graph: Graph, node: Node) -> None:
-    """Batched-matmul einsums become matmul; anything else stays an einsum."""
+    """Batched-matmul einsums become matmul; anything else stays an einsum. A batch index one operand
+    lacks (PaLM's single-head keys, 'bhid,bjd->bhij') becomes a unit dim it broadcasts along."""
     plan = _einsum_plan(node.attrs["equation"], len(node.inputs))
     if plan is None:
         return
-    perm_a, perm_b, perm_out = plan
-    a, b = (graph.node(name) for name in node.inputs)
-    a_perm = _permute(graph, node, a, perm_a)
-    b_perm = _permute(graph, node, b, perm_b)
-    product = _new_node(graph, node, "matmul", [a_perm.name, b_perm.name], {}, torch.matmul(a_perm.value, b_perm.value))
-    result = _permute(graph, node, product, perm_out)
+    terms, product, out = plan
+    operands = [graph.node(name) for name in node.inputs]
+    if any(set(term) != set(order) and operand.type.static_shape() is None
+           for operand, term, order in zip(operands, terms, product)):
+        return
+    a, b = (_aligned(graph, node, operand, term, order) for operand, term, order in zip(operands, terms, product))
+    matmul = _new_node(graph, node, "matmul", [a.name, b.name], {}, torch.matmul(a.value, b.value))
+    result = _permute(graph, node, matmul, tuple(product[2].index(x) for x in out))
     graph.replace_uses(node.name, result.name)
 
 
 def _einsum_plan(equation: str, operands: int):
-    """For 'batch+i+c, batch+c+j -> out' (any order), the permutations that make it a matmul."""
+    """For 'batch+i+c, batch+c+j -> out' (any order; a batch index may be missing from one operand):
+    (the two terms, the index orders of the two matmul operands and its product, out)."""
     if operands != 2 or "->" not in equation or "." in equation:
         return None
     inputs, out = equation.split("->")
@@ -184,17 +193,13 @@ def _einsum_plan(equation: str, operands: int):
     if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out):
         return None
     contracted = [c for c in a if c in b and c not in out]
-    batch = [c for c in out if c in a and c in b]
-    rows = [c for c in a if c not in b]
-    cols = [c for c in b if c not in a]
-    if len(contracted) != 1 or len(rows) != 1 or len(cols) != 1 or set(out) != set(batch + rows + cols):
+    rows = [x for x in out if x in a and x not in b]
+    cols = [x for x in out if x in b and x not in a]
+    if len(contracted) != 1 or not rows or not cols or set(a) | set(b) != set(out) | set(contracted):
         return None
-    (c,), (i,), (j,) = contracted, rows, cols
-    perm_a = tuple(a.index(x) for x in batch + [i, c])
-    perm_b = tuple(b.index(x) for x in batch + [c, j])
-    product = batch + [i, j]
-    perm_out = tuple(product.index(x) for x in out)
-    return perm_a, perm_b, perm_out
+    (c,), i, j = contracted, rows[-1], cols[-1]
+    batch = "".join(x for x in out if x not in (i, j))
+    return (a, b), (batch + i + c, batch + c + j, batch + i + j), out
 
 
 def _rewrite_einsum_product(graph: Graph, node: Node) -> None:
@@ -228,6 +233,8 @@ def _aligned(graph: Graph, anchor: Node, operand: Node, term: str, out: str) -> 
     """`operand` (indices `term`) with its dims in the order of `out` and a unit dim for each index it lacks."""
     kept = [index for index in out if index in term]
     permuted = _permute(graph, anchor, operand, tuple(term.index(index) for index in kept))
+    if len(kept) == len(out):
+        return permuted
     sizes = dict(zip(kept, permuted.type.static_shape()))
     shape = tuple(sizes.get(index, 1) for index in out)
     if shape == permuted.type.static_shape():
@@ -237,17 +244,22 @@ def _aligned(graph: Graph, anchor: Node, operand: Node, term: str, out: str) -> 
 
 # -- addmm -------------------------------------------------------------------------
 def _rewrite_addmm(graph: Graph, node: Node) -> None:
-    added, a, b = (graph.node(name) for name in node.inputs)
+    added, a, b, *tensor_factors = (graph.node(name) for name in node.inputs[:node.value_inputs])
+    beta, alpha = (tensor_factors.pop(0) if node.attrs[key] is None else node.attrs[key] for key in ("beta", "alpha"))
     result = _new_node(graph, node, "matmul", [a.name, b.name], {}, torch.matmul(a.value, b.value))
-    result = _scaled(graph, node, result, node.attrs["alpha"])
-    if node.attrs["beta"] != 0:
-        added = _scaled(graph, node, added, node.attrs["beta"])
+    result = _scaled(graph, node, result, alpha)
+    if isinstance(beta, Node) or beta != 0:
+        added = _scaled(graph, node, added, beta)
         result = _new_node(graph, node, "add", [result.name, added.name], dict(TWO_TENSORS),
                            torch.add(result.value, added.value))
     graph.replace_uses(node.name, result.name)
 
 
 def _scaled(graph: Graph, anchor: Node, source: Node, factor) -> Node:
+    """source * factor: a number (nothing when 1) or a 0-d tensor node (type promotion keeps source's dtype)."""
+    if isinstance(factor, Node):
+        return _new_node(graph, anchor, "mul", [source.name, factor.name], dict(TWO_TENSORS),
+                         torch.mul(source.value, factor.value))
     if factor == 1:
         return source
     return _new_node(graph, anchor, "mul", [source.name], {"scalar": factor, "scalar_first": False},
@@ -357,6 +369,53 @@ def _rewrite_select_unsqueeze(graph: Graph, node: Node) -> None:
     graph.replace_uses(node.name, result.name)
 
 
+# -- gather along one dim by a broadcast index -------------------------------------------
+def _rewrite_broadcast_gather(graph: Graph, node: Node) -> None:
+    """gather(x, d, idx viewed along d and expanded to x's other sizes): index(x, idx, d), the
+    slices x[..., idx[k], ...] (a gather of weight rows or columns written with torch.gather)."""
+    call = node.call
+    if call is None or len(node.inputs) != 2 or node.type is None or node.type.static_shape() is None:
+        return
+    x, expanded = (graph.node(name) for name in node.inputs)
+    dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim")
+    idx = _broadcast_index(graph, expanded, x, dim) if isinstance(dim, int) and x.type is not None else None
+    if idx is None or call.args[0] != Ref(0):
+        return
+    indexed = _new_node(graph, node, "index", [x.name, idx.name], {"dim": dim % x.type.rank}, node.value)
+    graph.replace_uses(node.name, indexed.name)
+
+
+def _broadcast_index(graph: Graph, expanded: Node, x: Node, dim: int) -> Node | None:
+    """idx (K,), when `expanded` is idx reshaped to unit dims but at `dim` and expanded to x's shape there."""
+    shape, x_shape = expanded.type.static_shape(), x.type.static_shape()
+    if expanded.op != "expand" or shape is None or x_shape is None or len(shape) != len(x_shape) or not shape:
+        return None
+    dim %= len(shape)
+    viewed = graph.node(expanded.inputs[0])
+    idx = graph.node(viewed.inputs[0]) if viewed.op == "reshape" else None
+    if idx is None or idx.type is None or idx.type.rank != 1 or idx.type.dtype not in (torch.int32, torch.int64):
+        return None
+    unit_view = tuple(shape[dim] if d == dim else 1 for d in range(len(shape)))
+    others = [size for d, size in enumerate(shape) if d != dim] == [s for d, s in enumerate(x_shape) if d != dim]
+    return idx if others and viewed.type.static_shape() == unit_view else None
+
+
+def _rewrite_vector_gather(graph: Graph, node: Node) -> None:
+    """index(b viewed as (F, 1), idx, 0) viewed back as (K,): index(b, idx, 0) (a bias gathered with
+    F.embedding, which reads rows of a 2-D table only)."""
+    indexed = graph.node(node.inputs[0])
+    if indexed.op != "index" or indexed.attrs["dim"] != 0 or node.type is None:
+        return
+    table, idx = (graph.node(name) for name in indexed.inputs[:2])
+    vector = graph.node(table.inputs[0]) if table.op == "reshape" else None
+    if vector is None or vector.type is None or vector.type.rank != 1 or idx.type.rank != 1:
+        return
+    if tuple(table.type.shape) != (vector.type.shape[0], 1) or tuple(node.type.shape) != tuple(idx.type.shape):
+        return
+    gathered = _new_node(graph, node, "index", [vector.name, idx.name], {"dim": 0}, node.value)
+    graph.replace_uses(node.name, gathered.name)
+
+
 # -- zero padding spelled as a concatenation -------------------------------------------
 def _rewrite_zero_padding(graph: Graph, node: Node) -> None:
     """cat([zeros, x, zeros], dim) with zeros of x's dtype and device on one or both sides: pad(x)."""
@@ -454,8 +513,21 @@ def _rewrite_written_out_softmax(graph: Graph, node: Node) -> None:
     graph.replace_uses(node.name, softmax.name)
 
 
-def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
-    """Is `node` x.amax(last, keepdim=True), or x.max(last, keepdim=True) values ([0] or .values)?"""
+def _drop_shift_before_softmax(graph: Graph, node: Node) -> None:
+    """softmax(x - rowmax(x), d) over the same dim d: softmax(x, d) (lucidrains' stable softmax; softmax
+    subtracts the row max itself, and a row holding inf or nan gives nan either way)."""
+    shifted = graph.node(node.inputs[0])
+    if shifted.op != "sub" or len(shifted.inputs) != 2 or node.type is None:
+        return
+    x, row_max = (graph.node(name) for name in shifted.inputs)
+    if not _is_row_max(graph, row_max, x, node.attrs["dim"]) or x.type != shifted.type:
+        return
+    softmax = _new_node(graph, node, "softmax", [x.name], dict(node.attrs), node.value)
+    graph.replace_uses(node.name, softmax.name)
+
+
+def _is_row_max(graph: Graph, node: Node, x: Node, dim: int) -> bool:
+    """Is `node` x.amax(dim, keepdim=True), or x.max(dim, keepdim=True) values ([0] or .values)? (dim >= 0)"""
     if node.op == "torch" and node.attrs["target"] == "getitem" and node.call.args[1:] == (0,):
         node = graph.node(node.inputs[0])
         reduction = "max"
@@ -464,10 +536,10 @@ def _is_row_max(graph: Graph, node: Node, x: Node, last: int) -> bool:
     if node.op != "torch" or node.attrs["target"] != reduction or node.inputs != [x.name] or node.call is None:
         return False
     args, kwargs = node.call.args, node.call.kwargs
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    reduced = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-    return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % (last + 1) == last
+    dims = reduced if isinstance(reduced, (tuple, list)) else (reduced,)
+    return keepdim is True and len(dims) == 1 and isinstance(dims[0], int) and dims[0] % x.type.rank == dim
 
 
 # -- segment sums ------------------------------------------------------------------------
@@ -615,13 +687,15 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "dropout": [_drop_noop_dropout],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "mul": [_rewrite_written_out_silu],
+    "softmax": [_drop_shift_before_softmax],
     "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],
     "addmm": [_rewrite_addmm],
-    "reshape": [_rewrite_repeat_kv, _rewrite_expanded_repeat, _drop_metadata_reads],
+    "reshape": [_rewrite_repeat_kv, _rewrite_expanded_repeat, _rewrite_vector_gather, _drop_metadata_reads],
     "repeat_interleave": [_rewrite_repeat_kv],
     "expand": [_drop_metadata_reads],
     "cast": [_drop_metadata_reads],
     "getitem": [_rewrite_select_unsqueeze],
+    "gather": [_rewrite_broadcast_gather],
     "cat": [_rewrite_zero_padding],
     "where": [_rewrite_zero_branch, _rewrite_segment_sum],
     "copy_": [_forward_copied_value],

@@ -7,7 +7,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
 
     matmul      a @ b, torch.matmul, torch.bmm, torch.mm, x.matmul, x.bmm, x.mm
     addmm       torch.addmm/baddbmm(input, a, b, beta, alpha), x.addmm/baddbmm: beta * input + alpha * a @ b
-                (rewritten later to matmul, mul and add)
+                (rewritten later to matmul, mul and add); a factor given as a 0-d tensor is None in attrs
+                and an input after the matrices (beta's first)
     einsum      torch.einsum(equation, *operands); the equation made explicit: no spaces, "..." spelled
                 out as letters from each operand's rank, the implicit output (indices seen once, sorted)
                 written after "->" (rewritten later to matmul, or split into 2-operand products)
@@ -31,7 +32,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
     repeat_interleave  torch.repeat_interleave(x, n, dim)
     linear      F.linear(x, w, b=None) (nn.Linear inlined); attrs["has_bias"]
     index       x[idx], x[:, idx], x[..., idx], x.index_select(d, idx), torch.index_select: an int32/int64
-                tensor idx picks entries along one dim (1-D for index_select, any rank for [])
+                tensor idx picks entries along one dim (1-D for index_select, any rank for []);
+                F.embedding(idx, w) is w[idx]
     relu        F.relu, torch.relu, x.relu(), nn.ReLU (inlined), and in place (torch.relu_, x.relu_(),
                 inplace=True); attrs["inplace"] only when another reader could see the old value
     gelu        F.gelu, nn.GELU (inlined); attrs["approximate"] is "none" or "tanh"
@@ -111,10 +113,16 @@ def matmul(node) -> Normalised:
 def addmm(node) -> Normalised | None:
     operands = [_arg(node, 0, "input"), _arg(node, 1, "mat1", node.kwargs.get("batch1")),
                 _arg(node, 2, "mat2", node.kwargs.get("batch2"))]
-    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    if not all(_is_tensor_node(x) for x in operands) or not all(isinstance(x, Number) for x in (beta, alpha)):
+    factors = {key: node.kwargs.get(key, 1) for key in ("beta", "alpha")}
+    if not all(_is_tensor_node(x) for x in operands) or not all(map(_is_factor, factors.values())):
         return None
-    return "addmm", {"beta": beta, "alpha": alpha}, operands
+    tensor_factors = [factor for factor in factors.values() if _is_tensor_node(factor)]
+    return "addmm", {key: None if _is_tensor_node(f) else f for key, f in factors.items()}, operands + tensor_factors
+
+
+def _is_factor(arg) -> bool:
+    """A number, or a 0-d tensor (GPT-NeoX's alpha=torch.tensor(1.0) / norm_factor)."""
+    return isinstance(arg, Number) or (_is_tensor_node(arg) and _rank(arg) == 0)
 
 
 def einsum(node) -> Normalised | None:
@@ -268,6 +276,15 @@ def index_select(node) -> Normalised | None:
     if not (_is_tensor_node(idx) and isinstance(dim, int)) or _rank(idx) != 1 or _value(idx).dtype not in INDEX_DTYPES:
         return None
     return "index", {"dim": _dim(dim, _rank(x))}, [x, idx]
+
+
+def embedding(node) -> Normalised | None:
+    """F.embedding(idx, w) reads rows of w: w[idx] (padding_idx only changes gradients; max_norm, which
+    renormalises w in place, stays as written)."""
+    idx, weight = node.args[0], _arg(node, 1, "weight")
+    if not (_is_tensor_node(idx) and _is_tensor_node(weight)) or _value(idx).dtype not in INDEX_DTYPES:
+        return None
+    return None if _arg(node, 3, "max_norm") is not None else ("index", {"dim": 0}, [weight, idx])
 
 
 def attribute(node) -> Normalised | None:
@@ -632,7 +649,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     torch.repeat_interleave: repeat_interleave,
     getattr: attribute,
     F.linear: linear,
-    torch.index_select: index_select,
+    torch.index_select: index_select, F.embedding: embedding,
     F.relu: relu, torch.relu: relu, torch.relu_: relu,
     F.gelu: gelu,
     torch.select: select,

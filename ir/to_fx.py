@@ -62,6 +62,7 @@ LOWERINGS = {
     "silu": lambda node: Call("call_function", torch.nn.functional.silu, (Ref(0),)),
     "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
     "where": lambda node: Call("call_function", torch.where, _where_args(node)),
+    "index": lambda node: Call("call_function", torch.index_select, (Ref(0), node.attrs["dim"], Ref(1))),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
     "irfft": _transform(torch.fft.irfft),
     "ifft": _transform(torch.fft.ifft),

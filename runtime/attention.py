@@ -371,12 +371,15 @@ class AttentionOp(FusedOp):
     def _to_4d(self, q, k, v, masks):
         """(q, k, v, masks) as 4-d kernel operands. Masks stay broadcast views (a combined chain is
         formed at the masks' own broadcast shape); regrouped scores run in the batch dims the first
-        regrouped mask was written for, so that mask needs no copy."""
+        regrouped mask was written for, so that mask needs no copy (but for more than two, merged
+        into two: the kernel's (batch, heads))."""
         if self.layout.key_transposed:
             k = k.transpose(-1, -2)
         out_batch = self._out_batch(q, v)
         written_for = [batch or out_batch for batch in self.layout.mask_batches] or [out_batch] * len(masks)
         batch = next((written for written in written_for if written != out_batch), out_batch)
+        if len(batch) > 2:  # Swin's (b / windows, windows, heads): the leading dims merged, the masks copied
+            batch = (math.prod(batch[:-1]), batch[-1])
         if self.layout.regroup_qk:
             q, k, v = (x.reshape(*batch, *x.shape[-2:]) for x in (q, k, v))
         masks = [mask if written == batch else _regrouped_mask(mask, written, batch)

@@ -209,6 +209,9 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
         if len(walk.masks) == MAX_MASKS:
             raise NoMatch(node, f"more than {MAX_MASKS} masks between QK^T and softmax")
         return _parse_masked(graph, node, context, walk)
+    if node.op == "placeholder":
+        raise NoMatch(node, "the scores are an input of this graph: TorchDynamo broke the graph under the softmax "
+                            "(GPT-NeoX's tensor baddbmm alpha, a .item(), print...), so QK^T is not in it")
     what = node.attrs["target"] if node.op == "torch" else node.op
     raise NoMatch(node, f"{what} between QK^T and softmax is neither a scale nor a mask")
 
