@@ -5,7 +5,8 @@ hold the core of a family that no pass took up as a candidate (a form no rule st
 report() would say nothing. This pass looks for each family's anchor that is still in the graph:
 
     attention    softmax(s) read by a matmul, s made from a matmul (through scales, masks, casts);
-                 the softmax may be written out without the row max, exp(s) / sum(exp(s))
+                 the softmax may be written out without the row max, exp(s) / sum(exp(s)); or a call
+                 of attention no pass reads (flex_attention)
     long_conv    irfft / ifft of a product of spectra (each made by an rfft / fft), or an inverse
                  transform ir.spellings leaves opaque (irfftn, ifftn...) of a product
     ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step,
@@ -31,6 +32,9 @@ INVERSE_TRANSFORMS = {"irfft", "ifft", "fft_irfftn", "fft_ifftn", "fft_irfft2", 
 FORWARD_TRANSFORMS = {"rfft", "fft"}
 IN_PLACE = {"add": ("add_", "iadd"), "mul": ("mul_", "imul")}  # in-place spellings of a binary op
 SELECTIONS = {"mul", "where", "index"}
+ATTENTION_CALLS = {  # attention as one call that no pass reads: what it is
+    "flex_attention": "flex_attention, a higher-order op whose score_mod and block_mask are subgraphs",
+}
 
 
 def run(graph: Graph, context: PassContext) -> None:
@@ -54,6 +58,8 @@ def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6) -> bool:
 
 
 def _attention(graph: Graph, node: Node) -> str | None:
+    if node.op == "torch" and node.attrs["target"] in ATTENTION_CALLS:
+        return ATTENTION_CALLS[node.attrs["target"]]
     scores = _softmax_input(graph, node)
     if scores is None or not _behind(graph, scores, {"matmul", "sdpa"}):
         return None

@@ -5,7 +5,8 @@ lucidrains' PaLM, Meta's Llama, Hugging Face's BERT, DistilBERT, T5, CLIP, Whisp
 and its SDPA path, nanoGPT, Swin; DejaVu / PowerInfer / ReLU-fied Llama MLPs), at awkward sizes.
 The test compiles it, asserts that the family fused once and its kernel ran (no run-time fallback),
 and holds the output to the tolerance rule against fp64 eager on the input it was compiled for and on
-a fresh one.
+a fresh one. The forms left to PyTorch (a learned scale, flex_attention, a Dynamo graph break under
+the softmax) must run exactly as eager and be named in report().
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ FFN, ACTIVE = 101, 23
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Conversion of an array with ndim > 0:DeprecationWarning",
     "ignore:overflow encountered:RuntimeWarning",  # the interpreter's numpy scaling finfo.min masks, as eager's does
+    "ignore:flex_attention called without torch.compile:UserWarning",  # the eager reference run
 )
 
 
@@ -427,6 +429,162 @@ class SdpaTrilBoolMask(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class DiffusersAttention(nn.Module):
+    """diffusers' Attention.get_attention_scores: head_to_batch_dim, baddbmm into torch.empty with beta=0 and
+    alpha=scale, q and k upcast to fp32 (upcast_attention), probabilities cast back, bmm."""
+
+    def __init__(self, dim: int = WIDTH, heads: int = HEADS):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim)
+
+    def head_to_batch_dim(self, t):
+        b, n, d = t.shape
+        return t.reshape(b, n, self.heads, d // self.heads).permute(0, 2, 1, 3).reshape(b * self.heads, n, d // self.heads)
+
+    def batch_to_head_dim(self, t):
+        bh, n, d = t.shape
+        return t.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3).reshape(bh // self.heads, n, d * self.heads)
+
+    def forward(self, x):
+        q, k, v = (self.head_to_batch_dim(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
+        dtype = q.dtype
+        q, k = q.float(), k.float()
+        baddbmm_input = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(baddbmm_input, q, k.transpose(-1, -2), beta=0, alpha=self.scale)
+        del baddbmm_input
+        return self.to_out(self.batch_to_head_dim(torch.bmm(scores.softmax(dim=-1).to(dtype), v)))
+
+
+class HFEagerAttention(nn.Module):
+    """Hugging Face's eager_attention_forward: a 4-d float mask sliced to the key length, F.dropout."""
+
+    def forward(self, q, k, v, attention_mask):
+        weights = torch.matmul(q, k.transpose(2, 3)) * (q.shape[-1] ** -0.5)
+        weights = weights + attention_mask[:, :, :, : k.shape[-2]]
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = nn.functional.dropout(weights, p=0.1, training=self.training)
+        return torch.matmul(weights, v).transpose(1, 2).contiguous()
+
+
+class CachedDecodeStep(nn.Module):
+    """A decode step: one query token, keys and values torch.cat to a cache along the sequence."""
+
+    def forward(self, q, k, v, past_k, past_v):
+        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), -1), v)
+
+
+class SlidingWindowAttention(nn.Module):
+    """Mistral-style sliding window: tril(ones) & ~tril(ones, -window), where(keep, s, finfo.min)."""
+
+    def forward(self, q, k, v, window: int = 4):
+        ones = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+        keep = torch.tril(ones) & ~torch.tril(ones, diagonal=-window)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.where(keep, scores, torch.finfo(scores.dtype).min).softmax(-1) @ v
+
+
+class DocumentedSdpaReference(nn.Module):
+    """The reference implementation in PyTorch's scaled_dot_product_attention docs, causal, dropout_p = 0."""
+
+    def forward(self, q, k, v):
+        L, S = q.size(-2), k.size(-2)
+        attn_bias = torch.zeros(L, S, dtype=q.dtype, device=q.device)
+        temp_mask = torch.ones(L, S, dtype=torch.bool).tril(diagonal=0)
+        attn_bias.masked_fill_(temp_mask.logical_not(), float("-inf"))
+        attn_weight = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.size(-1)))
+        attn_weight += attn_bias
+        attn_weight = torch.dropout(torch.softmax(attn_weight, dim=-1), 0.0, train=True)
+        return attn_weight @ v
+
+
+class RotaryAttention(nn.Module):
+    """Rotary embeddings (rotate_half by torch.cat) on q and k, then a causal masked_fill(-inf)."""
+
+    def forward(self, q, k, v):
+        n, d = q.shape[-2], q.shape[-1]
+        freqs = torch.outer(torch.arange(n).float(), 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+        def rotate_half(x):
+            return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
+        scores = scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+        return torch.matmul(scores.softmax(-1), v)
+
+
+class ScaleAfterPaddingMask(nn.Module):
+    """(q k^T + (1 - keep) * -1e9) / sqrt(d): the scale applied after the additive mask."""
+
+    def forward(self, q, k, v, keep):
+        scores = (q @ k.transpose(-1, -2) + (1.0 - keep[:, None, None, :]) * -1e9) / math.sqrt(q.shape[-1])
+        return scores.softmax(-1) @ v
+
+
+class TransposedValueEinsum(nn.Module):
+    """v stored (b, h, d, L): einsum('bhij,bhdj->bhid')."""
+
+    def forward(self, q, k, v):
+        scores = torch.einsum('bhid,bhjd->bhij', q, k) * 0.3
+        return torch.einsum('bhij,bhdj->bhid', scores.softmax(-1), v.transpose(-1, -2).contiguous())
+
+
+class TiledKeyValueHeads(nn.Module):
+    """k.repeat(1, n, 1, 1): query head i reads key head i % kv_heads (a tiling, not repeat_kv's i // n)."""
+
+    def forward(self, q, k, v):
+        k, v = k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)
+        return F.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1) @ v
+
+
+class ThreeDimSharedKey(nn.Module):
+    """Multi-query with 3-d k, v (b, L, d) unsqueezed into the head dim at the matmuls."""
+
+    def forward(self, q, k, v):
+        k, v = k[:, 0], v[:, 0]
+        return (q @ k.transpose(-1, -2).unsqueeze(1) * 0.3).softmax(-1) @ v.unsqueeze(1)
+
+
+class LearnedTemperature(nn.Module):
+    """scores / self.temperature, an nn.Parameter (trained: not folded in at compile time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-2, -1)) / self.temperature).softmax(-1) @ v
+
+
+class CosineAttention(nn.Module):
+    """Swin v2: normalize(q) @ normalize(k)^T times a learned per-head logit scale (h, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones((HEADS, 1, 1))))
+
+    def forward(self, q, k, v):
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return (attn * torch.clamp(self.logit_scale, max=math.log(1. / 0.01)).exp()).softmax(-1) @ v
+
+
+class FlexCausal(nn.Module):
+    """torch.nn.attention.flex_attention with a causal score_mod."""
+
+    def forward(self, q, k, v):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def causal(score, b, h, q_idx, kv_idx):
+            return torch.where(q_idx >= kv_idx, score, -float("inf"))
+
+        return flex_attention(q, k, v, score_mod=causal)
+
+
 # -- sparse MLPs ------------------------------------------------------------------------------------
 class TopkIndexSelectMLP(nn.Module):
     """DejaVu-like: a low-rank predictor's top-k over the batch, torch.index_select of fc1's rows and fc2's columns."""
@@ -529,6 +687,100 @@ class CatsMergedMLP(nn.Module):
         return self.down_proj(h * (h.abs() >= h.abs().topk(self.k, dim=-1).values[..., -1:]))
 
 
+class CatsThresholdMLP(nn.Module):
+    """CATS: where(|silu(gate)| > threshold, silu(gate), 0) * up, the threshold a buffer."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.register_buffer("threshold", torch.tensor(0.3))
+
+    def forward(self, x):
+        gate = F.silu(self.gate_proj(x))
+        return self.down_proj(torch.where(gate.abs() > self.threshold, gate, 0.0) * self.up_proj(x))
+
+
+class ParameterGatherMLP(nn.Module):
+    """DejaVu on raw Parameters: gelu_tanh(x @ w1[idx, :].T + b1[idx]) @ w2[:, idx].T."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(ffn, d) / d ** 0.5), nn.Parameter(0.1 * torch.randn(ffn))
+        self.w2 = nn.Parameter(torch.randn(d, ffn) / ffn ** 0.5)
+
+    def forward(self, x, idx):
+        return F.gelu(x @ self.w1[idx, :].T + self.b1[idx], approximate="tanh") @ self.w2[:, idx].T
+
+
+class InPlaceMaskMLP(nn.Module):
+    """h.mul_(mask.to(h.dtype)) in place, or torch.masked_fill(h, mask == 0, 0)."""
+
+    def __init__(self, in_place: bool, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.in_place, self.fc1, self.fc2 = in_place, nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x, mask):
+        h = F.relu(self.fc1(x))
+        if self.in_place:
+            h.mul_(mask.to(h.dtype))
+        else:
+            h = torch.masked_fill(h, mask == 0, 0)
+        return self.fc2(h)
+
+
+class DReluMLP(nn.Module):
+    """TurboSparse's dReLU: relu(gate) * relu(up), where(predictor > 0, h, zeros_like(h))."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+        self.predictor = nn.Sequential(nn.Linear(d, 8, bias=False), nn.Linear(8, ffn, bias=False))
+
+    def forward(self, x):
+        h = F.relu(self.gate_proj(x)) * F.relu(self.up_proj(x))
+        return self.down_proj(torch.where(self.predictor(x) > 0, h, torch.zeros_like(h)))
+
+
+class BoolScatterMLP(nn.Module):
+    """A bool mask made by zeros(dtype=bool).scatter_(-1, topk indices, True)."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.fc1, self.fc2, self.predictor = nn.Linear(d, ffn), nn.Linear(ffn, d), nn.Linear(d, ffn, bias=False)
+
+    def forward(self, x):
+        scores = self.predictor(x)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=x.device).scatter_(-1, scores.topk(ACTIVE, -1).indices,
+                                                                                     True)
+        return self.fc2(F.relu(self.fc1(x)) * mask)
+
+
+class MergedGatheredMLP(nn.Module):
+    """Phi-3's merged gate_up_proj gathered: w[:F][idx] and w[F:][idx], silu."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.ffn, self.gate_up_proj, self.down_proj = ffn, nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, idx):
+        w = self.gate_up_proj.weight
+        gate, up = F.linear(x, w[:self.ffn][idx]), F.linear(x, w[self.ffn:][idx])
+        return F.linear(F.silu(gate) * up, self.down_proj.weight[:, idx])
+
+
+class SequenceMaskMLP(nn.Module):
+    """One mask per sequence (b, F), broadcast over its tokens by unsqueeze(1), gelu."""
+
+    def __init__(self, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x, mask):
+        return self.fc2(F.gelu(self.fc1(x)) * mask.unsqueeze(1))
+
+
 # -- inputs and cases -------------------------------------------------------------------------------
 def tokens(length: int = LENGTH) -> torch.Tensor:
     return torch.randn(BATCH, length, WIDTH)
@@ -548,6 +800,17 @@ def heads(kv_heads: int = HEADS, length: int = LENGTH, head_dim: int = 10) -> li
 
 def neurons() -> torch.Tensor:
     return torch.randperm(FFN)[:ACTIVE]
+
+
+def sliced_mask() -> torch.Tensor:
+    """A (b, 1, L, L + 3) float mask, causal with finfo.min, two keys of the second sequence padded."""
+    mask = torch.full((LENGTH, LENGTH + 3), torch.finfo(fp32).min).triu(1)[None, None].repeat(BATCH, 1, 1, 1)
+    mask[1, ..., 5:7] = torch.finfo(fp32).min
+    return mask
+
+
+def neuron_mask(*shape: int) -> torch.Tensor:
+    return (torch.rand(*shape, FFN) > 0.6).float()
 
 
 CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (module, inputs, family, dtype)
@@ -583,6 +846,17 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "fp32_upcast": (UpcastAttention, heads, "attention", bf16),
     "broadcast_multi_query": (BroadcastMultiQuery, lambda: heads(kv_heads=1), "attention", fp16),
     "sdpa_tril_bool_mask": (SdpaTrilBoolMask, heads, "attention", fp32),
+    "diffusers_baddbmm_upcast": (DiffusersAttention, lambda: [tokens()], "attention", fp16),
+    "hf_eager_sliced_4d_mask": (HFEagerAttention, lambda: heads() + [sliced_mask()], "attention", fp16),
+    "cached_decode_step": (CachedDecodeStep, lambda: heads(length=1) + [torch.randn(BATCH, HEADS, 20, 10)
+                                                                     for _ in range(2)], "attention", fp16),
+    "sliding_window": (SlidingWindowAttention, heads, "attention", bf16),
+    "documented_sdpa_reference": (DocumentedSdpaReference, heads, "attention", fp32),
+    "rotary_causal": (RotaryAttention, heads, "attention", bf16),
+    "scale_after_padding_mask": (ScaleAfterPaddingMask, lambda: heads() + [keep_mask()], "attention", fp16),
+    "transposed_value_einsum": (TransposedValueEinsum, heads, "attention", fp16),
+    "tiled_key_value_heads": (TiledKeyValueHeads, lambda: heads(kv_heads=2), "attention", fp16),
+    "three_dim_shared_key": (ThreeDimSharedKey, lambda: heads(kv_heads=1), "attention", fp32),
     "dejavu_topk_index_select": (TopkIndexSelectMLP, lambda: [tokens()], "sparse_mlp", fp16),
     "embedding_gathers": (EmbeddingGatherMLP, lambda: [tokens(), neurons()], "sparse_mlp", fp32),
     "torch_gather": (TorchGatherMLP, lambda: [tokens(), neurons()], "sparse_mlp", bf16),
@@ -593,6 +867,16 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "relu_llama_gathered": (GatheredReluLlamaMLP, lambda: [tokens(), neurons()], "sparse_mlp", fp16),
     "powerinfer_predictor": (PowerInferMLP, lambda: [tokens()], "sparse_mlp", fp32),
     "cats_merged_gate_up": (CatsMergedMLP, lambda: [tokens()], "sparse_mlp", fp16),
+    "cats_threshold_buffer": (CatsThresholdMLP, lambda: [tokens()], "sparse_mlp", fp32),
+    "parameter_gathers": (ParameterGatherMLP, lambda: [tokens(), neurons()], "sparse_mlp", fp16),
+    "in_place_mask_mul": (lambda: InPlaceMaskMLP(in_place=True), lambda: [tokens(), neuron_mask(BATCH, LENGTH)],
+                          "sparse_mlp", fp32),
+    "masked_fill_equal_zero": (lambda: InPlaceMaskMLP(in_place=False), lambda: [tokens(), neuron_mask(BATCH, LENGTH)],
+                               "sparse_mlp", bf16),
+    "drelu_where_zeros_like": (DReluMLP, lambda: [tokens()], "sparse_mlp", fp32),
+    "bool_scatter_topk": (BoolScatterMLP, lambda: [tokens()], "sparse_mlp", fp16),
+    "merged_gate_up_gathered": (MergedGatheredMLP, lambda: [tokens(), neurons()], "sparse_mlp", fp32),
+    "mask_per_sequence": (SequenceMaskMLP, lambda: [tokens(), neuron_mask(BATCH)], "sparse_mlp", fp16),
 }
 
 
@@ -615,6 +899,9 @@ def test_fuses_and_matches_eager(name):
 NEAR_MISSES: dict[str, tuple[Callable, Callable, str]] = {  # name: (module, inputs, what report() says)
     "neox_alpha_from_a_buffer": (lambda: NeoXAttention("buffer"), lambda: [tokens(), extended_mask(keep_mask(), fp32)],
                                  "TorchDynamo broke the graph under the softmax"),
+    "learned_temperature": (LearnedTemperature, heads, "scores div by a tensor that is not a compile-time scalar"),
+    "cosine_per_head_scale": (CosineAttention, heads, "scores mul by a tensor that is not a compile-time scalar"),
+    "flex_attention": (FlexCausal, heads, "flex_attention, a higher-order op"),
 }
 
 
