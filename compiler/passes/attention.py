@@ -5,7 +5,8 @@ Recognised (after ir.canonicalize folded the spellings):
     out = matmul(cast?(dropout?(softmax(scores, dim=-1))), V)        naive attention (train-mode dropout on the
                                                                       weights fused, eval-mode dropped earlier)
     scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
-             casts, scales (mul/div by a scalar or a constant 0-d tensor),
+             casts, scales (mul/div by a scalar or a constant 0-d tensor; a tensor, a learned
+             temperature or a per-head scale (h, 1, 1), right on QK^T scales q instead),
              at most one tanh between scales (logit soft-capping, cap * tanh(s / cap)),
              at most two masks above it: scores + bias | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, dropout_p?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
@@ -35,7 +36,7 @@ import torch
 from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.fused import AttentionLayout, EncoderLayout, FusedSpec, MaskForm, MultiheadLayout
-from ir.graph import Graph, Node
+from ir.graph import Call, Graph, Node, Ref
 from ir.limits import KERNEL_DTYPES, MASKED_OUT, MAX_HEAD_DIM
 from ir.match import check_private
 from ir.pattern import Any, Op, Skip, match
@@ -93,6 +94,7 @@ class Scores:
     regrouped: bool = False  # a reshape between QK^T and softmax regroups the batch dims
     state_scales: tuple = ()  # StateScales
     softcap: float | None = None  # scores = softcap * tanh(scale * QK^T) below the masks
+    query_scales: tuple = ()  # (op, factor node): a tensor scale per batch entry, applied to q instead
 
 
 def run(graph: Graph, context: PassContext) -> None:
@@ -130,6 +132,10 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
     query, key = (_under_upcast(graph, node, found["value"]) for node in (query, key))
+    if scores.query_scales:
+        if query.name != scores.qk.inputs[0]:
+            raise NoMatch(scores.query_scales[0][1], "a tensor scale on QK^T computed in fp32 from half-precision q")
+        query = _scaled_query(graph, query, scores.query_scales, scores.qk)
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
     _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
           key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
@@ -196,7 +202,14 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
     if node.op == "reshape" and _regroups_batch(graph, node):
         return _parse_scores(graph, below, context, replace(walk, regrouped=True))
     if node.op in ("mul", "div"):
-        scores, factor, state_scale = _scale_operands(graph, node, context, len(walk.masks))
+        try:
+            scores, factor, state_scale = _scale_operands(graph, node, context, len(walk.masks))
+        except NoMatch:
+            scores, factor_node = _query_scale(graph, node) or (None, None)
+            if scores is None:
+                raise
+            return _parse_scores(graph, scores, context, replace(walk, query_scales=walk.query_scales + (
+                (node.op, factor_node),)))
         walk = replace(walk, scale=walk.scale * factor, state_scales=walk.state_scales + state_scale)
         return _parse_scores(graph, scores, context, walk)
     if node.op == "add" and (scores := _zero_added(graph, node)) is not None:
@@ -258,6 +271,36 @@ def _scale_operands(graph, node: Node, context, masks_below: int) -> tuple[Node,
             state = consteval.pinned_dependencies(graph, factor_node, context.pinned)
             return scores, factor ** exponent, ((StateScale(factor_node, factor, exponent, masks_below),) if state else ())
     raise NoMatch(node, f"scores {node.op} by a tensor that is not a compile-time scalar")
+
+
+def _query_scale(graph, node: Node) -> tuple[Node, Node] | None:
+    """(scores, factor) when `node` scales QK^T, through casts and scalar scales only (no mask, reshape
+    or tanh), by a tensor constant over the query and key dims that q takes without changing shape or
+    dtype: a learned temperature, Swin v2's per-head logit scale (h, 1, 1). s * f = (q * f) K^T."""
+    first, second = (graph.node(name) for name in node.inputs) if len(node.inputs) == 2 else (None, None)
+    for scores, factor in [(first, second)] if node.op == "div" else [(first, second), (second, first)]:
+        below = scores
+        while below is not None and (below.op in ("cast", "identity") or (
+                below.op in ("mul", "div") and len(below.inputs) == 1)):
+            below = graph.node(below.inputs[0])
+        query = graph.node(below.inputs[0]) if below is not None and below.op == "matmul" else None
+        if query is None or factor.type is None or query.type is None or factor.type.static_shape() is None:
+            continue
+        shape = factor.value.shape
+        if (shape[-2:] == (1, 1) or not shape) and factor.type.dtype == query.type.dtype == node.type.dtype \
+                and torch.broadcast_shapes(shape, query.value.shape) == query.value.shape:
+            return scores, factor
+    return None
+
+
+def _scaled_query(graph, query: Node, scales: tuple, anchor: Node) -> Node:
+    """query * f (or / f) for each (op, f) of `scales`: new nodes ordered with `anchor`, QK^T."""
+    for op, factor in scales:
+        function = torch.mul if op == "mul" else torch.div
+        query = graph.add(Node(name=graph.fresh_name(f"{query.name}_{op}"), op="torch", inputs=[query.name, factor.name],
+                               attrs={"target": op}, type=query.type, value=function(query.value, factor.value),
+                               call=Call("call_function", function, (Ref(0), Ref(1))), order=anchor.order))
+    return query
 
 
 def _constant_scalar(graph, node: Node, pinned: dict | None = None) -> float | None:

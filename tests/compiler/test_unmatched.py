@@ -34,7 +34,8 @@ class DenseSwiGLU(nn.Module):
 
 
 class ScaledByTensorAttention(nn.Module):
-    """Scores scaled by a run-time tensor (CLIP's logit_scale.exp()) before a softmax."""
+    """Scores scaled by a run-time tensor (CLIP's logit_scale.exp()) before a softmax, one factor per key
+    (a factor per batch entry or head would be folded into q and fused)."""
 
     def forward(self, q, k, v, logit_scale):
         scores = (q @ k.transpose(-2, -1)) * logit_scale.exp()
@@ -51,7 +52,7 @@ class ScanWithInitialState(nn.Module):
 
 CASES = [
     (GatheredAfterDense, lambda: (torch.randn(4, 8), torch.randperm(24)[:6]), "sparse_mlp"),
-    (ScaledByTensorAttention, lambda: (*(torch.randn(1, 2, 8, 16) for _ in range(3)), torch.tensor(0.3)),
+    (ScaledByTensorAttention, lambda: (*(torch.randn(1, 2, 8, 16) for _ in range(3)), torch.rand(8) - 1.0),
      "attention"),
     (ScanWithInitialState, lambda: (torch.randn(2, 5, 4), torch.rand(2, 5), -torch.rand(5, 4), torch.randn(2, 4),
                                     torch.randn(2, 5)), "ssm_scan"),
@@ -278,7 +279,8 @@ FORMS = [
     (GPTJLearnedScale, lambda: tuple(_randn(1, 2, 16, 8) for _ in range(3)), "attention"),
     (ExpSoftmaxAttention, lambda: tuple(_randn(1, 2, 16, 8) for _ in range(3)), "attention"),
     (ReturnsAttentionWeights, lambda: tuple(_randn(1, 2, 16, 8) for _ in range(3)), "attention"),
-    (ScaledByTensorAttention, lambda: (*(_randn(1, 2, 8, 16) for _ in range(3)), torch.tensor(0.3)), "attention"),
+    (ScaledByTensorAttention, lambda: (*(_randn(1, 2, 8, 16) for _ in range(3)), torch.rand(8, generator=_GENERATOR)),
+     "attention"),
     (SelectiveScanFromState, lambda: (_randn(2, 3, 5), torch.rand(2, 3, 5, generator=_GENERATOR),
                                       -torch.rand(3, 4, generator=_GENERATOR), _randn(2, 4, 5), _randn(2, 4, 5),
                                       _randn(2, 3, 4)), "ssm_scan"),
