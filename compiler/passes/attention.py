@@ -3,7 +3,9 @@
 Recognised (after ir.canonicalize folded the spellings):
 
     out = matmul(cast?(dropout?(softmax(scores, dim=-1))), V)        naive attention (train-mode dropout on the
-                                                                      weights fused, eval-mode dropped earlier)
+                                                                      weights fused, eval-mode dropped earlier;
+                                                                      the weights zeroed where the one bool mask
+                                                                      dropped scores: rows it drops whole give 0)
     scores = chain over matmul(Q, K^T) of                             (bmm / @ / einsum)
              casts, scales (mul/div by a scalar or a constant 0-d tensor; a tensor, a learned
              temperature or a per-head scale (h, 1, 1), right on QK^T scales q instead),
@@ -115,7 +117,9 @@ def run(graph: Graph, context: PassContext) -> None:
 
 # -- naive attention -------------------------------------------------------------------
 def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
-    found = match(NAIVE_ATTENTION, graph, node)
+    zeroing = _zeroing(graph, graph.node(node.inputs[0]))
+    found = match(NAIVE_ATTENTION, graph, node) if zeroing is None else \
+        match(PROBABILITIES, graph, graph.node(zeroing.inputs[1]))
     if not found:
         if graph.node(found.node).op == "softmax":
             raise NoMatch(graph.node(found.node), found.reason)
@@ -124,6 +128,8 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
     scores = _parse_scores(graph, found["scores"], context, Scores())
     if scores.softcap is not None and scores.state_scales:
         raise NoMatch(scores.qk, "a scale read from module state inside a softcap's tanh")
+    if zeroing is not None:
+        scores = replace(scores, masks=_zeroed_masks(zeroing, scores.masks))
     probabilities = _probability_chain(graph, node, found["softmax"])
     dropout_p = _dropout_on(graph, probabilities)
     replaced = list(scores.nodes[::-1]) + probabilities
@@ -131,14 +137,16 @@ def _fuse_naive(graph: Graph, node: Node, context: PassContext) -> None:
                   "intermediate is also read by {reader} (e.g. returned attention weights)")
     query, key_t = (graph.node(name) for name in scores.qk.inputs[:2])
     key, key_transposed = _untranspose(graph, key_t)
-    query, key = (_under_upcast(graph, node, found["value"]) for node in (query, key))
+    value = graph.node(node.inputs[1])
+    query, key = (_under_upcast(graph, operand, value) for operand in (query, key))
     if scores.query_scales:
         if query.name != scores.qk.inputs[0]:
             raise NoMatch(scores.query_scales[0][1], "a tensor scale on QK^T computed in fp32 from half-precision q")
         query = _scaled_query(graph, query, scores.query_scales, scores.qk)
     regrouped = scores.regrouped or any(graph.node(name).op == "reshape" for name in probabilities)
-    _fuse(graph, node, context, query, key, found["value"], scores.scale, list(scores.masks[::-1]),
-          key_transposed=key_transposed, causal=None, empty_rows_zero=False, replaced=replaced, regrouped=regrouped,
+    _fuse(graph, node, context, query, key, value, scores.scale, list(scores.masks[::-1]),
+          key_transposed=key_transposed, causal=None, empty_rows_zero=zeroing is not None, replaced=replaced,
+          regrouped=regrouped,
           state_scales=scores.state_scales, softcap=scores.softcap, dropout_p=dropout_p)
 
 
@@ -154,15 +162,40 @@ def _regroups_batch(graph, node: Node) -> bool:
 
 
 def _probability_chain(graph, output: Node, softmax: Node) -> list[str]:
-    """softmax, the casts/copies after it, and the output matmul, in dataflow order."""
+    """softmax, the casts/copies (and a zeroing where) after it, and the output matmul, in dataflow order."""
     chain = [output.name]
     current = graph.node(output.inputs[0])
     while current is not softmax:
         if current.op == "reshape" and not _regroups_batch(graph, current):
             raise NoMatch(current, "probabilities are reshaped beyond regrouping the batch dims")
         chain.append(current.name)
-        current = graph.node(current.inputs[0])
+        current = graph.node(_probability_input(current))
     return [softmax.name] + chain[::-1]
+
+
+def _probability_input(node: Node) -> str:
+    """The probabilities a node after the softmax reads: where(c, scalar, p)'s p, else its first input."""
+    return node.inputs[1] if node.op == "where" and len(node.inputs) == 2 else node.inputs[0]
+
+
+def _zeroing(graph, node: Node) -> Node | None:
+    """`node` when it zeroes probabilities where a bool condition says (DeBERTa's XSoftmax:
+    softmax(s.masked_fill(m, min)).masked_fill(m, 0)), the probabilities its second input."""
+    if node.op != "where" or len(node.inputs) != 2 or graph.node(node.inputs[0]).type.dtype != torch.bool:
+        return None
+    return node if (node.attrs["then_scalar"], node.attrs["else_scalar"]).count(0) == 1 else None
+
+
+def _zeroed_masks(zeroing: Node, masks: tuple) -> tuple:
+    """Zeroing the weights where the one mask dropped the scores changes only rows it drops whole, to
+    zeros: the mask with a fill of -inf, which the kernel (empty_rows_zero) gives zeros for. A fill at
+    or below MASKED_OUT drops the other rows' scores exactly either way. Anything else is left to PyTorch."""
+    keep_when = zeroing.attrs["then_scalar"] is None
+    same = len(masks) == 1 and masks[0].kind == "bool" and masks[0].tensor.name == zeroing.inputs[0] \
+        and masks[0].keep_when == keep_when and masks[0].fill_value <= MASKED_OUT
+    if not same:
+        raise NoMatch(zeroing, "probabilities zeroed after softmax other than where the one bool mask dropped scores")
+    return (replace(masks[0], fill_value=-math.inf),)
 
 
 def _dropout_on(graph, probabilities: list[str]) -> float:
@@ -181,12 +214,13 @@ def _dropout_p(node: Node, p) -> float:
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
-    reasons = {"mul": "probabilities are rescaled after softmax"}
+    reasons = {"mul": "probabilities are rescaled after softmax",
+               "where": "probabilities are masked after softmax (a where or masked_fill between it and the matmul)"}
     current, blocker = graph.node(node.inputs[0]), None
     while current.op in ("cast", "identity", "dropout", *reasons) and current.inputs:
         if current.op in reasons:
             blocker = blocker or current
-        current = graph.node(current.inputs[0])
+        current = graph.node(_probability_input(current))
         if current.op == "softmax" and blocker is not None:
             raise NoMatch(blocker, reasons[blocker.op])
 

@@ -550,6 +550,23 @@ class ThreeDimSharedKey(nn.Module):
         return (q @ k.transpose(-1, -2).unsqueeze(1) * 0.3).softmax(-1) @ v.unsqueeze(1)
 
 
+class XSoftmaxAttention(nn.Module):
+    """DeBERTa's XSoftmax: softmax(s.masked_fill(rmask, finfo.min)).masked_fill(rmask, 0): a sequence
+    with no key kept gives zeros. `zero_by` another mask than the one applied (here the causal one after a
+    padding mask) is left to PyTorch."""
+
+    def __init__(self, zero_by: str = "same"):
+        super().__init__()
+        self.zero_by = zero_by
+
+    def forward(self, q, k, v, keep):
+        rmask = ~(keep[:, None, None, :].bool())
+        scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(rmask, torch.finfo(q.dtype).min)
+        if self.zero_by != "same":
+            rmask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
+        return torch.softmax(scores, -1).masked_fill(rmask, 0) @ v
+
+
 class LearnedTemperature(nn.Module):
     """scores / self.temperature, an nn.Parameter (trained: q is scaled by it, not the kernel)."""
 
@@ -809,6 +826,13 @@ def sliced_mask() -> torch.Tensor:
     return mask
 
 
+def keep_none_of_one() -> torch.Tensor:
+    """keep_mask() with the second sequence all padding."""
+    keep = keep_mask()
+    keep[1] = 0
+    return keep
+
+
 def neuron_mask(*shape: int) -> torch.Tensor:
     return (torch.rand(*shape, FFN) > 0.6).float()
 
@@ -857,6 +881,7 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "transposed_value_einsum": (TransposedValueEinsum, heads, "attention", fp16),
     "tiled_key_value_heads": (TiledKeyValueHeads, lambda: heads(kv_heads=2), "attention", fp16),
     "three_dim_shared_key": (ThreeDimSharedKey, lambda: heads(kv_heads=1), "attention", fp32),
+    "xsoftmax_zeroed_rows": (XSoftmaxAttention, lambda: heads() + [keep_none_of_one()], "attention", fp16),
     "learned_temperature": (LearnedTemperature, heads, "attention", fp16),
     "cosine_per_head_scale": (CosineAttention, heads, "attention", fp32),
     "dejavu_topk_index_select": (TopkIndexSelectMLP, lambda: [tokens()], "sparse_mlp", fp16),
@@ -902,6 +927,8 @@ NEAR_MISSES: dict[str, tuple[Callable, Callable, str]] = {  # name: (module, inp
     "neox_alpha_from_a_buffer": (lambda: NeoXAttention("buffer"), lambda: [tokens(), extended_mask(keep_mask(), fp32)],
                                  "TorchDynamo broke the graph under the softmax"),
     "flex_attention": (FlexCausal, heads, "flex_attention, a higher-order op"),
+    "xsoftmax_zeroed_by_another_mask": (lambda: XSoftmaxAttention(zero_by="causal"), lambda: heads() + [keep_mask()],
+                                        "probabilities zeroed after softmax other than where the one bool mask"),
 }
 
 
