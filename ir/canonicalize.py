@@ -26,6 +26,7 @@
                                                            spelled as a concatenation)
     where(c, x, zeros_like(x)) (zeros, new_zeros, full(.., 0), tensor(0.); either branch; not widening
     the result's shape or dtype)                        -> where(c, x, 0.0)
+    where(x >= t, x, 0) (t >= 0 a number; > t; where(x < t, 0, x)) -> where(x >= t, relu(x), 0)  (FATReLU)
     x * sigmoid(x) (either order)                       -> silu(x)  (SiLU / Swish written out)
     e = exp(x - max(x, -1, keepdim)); e / sum(e, -1, keepdim) -> softmax(x, -1)  (softmax written out,
                                                            the max as amax, max(...).values or [0])
@@ -458,6 +459,24 @@ def _is_zero_fill(node: Node) -> bool:
     return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
 
 
+def _rewrite_thresholded_relu(graph: Graph, node: Node) -> None:
+    """where(x >= t, x, 0) with t >= 0 a number (or > t; or where(x < t, 0, x), <= t): the x it keeps is
+    relu(x), so where(..., relu(x), 0) (ProSparse's FATReLU as an activation the sparse-MLP pass knows)."""
+    if node.op != "where" or len(node.inputs) != 2:
+        return
+    condition, x = (graph.node(name) for name in node.inputs)
+    kept_when = {(None, 0): ("ge", "gt"), (0, None): ("lt", "le")}.get((node.attrs["then_scalar"], node.attrs["else_scalar"]))
+    call = condition.call if condition.op == "torch" and condition.inputs == [x.name] else None
+    if kept_when is None or call is None or condition.attrs["target"] not in kept_when or len(call.args) != 2:
+        return
+    threshold = call.args[1]
+    if call.args[0] != Ref(0) or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        return
+    relu = _new_node(graph, node, "relu", [x.name], {"inplace": False}, torch.relu(x.value))
+    kept = _new_node(graph, node, "where", [condition.name, relu.name], dict(node.attrs), node.value)
+    graph.replace_uses(node.name, kept.name)
+
+
 def _rewrite_zero_branch(graph: Graph, node: Node) -> None:
     """where(c, x, zeros) (either branch) with zeros that widen neither the result's shape nor its
     dtype: where(c, x, 0.0), so passes that accept a scalar zero see one."""
@@ -697,7 +716,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "getitem": [_rewrite_select_unsqueeze],
     "gather": [_rewrite_broadcast_gather],
     "cat": [_rewrite_zero_padding],
-    "where": [_rewrite_zero_branch, _rewrite_segment_sum],
+    "where": [_rewrite_zero_branch, _rewrite_thresholded_relu, _rewrite_segment_sum],
     "copy_": [_forward_copied_value],
     **{allocation: [_rewrite_filled_buffer] for allocation in ALLOCATIONS},
 }

@@ -59,6 +59,7 @@ LOWERINGS = {
     "mul": lambda node: Call("call_function", torch.mul, (Ref(0), _second_factor(node))),
     "pad": lambda node: Call("call_function", torch.nn.functional.pad, (Ref(0), node.attrs["pad"]),
                              {"mode": node.attrs["mode"], "value": node.attrs["value"]}),
+    "relu": lambda node: Call("call_function", torch.relu, (Ref(0),)),
     "silu": lambda node: Call("call_function", torch.nn.functional.silu, (Ref(0),)),
     "softmax": lambda node: Call("call_function", torch.softmax, (Ref(0), node.attrs["dim"])),
     "where": lambda node: Call("call_function", torch.where, _where_args(node)),

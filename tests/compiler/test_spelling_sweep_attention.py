@@ -2,7 +2,8 @@
 
 Each case is a small module written in the style of a real code base (timm, x-transformers and
 lucidrains' PaLM, Meta's Llama, Hugging Face's BERT, DistilBERT, T5, CLIP, Whisper, BLOOM, GPT-NeoX
-and its SDPA path, nanoGPT, Swin; DejaVu / PowerInfer / ReLU-fied Llama MLPs), at awkward sizes.
+and its SDPA path, nanoGPT, Swin, diffusers, DeBERTa; DejaVu / PowerInfer / ReLU-fied Llama / CATS /
+ProSparse MLPs), at awkward sizes.
 The test compiles it, asserts that the family fused once and its kernel ran (no run-time fallback),
 and holds the output to the tolerance rule against fp64 eager on the input it was compiled for and on
 a fresh one. The forms left to PyTorch (flex_attention, a Dynamo graph break under the softmax) must
@@ -331,7 +332,7 @@ class MetaLlamaAttention(nn.Module):
 
 
 class HFSdpaAttention(nn.Module):
-    """Hugging Face's SDPA path: GQA by repeat_kv (expand + reshape), repeat_interleave or enable_gqa;
+    """Hugging Face's SDPA path: GQA by repeat_kv (expand + reshape) or enable_gqa;
     is_causal, or a 4-d additive mask (causal triu of finfo.min plus the extended padding mask)."""
 
     def __init__(self, gqa: str, masked: bool = False, dim: int = WIDTH, heads: int = HEADS, kv_heads: int = 2):
@@ -347,8 +348,6 @@ class HFSdpaAttention(nn.Module):
         if self.gqa == "expand":
             k, v = (t[:, :, None].expand(b, self.kv_heads, rep, n, self.head_dim).reshape(b, self.heads, n, self.head_dim)
                     for t in (k, v))
-        elif self.gqa == "repeat_interleave":
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         else:
             options["enable_gqa"] = True
         if self.masked:
@@ -420,13 +419,6 @@ class BroadcastMultiQuery(nn.Module):
     def forward(self, q, k, v):
         return F.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1) @ v
 
-
-class SdpaTrilBoolMask(nn.Module):
-    """SDPA with the boolean causal mask ones(L, S).tril() written out (PyTorch's documented reference)."""
-
-    def forward(self, q, k, v):
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(diagonal=0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class DiffusersAttention(nn.Module):
@@ -541,13 +533,6 @@ class TiledKeyValueHeads(nn.Module):
         k, v = k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)
         return F.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1) @ v
 
-
-class ThreeDimSharedKey(nn.Module):
-    """Multi-query with 3-d k, v (b, L, d) unsqueezed into the head dim at the matmuls."""
-
-    def forward(self, q, k, v):
-        k, v = k[:, 0], v[:, 0]
-        return (q @ k.transpose(-1, -2).unsqueeze(1) * 0.3).softmax(-1) @ v.unsqueeze(1)
 
 
 class XSoftmaxAttention(nn.Module):
@@ -798,6 +783,24 @@ class SequenceMaskMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)) * mask.unsqueeze(1))
 
 
+class FATReLUMLP(nn.Module):
+    """ProSparse's FATReLU gate: where(g >= t, g, zeros_like(g)) or g.masked_fill(g < t, 0), times up(x)."""
+
+    def __init__(self, spelling: str, threshold: float = 0.1, d: int = WIDTH, ffn: int = FFN):
+        super().__init__()
+        self.spelling, self.threshold = spelling, threshold
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        if self.spelling == "where":
+            g = torch.where(g >= self.threshold, g, torch.zeros_like(g))
+        else:
+            g = g.masked_fill(g < self.threshold, 0)
+        return self.down_proj(g * self.up_proj(x))
+
+
 # -- inputs and cases -------------------------------------------------------------------------------
 def tokens(length: int = LENGTH) -> torch.Tensor:
     return torch.randn(BATCH, length, WIDTH)
@@ -839,12 +842,9 @@ def neuron_mask(*shape: int) -> torch.Tensor:
 
 CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (module, inputs, family, dtype)
     "timm_sdpa": (lambda: TimmAttention(fused_attn=True), lambda: [tokens()], "attention", fp16),
-    "timm_naive": (lambda: TimmAttention(fused_attn=False), lambda: [tokens()], "attention", bf16),
-    "timm_naive_qk_norm": (lambda: TimmAttention(fused_attn=False, qk_norm=True), lambda: [tokens()], "attention", fp32),
+    "timm_naive_qk_norm": (lambda: TimmAttention(fused_attn=False, qk_norm=True), lambda: [tokens()], "attention", bf16),
     "x_transformers_padding": (lambda: XTransformersAttention(causal=False), lambda: [tokens(), keep_mask().bool()],
                                "attention", fp16),
-    "x_transformers_causal_padding": (lambda: XTransformersAttention(causal=True),
-                                      lambda: [tokens(), keep_mask().bool()], "attention", fp32),
     "x_transformers_stable_softmax": (lambda: XTransformersAttention(causal=True, stable=True), lambda: [tokens()],
                                       "attention", bf16),
     "einops_grouped_query": (GroupedEinopsAttention, lambda: heads(kv_heads=2), "attention", fp16),
@@ -860,7 +860,6 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "whisper_cross": (WhisperCrossAttention, lambda: [tokens(), tokens(length=17)], "attention", bf16),
     "meta_llama_repeat_kv_bshd": (MetaLlamaAttention, lambda: [tokens()], "attention", fp16),
     "hf_sdpa_expand_causal": (lambda: HFSdpaAttention("expand"), lambda: [tokens()], "attention", fp16),
-    "hf_sdpa_repeat_interleave": (lambda: HFSdpaAttention("repeat_interleave"), lambda: [tokens()], "attention", bf16),
     "hf_sdpa_enable_gqa_4d_mask": (lambda: HFSdpaAttention("enable_gqa", masked=True), lambda: [tokens(), keep_mask()],
                                    "attention", fp32),
     "nanogpt_tril_buffer": (NanoGPTAttention, lambda: [tokens()], "attention", fp16),
@@ -869,7 +868,6 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
                             "attention", fp32),
     "fp32_upcast": (UpcastAttention, heads, "attention", bf16),
     "broadcast_multi_query": (BroadcastMultiQuery, lambda: heads(kv_heads=1), "attention", fp16),
-    "sdpa_tril_bool_mask": (SdpaTrilBoolMask, heads, "attention", fp32),
     "diffusers_baddbmm_upcast": (DiffusersAttention, lambda: [tokens()], "attention", fp16),
     "hf_eager_sliced_4d_mask": (HFEagerAttention, lambda: heads() + [sliced_mask()], "attention", fp16),
     "cached_decode_step": (CachedDecodeStep, lambda: heads(length=1) + [torch.randn(BATCH, HEADS, 20, 10)
@@ -880,7 +878,6 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "scale_after_padding_mask": (ScaleAfterPaddingMask, lambda: heads() + [keep_mask()], "attention", fp16),
     "transposed_value_einsum": (TransposedValueEinsum, heads, "attention", fp16),
     "tiled_key_value_heads": (TiledKeyValueHeads, lambda: heads(kv_heads=2), "attention", fp16),
-    "three_dim_shared_key": (ThreeDimSharedKey, lambda: heads(kv_heads=1), "attention", fp32),
     "xsoftmax_zeroed_rows": (XSoftmaxAttention, lambda: heads() + [keep_none_of_one()], "attention", fp16),
     "learned_temperature": (LearnedTemperature, heads, "attention", fp16),
     "cosine_per_head_scale": (CosineAttention, heads, "attention", fp32),
@@ -904,6 +901,8 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "bool_scatter_topk": (BoolScatterMLP, lambda: [tokens()], "sparse_mlp", fp16),
     "merged_gate_up_gathered": (MergedGatheredMLP, lambda: [tokens(), neurons()], "sparse_mlp", fp32),
     "mask_per_sequence": (SequenceMaskMLP, lambda: [tokens(), neuron_mask(BATCH)], "sparse_mlp", fp16),
+    "fatrelu_where": (lambda: FATReLUMLP("where"), lambda: [tokens()], "sparse_mlp", fp32),
+    "fatrelu_masked_fill": (lambda: FATReLUMLP("masked_fill", threshold=0.0), lambda: [tokens()], "sparse_mlp", bf16),
 }
 
 
