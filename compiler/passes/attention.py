@@ -215,7 +215,9 @@ def _dropout_p(node: Node, p) -> float:
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
     reasons = {"mul": "probabilities are rescaled after softmax",
-               "where": "probabilities are masked after softmax (a where or masked_fill between it and the matmul)"}
+               "where": "probabilities are masked after softmax (a where or masked_fill between it and the matmul)",
+               "permute": "probabilities are permuted after softmax (scores laid out other than (..., queries, keys), "
+                          "e.g. DeepSeek's einsum 'bshd,bthd->bsht')"}
     current, blocker = graph.node(node.inputs[0]), None
     while current.op in ("cast", "identity", "dropout", *reasons) and current.inputs:
         if current.op in reasons:

@@ -64,7 +64,7 @@ def _attention(graph: Graph, node: Node) -> str | None:
     if scores is None or not _behind(graph, scores, {"matmul", "sdpa"}):
         return None
     readers = graph.users(node.name)
-    while readers and readers[0].op in ("cast", "identity", "dropout") and len(readers) == 1:
+    while readers and readers[0].op in ("cast", "identity", "dropout", "permute", "reshape") and len(readers) == 1:
         readers = graph.users(readers[0].name)
     if not any(r.op == "matmul" for r in readers):
         return None

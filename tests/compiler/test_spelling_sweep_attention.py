@@ -552,6 +552,26 @@ class XSoftmaxAttention(nn.Module):
         return torch.softmax(scores, -1).masked_fill(rmask, 0) @ v
 
 
+class DeepSeekAttention(nn.Module):
+    """DeepSeek-V3's MLA attention, attn_impl "absorb": scores summed from two einsums (the no-position and
+    rotary parts) against a cache shared by the heads, `scores += mask.unsqueeze(1)`, fp32 softmax; or
+    "naive": scores in a (b, s, h, t) layout (einsum 'bshd,bthd->bsht'), left to PyTorch."""
+
+    def __init__(self, absorb: bool):
+        super().__init__()
+        self.absorb = absorb
+
+    def forward(self, q, k, v, mask, pe_cache=None):
+        if self.absorb:  # q: q_nope, k: q_pe, v: the kv cache
+            scores = torch.einsum("bshc,btc->bsht", q, v) + torch.einsum("bshr,btr->bsht", k, pe_cache)
+        else:
+            scores = torch.einsum("bshd,bthd->bsht", q, k)
+        scores = scores * 0.2
+        scores += mask.unsqueeze(1)
+        scores = scores.softmax(dim=-1, dtype=torch.float32).type_as(q)
+        return torch.einsum("bsht,btc->bshc", scores, v) if self.absorb else torch.einsum("bsht,bthd->bshd", scores, v)
+
+
 class LearnedTemperature(nn.Module):
     """scores / self.temperature, an nn.Parameter (trained: q is scaled by it, not the kernel)."""
 
@@ -829,6 +849,16 @@ def sliced_mask() -> torch.Tensor:
     return mask
 
 
+def deepseek_inputs(absorb: bool) -> list:
+    """(b, s, h, d) heads and a causal mask; absorbed: q_nope (d 16), q_pe (d 8), the kv cache (b, t, 16), the
+    mask, the pe cache (b, t, 8)."""
+    causal = torch.full((LENGTH, LENGTH), float("-inf")).triu_(1)
+    if not absorb:
+        return [torch.randn(BATCH, LENGTH, HEADS, 10) for _ in range(3)] + [causal]
+    return [torch.randn(BATCH, LENGTH, HEADS, 16), torch.randn(BATCH, LENGTH, HEADS, 8), torch.randn(BATCH, LENGTH, 16),
+            causal, torch.randn(BATCH, LENGTH, 8)]
+
+
 def keep_none_of_one() -> torch.Tensor:
     """keep_mask() with the second sequence all padding."""
     keep = keep_mask()
@@ -879,6 +909,8 @@ CASES: dict[str, tuple[Callable, Callable, str, torch.dtype]] = {  # name: (modu
     "transposed_value_einsum": (TransposedValueEinsum, heads, "attention", fp16),
     "tiled_key_value_heads": (TiledKeyValueHeads, lambda: heads(kv_heads=2), "attention", fp16),
     "xsoftmax_zeroed_rows": (XSoftmaxAttention, lambda: heads() + [keep_none_of_one()], "attention", fp16),
+    "deepseek_mla_absorb": (lambda: DeepSeekAttention(absorb=True), lambda: deepseek_inputs(absorb=True), "attention",
+                            bf16),
     "learned_temperature": (LearnedTemperature, heads, "attention", fp16),
     "cosine_per_head_scale": (CosineAttention, heads, "attention", fp32),
     "dejavu_topk_index_select": (TopkIndexSelectMLP, lambda: [tokens()], "sparse_mlp", fp16),
@@ -926,6 +958,8 @@ NEAR_MISSES: dict[str, tuple[Callable, Callable, str]] = {  # name: (module, inp
     "neox_alpha_from_a_buffer": (lambda: NeoXAttention("buffer"), lambda: [tokens(), extended_mask(keep_mask(), fp32)],
                                  "TorchDynamo broke the graph under the softmax"),
     "flex_attention": (FlexCausal, heads, "flex_attention, a higher-order op"),
+    "deepseek_scores_bshd_layout": (lambda: DeepSeekAttention(absorb=False), lambda: deepseek_inputs(absorb=False),
+                                    "probabilities are permuted after softmax"),
     "xsoftmax_zeroed_by_another_mask": (lambda: XSoftmaxAttention(zero_by="causal"), lambda: heads() + [keep_mask()],
                                         "probabilities zeroed after softmax other than where the one bool mask"),
 }
