@@ -175,7 +175,8 @@ def _dropout_p(node: Node, p) -> float:
 
 def _explain_probabilities(graph: Graph, node: Node) -> None:
     """A matmul fed by softmax through something we cannot skip is a near-miss, not a non-match."""
-    reasons = {"mul": "probabilities are rescaled after softmax"}
+    reasons = {"mul": "probabilities are rescaled after softmax",
+               "slice": "probabilities are sliced after softmax (e.g. attention sinks: extra logits in the softmax)"}
     current, blocker = graph.node(node.inputs[0]), None
     while current.op in ("cast", "identity", "dropout", *reasons) and current.inputs:
         if current.op in reasons:
