@@ -39,7 +39,7 @@ MODELS = {  # name -> (factory, input kind, fused attention ops)
     "qwen3": (built("Qwen3ForCausalLM", "Qwen3Config", **SIZES, num_key_value_heads=2, head_dim=16), "text", 2),
     "phi": (built("PhiForCausalLM", "PhiConfig", **SIZES), "text", 2),
     "gemma3": (built("Gemma3ForCausalLM", "Gemma3TextConfig", **SIZES, num_key_value_heads=2, head_dim=16,
-                     sliding_window=8), "text", 2),
+                     sliding_window=8, layer_types=["sliding_attention", "full_attention"]), "text", 2),
     "cohere": (built("CohereForCausalLM", "CohereConfig", **SIZES, num_key_value_heads=2), "text", 2),
     "gptj": (built("GPTJForCausalLM", "GPTJConfig", **GPT, rotary_dim=8), "text", 2),
     "mpt": (built("MptForCausalLM", "MptConfig", n_layers=2, d_model=64, n_heads=4, vocab_size=VOCAB,
