@@ -94,7 +94,11 @@ def _rewritable(graph: Graph, node: Node) -> bool:
 
 
 def _key(node: Node) -> str:
-    return node.attrs["target"] if node.op == "torch" else node.op
+    """The node's op; an opaque "torch" op's call target where rules name it, so an unnormalised call
+    that shares an IR op's name (a rounding div, an alpha add) never meets that op's rules."""
+    if node.op != "torch":
+        return node.op
+    return node.attrs["target"] if node.attrs["target"] in OPAQUE_TARGETS else "torch"
 
 
 def _drop_alias(graph: Graph, node: Node) -> None:
@@ -700,6 +704,7 @@ def _is_assign(node: Node) -> bool:
 
 
 MAX_SWEEPS = 8
+OPAQUE_TARGETS = {"getitem", "copy_", *ALLOCATIONS}  # opaque "torch" ops that REWRITES has rules for, by call target
 WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when a write reaches the node
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],

@@ -10,7 +10,8 @@ Recognised (after ir.canonicalize folded the spellings):
              casts, scales (mul/div by a scalar or a constant 0-d tensor; a tensor, a learned
              temperature or a per-head scale (h, 1, 1), right on QK^T scales q instead),
              at most one tanh between scales (logit soft-capping, cap * tanh(s / cap)),
-             at most two masks above it: scores + bias | where(m, fill, scores) | masked_fill
+             at most two masks above it: scores + bias | scores - bias (a bias negated, e.g.
+             Funnel's and XLNet's scores - 1e30 * (1 - m)) | where(m, fill, scores) | masked_fill
     out = sdpa(Q, K, V, attn_mask?, dropout_p?, is_causal?, scale?, enable_gqa?)  F.scaled_dot_product_attention
     out, _ = multi_head_attention_forward(...)                        nn.MultiheadAttention (its weights unread)
     out = _transformer_encoder_layer_fwd(...)                         nn.TransformerEncoderLayer's inference fast
@@ -38,10 +39,11 @@ import torch
 from compiler.passes import NoMatch, PassContext
 from ir import consteval
 from ir.fused import AttentionLayout, EncoderLayout, FusedSpec, MaskForm, MultiheadLayout
-from ir.graph import Call, Graph, Node, Ref
+from ir.graph import Call, Graph, Node, Ref, StaleRead
 from ir.limits import KERNEL_DTYPES, MASKED_OUT, MAX_HEAD_DIM
 from ir.match import check_private
 from ir.pattern import Any, Op, Skip, match
+from ir.types import TensorType
 
 PATTERN = "attention"
 MAX_MASKS = 2
@@ -217,7 +219,8 @@ def _explain_probabilities(graph: Graph, node: Node) -> None:
     reasons = {"mul": "probabilities are rescaled after softmax",
                "where": "probabilities are masked after softmax (a where or masked_fill between it and the matmul)",
                "permute": "probabilities are permuted after softmax (scores laid out other than (..., queries, keys), "
-                          "e.g. DeepSeek's einsum 'bshd,bthd->bsht')"}
+                          "e.g. DeepSeek's einsum 'bshd,bthd->bsht')",
+               "slice": "probabilities are sliced after softmax (e.g. attention sinks: extra logits in the softmax)"}
     current, blocker = graph.node(node.inputs[0]), None
     while current.op in ("cast", "identity", "dropout", *reasons) and current.inputs:
         if current.op in reasons:
@@ -252,7 +255,7 @@ def _parse_scores(graph, node: Node, context, walk: Scores) -> Scores:
         return _parse_scores(graph, scores, context, walk)
     if node.op == "tanh":
         return _parse_softcap(graph, node, context, walk)
-    if node.op in ("add", "where"):
+    if node.op in ("add", "sub", "where"):
         if walk.softcap is not None:
             raise NoMatch(node, "a mask under the softcap's tanh (the kernel masks after capping)")
         if len(walk.masks) == MAX_MASKS:
@@ -367,6 +370,11 @@ def _mask_readings(graph, node: Node, context, multiplier: float):
             if bias_node.type is not None and bias_node.type.dtype.is_floating_point:
                 yield scores, MaskOp("additive", bias_node, multiplier=multiplier)
         return
+    if node.op == "sub" and len(node.inputs) == 2:
+        scores, subtracted = node.inputs
+        if graph.node(subtracted).type is not None and graph.node(subtracted).type.dtype.is_floating_point:
+            yield scores, MaskOp("additive", _negated(graph, node, graph.node(subtracted)), multiplier=multiplier)
+        return
     if node.op == "where":
         condition = graph.node(node.inputs[0])
         if condition.type.dtype != torch.bool:
@@ -375,6 +383,19 @@ def _mask_readings(graph, node: Node, context, multiplier: float):
             yield scores, MaskOp("bool", condition, keep_when, fill * multiplier)
         return
     raise NoMatch(node, f"{node.op} with a scalar is not a mask")
+
+
+def _negated(graph, anchor: Node, bias: Node) -> Node:
+    """A new node -bias, so that scores - bias reads as the additive mask scores + (-bias); nothing
+    reads it when the match fails, and dead code removes it."""
+    value = -bias.value
+    negated = Node(name=graph.fresh_name(f"{bias.name}_negated"), op="mul", inputs=[bias.name],
+                   attrs={"scalar": -1.0, "scalar_first": False}, type=TensorType.of(value), value=value,
+                   order=anchor.order)
+    try:
+        return graph.add(negated)
+    except StaleRead:
+        raise NoMatch(anchor, "the subtracted mask is written in place before the scores read it") from None
 
 
 def _where_branches(graph, node: Node, context):

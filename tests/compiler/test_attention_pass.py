@@ -121,6 +121,20 @@ class CausalThenPadding(nn.Module):
         return torch.matmul(F.softmax(scores, dim=-1), v)
 
 
+class SubtractedMasks(nn.Module):
+    """Masks subtracted from the scores (Funnel's and XLNet's spelling): a constant causal one with
+    finfo.max, then (given `keep`) a padding one from the input with 1e4 (a bias, not a drop)."""
+
+    def forward(self, q, k, v, keep=None):
+        lq, lk = q.shape[-2], k.shape[-2]
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        causal = torch.ones(lq, lk, dtype=q.dtype, device=q.device).tril()
+        scores = scores - torch.finfo(scores.dtype).max * (1 - causal)
+        if keep is not None:
+            scores = scores - 1e4 * (1 - keep[:, None, None, :].to(q.dtype))
+        return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
 class PaddingThenCausal(nn.Module):
     """A key padding mask filled with -inf, then a causal masked_fill: two bool masks."""
 
@@ -322,6 +336,16 @@ def test_causal_mask_then_padding_bias(dtype, side):
     assert "bool then additive masks as one bias" in compiled.report()
     # Left padding leaves the padded queries no visible key: those calls run eager's math, exactly.
     assert ("keeps no clearly visible key" in compiled.report()) == (side == "left")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("padded", [False, True])
+def test_masks_subtracted_from_the_scores(dtype, padded):
+    q, k, v = qkv(2, 2, 29, 29, 32)
+    keep = (~padding_masks(2, 29, "right")[0]).float()
+    compiled = assert_compiles_equivalent(SubtractedMasks(), (q, k, v, keep) if padded else (q, k, v), dtype,
+                                          "attention")
+    assert ("additive then additive masks" if padded else "causal (top_left)") in compiled.report()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -111,6 +111,15 @@ class ScoresObservedBeforeMasking(nn.Module):
         return torch.softmax(scores, dim=-1) @ v, raw
 
 
+class AttentionSinks(nn.Module):
+    """GPT-OSS's sinks: one extra logit per head joins the softmax, then its column is dropped."""
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        sinks = torch.ones(1, q.shape[1], 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1] @ v
+
+
 class Float64Attention(nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -140,6 +149,7 @@ def test_model_without_attention_runs_unchanged():
     (MaskUnderSoftCap(), "a mask under the softcap's tanh"),
     (TwiceSoftCapped(), "tanh applied twice"),
     (ScoresObservedBeforeMasking(), "masked_fill_ between QK^T and softmax is neither a scale nor a mask"),
+    (AttentionSinks(), "probabilities are sliced after softmax"),
 ])
 def test_near_misses_fall_back_and_are_reported(module, reason):
     compiled, ours, eager = run_both(module, *qkv(1, 2, 9, 9, 16))

@@ -75,6 +75,19 @@ def test_div_by_scalar_is_a_scale():
     assert node.attrs["scalar"] == 0.25
 
 
+def test_unnormalised_calls_named_like_ir_ops_keep_their_meaning():
+    """A rounding div or an alpha add stays an opaque call (JetMoE's routing); the rules of the IR's
+    div and add never see it."""
+    class Rounding(nn.Module):
+        def forward(self, x):
+            return torch.div(x, 4, rounding_mode="floor") + torch.add(x, x, alpha=2) / 4.0
+
+    x = torch.randn(3, 5) * 10
+    _, graph = imported(Rounding(), x)
+    assert sorted(node.attrs["target"] for node in graph if node.op == "torch") == ["add", "div"]
+    torch.testing.assert_close(to_fx(graph)(x)[0], Rounding()(x))
+
+
 class AddMatmul(nn.Module):
     """addmm (GPT-2's Conv1D), baddbmm with beta/alpha as keywords and as a method (BLOOM), mm."""
 
