@@ -704,7 +704,7 @@ def _is_assign(node: Node) -> bool:
 
 
 MAX_SWEEPS = 8
-OPAQUE_TARGETS = {"getitem", "copy_", *ALLOCATIONS}  # opaque "torch" ops that REWRITES has rules for, by call target
+OPAQUE_TARGETS = {"getitem", "copy_", "gather", *ALLOCATIONS}  # opaque "torch" ops that REWRITES has rules for, by call target
 WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when a write reaches the node
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],
