@@ -1,0 +1,435 @@
+"""A generality sweep of the sequence families against spellings taken from other people's code:
+FlashFFTConv's and S4D's standalone FFT convolutions, safari's Hyena operator, causal-conv1d's
+reference, mamba-minimal's block, tommyip's mamba2-minimal and mamba_ssm's unstable segsum.
+
+Each case builds a tiny module in its source's style, compiles it, asserts the family fused as often
+as expected and that the outputs obey the tolerance rule against fp64 eager, on two fresh inputs
+(the second call reuses the compiled graph). Sizes are tiny: kernels run on Triton's interpreter.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import einsum, rearrange, repeat
+
+import compiler
+from tests.compiler.equivalence import cast_inputs
+from tests.numerics import assert_close_by_rule
+
+fp32, bf16 = torch.float32, torch.bfloat16
+
+
+# -- long convolutions -------------------------------------------------------------------------
+def next_power_of_2(n: int) -> int:
+    return 2 ** math.ceil(math.log2(n))
+
+
+def decaying(channels: int, taps: int) -> torch.Tensor:
+    return torch.randn(channels, taps) * torch.exp(-torch.arange(taps) / (0.2 * taps))
+
+
+def flashfftconv_ref(u, k, N):
+    """FlashFFTConv's reference: complex fft of both to N, ifft, .real, cut to L."""
+    L = u.shape[-1]
+    u_f = torch.fft.fft(u.float(), n=N)
+    k_f = torch.fft.fft(k.float(), n=N)
+    y = torch.fft.ifft(u_f * k_f, n=N).real[..., :L].to(u.dtype).contiguous()
+    return y
+
+
+class FlashFFTConvRef(nn.Module):
+    """FlashFFTConv's benchmark module: an (H, L) filter, N the next power of two of 2L."""
+
+    def __init__(self, d_model, seqlen):
+        super().__init__()
+        self.k = nn.Parameter(decaying(d_model, seqlen))
+
+    def forward(self, u):
+        return flashfftconv_ref(u, self.k, next_power_of_2(2 * u.shape[-1]))
+
+
+class ForwardNormConv(nn.Module):
+    """rfft(..., norm="forward") on the filter, irfft(..., norm="forward") back: the 1/n once."""
+
+    def __init__(self, d_model, seqlen):
+        super().__init__()
+        self.k = nn.Parameter(decaying(d_model, seqlen))
+        self.D = nn.Parameter(torch.randn(d_model))
+
+    def forward(self, u):
+        n = next_power_of_2(2 * u.shape[-1])
+        k_f = torch.fft.rfft(self.k, n=n, norm="forward")
+        u_f = torch.fft.rfft(u, n=n)
+        y = torch.fft.irfft(u_f * k_f, n=n, norm="forward")[..., : u.shape[-1]]
+        return y + self.D[:, None] * u
+
+
+class RfftnConv(nn.Module):
+    """torch.fft.rfftn / irfftn over the last dim, s=(2L,), a (1, H, L) filter, bf16 input upcast."""
+
+    def __init__(self, d_model, seqlen):
+        super().__init__()
+        self.k = nn.Parameter(decaying(d_model, seqlen)[None])
+
+    def forward(self, u):
+        L = u.shape[-1]
+        u_f = torch.fft.rfftn(u.float(), s=(2 * L,), dim=(-1,))
+        k_f = torch.fft.rfftn(self.k, s=(2 * L,), dim=(-1,))
+        return torch.fft.irfftn(u_f * k_f, s=(2 * L,), dim=(-1,))[..., :L].type_as(u)
+
+
+class S4D(nn.Module):
+    """state-spaces/s4's standalone example (models/s4/s4d.py): the Vandermonde kernel, an FFT
+    convolution with a D skip, GELU, then a 1x1 Conv1d and GLU (which is no short convolution)."""
+
+    def __init__(self, d_model, d_state=8, dt_min=0.001, dt_max=0.1):
+        super().__init__()
+        H, N = d_model, d_state
+        self.h = d_model
+        log_dt = torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(H, N // 2, dtype=torch.cfloat)))
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.log(0.5 * torch.ones(H, N // 2)))
+        self.A_imag = nn.Parameter(math.pi * repeat(torch.arange(N // 2).float(), "n -> h n", h=H))
+        self.D = nn.Parameter(torch.randn(H))
+        self.activation = nn.GELU()
+        self.output_linear = nn.Sequential(nn.Conv1d(H, 2 * H, kernel_size=1), nn.GLU(dim=-2))
+
+    def kernel(self, L):
+        dt = torch.exp(self.log_dt)
+        C = torch.view_as_complex(self.C)
+        A = -torch.exp(self.log_A_real) + 1j * self.A_imag
+        dtA = A * dt.unsqueeze(-1)
+        K = dtA.unsqueeze(-1) * torch.arange(L, device=A.device)
+        C = C * (torch.exp(dtA) - 1.0) / A
+        return 2 * torch.einsum("hn, hnl -> hl", C, torch.exp(K)).real
+
+    def forward(self, u):
+        L = u.size(-1)
+        k = self.kernel(L=L)
+        k_f = torch.fft.rfft(k, n=2 * L)
+        u_f = torch.fft.rfft(u, n=2 * L)
+        y = torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]
+        y = y + u * self.D.unsqueeze(-1)
+        return self.output_linear(self.activation(y))
+
+
+class HyenaOperator(nn.Module):
+    """safari's HyenaOperator (order 2): in_proj, a short depthwise Conv1d cut to L, the gates, an
+    implicit filter from an MLP over positional features with exponential decay, fftconv, out_proj."""
+
+    def __init__(self, d_model, l_max, filter_order=8):
+        super().__init__()
+        self.d_model, self.l_max = d_model, l_max
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.short_filter = nn.Conv1d(3 * d_model, 3 * d_model, 3, padding=2, groups=3 * d_model)
+        t = torch.linspace(0, 1, l_max)[None, :, None]
+        freqs = torch.linspace(1e-4, 1, 2)[None, None]
+        z = torch.exp(-1j * 2 * math.pi * freqs * torch.arange(l_max)[None, :, None] / l_max)
+        self.register_buffer("z", torch.cat([t, z.real, z.imag], dim=-1))
+        self.register_buffer("t", t)
+        self.implicit_filter = nn.Sequential(nn.Linear(5, filter_order), nn.SiLU(),
+                                             nn.Linear(filter_order, d_model, bias=False))
+        self.register_buffer("deltas", torch.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, d_model)[None, None])
+        self.bias = nn.Parameter(torch.randn(d_model))
+
+    def filter(self, L):
+        h = self.implicit_filter(self.z[:, :L])
+        return h * torch.exp(-self.t[:, :L] * self.deltas.abs())
+
+    def forward(self, u):
+        L = u.size(-2)
+        u = self.in_proj(u).transpose(1, 2)
+        uc = self.short_filter(u)[..., :L]
+        x0, x1, v = uc.split(self.d_model, dim=1)
+        k = rearrange(self.filter(L)[0], "l d -> d l")
+        v = v * x1
+        fft_size = 2 * L
+        k_f = torch.fft.rfft(k, n=fft_size) / fft_size
+        v_f = torch.fft.rfft(v, n=fft_size)
+        y = torch.fft.irfft(v_f * k_f, n=fft_size, norm="forward")[..., :L]
+        y = (y + v * self.bias.unsqueeze(-1)) * x0
+        return self.out_proj(y.transpose(1, 2))
+
+
+# -- short convolutions ------------------------------------------------------------------------
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, activation=None):
+    """Dao-AILab/causal-conv1d's reference: weight (dim, width), unsqueezed for F.conv1d."""
+    dtype_in = x.dtype
+    x = x.to(weight.dtype)
+    seqlen = x.shape[-1]
+    dim, width = weight.shape
+    if initial_states is None:
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)
+    else:
+        x = torch.cat([initial_states, x], dim=-1)
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=0, groups=dim)
+    out = out[..., :seqlen]
+    return (out if activation is None else F.silu(out)).to(dtype=dtype_in)
+
+
+class CausalConv1dRef(nn.Module):
+    def __init__(self, dim, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, width) / width)
+        self.bias = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return causal_conv1d_ref(x, self.weight, self.bias, activation="silu")
+
+
+class ConvWeightThroughF(nn.Module):
+    """A layer's Conv1d whose weight and bias are used through F.conv1d with its own padding."""
+
+    def __init__(self, dim, width):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, width, padding=width - 1, groups=dim)
+
+    def forward(self, x):
+        L = x.shape[1]
+        x = x.transpose(1, 2)
+        y = F.conv1d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding, groups=self.conv.groups)
+        return F.silu(y[:, :, :L]).transpose(1, 2)
+
+
+class PaddedLayerConv(nn.Module):
+    """F.pad(x, (k-1, 0)) in front of an unpadded nn.Conv1d layer, then nn.SiLU."""
+
+    def __init__(self, dim, width):
+        super().__init__()
+        self.width = width
+        self.conv = nn.Conv1d(dim, dim, width, groups=dim)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv(F.pad(x, (self.width - 1, 0))))
+
+
+# -- selective scan ----------------------------------------------------------------------------
+class MambaMinimalBlock(nn.Module):
+    """johnma2006/mamba-minimal's MambaBlock: einops einsum discretisation, a Python loop, stack."""
+
+    def __init__(self, d_model, d_state=4, expand=2, d_conv=4, dt_rank=2):
+        super().__init__()
+        d_inner = expand * d_model
+        self.dt_rank, self.d_state = dt_rank, d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(repeat(torch.arange(1, d_state + 1).float(), "n -> d n", d=d_inner)))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x):
+        (b, l, d) = x.shape
+        x_and_res = self.in_proj(x)
+        (x, res) = x_and_res.split(split_size=[x_and_res.shape[-1] // 2] * 2, dim=-1)
+        x = rearrange(x, "b l d_in -> b d_in l")
+        x = self.conv1d(x)[:, :, :l]
+        x = rearrange(x, "b d_in l -> b l d_in")
+        x = F.silu(x)
+        y = self.ssm(x)
+        y = y * F.silu(res)
+        return self.out_proj(y)
+
+    def ssm(self, x):
+        A = -torch.exp(self.A_log.float())
+        D = self.D.float()
+        x_dbl = self.x_proj(x)
+        (delta, B, C) = x_dbl.split(split_size=[self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(delta))
+        return self.selective_scan(x, delta, A, B, C, D)
+
+    def selective_scan(self, u, delta, A, B, C, D):
+        (b, l, d_in) = u.shape
+        n = A.shape[1]
+        deltaA = torch.exp(einsum(delta, A, "b l d_in, d_in n -> b l d_in n"))
+        deltaB_u = einsum(delta, B, u, "b l d_in, b l n, b l d_in -> b l d_in n")
+        x = torch.zeros((b, d_in, n), device=deltaA.device)
+        ys = []
+        for i in range(l):
+            x = deltaA[:, i] * x + deltaB_u[:, i]
+            y = einsum(x, C[:, i, :], "b d_in n, b n -> b d_in")
+            ys.append(y)
+        y = torch.stack(ys, dim=1)
+        return y + u * D
+
+
+class FoldedSoftplusScan(nn.Module):
+    """A scan taking raw dt: softplus(dt + bias) in the module, B and C time-major, torch.einsum."""
+
+    def __init__(self, d_inner, d_state):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.log(torch.rand(d_inner, d_state) + 0.5))
+        self.dt_bias = nn.Parameter(torch.rand(d_inner) - 4)
+        self.D = nn.Parameter(torch.randn(d_inner))
+
+    def forward(self, u, dt, B, C, z):
+        A = -torch.exp(self.A_log)
+        delta = F.softplus(dt + self.dt_bias)
+        dA = torch.exp(delta.unsqueeze(-1) * A)  # (b, l, d, n)
+        dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+        h = torch.zeros_like(dA[:, 0])
+        ys = []
+        for t in range(u.shape[1]):
+            h = dA[:, t] * h + dBu[:, t]
+            ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+        y = torch.stack(ys, dim=1) + u * self.D
+        return y * F.silu(z)
+
+
+# -- SSD (Mamba-2) -----------------------------------------------------------------------------
+def segsum_repeat(x):
+    """tommyip/mamba2-minimal's segsum: einops repeat, a tril mask, cumsum, masked_fill -inf."""
+    T = x.size(-1)
+    x = repeat(x, "... d -> ... d e", e=T)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def segsum_unstable(x):
+    """mamba_ssm's segsum_unstable: differences of one cumsum, masked with -inf."""
+    T = x.size(-1)
+    x_cumsum = torch.cumsum(x, dim=-1)
+    x_segsum = x_cumsum[..., :, None] - x_cumsum[..., None, :]
+    mask = torch.tril(torch.ones(T, T, device=x.device, dtype=torch.bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def ssd(x, A, B, C, chunk_size, initial_states=None, segsum=segsum_repeat):
+    """tommyip/mamba2-minimal's ssd (einops rearranges, spaces inside the einsum strings)."""
+    x, A, B, C = [rearrange(m, "b (c l) ... -> b c l ...", l=chunk_size) for m in (x, A, B, C)]
+    A = rearrange(A, "b c l h -> b h c l")
+    A_cumsum = torch.cumsum(A, dim=-1)
+    L = torch.exp(segsum(A))
+    Y_diag = torch.einsum("bclhn, bcshn, bhcls, bcshp -> bclhp", C, B, L, x)
+    decay_states = torch.exp(A_cumsum[:, :, :, -1:] - A_cumsum)
+    states = torch.einsum("bclhn, bhcl, bclhp -> bchpn", B, decay_states, x)
+    if initial_states is None:
+        initial_states = torch.zeros_like(states[:, :1])
+    states = torch.cat([initial_states, states], dim=1)
+    decay_chunk = torch.exp(segsum(F.pad(A_cumsum[:, :, :, -1], (1, 0))))
+    new_states = torch.einsum("bhzc, bchpn -> bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+    state_decay_out = torch.exp(A_cumsum)
+    Y_off = torch.einsum("bclhn, bchpn, bhcl -> bclhp", C, states, state_decay_out)
+    Y = rearrange(Y_diag + Y_off, "b c l h p -> b (c l) h p")
+    return Y, final_state
+
+
+class Mamba2Minimal(nn.Module):
+    """tommyip/mamba2-minimal's Mamba2 core from the conv output on: B and C per group of heads
+    (`b l 1 n` broadcast in the einsums when there is one group, repeated to heads otherwise),
+    dt softplus with bias, D skip, a gated RMS norm; L padded to whole chunks when `pad`."""
+
+    def __init__(self, heads=4, headdim=4, d_state=4, groups=1, chunk=4, pad=False, initial=False,
+                 segsum=segsum_repeat):
+        super().__init__()
+        self.heads, self.headdim, self.d_state, self.groups, self.chunk = heads, headdim, d_state, groups, chunk
+        self.pad, self.segsum = pad, segsum
+        self.A_log = nn.Parameter(torch.log(torch.rand(heads) * 3 + 1))
+        self.dt_bias = nn.Parameter(torch.rand(heads) - 3)
+        self.D = nn.Parameter(torch.randn(heads))
+        self.norm_weight = nn.Parameter(torch.randn(heads * headdim))
+        self.initial = nn.Parameter(torch.randn(1, 1, heads, headdim, d_state)) if initial else None
+
+    def forward(self, xBC, dt, z):
+        x, B, C = torch.split(xBC, [self.heads * self.headdim, self.groups * self.d_state,
+                                    self.groups * self.d_state], dim=-1)
+        A = -torch.exp(self.A_log)
+        dt = F.softplus(dt + self.dt_bias)
+        x = rearrange(x, "b l (h p) -> b l h p", p=self.headdim)
+        B = rearrange(B, "b l (g n) -> b l g n", g=self.groups)
+        C = rearrange(C, "b l (g n) -> b l g n", g=self.groups)
+        if self.groups > 1:
+            B, C = (repeat(t, "b l g n -> b l (g r) n", r=self.heads // self.groups) for t in (B, C))
+        seqlen = x.shape[1]
+        X, dA = x * dt.unsqueeze(-1), A * dt
+        if self.pad:
+            extra = (-seqlen) % self.chunk
+            X, dA, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, extra)) for t in (X, dA, B, C))
+        initial = None if self.initial is None else self.initial.expand(x.shape[0], -1, -1, -1, -1)
+        y, state = ssd(X, dA, B, C, self.chunk, initial, self.segsum)
+        y = y[:, :seqlen] + x * self.D.unsqueeze(-1)
+        y = rearrange(y, "b l h p -> b l (h p)")
+        y = y * F.silu(z)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.norm_weight, state
+
+
+def mamba2_inputs(batch=2, seqlen=8, heads=4, headdim=4, d_state=4, groups=1):
+    width = heads * headdim + 2 * groups * d_state
+    return [torch.randn(batch, seqlen, width), torch.randn(batch, seqlen, heads),
+            torch.randn(batch, seqlen, heads * headdim)]
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], list]
+    fused: dict
+    dtype: torch.dtype = fp32
+
+
+CASES = [
+    Case("flashfftconv-ref-pow2", lambda: FlashFFTConvRef(4, 24), lambda: [torch.randn(2, 4, 24)], {"long_conv": 1}),
+    Case("flashfftconv-ref-bf16", lambda: FlashFFTConvRef(4, 24), lambda: [torch.randn(2, 4, 24)],
+         {"long_conv": 1}, bf16),
+    Case("rfft-norm-forward-pow2", lambda: ForwardNormConv(3, 20), lambda: [torch.randn(2, 3, 20)], {"long_conv": 1}),
+    Case("rfftn-irfftn-bf16", lambda: RfftnConv(3, 20), lambda: [torch.randn(2, 3, 20)], {"long_conv": 1}, bf16),
+    Case("s4d-standalone", lambda: S4D(4), lambda: [torch.randn(2, 4, 30)], {"long_conv": 1}),
+    Case("hyena-operator", lambda: HyenaOperator(4, 32), lambda: [torch.randn(2, 32, 4)],
+         {"long_conv": 1, "short_conv": 1}),
+    Case("causal-conv1d-ref", lambda: CausalConv1dRef(6, 4), lambda: [torch.randn(2, 6, 20)], {"short_conv": 1}),
+    Case("conv-weight-through-F", lambda: ConvWeightThroughF(6, 3), lambda: [torch.randn(2, 20, 6)],
+         {"short_conv": 1}),
+    Case("pad-then-conv-layer", lambda: PaddedLayerConv(6, 4), lambda: [torch.randn(2, 6, 20)], {"short_conv": 1}),
+    Case("mamba-minimal-block", lambda: MambaMinimalBlock(4), lambda: [torch.randn(2, 6, 4)],
+         {"short_conv": 1, "ssm_scan": 1}),
+    Case("folded-softplus-scan", lambda: FoldedSoftplusScan(4, 3),
+         lambda: [torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 6, 3), torch.randn(2, 6, 3),
+                  torch.randn(2, 6, 4)], {"ssm_scan": 1}),
+    Case("mamba2-minimal-1group", lambda: Mamba2Minimal(), lambda: mamba2_inputs(), {"ssd_scan": 1}),
+    Case("mamba2-minimal-2groups", lambda: Mamba2Minimal(groups=2), lambda: mamba2_inputs(groups=2),
+         {"ssd_scan": 1}),
+    Case("mamba2-minimal-padded", lambda: Mamba2Minimal(pad=True), lambda: mamba2_inputs(seqlen=10),
+         {"ssd_scan": 1}),
+    Case("mamba2-minimal-initial-state", lambda: Mamba2Minimal(initial=True), lambda: mamba2_inputs(),
+         {"ssd_scan": 1}),
+    Case("mamba2-minimal-unstable-segsum", lambda: Mamba2Minimal(segsum=segsum_unstable), lambda: mamba2_inputs(),
+         {"ssd_scan": 1}),
+]
+
+
+def first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_spelling_fuses_and_matches(case: Case):
+    torch.manual_seed(0)
+    module = case.build().eval()
+    compiled = compiler.compile(copy.deepcopy(module), strict=True)
+    reference = copy.deepcopy(module).double()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        inputs = cast_inputs(case.inputs(), case.dtype)
+        with torch.no_grad():
+            outputs = compiled(*inputs), module(*inputs), reference(*cast_inputs(inputs, torch.float64))
+        for ours, baseline, exact in zip(*(out if isinstance(out, tuple) else (out,) for out in outputs)):
+            assert_close_by_rule(ours, baseline, exact)
+    fused = {family: compiled.patterns.count(family) for family in case.fused}
+    assert fused == case.fused, compiled.report()
