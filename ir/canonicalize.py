@@ -2,6 +2,7 @@
 
     x.to(x.dtype), x.detach(), eval-mode dropout(x)    -> x  (they return x itself;
                                                         contiguous/clone stay: strides matter)
+    x[:, :n] with n the dim's size (a cut to a length it already has) -> x
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
     einsum of n > 2 operands                             -> 2-operand einsums, left to right, each summing
@@ -99,6 +100,15 @@ def _drop_alias(graph: Graph, node: Node) -> None:
 def _drop_noop_dropout(graph: Graph, node: Node) -> None:
     if not node.attrs["training"] or node.attrs["p"] == 0:
         graph.replace_uses(node.name, node.inputs[0])
+
+
+def _drop_full_slice(graph: Graph, node: Node) -> None:
+    """A slice keeping every entry of its dim in order is its input (static sizes only)."""
+    shape = node.type.static_shape() if node.type is not None else None
+    source = graph.node(node.inputs[0])
+    if shape is not None and source.type is not None and shape == source.type.static_shape() \
+            and node.attrs["start"] == 0 and node.attrs["step"] == 1:
+        graph.replace_uses(node.name, source.name)
 
 
 def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
@@ -613,6 +623,7 @@ WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when 
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
+    "slice": [_drop_full_slice],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "mul": [_rewrite_written_out_silu],
     "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],

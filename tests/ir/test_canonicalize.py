@@ -171,6 +171,23 @@ def test_reads_of_shape_or_dtype_alone_drop_the_tensor():
     torch.testing.assert_close(to_fx(graph)(x, mask, y)[0], MetadataReads()(x, mask, y))
 
 
+class FullSlices(nn.Module):
+    """x[:, :L] with L the dim's length (mamba2-minimal's y[:, :seqlen]); a real cut and a strided one stay."""
+
+    def forward(self, x):
+        return x[:, : x.shape[1]] * 2, x[..., :3] + x[:, 0:4:2].sum(), x.narrow(-1, 0, 4) + 1
+
+
+def test_slices_keeping_the_whole_dim_are_dropped():
+    x = torch.randn(2, 4, 4)
+    _, graph = imported(FullSlices(), x)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    assert sorted((node.attrs["stop"], node.attrs["step"]) for node in graph if node.op == "slice") == [(3, 1), (4, 2)]
+    for ours, eager in zip(to_fx(graph)(x), FullSlices()(x)):
+        torch.testing.assert_close(ours, eager)
+
+
 class WrittenOutSoftmaxes(nn.Module):
     """exp(x - rowmax) / sum over the last dim, the max as amax, max().values and max()[0]; and two
     that are not softmax: no max subtracted, a max over another dim."""
