@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from compiler.passes import PassContext
 from compiler.passes.ssm_scan.frames import (
-    TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, unit_free, view_leaf)
+    TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, under_views, unit_free, view_leaf)
 from compiler.passes.ssm_scan.lowering import (
     assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels, sole_user)
 from ir.fused import FusedSpec
@@ -384,38 +384,48 @@ STEP_OPS = {"mul", "exp", "reshape", "expand", "permute", "cast", "identity"}  #
 
 def _step_expression(graph: Graph, node: Node, i: int):
     """node as a product (exp, views) of selects at step i and tensors from before the loop: (a key
-    that is the same at every step, the nodes it is made of, node last); None for anything else."""
+    that is the same at every step, the nodes it is made of, node last); None for anything else, or
+    when no select at step i is in it (it is then a tensor from before the loop, a leaf).
+    A part may be shared with the other expression or the readout (d = Δ[:, i, None] read twice):
+    check_private keeps readers outside the loop away."""
     if node.op == "select":
         return (("select", node.inputs[0], node.attrs["dim"]), [node.name]) if node.attrs["index"] == i else None
-    if node.op not in STEP_OPS or len(graph.users(node.name)) != 1 or not node.inputs:
+    if node.op not in STEP_OPS or not node.inputs:
         return None
     keys, nodes = [], []
     for name in node.inputs:
-        source = graph.node(name)
-        found = _step_expression(graph, source, i) if source.op in STEP_OPS | {"select"} else ((name,), [])
+        if not _reads_a_select(graph, graph.node(name), i):
+            keys.append((name,))
+            continue
+        found = _step_expression(graph, graph.node(name), i)
         if found is None:
             return None
         keys.append(found[0])
         nodes += found[1]
-    attrs = repr(sorted(node.attrs.items()))
-    return (node.op, attrs, tuple(keys)), nodes + [node.name]
+    return (node.op, repr(sorted(node.attrs.items())), tuple(keys)), nodes + [node.name]
+
+
+def _reads_a_select(graph: Graph, node: Node, i: int) -> bool:
+    """Is a select at index i among node and the STEP_OPS chains under it (it varies by step)?"""
+    if node.op == "select":
+        return node.attrs["index"] == i
+    return node.op in STEP_OPS and any(_reads_a_select(graph, graph.node(name), i) for name in node.inputs)
 
 
 def _per_step(graph: Graph, node: Node, i: int) -> bool:
-    """Is node Ā_i or B̄u_i: a select at step i, or an expression of selects at step i that has one?"""
-    if _is_select(node, i):
-        return True
-    found = _step_expression(graph, node, i) if node.op in STEP_OPS else None
-    return found is not None and any(graph.node(name).op == "select" for name in found[1])
+    """Is node Ā_i or B̄u_i: a select at step i, or an expression of selects at step i?"""
+    return _is_select(node, i) or (_reads_a_select(graph, node, i) and _step_expression(graph, node, i) is not None)
 
 
 def _lifted(graph: Graph, leaf: Leaf) -> Leaf:
-    """A factor of a step's Ā_i or B̄u_i as the op reads it: a select at step i is its sequence."""
-    if leaf.node.op != "select":
+    """A factor of step 0's Ā_0 or B̄u_0 as the op reads it: a select at step 0 (under views) is its
+    sequence."""
+    selected = under_views(graph, leaf)
+    if selected.node.op != "select" or selected.node.attrs["index"] != 0:
         return leaf
-    dim = leaf.node.attrs["dim"]
-    source = graph.node(leaf.node.inputs[0])
-    return Leaf(source, unit_free(source, leaf.frame[:dim] + (TIME,) + leaf.frame[dim:]))
+    dim = selected.node.attrs["dim"]
+    source = graph.node(selected.node.inputs[0])
+    return Leaf(source, unit_free(source, selected.frame[:dim] + (TIME,) + selected.frame[dim:]))
 
 
 def _recurrence(graph: Graph, h: Node, i: int, previous: Node | None):
