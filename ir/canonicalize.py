@@ -3,6 +3,8 @@
     x.to(x.dtype), x.detach(), eval-mode dropout(x)    -> x  (they return x itself;
                                                         contiguous/clone stay: strides matter)
     x[:, :n] with n the dim's size (a cut to a length it already has) -> x
+    conv1d(...).transpose(1, 2)[:, :L] (a permute read by the slice alone) -> conv1d(...)[..., :L].transpose(1, 2)
+                                                        (mamba2-minimal's causal cut after the transpose back)
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
     einsum of n > 2 operands                             -> 2-operand einsums, left to right, each summing
@@ -109,6 +111,21 @@ def _drop_full_slice(graph: Graph, node: Node) -> None:
     if shape is not None and source.type is not None and shape == source.type.static_shape() \
             and node.attrs["start"] == 0 and node.attrs["step"] == 1:
         graph.replace_uses(node.name, source.name)
+
+
+def _cut_before_permute(graph: Graph, node: Node) -> None:
+    """slice(permute(conv1d(x)), dim d) is permute(slice(conv1d(x), dim perm[d])): the cut moves next
+    to the convolution, where the short-conv pass reads it."""
+    permuted = graph.node(node.inputs[0])
+    if permuted.op != "permute" or len(graph.users(permuted.name)) != 1 or graph.node(permuted.inputs[0]).op != "conv1d":
+        return
+    source = graph.node(permuted.inputs[0])
+    perm, attrs = permuted.attrs["perm"], dict(node.attrs)
+    attrs["dim"] = perm[attrs["dim"]]
+    value = source.value.narrow(attrs["dim"], attrs["start"], max(attrs["stop"] - attrs["start"], 0))
+    value = value[(slice(None),) * attrs["dim"] + (slice(None, None, attrs["step"]),)]
+    cut = _new_node(graph, node, "slice", [source.name], attrs, value)
+    graph.replace_uses(node.name, _permute(graph, node, cut, perm).name)
 
 
 def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
@@ -623,7 +640,7 @@ WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when 
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
-    "slice": [_drop_full_slice],
+    "slice": [_drop_full_slice, _cut_before_permute],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "mul": [_rewrite_written_out_silu],
     "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],

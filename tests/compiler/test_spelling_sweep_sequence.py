@@ -286,6 +286,18 @@ class ShortConvolution(nn.Conv1d):
         return rearrange(F.silu(x), "b d t -> b t d")
 
 
+class TransposedBackConv(nn.Module):
+    """tommyip/mamba2-minimal: silu(conv1d(xBC.transpose(1, 2)).transpose(1, 2)[:, :seqlen, :]), the cut
+    after the transpose back (the conv fuses; the SiLU after the transpose stays in PyTorch)."""
+
+    def __init__(self, dim, width):
+        super().__init__()
+        self.conv1d = nn.Conv1d(dim, dim, width, groups=dim, padding=width - 1)
+
+    def forward(self, xBC):
+        return F.silu(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2)[:, : xBC.shape[1], :])
+
+
 class UpcastConv(nn.Module):
     """bf16 activations through an fp32 conv (x.to(weight.dtype)), cast back after the SiLU."""
 
@@ -373,14 +385,24 @@ class FoldedSoftplusScan(nn.Module):
 
 
 class StepDiscretisedScan(nn.Module):
-    """The discretisation inside the loop: exp(Δ_t ⊗ A) and Δ_t u_t ⊗ B_t per step, mul + sum readout."""
+    """The discretisation inside the loop: exp(Δ_t ⊗ A) and Δ_t u_t ⊗ B_t per step, mul + sum readout;
+    Δ_t[..., None] taken once and read by both (`shared`), or u_t under an exp (no selective scan)."""
+
+    def __init__(self, form="plain"):
+        super().__init__()
+        self.form = form
 
     def forward(self, u, delta, A, B, C, D):
         h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
         ys = []
         for i in range(u.shape[1]):
-            dA = torch.exp(delta[:, i].unsqueeze(-1) * A)
-            h = dA * h + (delta[:, i] * u[:, i]).unsqueeze(-1) * B[:, i].unsqueeze(1)
+            d = delta[:, i].unsqueeze(-1)
+            dA = torch.exp(d * A)
+            if self.form == "shared":
+                h = dA * h + d * u[:, i].unsqueeze(-1) * B[:, i].unsqueeze(1)
+            else:
+                u_i = torch.exp(u[:, i]) if self.form == "exp" else u[:, i]
+                h = dA * h + (delta[:, i] * u_i).unsqueeze(-1) * B[:, i].unsqueeze(1)
             ys.append((h * C[:, i].unsqueeze(1)).sum(-1))
         return torch.stack(ys, 1) + u * D
 
@@ -738,6 +760,8 @@ CASES = [
     Case("negative-slice-no-bias", lambda: NegativeSliceConv(6, 4), lambda: [torch.randn(2, 6, 20)],
          {"short_conv": 1}),
     Case("fla-short-convolution", lambda: ShortConvolution(6, 4), lambda: [torch.randn(2, 20, 6)], {"short_conv": 1}),
+    Case("cut-after-transpose-back", lambda: TransposedBackConv(6, 4), lambda: [torch.randn(2, 20, 6)],
+         {"short_conv": 1}),
     Case("upcast-conv-bf16", lambda: UpcastConv(6, 4), lambda: [torch.randn(2, 6, 20)], {"short_conv": 1}, bf16),
     Case("mamba-minimal-block", lambda: MambaMinimalBlock(4), lambda: [torch.randn(2, 6, 4)],
          {"short_conv": 1, "ssm_scan": 1}),
@@ -745,6 +769,7 @@ CASES = [
          lambda: [torch.randn(2, 6, 4), torch.randn(2, 6, 4), torch.randn(2, 6, 3), torch.randn(2, 6, 3),
                   torch.randn(2, 6, 4)], {"ssm_scan": 1}),
     Case("scan-discretised-per-step", lambda: StepDiscretisedScan(), scan_inputs, {"ssm_scan": 1}),
+    Case("scan-discretised-shared-view", lambda: StepDiscretisedScan("shared"), scan_inputs, {"ssm_scan": 1}),
     Case("mamba2-minimal-1group", lambda: Mamba2Minimal(), lambda: mamba2_inputs(), {"ssd_scan": 1}),
     Case("mamba2-minimal-2groups", lambda: Mamba2Minimal(groups=2), lambda: mamba2_inputs(groups=2),
          {"ssd_scan": 1}),
@@ -783,6 +808,7 @@ def test_spelling_fuses_and_matches(case: Case):
 
 
 @pytest.mark.parametrize("build, inputs, pattern, node, reason", [
+    (lambda: StepDiscretisedScan("exp"), scan_inputs, "ssm_scan", "u_i", "computed in the loop, not read at step"),
     (MambaTinyScan, scan_inputs, "ssm_scan", "cumsum_1", "a cumsum over a decayed running sum"),
     (HeinsenScan, scan_inputs, "ssm_scan", "logcumsumexp", "a logcumsumexp over a decayed running sum"),
     (MambaPyPScan, scan_inputs, "ssm_scan", "add__", "a linear recurrence h = a * h + b unrolled from a loop"),
@@ -793,7 +819,7 @@ def test_spelling_fuses_and_matches(case: Case):
      "not a product of two spectra"),
     (lambda: CarriedStateConv(6, 4), lambda: [torch.randn(2, 6, 20), torch.randn(2, 6, 3)], "short_conv", "out",
      "causal needs padding=3"),
-], ids=["mamba-tiny-cumsum", "heinsen-log-space", "mamba.py-pscan",
+], ids=["per-step-exp-under-update", "mamba-tiny-cumsum", "heinsen-log-space", "mamba.py-pscan",
         "ssd-chunk-scan-combined-ref", "channel-mixing-fft", "carried-state-conv"])
 def test_unfused_forms_run_eagerly_and_are_reported(build, inputs, pattern, node, reason):
     torch.manual_seed(0)
