@@ -9,7 +9,8 @@ as expected and that the outputs obey the tolerance rule against fp64 eager, on 
 The forms no rule fuses yet (the parallel forms of mamba-tiny,
 heinsen_sequence and mamba.py's in-place pscan, mamba_ssm's ssd_chunk_scan_combined_ref, a
 channel-mixing spectral conv, a short conv from a carried state)
-run as eager does, and report() names the node where each stopped.
+run as eager does, and report() names the node where each stopped. mamba_ssm's conv decode step
+(a rolled cache written in place) is not fused; its cache stays exact.
 """
 from __future__ import annotations
 
@@ -308,6 +309,22 @@ class UpcastConv(nn.Module):
     def forward(self, x):
         y = self.conv(x.to(self.conv.weight.dtype))[..., : x.shape[-1]]
         return F.silu(y).to(x.dtype)
+
+
+class ConvStep(nn.Module):
+    """mamba_ssm's Mamba.step without causal_conv1d_update: the cached window rolled and written in
+    place, then read out against the conv's weight (no fused op: the cache must stay exact)."""
+
+    def __init__(self, dim, width, batch=2):
+        super().__init__()
+        self.conv1d = nn.Conv1d(dim, dim, width, groups=dim, padding=width - 1)
+        self.register_buffer("conv_state", torch.randn(batch, dim, width))
+
+    def forward(self, x):
+        self.conv_state.copy_(torch.roll(self.conv_state, shifts=-1, dims=-1))
+        self.conv_state[:, :, -1] = x
+        x = torch.sum(self.conv_state * rearrange(self.conv1d.weight, "d 1 w -> d w"), dim=-1)
+        return F.silu(x + self.conv1d.bias)
 
 
 # -- selective scan ----------------------------------------------------------------------------
@@ -831,3 +848,15 @@ def test_unfused_forms_run_eagerly_and_are_reported(build, inputs, pattern, node
     assert compiled.patterns.count(pattern) == 0, compiled.report()
     misses = [miss for miss in compiled._report.near_misses if miss.pattern == pattern]
     assert misses and misses[0].node.startswith(node) and reason in misses[0].reason, compiled.report()
+
+
+def test_conv_decode_step_keeps_its_cache_exact():
+    torch.manual_seed(0)
+    module = ConvStep(6, 4).eval()
+    ours_module, reference_module = copy.deepcopy(module), copy.deepcopy(module).double()
+    compiled = compiler.compile(ours_module)
+    for _ in range(2):
+        x = torch.randn(2, 6)
+        with torch.no_grad():
+            assert_close_by_rule(compiled(x), module(x), reference_module(x.double()))
+        assert_close_by_rule(ours_module.conv_state, module.conv_state, reference_module.conv_state)
