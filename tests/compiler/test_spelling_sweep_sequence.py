@@ -1,16 +1,17 @@
 """A generality sweep of the sequence families against spellings taken from other people's code:
 FlashFFTConv's and S4D's standalone FFT convolutions, safari's Hyena operator, causal-conv1d's
-reference, mamba-minimal's block, tommyip's mamba2-minimal and mamba_ssm's unstable segsum.
+reference, flash-linear-attention's ShortConvolution, mamba-minimal's block, scans discretised
+inside the loop, tommyip's mamba2-minimal (chunked, quadratic, decode step) and mamba_ssm's
+unstable segsum.
 
 Each case builds a tiny module in its source's style, compiles it, asserts the family fused as often
 as expected and that the outputs obey the tolerance rule against fp64 eager, on two fresh inputs
 (the second call reuses the compiled graph). Sizes are tiny: kernels run on Triton's interpreter.
 
-The forms no rule fuses yet (the parallel forms of mamba-tiny,
-heinsen_sequence and mamba.py's in-place pscan, mamba_ssm's ssd_chunk_scan_combined_ref, a
-channel-mixing spectral conv, a short conv from a carried state)
-run as eager does, and report() names the node where each stopped. mamba_ssm's conv decode step
-(a rolled cache written in place) is not fused; its cache stays exact.
+The forms no rule fuses yet (the parallel forms of mamba-tiny, heinsen_sequence and mamba.py's
+in-place pscan, mamba_ssm's ssd_chunk_scan_combined_ref, a channel-mixing spectral conv, a short
+conv from a carried state) run as eager does, and report() names the node where each stopped.
+mamba_ssm's conv decode step (a rolled cache written in place) is not fused; its cache stays exact.
 """
 from __future__ import annotations
 
