@@ -5,6 +5,8 @@
     x[:, :n] with n the dim's size (a cut to a length it already has) -> x
     conv1d(...).transpose(1, 2)[:, :L] (a permute read by the slice alone) -> conv1d(...)[..., :L].transpose(1, 2)
                                                         (mamba2-minimal's causal cut after the transpose back)
+    silu(permute(conv1d(...) or its cut)) (the permute read by silu alone) -> permute(silu(...)), the
+                                                        activation next to the convolution
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
     einsum of n > 2 operands                             -> 2-operand einsums, left to right, each summing
@@ -126,6 +128,18 @@ def _cut_before_permute(graph: Graph, node: Node) -> None:
     value = value[(slice(None),) * attrs["dim"] + (slice(None, None, attrs["step"]),)]
     cut = _new_node(graph, node, "slice", [source.name], attrs, value)
     graph.replace_uses(node.name, _permute(graph, node, cut, perm).name)
+
+
+def _silu_before_permute(graph: Graph, node: Node) -> None:
+    """silu(permute(y)) of a conv1d's output y (or a cut of it) is permute(silu(y)): elementwise, so exact."""
+    permuted = graph.node(node.inputs[0])
+    cut = graph.node(permuted.inputs[0]) if permuted.op == "permute" else None
+    if cut is None or len(graph.users(permuted.name)) != 1 or len(graph.users(cut.name)) != 1:
+        return
+    if cut.op != "conv1d" and not (cut.op == "slice" and graph.node(cut.inputs[0]).op == "conv1d"):
+        return
+    activated = _new_node(graph, node, "silu", [cut.name], {}, torch.nn.functional.silu(cut.value))
+    graph.replace_uses(node.name, _permute(graph, node, activated, permuted.attrs["perm"]).name)
 
 
 def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
@@ -641,6 +655,7 @@ REWRITES = {  # the rules for a node, by its op (its call's target for an opaque
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
     "slice": [_drop_full_slice, _cut_before_permute],
+    "silu": [_silu_before_permute],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "mul": [_rewrite_written_out_silu],
     "einsum": [_split_einsum, _rewrite_einsum, _rewrite_einsum_product],

@@ -290,7 +290,7 @@ class ShortConvolution(nn.Conv1d):
 
 class TransposedBackConv(nn.Module):
     """tommyip/mamba2-minimal: silu(conv1d(xBC.transpose(1, 2)).transpose(1, 2)[:, :seqlen, :]), the cut
-    after the transpose back (the conv fuses; the SiLU after the transpose stays in PyTorch)."""
+    after the transpose back."""
 
     def __init__(self, dim, width):
         super().__init__()

@@ -190,20 +190,22 @@ def test_slices_keeping_the_whole_dim_are_dropped():
 
 
 class CutAfterTranspose(nn.Module):
-    """conv1d(x).transpose(1, 2)[:, :L]: the causal cut after the transpose back (mamba2-minimal)."""
+    """silu(conv1d(x).transpose(1, 2)[:, :L]): the causal cut and the SiLU after the transpose back
+    (mamba2-minimal)."""
 
     def forward(self, x, w):
-        return F.conv1d(x, w, padding=3, groups=3).transpose(1, 2)[:, :x.shape[-1]] * 2
+        return F.silu(F.conv1d(x, w, padding=3, groups=3).transpose(1, 2)[:, :x.shape[-1]]) * 2
 
 
-def test_a_cut_after_a_transpose_of_a_conv_moves_before_it():
+def test_a_cut_and_silu_after_a_transpose_of_a_conv_move_before_it():
     x, w = torch.randn(2, 3, 10), torch.randn(3, 1, 4)
     _, graph = imported(CutAfterTranspose(), x, w)
     graph.eliminate_dead_code(lambda node: True)
     verify(graph)
     (cut,) = [node for node in graph if node.op == "slice"]
     assert graph.node(cut.inputs[0]).op == "conv1d" and (cut.attrs["dim"], cut.attrs["stop"]) == (2, 10)
-    assert [user.op for user in graph.users(cut.name)] == ["permute"]
+    (activated,) = graph.users(cut.name)
+    assert activated.op == "silu" and [user.op for user in graph.users(activated.name)] == ["permute"]
     torch.testing.assert_close(to_fx(graph)(x, w)[0], CutAfterTranspose()(x, w))
 
 
