@@ -2,6 +2,11 @@
 
     x.to(x.dtype), x.detach(), eval-mode dropout(x)    -> x  (they return x itself;
                                                         contiguous/clone stay: strides matter)
+    x[:, :n] with n the dim's size (a cut to a length it already has) -> x
+    conv1d(...).transpose(1, 2)[:, :L] (a permute read by the slice alone) -> conv1d(...)[..., :L].transpose(1, 2)
+                                                        (mamba2-minimal's causal cut after the transpose back)
+    silu(permute(conv1d(...) or its cut)) (the permute read by silu alone) -> permute(silu(...)), the
+                                                        activation next to the convolution
     x / c                                               -> x * (1/c)       (attrs only)
     einsum("...ic,...cj->...ij", a, b) (any index order) -> permute + matmul (+ permute)
     einsum of n > 2 operands                             -> 2-operand einsums, left to right, each summing
@@ -109,6 +114,42 @@ def _drop_alias(graph: Graph, node: Node) -> None:
 def _drop_noop_dropout(graph: Graph, node: Node) -> None:
     if not node.attrs["training"] or node.attrs["p"] == 0:
         graph.replace_uses(node.name, node.inputs[0])
+
+
+def _drop_full_slice(graph: Graph, node: Node) -> None:
+    """A slice keeping every entry of its dim in order is its input (static sizes only)."""
+    shape = node.type.static_shape() if node.type is not None else None
+    source = graph.node(node.inputs[0])
+    if shape is not None and source.type is not None and shape == source.type.static_shape() \
+            and node.attrs["start"] == 0 and node.attrs["step"] == 1:
+        graph.replace_uses(node.name, source.name)
+
+
+def _cut_before_permute(graph: Graph, node: Node) -> None:
+    """slice(permute(conv1d(x)), dim d) is permute(slice(conv1d(x), dim perm[d])): the cut moves next
+    to the convolution, where the short-conv pass reads it."""
+    permuted = graph.node(node.inputs[0])
+    if permuted.op != "permute" or len(graph.users(permuted.name)) != 1 or graph.node(permuted.inputs[0]).op != "conv1d":
+        return
+    source = graph.node(permuted.inputs[0])
+    perm, attrs = permuted.attrs["perm"], dict(node.attrs)
+    attrs["dim"] = perm[attrs["dim"]]
+    value = source.value.narrow(attrs["dim"], attrs["start"], max(attrs["stop"] - attrs["start"], 0))
+    value = value[(slice(None),) * attrs["dim"] + (slice(None, None, attrs["step"]),)]
+    cut = _new_node(graph, node, "slice", [source.name], attrs, value)
+    graph.replace_uses(node.name, _permute(graph, node, cut, perm).name)
+
+
+def _silu_before_permute(graph: Graph, node: Node) -> None:
+    """silu(permute(y)) of a conv1d's output y (or a cut of it) is permute(silu(y)): elementwise, so exact."""
+    permuted = graph.node(node.inputs[0])
+    cut = graph.node(permuted.inputs[0]) if permuted.op == "permute" else None
+    if cut is None or len(graph.users(permuted.name)) != 1 or len(graph.users(cut.name)) != 1:
+        return
+    if cut.op != "conv1d" and not (cut.op == "slice" and graph.node(cut.inputs[0]).op == "conv1d"):
+        return
+    activated = _new_node(graph, node, "silu", [cut.name], {}, torch.nn.functional.silu(cut.value))
+    graph.replace_uses(node.name, _permute(graph, node, activated, permuted.attrs["perm"]).name)
 
 
 def _scalar_div_as_mul(graph: Graph, node: Node) -> None:
@@ -709,6 +750,8 @@ WRITE_RULES = {"copy_", "identity", *ALLOCATIONS}  # rules that stay exact when 
 REWRITES = {  # the rules for a node, by its op (its call's target for an opaque "torch" op)
     "identity": [_drop_alias],
     "dropout": [_drop_noop_dropout],
+    "slice": [_drop_full_slice, _cut_before_permute],
+    "silu": [_silu_before_permute],
     "div": [_scalar_div_as_mul, _rewrite_written_out_softmax],
     "mul": [_rewrite_written_out_silu],
     "softmax": [_drop_shift_before_softmax],

@@ -52,7 +52,8 @@ functions (`torch.matmul`), operators (`operator.matmul`, i.e. `@`) and tensor m
                 full slices; attrs["dim"], attrs["start"], attrs["stop"], attrs["step"] (clamped to the
                 dim's size the way Python slicing does, stop >= start)
     rfft/irfft/fft/ifft  torch.fft.*(x, n, dim, norm); attrs["n"] the transform length (the default
-                filled in), attrs["dim"], attrs["norm"] ("backward" when none given)
+                filled in), attrs["dim"], attrs["norm"] ("backward" when none given); rfftn/irfftn/
+                fftn/ifftn over one dim (`s=(n,)`, `dim=(d,)`) as the one-dim transform
     real        x.real, torch.real
     conv1d      F.conv1d, torch.conv1d, nn.Conv1d (inlined); attrs["stride"], attrs["padding"] (an int,
                 or "same"/"valid"), attrs["dilation"], attrs["groups"], attrs["has_bias"]
@@ -564,18 +565,39 @@ def clamp(node) -> Normalised | None:
     return "clamp", {"min": low, "max": high}, [x]
 
 
+def _one_dim_transform(op: str, node, n, dim, norm) -> Normalised | None:
+    """node, a torch.fft transform `op` of its first argument along `dim`, as the canonical op; n is
+    the input's length along dim when not given (rfft), else the output's (the inverse transforms'
+    default 2 (m - 1) included)."""
+    x = node.args[0]
+    if not (_is_tensor_node(x) and isinstance(dim, int) and (n is None or isinstance(n, int))
+            and node.kwargs.get("out") is None):
+        return None
+    dim = _dim(dim, _rank(x))
+    if n is None:
+        n = _value(x).shape[dim] if op == "rfft" else _out_shape(node)[dim]
+    return op, {"n": n, "dim": dim, "norm": norm or "backward"}, [x]
+
+
 def _transform(op: str) -> Callable:
-    """torch.fft.rfft/irfft/fft/ifft along one dim; n is the input's length along it when not given
-    (rfft), else the output's (the inverse transforms' default 2 (m - 1) included)."""
+    """torch.fft.rfft/irfft/fft/ifft(x, n, dim, norm)."""
     def normalise(node) -> Normalised | None:
-        x, n, dim, norm = node.args[0], _arg(node, 1, "n"), _arg(node, 2, "dim", -1), _arg(node, 3, "norm")
-        if not (_is_tensor_node(x) and isinstance(dim, int) and (n is None or isinstance(n, int))
-                and node.kwargs.get("out") is None):
+        return _one_dim_transform(op, node, _arg(node, 1, "n"), _arg(node, 2, "dim", -1), _arg(node, 3, "norm"))
+
+    return normalise
+
+
+def _transform_nd(op: str) -> Callable:
+    """torch.fft.rfftn/irfftn/fftn/ifftn(x, s, dim, norm) over one dim (`s=(n,)`, `dim=(d,)` or
+    `dim=d`) as the one-dim transform `op`; over several dims they stay opaque."""
+    def normalise(node) -> Normalised | None:
+        x, s, dim = node.args[0], _arg(node, 1, "s"), _arg(node, 2, "dim")
+        dims = [dim] if isinstance(dim, int) else dim
+        if dims is None and (s is not None and len(s) == 1 or s is None and _is_tensor_node(x) and _rank(x) == 1):
+            dims = [-1]
+        if not (isinstance(dims, (tuple, list)) and len(dims) == 1 and (s is None or len(s) == 1)):
             return None
-        dim = _dim(dim, _rank(x))
-        if n is None:
-            n = _value(x).shape[dim] if op == "rfft" else _out_shape(node)[dim]
-        return op, {"n": n, "dim": dim, "norm": norm or "backward"}, [x]
+        return _one_dim_transform(op, node, None if s is None else s[0], dims[0], _arg(node, 3, "norm"))
 
     return normalise
 
@@ -661,6 +683,7 @@ FUNCTIONS: dict[Callable, Callable] = {
     F.pad: pad, torch._C._nn.pad: pad, torch.constant_pad_nd: pad,
     torch.sigmoid: sigmoid, F.sigmoid: sigmoid, torch.tanh: tanh, F.tanh: tanh,
     **{getattr(torch.fft, op): _transform(op) for op in ("rfft", "irfft", "fft", "ifft")},
+    **{getattr(torch.fft, op + "n"): _transform_nd(op) for op in ("rfft", "irfft", "fft", "ifft")},
 }
 
 TUPLE_RESULTS = {multi_head_attention}  # normalisers of calls that return a tuple of tensors

@@ -14,6 +14,11 @@ import torch.fx
 from ir.graph import Call, Graph, Node, Ref, map_refs
 
 
+def _slice(x: torch.Tensor, dim: int, start: int, stop: int, step: int) -> torch.Tensor:
+    """x[..., start:stop:step] along `dim` (a view, as the indexing it stands for)."""
+    return x[(slice(None),) * dim + (slice(start, stop, step),)]
+
+
 def _repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:
     return torch.repeat_interleave(x, repeats, dim=1)
 
@@ -65,6 +70,8 @@ LOWERINGS = {
     "where": lambda node: Call("call_function", torch.where, _where_args(node)),
     "index": lambda node: Call("call_function", torch.index_select, (Ref(0), node.attrs["dim"], Ref(1))),
     "select": lambda node: Call("call_function", torch.select, (Ref(0), node.attrs["dim"], node.attrs["index"])),
+    "slice": lambda node: Call("call_function", _slice, (Ref(0), node.attrs["dim"], node.attrs["start"],
+                                                          node.attrs["stop"], node.attrs["step"])),
     "irfft": _transform(torch.fft.irfft),
     "ifft": _transform(torch.fft.ifft),
     "real": lambda node: Call("call_function", torch.real, (Ref(0),)),

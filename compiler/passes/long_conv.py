@@ -436,11 +436,13 @@ def _period(filt: Side, seqlen: int, n: int, time: int) -> int | None:
 def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
     """Walk up from the inverse transform through single readers: the slice to the first L steps
     (and .real) first, then scalings and copies, at most one skip, then at most one post gate. The
-    readings left are those whose signal has the L steps the slice keeps."""
+    readings left are those whose signal has the L steps the slice keeps (with n = L, no slice:
+    those whose signal has n steps)."""
     inverse = spectral.inverse
     seqlen = readings[0].seqlen
-    tail, current = Tail(anchor=inverse, readings=readings), inverse
-    sliced, real = False, inverse.op == "irfft"
+    whole = [reading for reading in readings if reading.seqlen == inverse.attrs["n"]]
+    tail, current = Tail(anchor=inverse, readings=whole or readings), inverse
+    sliced, cut, real = bool(whole), False, inverse.op == "irfft"
     while True:
         users = graph.users(current.name)
         user = users[0] if len(users) == 1 else None
@@ -450,9 +452,9 @@ def _tail(graph: Graph, spectral: Spectral, readings: list[Reading]) -> Tail:
                 break
             readers = ", ".join(node.name for node in users)
             raise NoMatch(current, f"read by {readers} before the slice to the first L={seqlen} steps")
-        if user.op == "slice" and not sliced:
+        if user.op == "slice" and not cut:
             tail.readings = _sliced(user, readings, inverse, spectral.time)
-            sliced = True
+            sliced = cut = True
         elif user.op == "real" and not real:
             real = True
         elif not _extend(graph, tail, user, current, tail.readings, done):

@@ -11,8 +11,12 @@ report() would say nothing. This pass looks for each family's anchor that is sti
                  transform ir.spellings leaves opaque (irfftn, ifftn...) of a product
     ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step,
                  a decode step), or two steps h = a * h + b in a row with a and b not read from h
-                 (a Python loop's linear recurrence, whatever its decay: sigmoid, complex...)
-    ssd_scan     segsum(a): the segment sums of a decay, Mamba-2's chunked SSD mask
+                 (a Python loop's linear recurrence, whatever its decay: sigmoid, complex...), or a
+                 running sum (cumsum, logcumsumexp) of what a running sum decays: the recurrence in
+                 parallel form (mamba-tiny's cumsum of exp(cumsum(Δ A)), heinsen_sequence's log space)
+    ssd_scan     segsum(a): the segment sums of a decay, Mamba-2's chunked SSD mask; or exp(cs[..., :, None]
+                 - cs[..., None, :]) of one cumsum cs (the mask applied after exp: mamba_ssm's
+                 chunk_scan_ref and state_passing_ref)
     sparse_mlp   linear(act(linear(x)) (* | where | index) selection): two projections with a
                  selection of neurons between them (gated too: a where keeping act(gate(x)) * up(x))
 
@@ -32,6 +36,8 @@ INVERSE_TRANSFORMS = {"irfft", "ifft", "fft_irfftn", "fft_ifftn", "fft_irfft2", 
 FORWARD_TRANSFORMS = {"rfft", "fft"}
 IN_PLACE = {"add": ("add_", "iadd"), "mul": ("mul_", "imul")}  # in-place spellings of a binary op
 SELECTIONS = {"mul", "where", "index"}
+RUNNING_SUMS = {"cumsum", "logcumsumexp"}
+SCAN_THROUGH = {"flip", "log", "exp", "real"}  # ops between the running sums of a parallel-form scan
 ATTENTION_CALLS = {  # attention as one call that no pass reads: what it is
     "flex_attention": "flex_attention, a higher-order op whose score_mod and block_mask are subgraphs",
 }
@@ -47,13 +53,15 @@ def run(graph: Graph, context: PassContext) -> None:
                 reported.add(pattern)
 
 
-def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6) -> bool:
-    """Is a node with an op in `ops` among node and its inputs' chains, stepping through THROUGH ops?"""
+def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6, through: set[str] = frozenset()) -> bool:
+    """Is a node with an op in `ops` among node and its inputs' chains, stepping through THROUGH ops
+    (and opaque calls named in `through`)?"""
     frontier = [node]
     for _ in range(depth):
         if any(current.op in ops for current in frontier):
             return True
-        frontier = [graph.node(name) for current in frontier if current.op in THROUGH for name in current.inputs]
+        frontier = [graph.node(name) for current in frontier if current.op in THROUGH or _op(current) in through
+                    for name in current.inputs]
     return False
 
 
@@ -104,7 +112,14 @@ def _ssm_scan(graph: Graph, node: Node) -> str | None:
     if node.type is not None and node.type.rank >= 3 and _recurrence_steps(
             graph, node, lambda decay, carried: _behind(graph, decay, {"exp"}, depth=3)):
         return "a recurrence step exp(Δ A) * h + update"
+    if _op(node) in RUNNING_SUMS and _behind(graph, graph.node(node.inputs[0]), {"cumsum"}, through=SCAN_THROUGH):
+        return f"a {_op(node)} over a decayed running sum (a linear recurrence in parallel form)"
     return None
+
+
+def _op(node: Node) -> str:
+    return node.attrs["target"] if node.op == "torch" else node.op
+
 
 
 def _recurrence_steps(graph: Graph, node: Node, plausible=lambda decay, carried: True) -> list[tuple[Node, Node]]:
@@ -150,7 +165,21 @@ def _computed_from(graph: Graph, node: Node, source: Node) -> bool:
 
 
 def _ssd_scan(graph: Graph, node: Node) -> str | None:
-    return "segment sums of a decay (the decay mask of Mamba-2's chunked SSD)" if node.op == "segsum" else None
+    if node.op == "segsum":
+        return "segment sums of a decay (the decay mask of Mamba-2's chunked SSD)"
+    difference = graph.node(node.inputs[0]) if node.op == "exp" else None
+    if difference is None or difference.op != "sub" or len(difference.inputs) != 2:
+        return None
+    sources = {_under_reshapes(graph, graph.node(name)) for name in difference.inputs}
+    if len(sources) == 1 and sources.pop().op == "cumsum" and difference.inputs[0] != difference.inputs[1]:
+        return "exp of the pairwise differences of a cumsum (Mamba-2's decay between steps)"
+    return None
+
+
+def _under_reshapes(graph: Graph, node: Node) -> Node:
+    while node.op == "reshape":
+        node = graph.node(node.inputs[0])
+    return node
 
 
 def _sparse_mlp(graph: Graph, node: Node) -> str | None:

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ir.canonicalize import canonicalize
 from ir.from_fx import from_fx
@@ -182,6 +183,43 @@ def test_reads_of_shape_or_dtype_alone_drop_the_tensor():
     (y_node,) = [node for node in graph.placeholders() if node.name.endswith("y_")]
     assert graph.users(y_node.name) == []  # the expand, the view and the cast no longer read y
     torch.testing.assert_close(to_fx(graph)(x, mask, y)[0], MetadataReads()(x, mask, y))
+
+
+class FullSlices(nn.Module):
+    """x[:, :L] with L the dim's length (mamba2-minimal's y[:, :seqlen]); a real cut and a strided one stay."""
+
+    def forward(self, x):
+        return x[:, : x.shape[1]] * 2, x[..., :3] + x[:, 0:4:2].sum(), x.narrow(-1, 0, 4) + 1
+
+
+def test_slices_keeping_the_whole_dim_are_dropped():
+    x = torch.randn(2, 4, 4)
+    _, graph = imported(FullSlices(), x)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    assert sorted((node.attrs["stop"], node.attrs["step"]) for node in graph if node.op == "slice") == [(3, 1), (4, 2)]
+    for ours, eager in zip(to_fx(graph)(x), FullSlices()(x)):
+        torch.testing.assert_close(ours, eager)
+
+
+class CutAfterTranspose(nn.Module):
+    """silu(conv1d(x).transpose(1, 2)[:, :L]): the causal cut and the SiLU after the transpose back
+    (mamba2-minimal)."""
+
+    def forward(self, x, w):
+        return F.silu(F.conv1d(x, w, padding=3, groups=3).transpose(1, 2)[:, :x.shape[-1]]) * 2
+
+
+def test_a_cut_and_silu_after_a_transpose_of_a_conv_move_before_it():
+    x, w = torch.randn(2, 3, 10), torch.randn(3, 1, 4)
+    _, graph = imported(CutAfterTranspose(), x, w)
+    graph.eliminate_dead_code(lambda node: True)
+    verify(graph)
+    (cut,) = [node for node in graph if node.op == "slice"]
+    assert graph.node(cut.inputs[0]).op == "conv1d" and (cut.attrs["dim"], cut.attrs["stop"]) == (2, 10)
+    (activated,) = graph.users(cut.name)
+    assert activated.op == "silu" and [user.op for user in graph.users(activated.name)] == ["permute"]
+    torch.testing.assert_close(to_fx(graph)(x, w)[0], CutAfterTranspose()(x, w))
 
 
 class WrittenOutSoftmaxes(nn.Module):

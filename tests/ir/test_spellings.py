@@ -56,6 +56,24 @@ def test_transforms_fill_in_their_defaults():
     ]
 
 
+def test_n_dim_transforms_over_one_dim_are_the_one_dim_transforms():
+    x = torch.randn(2, 3, 10)
+    ops = canonical(lambda x: (torch.fft.irfftn(torch.fft.rfftn(x, s=(20,), dim=(-1,)), s=[20], dim=-1),
+                               torch.fft.ifftn(torch.fft.fftn(x, dim=[1]), s=(4,), dim=(1,), norm="ortho"),
+                               torch.fft.rfftn(x[0, 0], norm="forward"), torch.fft.rfftn(x, s=(12,)),
+                               torch.fft.rfftn(x, dim=(1, 2)), torch.fft.fftn(x)), x)
+    assert ops[:4] + ops[5:9] == [
+        ("rfft", {"n": 20, "dim": 2, "norm": "backward"}),
+        ("irfft", {"n": 20, "dim": 2, "norm": "backward"}),
+        ("fft", {"n": 3, "dim": 1, "norm": "backward"}),
+        ("ifft", {"n": 4, "dim": 1, "norm": "ortho"}),
+        ("rfft", {"n": 10, "dim": 0, "norm": "forward"}),
+        ("rfft", {"n": 12, "dim": 2, "norm": "backward"}),
+        ("torch", ops[7][1]),
+        ("torch", ops[8][1]),
+    ]
+
+
 def test_conv1d_pad_and_sigmoid():
     x, w, b = torch.randn(2, 4, 10), torch.randn(4, 1, 3), torch.randn(4)
     conv = nn.Conv1d(4, 4, 3, padding=2, groups=4)

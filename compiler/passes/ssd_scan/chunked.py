@@ -15,6 +15,10 @@ whole chunks and cut into (b, c, t, ...) (a permuted to end in (c, t)), and cs =
 
 Each contraction must have exactly these factors with their dims lined up as written (ir
 contraction labels bound to roles, roles.bind); the first node that differs is reported.
+
+The quadratic form (the SSD as masked attention, the paper's eq. 16; no chunk reshape under the
+decay) is Y_diag over the whole sequence alone, y = Σ_{s,n} C[t,n] B[s,n] exp(segsum(a))[t,s] X[s,p]:
+exactly the scan from a zero state, so that product is replaced by the scan op and its epilogue.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from compiler.passes import NoMatch, PassContext
 from compiler.passes.ssd_scan.operands import discretise, fuse_scan
 from compiler.passes.ssd_scan.roles import (
-    Chunked, Leaf, Roles, bind, climb, find_chunks, out_roles, sole_reader, static_shape, summed_roles)
+    Chunked, Leaf, Roles, bind, climb, down_views, find_chunks, out_roles, sole_reader, static_shape, summed_roles)
 from ir.contraction import Contraction, Factor, active, contraction
 from ir.graph import Graph, Node
 
@@ -39,6 +43,7 @@ class Diagonal:
     C: Leaf
     a: Leaf
     out: Roles
+    chunked: bool  # False: a over the whole sequence (the quadratic form)
 
 
 def is_candidate(node: Node) -> bool:
@@ -53,6 +58,9 @@ def fuse_chunked(graph: Graph, segsum: Node, context: PassContext) -> None:
     if mask is None or mask.op != "exp":
         raise NoMatch(segsum, "the segment sums are not read by exp alone (the decay mask exp(segsum(a)))")
     diagonal = _diagonal(graph, mask)
+    if not diagonal.chunked:
+        _fuse_quadratic(graph, diagonal, context)
+        return
     chunks = {name: _unchunked(graph, getattr(diagonal, name)) for name in ("X", "B", "C", "a")}
     _check_chunking(chunks)
     total = _sum_of_terms(graph, diagonal)
@@ -65,8 +73,21 @@ def fuse_chunked(graph: Graph, segsum: Node, context: PassContext) -> None:
 
 # -- Y_diag: the intra-chunk product, where every role is first told apart ------------------------
 def _diagonal(graph: Graph, mask: Node) -> Diagonal:
+    """Y_diag read as C, B, the mask and X; where the product also looked into X = Δ ⊗ x (nothing cut
+    it into chunks: the quadratic form), read again with each product under it kept as a factor."""
     root = climb(graph, mask)
     product = contraction(graph, root, regroups=False)
+    products = [name for name in product.nodes if graph.node(name).op == "mul" and name != root.name]
+    first_miss = None
+    for keep in [frozenset()] + [frozenset({name}) for name in products]:
+        try:
+            return _diagonal_of(graph, mask, root, contraction(graph, root, keep, regroups=False))
+        except NoMatch as miss:
+            first_miss = first_miss or miss
+    raise first_miss
+
+
+def _diagonal_of(graph: Graph, mask: Node, root: Node, product: Contraction) -> Diagonal:
     mask_factor = next((factor for factor in product.factors if factor.node is mask), None)
     if mask_factor is None or len(product.factors) != 4:
         names = [factor.node.name for factor in product.factors]
@@ -84,11 +105,12 @@ def _diagonal(graph: Graph, mask: Node) -> Diagonal:
     role_of = {target: "t", source: "t", state.pop(): "n", value.pop(): "p"}
     a = graph.node(graph.node(mask.inputs[0]).inputs[0])
     lead = mask_factor.labels[:-2]
-    role_of.update(_lead_roles(graph, a, lead))
+    lead_roles, chunked = _lead_roles(graph, a, lead)
+    role_of.update(lead_roles)
     roles = {name: _factor_roles(factor, role_of) for name, factor in (("X", X), ("B", B), ("C", C))}
     a_roles = tuple(role_of.get(label, "") if size != 1 else "" for label, size in zip(lead, static_shape(a)))
     return Diagonal(root, product, Leaf(X.node, roles["X"]), Leaf(B.node, roles["B"]), Leaf(C.node, roles["C"]),
-                    Leaf(a, a_roles + ("t",)), out_roles(product, role_of, root))
+                    Leaf(a, a_roles + ("t",)), out_roles(product, role_of, root), chunked)
 
 
 def _one(factors: list[Factor], test, where: Node, what: str) -> Factor:
@@ -107,24 +129,39 @@ def _factor_roles(factor: Factor, role_of: dict[str, str]) -> Roles:
     return tuple(roles)
 
 
-def _lead_roles(graph: Graph, a: Node, lead: tuple) -> dict[str, str]:
+def _lead_roles(graph: Graph, a: Node, lead: tuple) -> tuple[dict[str, str], bool]:
     """Roles of the decay's dims before the step (their labels in Y_diag are `lead`): the chunk (the
     dim its reshape splits off), the head (the one dim the rate A varies along, a = Δ ⊗ A) and the
-    batch. A decay given as is (mamba_ssm's discrete inputs) names its two other dims batch and head
-    in order: the scan treats the two alike (B and C broadcast along either), so either is right."""
-    chunked, positions = find_chunks(graph, a, tuple(str(k) for k in range(len(lead))) + ("t",))
+    batch; and whether a is cut into chunks. A decay given as is (mamba_ssm's discrete inputs) names
+    its two other dims batch and head in order: the scan treats the two alike (B and C broadcast
+    along either), so either is right."""
+    chunked, positions = _chunks_or_whole(graph, a, tuple(str(k) for k in range(len(lead))) + ("t",))
+    split = int(chunked.node is not chunked.seq)  # the chunk reshape's extra dim, before the step
     roles = {lead[int(positions[chunked.time])]: "c"} if positions[chunked.time] not in ("", "t") else {}
     heads = _rate_dims(graph, chunked)
     others = [(label, lead[int(position)]) for k, label in enumerate(contraction(graph, chunked.seq).out)
               if k != chunked.time and static_shape(chunked.seq)[k] != 1
-              and (position := positions[k if k < chunked.time else k + 1]) not in ("", "t")]
+              and (position := positions[k if k < chunked.time else k + split]) not in ("", "t")]
     if len(others) > 2:
         raise NoMatch(a, "the decay has dims besides batch, head, chunk and step")
     for k, (label, lead_label) in enumerate(others):
         roles[lead_label] = ("h" if label in heads else "b") if heads is not None else "bh"[k + 2 - len(others)]
     if heads is not None and sorted(roles.values()).count("h") > 1:
         raise NoMatch(a, "the decay has dims besides batch, head, chunk and step")
-    return roles
+    return roles, bool(split)
+
+
+def _chunks_or_whole(graph: Graph, a: Node, labels: Roles) -> tuple[Chunked, Roles]:
+    """find_chunks; or, with no chunk reshape under a's views, the whole sequence as one chunk
+    (node and seq the tensor under the views)."""
+    try:
+        return find_chunks(graph, a, labels)
+    except NoMatch:
+        whole = down_views(graph, a, labels)
+        if "t" not in whole.roles:
+            raise
+        time = whole.roles.index("t")
+        return Chunked(whole.node, whole.node, time, 1, static_shape(whole.node)[time], 0), whole.roles
 
 
 def _rate_dims(graph: Graph, chunked: Chunked) -> set | None:
@@ -136,6 +173,20 @@ def _rate_dims(graph: Graph, chunked: Chunked) -> set | None:
     if len(sequence.factors) != 2 or sequence.summed or len(rate) != 1 or len(active(rate[0])) > 1:
         return None
     return set(active(rate[0]))
+
+
+def _fuse_quadratic(graph: Graph, diagonal: Diagonal, context: PassContext) -> None:
+    """Y_diag over the whole sequence is the output: the scan op from a zero state in its place."""
+    sequences = {name: _whole_sequence(getattr(diagonal, name)) for name in ("X", "B", "C", "a")}
+    discretised = discretise(graph, sequences)
+    y = _whole_sequence(Leaf(diagonal.root, diagonal.out))
+    detail = f"quadratic form (masked attention), L={static_shape(diagonal.a.node)[-1]}"
+    fuse_scan(graph, context, discretised, y, 0, None, None, set(diagonal.contraction.nodes), detail)
+
+
+def _whole_sequence(leaf: Leaf) -> Leaf:
+    """The leaf with its step role as time: one chunk is the whole sequence."""
+    return Leaf(leaf.node, tuple("l" if role == "t" else role for role in leaf.roles))
 
 
 # -- chunking ---------------------------------------------------------------------------------------

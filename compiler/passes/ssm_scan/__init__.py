@@ -72,8 +72,10 @@ def run(graph: Graph, context: PassContext) -> None:
             fuse_associative(graph, node, context)
 
     def try_decode(node: Node) -> None:
-        if node.op == "add":
+        if node.op == "add" and node.name not in fused:
             fuse_decode(graph, node, context)
 
     context.for_each_candidate(PATTERN, graph, list(graph), try_scan)
+    fused = {name for entry in context.report.fused if entry.graph == context.graph_index
+             for name in entry.replaced}  # a fused loop's steps are no decode steps of their own
     context.for_each_candidate(PATTERN, graph, list(graph), try_decode)

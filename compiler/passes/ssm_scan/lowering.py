@@ -62,13 +62,17 @@ class Plan:
     softplus: bool
 
 
-def discretisation(graph: Graph, decay: Leaf, update: Leaf, c_sequence: Leaf, n: int) -> Core:
-    """Δ and A from Ā = exp(Δ ⊗ A), {u, B} from B̄u = Δ ⊗ B ⊗ u, and C."""
+def discretisation(graph: Graph, decay: Leaf, update: Leaf, c_sequence: Leaf, n: int, lift=None) -> Core:
+    """Δ and A from Ā = exp(Δ ⊗ A), {u, B} from B̄u = Δ ⊗ B ⊗ u, and C; `lift` maps the factors of
+    one step's Ā and B̄u to the sequences they are read from (a loop that discretises per step)."""
     exp, _ = through_casts(graph, decay.node)
     if exp.op != "exp":
         raise NoMatch(exp, f"Ā is {exp.op}, not exp(Δ ⊗ A)")
     decay_leaves, _ = factor_leaves(graph, graph.node(exp.inputs[0]), decay.frame)
     update_leaves, through = factor_leaves(graph, update.node, update.frame)
+    if lift is not None:
+        decay_leaves, update_leaves, through = [lift(leaf) for leaf in decay_leaves], \
+            [lift(leaf) for leaf in update_leaves], []
     shared = [leaf for leaf in decay_leaves if any(leaf.same(other) for other in update_leaves)]
     if len(decay_leaves) != 2 or not shared:
         raise NoMatch(exp, f"Ā is not exp(Δ ⊗ A) with Δ shared with B̄u: its factors are "

@@ -3,6 +3,9 @@
     readout   y = <h, C> over the state dim n, spelled einsum("bdn,bn->bd", h, C),
               matmul(h, C[..., None])[..., 0] (or .squeeze(-1)), or sum(h * C, dim=n)
     loop      h_i = select(Ā, t, i) * h_{i-1} + select(B̄u, t, i), h_{-1} = zeros,
+              or Ā_i, B̄u_i discretised in the loop from selects at step i (exp(Δ[:, i] ⊗ A),
+              Δ[:, i] ⊗ u[:, i] ⊗ B[:, i]): the same expression every step, its selects lifted
+              to the sequences they read
               y_i = readout(h_i, select(C, t', i)), y = stack(y_i) | cat(y_i[..., None])
               | cat(matmul(h_i, C_i[..., None]), dim=-1),
               or the states stacked first and read out at once: y = readout(stack(h_i), C)
@@ -13,13 +16,14 @@ A loop is parsed step by step from the stack's inputs, each step compared with t
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
 
 from compiler.passes import PassContext
 from compiler.passes.ssm_scan.frames import (
-    TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, unit_free, view_leaf)
+    TIME, Frame, Leaf, NoMatch, aligned_frame, static_shape, through_casts, under_views, unit_free, view_leaf)
 from compiler.passes.ssm_scan.lowering import (
     assign_roles, build_layout, describe, discretisation, find_epilogues, fuse_op, role_labels, sole_user)
 from ir.fused import FusedSpec
@@ -58,6 +62,7 @@ class Step:
     bu: Node
     readout: Readout
     nodes: list[str]
+    keys: tuple = ()  # per-step discretisation: the keys of Ā_i and B̄u_i (equal across steps)
 
 
 def find_readout(graph: Graph, y: Node) -> Readout | None:
@@ -169,7 +174,11 @@ def fuse_loop(graph: Graph, anchor: Node, context: PassContext) -> None:
     loop = parse(graph, anchor, ys, time_dim, wrappers)
     _check_initial_state(graph, loop.steps[0])
     _check_private(graph, loop.steps, loop.inside)
-    core = discretisation(graph, loop.a, loop.bu, loop.c, loop.n)
+    lift = functools.partial(_lifted, graph) if loop.per_step else None
+    core = discretisation(graph, loop.a, loop.bu, loop.c, loop.n, lift)
+    inner = [leaf.node.name for leaf in (core.delta, core.A, *core.pair) if leaf.node.name in loop.inside]
+    if inner:
+        raise NoMatch(graph.node(inner[0]), "a factor of Ā or B̄u is computed in the loop, not read at step i")
     plan = assign_roles(graph, core, find_epilogues(graph, loop.y, unit_free(loop.y, loop.y_frame)))
     last_h = loop.steps[-1].h
     state = last_h if any(user.name not in loop.inside for user in graph.users(last_h.name)) else None
@@ -206,6 +215,7 @@ class Loop:
     nodes: list[str]  # everything the op replaces up to y, in order
     inside: set[str]
     form: str = ""
+    per_step: bool = False  # Ā and B̄u discretised in the loop: their factors are lifted selects
 
 
 def _read_out_per_step(graph: Graph, anchor: Node, ys: list[Node], time_dim: int, wrappers: list[str]) -> Loop:
@@ -214,8 +224,12 @@ def _read_out_per_step(graph: Graph, anchor: Node, ys: list[Node], time_dim: int
     first = steps[0]
     nodes = [name for step in steps for name in step.nodes] + wrappers + [anchor.name]
     y_frame = first.readout.y_frame[:time_dim] + (TIME,) + first.readout.y_frame[time_dim:]
-    return Loop(steps, _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME),
-                _c_sequence(graph, first.readout), first.readout.n, anchor, y_frame, nodes, set(nodes))
+    if first.keys:
+        a, bu = Leaf(first.a, unit_free(first.a, (0, 1, 2))), Leaf(first.bu, unit_free(first.bu, (0, 1, 2)))
+    else:
+        a, bu = _sequence(graph, first.a, TIME), _sequence(graph, first.bu, TIME)
+    return Loop(steps, a, bu, _c_sequence(graph, first.readout), first.readout.n, anchor, y_frame, nodes, set(nodes),
+                per_step=bool(first.keys))
 
 
 def _read_out_after_stack(graph: Graph, anchor: Node, hs: list[Node], time_dim: int, wrappers: list[str]) -> Loop:
@@ -354,11 +368,64 @@ def _step(graph: Graph, y: Node, i: int, previous: Node | None) -> Step:
     c = readout.c
     if c.op != "select" or c.attrs["index"] != i:
         raise NoMatch(c, f"step {i}: C is not read at time {i} (select(C, t, {i}))")
-    return Step(h, before, a, bu, readout, [a.name, bu.name, mul.name, h.name, c.name] + readout.nodes)
+    nodes = [a.name, bu.name, mul.name, h.name, c.name] + readout.nodes
+    if _is_select(a, i) and _is_select(bu, i):
+        return Step(h, before, a, bu, readout, nodes)
+    (a_key, a_nodes), (bu_key, bu_nodes) = _step_expression(graph, a, i), _step_expression(graph, bu, i)
+    return Step(h, before, a, bu, readout, a_nodes + bu_nodes + nodes[2:], (a_key, bu_key))
 
 
 def _is_select(node: Node, index: int) -> bool:
     return node.op == "select" and node.attrs["index"] == index
+
+
+STEP_OPS = {"mul", "exp", "reshape", "expand", "permute", "cast", "identity"}  # what a step may discretise with
+
+
+def _step_expression(graph: Graph, node: Node, i: int):
+    """node as a product (exp, views) of selects at step i and tensors from before the loop: (a key
+    that is the same at every step, the nodes it is made of, node last); None for anything else, or
+    when no select at step i is in it (it is then a tensor from before the loop, a leaf).
+    A part may be shared with the other expression or the readout (d = Δ[:, i, None] read twice):
+    check_private keeps readers outside the loop away."""
+    if node.op == "select":
+        return (("select", node.inputs[0], node.attrs["dim"]), [node.name]) if node.attrs["index"] == i else None
+    if node.op not in STEP_OPS or not node.inputs:
+        return None
+    keys, nodes = [], []
+    for name in node.inputs:
+        if not _reads_a_select(graph, graph.node(name), i):
+            keys.append((name,))
+            continue
+        found = _step_expression(graph, graph.node(name), i)
+        if found is None:
+            return None
+        keys.append(found[0])
+        nodes += found[1]
+    return (node.op, repr(sorted(node.attrs.items())), tuple(keys)), nodes + [node.name]
+
+
+def _reads_a_select(graph: Graph, node: Node, i: int) -> bool:
+    """Is a select at index i among node and the STEP_OPS chains under it (it varies by step)?"""
+    if node.op == "select":
+        return node.attrs["index"] == i
+    return node.op in STEP_OPS and any(_reads_a_select(graph, graph.node(name), i) for name in node.inputs)
+
+
+def _per_step(graph: Graph, node: Node, i: int) -> bool:
+    """Is node Ā_i or B̄u_i: a select at step i, or an expression of selects at step i?"""
+    return _is_select(node, i) or (_reads_a_select(graph, node, i) and _step_expression(graph, node, i) is not None)
+
+
+def _lifted(graph: Graph, leaf: Leaf) -> Leaf:
+    """A factor of step 0's Ā_0 or B̄u_0 as the op reads it: a select at step 0 (under views) is its
+    sequence."""
+    selected = under_views(graph, leaf)
+    if selected.node.op != "select" or selected.node.attrs["index"] != 0:
+        return leaf
+    dim = selected.node.attrs["dim"]
+    source = graph.node(selected.node.inputs[0])
+    return Leaf(source, unit_free(source, selected.frame[:dim] + (TIME,) + selected.frame[dim:]))
 
 
 def _recurrence(graph: Graph, h: Node, i: int, previous: Node | None):
@@ -367,11 +434,11 @@ def _recurrence(graph: Graph, h: Node, i: int, previous: Node | None):
         return None
     for mul_name, bu_name in (h.inputs, h.inputs[::-1]):
         mul, bu = graph.node(mul_name), graph.node(bu_name)
-        if not (_is_select(bu, i) and mul.op == "mul" and mul.attrs["scalar"] is None and len(mul.inputs) == 2):
+        if not (mul.op == "mul" and mul.attrs["scalar"] is None and len(mul.inputs) == 2):
             continue
         for a_name, before_name in (mul.inputs, mul.inputs[::-1]):
             a, before = graph.node(a_name), graph.node(before_name)
-            if (_is_select(a, i) and (previous is None or before is previous)
+            if (_per_step(graph, a, i) and _per_step(graph, bu, i) and (previous is None or before is previous)
                     and static_shape(a) == static_shape(h) == static_shape(bu)):
                 return mul, a, before, bu
     return None
@@ -379,7 +446,10 @@ def _recurrence(graph: Graph, h: Node, i: int, previous: Node | None):
 
 def _check_same_shape(graph: Graph, first: Step, step: Step, i: int) -> None:
     """Step i reads the same sequences, along the same dims, spelled the same way, as step 0."""
-    for name, ours, theirs in (("Ā", step.a, first.a), ("B̄u", step.bu, first.bu), ("C", step.readout.c, first.readout.c)):
+    if step.keys != first.keys:
+        raise NoMatch(step.a, f"step {i} discretises Ā or B̄u differently from step 0")
+    pairs = () if first.keys else (("Ā", step.a, first.a), ("B̄u", step.bu, first.bu))
+    for name, ours, theirs in pairs + (("C", step.readout.c, first.readout.c),):
         if ours.inputs[0] != theirs.inputs[0] or ours.attrs["dim"] != theirs.attrs["dim"]:
             raise NoMatch(ours, f"step {i} reads {name} from {ours.inputs[0]} (dim {ours.attrs['dim']}), "
                                 f"step 0 from {theirs.inputs[0]} (dim {theirs.attrs['dim']})")
