@@ -5,8 +5,9 @@ hold the core of a family that no pass took up as a candidate (a form no rule st
 report() would say nothing. This pass looks for each family's anchor that is still in the graph:
 
     attention    softmax(s) read by a matmul, s made from a matmul (through scales, masks, casts);
-                 the softmax may be written out without the row max, exp(s) / sum(exp(s)); or a call
-                 of attention no pass reads (flex_attention)
+                 the softmax may be written out without the row max, exp(s) / sum(exp(s)), and the
+                 scores and weights may pass through slices, pads and in-place writes (Longformer's
+                 banded attention); or a call of attention no pass reads (flex_attention)
     long_conv    irfft / ifft of a product of spectra (each made by an rfft / fft), or an inverse
                  transform ir.spellings leaves opaque (irfftn, ifftn...) of a product
     ssm_scan     exp(x) * h + b: a decay times a carried value plus an update (one recurrence step,
@@ -38,6 +39,8 @@ IN_PLACE = {"add": ("add_", "iadd"), "mul": ("mul_", "imul")}  # in-place spelli
 SELECTIONS = {"mul", "where", "index"}
 RUNNING_SUMS = {"cumsum", "logcumsumexp"}
 SCAN_THROUGH = {"flip", "log", "exp", "real"}  # ops between the running sums of a parallel-form scan
+WINDOW_THROUGH = {"assign", "iadd", "getitem", "slice", "pad", "flip", "cat", "where"}  # a window's blocks
+WINDOW_DEPTH = 12
 ATTENTION_CALLS = {  # attention as one call that no pass reads: what it is
     "flex_attention": "flex_attention, a higher-order op whose score_mod and block_mask are subgraphs",
 }
@@ -69,8 +72,10 @@ def _attention(graph: Graph, node: Node) -> str | None:
     if node.op == "torch" and node.attrs["target"] in ATTENTION_CALLS:
         return ATTENTION_CALLS[node.attrs["target"]]
     scores = _softmax_input(graph, node)
-    if scores is None or not _behind(graph, scores, {"matmul", "sdpa"}):
+    if scores is None:
         return None
+    if not _behind(graph, scores, {"matmul", "sdpa"}):
+        return _windowed_attention(graph, node, scores)
     readers = graph.users(node.name)
     while readers and readers[0].op in ("cast", "identity", "dropout", "permute", "reshape") and len(readers) == 1:
         readers = graph.users(readers[0].name)
@@ -79,6 +84,21 @@ def _attention(graph: Graph, node: Node) -> str | None:
     if node.op == "softmax":
         return "softmax over matmul scores, read by a matmul"
     return "a softmax written out without the row max, exp(s) / sum(exp(s)), over matmul scores, read by a matmul"
+
+
+def _windowed_attention(graph: Graph, node: Node, scores: Node) -> str | None:
+    """Scores assembled from matmul blocks through slices, pads and in-place writes, whose weights
+    reach a matmul the same way (Longformer's banded sliding-chunk attention)."""
+    if not _behind(graph, scores, {"matmul"}, depth=WINDOW_DEPTH, through=WINDOW_THROUGH):
+        return None
+    frontier = [node]
+    for _ in range(WINDOW_DEPTH):
+        frontier = [user for current in frontier for user in graph.users(current.name)]
+        if any(user.op == "matmul" for user in frontier):
+            return ("softmax over scores assembled from matmul blocks through slices, pads or in-place "
+                    "writes (banded or windowed attention), its weights read by a matmul the same way")
+        frontier = [user for user in frontier if user.op in THROUGH or _op(user) in WINDOW_THROUGH]
+    return None
 
 
 def _softmax_input(graph: Graph, node: Node) -> Node | None:

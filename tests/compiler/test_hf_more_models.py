@@ -98,3 +98,15 @@ def test_more_hf_models_fuse_every_attention(name):
         baseline, reference = outputs(model, arguments), outputs(copy.deepcopy(model).double(), arguments)
     assert compiled.patterns.count("attention") == fused, compiled.report()
     assert_close_by_rule(ours, baseline, reference)
+
+
+def test_longformer_banded_attention_is_reported():
+    """Longformer's sliding-chunk attention, scores assembled by writes into a buffer, is no form the
+    attention pass reads: it runs as eager and report() names it (it was silent)."""
+    torch.manual_seed(0)
+    model = built("LongformerModel", "LongformerConfig", **SIZES, attention_window=4)().eval()
+    compiled = compiler.compile(copy.deepcopy(model))
+    arguments = inputs("text")
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(compiled, arguments), outputs(model, arguments), rtol=1e-5, atol=1e-5)
+    assert "banded or windowed attention" in compiled.report(), compiled.report()
