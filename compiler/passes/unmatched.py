@@ -59,12 +59,19 @@ def run(graph: Graph, context: PassContext) -> None:
 def _behind(graph: Graph, node: Node, ops: set[str], depth: int = 6, through: set[str] = frozenset()) -> bool:
     """Is a node with an op in `ops` among node and its inputs' chains, stepping through THROUGH ops
     (and opaque calls named in `through`)?"""
-    frontier = [node]
+    return _reaches([node], ops, depth, through, lambda current: [graph.node(name) for name in current.inputs])
+
+
+def _reaches(start: list[Node], ops: set[str], depth: int, through: set[str], neighbours) -> bool:
+    """Is a node with an op in `ops` within `depth` steps of `start`, each step from a THROUGH op (or
+    an opaque call named in `through`) to its `neighbours`? (Each node visited once per step.)"""
+    frontier = start
     for _ in range(depth):
         if any(current.op in ops for current in frontier):
             return True
-        frontier = [graph.node(name) for current in frontier if current.op in THROUGH or _op(current) in through
-                    for name in current.inputs]
+        frontier = list(dict.fromkeys(neighbour for current in frontier
+                                      if current.op in THROUGH or _op(current) in through
+                                      for neighbour in neighbours(current)))
     return False
 
 
@@ -89,16 +96,14 @@ def _attention(graph: Graph, node: Node) -> str | None:
 def _windowed_attention(graph: Graph, node: Node, scores: Node) -> str | None:
     """Scores assembled from matmul blocks through slices, pads and in-place writes, whose weights
     reach a matmul the same way (Longformer's banded sliding-chunk attention)."""
-    if not _behind(graph, scores, {"matmul"}, depth=WINDOW_DEPTH, through=WINDOW_THROUGH):
+    def users(current: Node) -> list[Node]:
+        return graph.users(current.name)
+
+    if not (_behind(graph, scores, {"matmul"}, depth=WINDOW_DEPTH, through=WINDOW_THROUGH)
+            and _reaches(users(node), {"matmul"}, WINDOW_DEPTH, WINDOW_THROUGH, users)):
         return None
-    frontier = [node]
-    for _ in range(WINDOW_DEPTH):
-        frontier = [user for current in frontier for user in graph.users(current.name)]
-        if any(user.op == "matmul" for user in frontier):
-            return ("softmax over scores assembled from matmul blocks through slices, pads or in-place "
-                    "writes (banded or windowed attention), its weights read by a matmul the same way")
-        frontier = [user for user in frontier if user.op in THROUGH or _op(user) in WINDOW_THROUGH]
-    return None
+    return ("softmax over scores assembled from matmul blocks through slices, pads or in-place writes (banded "
+            "or windowed attention), its weights read by a matmul the same way")
 
 
 def _softmax_input(graph: Graph, node: Node) -> Node | None:
