@@ -3,31 +3,27 @@
     PYTHONPATH=. python benchmarks/host_overhead.py [--calls 2000] [--out results.md]
 
 Each bundled model is compiled and called once; every fused op's calls are recorded with their
-operands. Then each op is called `--calls` times three ways:
-
-    module        op(*operands): the FusedOp itself, each generated module's `launch` replaced by a
-                  function that returns at once (what the graph called before the custom ops)
-    custom op     torch.ops.flashfx.<family>(operands, key), `launch` replaced likewise: what the
-                  lowered graph calls now, up to the generated launcher
-    + launcher    the custom op with only the Triton kernels themselves replaced (`kernel[grid](...)`
-                  returns at once): the generated launcher's Python counted too
-
-and the median microseconds per call are printed as a Markdown table. What the custom op column
-holds is flashfx's own work per call: the dispatcher, the registry lookup, the interpreter lock,
-the plan lookup (runtime.plans: one key of the operands' shapes, strides, dtypes and devices),
-the kernel views (one as_strided each), the output allocation, and the checks on values that stay
-per call: attention's compare of a mask folded from module state (a torch.equal) or a chain's
+operands. Then each op is called as the lowered graph calls it, torch.ops.flashfx.<family>(operands,
+key), `--calls` times in each of 15 rounds, with every Triton kernel replaced by a function that
+returns at once (`kernel[grid](...)`, however it is reached): what is timed is flashfx's own work
+per call, beyond Triton's launch. That is the dispatcher and the Autograd kernel, the plan's key
+and lookup (runtime.plans), the op's fast path or its full forward (kernel views, output
+allocation, the bound launch's replay, codegen.launching), and the checks on values that stay per
+call: attention's compare of a mask folded from module state (a torch.equal) or a chain's
 combined bias, the sparse MLP's selection. Long convolutions also compute their filter's spectrum
 per call in PyTorch (an FFT: device work on a GPU, counted here because it runs on the CPU).
-Triton's own launch cost comes on top on a GPU; the target is at most 10 us beyond it, the
-"+ launcher" column. Runs on the CPU.
+
+The table gives the fastest round's mean (the least disturbed by other work on the machine, as
+timeit advises) and the median round's. Two reference rows calibrate the machine: a custom op that
+returns its input (the dispatcher's floor, which any torch.library op pays) and one torch.empty.
+The target is at most 10 us beyond Triton's launch. Runs on the CPU.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import statistics
-import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -51,61 +47,44 @@ def recorded_calls(build) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
     return calls
 
 
-def median_us(fn, calls: int) -> float:
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+def timed_us(fn, calls: int) -> tuple[float, float]:
+    """(fastest, median) round's mean microseconds per call of fn, over 15 rounds of `calls` calls."""
+    rounds = sorted(timeit.repeat(fn, number=calls, repeat=15))
+    return rounds[0] / calls * 1e6, statistics.median(rounds) / calls * 1e6
 
 
 @contextlib.contextmanager
-def no_launch(op):
-    """Every kernel of `op` returns at once, with its output argument (the last positional, or out=),
-    until the block ends (the generated modules are shared by every op in the process)."""
-    def returns_out(*args, **kwargs):
-        return kwargs.get("out", args[-1] if args else None)
-
-    with _replaced(op, lambda module: [("launch", returns_out)]):
-        yield
-
-
-@contextlib.contextmanager
-def no_kernels(op):
-    """Every Triton kernel of `op`'s generated modules returns at once when launched (`kernel[grid](...)`);
-    their launchers run as they are."""
+def no_kernels():
+    """Every Triton kernel returns at once when launched (`kernel[grid](...)`, however the launcher or a
+    bound launch reached it) until the block ends; the launchers run as they are."""
     from triton.runtime.jit import KernelInterface  # after flashfx's import has chosen the interpreter or not
 
-    def kernels(module):
-        return [(name, _NoKernel()) for name, value in vars(module).items() if isinstance(value, KernelInterface)]
-
-    with _replaced(op, kernels):
-        yield
-
-
-class _NoKernel:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def _replaced(op, replacements):
-    """Each of `op`'s generated modules with the attributes `replacements(module)` gives, restored afterwards."""
-    modules = {id(module): module for module, _ in op._loaded.values()}.values()
-    saved = [(module, name, getattr(module, name)) for module in modules for name, _ in replacements(module)]
-    for module in modules:
-        for name, value in replacements(module):
-            setattr(module, name, value)
+    launch = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: _returns_none
     try:
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        KernelInterface.__getitem__ = launch
 
 
-def rows(calls: int) -> list[tuple[str, str, float, float, float]]:
+def _returns_none(*args, **kwargs):
+    return None
+
+
+_REFERENCE = torch.library.Library("host_overhead", "FRAGMENT")
+
+
+def _identity_op():
+    """A custom op registered as flashfx's are, returning its first operand: the dispatcher's floor."""
+    name = "identity"
+    if not hasattr(torch.ops.host_overhead, name):
+        _REFERENCE.define(f"{name}(Tensor[] operands, str op) -> (Tensor, Tensor[] residuals)")
+        _REFERENCE.impl(name, lambda keyset, operands, op: (operands[0], []), "Autograd", with_keyset=True)
+    return getattr(torch.ops.host_overhead, name).default
+
+
+def rows(calls: int) -> list[tuple[str, str, float, float]]:
+    """(model, op, fastest round's us, median round's us) per fused op, then the reference rows."""
     table = []
     for name, build in MODELS.items():
         seen = set()
@@ -114,20 +93,20 @@ def rows(calls: int) -> list[tuple[str, str, float, float, float]]:
                 continue
             seen.add(op.label)
             custom_op = op.custom_op  # the OpOverload the lowered graph holds
-            with torch.no_grad():
-                with no_launch(op):
-                    module = median_us(lambda: op(*operands), calls)
-                    custom = median_us(lambda: custom_op(operands, op.key), calls)
-                with no_kernels(op):
-                    launcher = median_us(lambda: custom_op(operands, op.key), calls)
-            table.append((name, f"{op.library_op} ({op.label})", module, custom, launcher))
+            with torch.no_grad(), no_kernels():
+                table.append((name, f"{op.library_op} ({op.label})",
+                              *timed_us(lambda: custom_op(operands, op.key), calls)))
+    tensor, identity = torch.empty(2, 4, 64, 16), _identity_op()
+    with torch.no_grad():
+        table.append(("reference", "custom op returning its input",
+                      *timed_us(lambda: identity([tensor] * 3, ""), calls)))
+        table.append(("reference", "torch.empty", *timed_us(lambda: torch.empty((2, 4, 64, 16)), calls)))
     return table
 
 
 def markdown(table) -> str:
-    lines = ["| model | op | module (us) | custom op (us) | + launcher (us) |", "|---|---|---|---|---|"]
-    lines += [f"| {model} | {op} | {module:.1f} | {custom:.1f} | {launcher:.1f} |"
-              for model, op, module, custom, launcher in table]
+    lines = ["| model | op | fastest round (us) | median round (us) |", "|---|---|---|---|"]
+    lines += [f"| {model} | {op} | {fastest:.1f} | {median:.1f} |" for model, op, fastest, median in table]
     return "\n".join(lines)
 
 

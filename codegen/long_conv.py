@@ -154,9 +154,13 @@ def filter_spectrum(k: torch.Tensor, seqlen: int, *, scale: float = 1.0, max_col
     """
     plan = fft_plan(seqlen, max_cols)
     k = wrapped_filter(k, seqlen, plan.n) if circular else k
-    spectrum = torch.fft.fft(k.to(torch.promote_types(k.dtype, torch.float32)), n=plan.n) * (scale / plan.n)
-    spectrum = spectrum.view(k.shape[0], plan.m2, plan.m1, plan.rows).permute(0, 3, 2, 1)
-    return torch.stack([spectrum.real, spectrum.imag], dim=1).float().contiguous()
+    spectrum = torch.fft.fft(k.to(torch.promote_types(k.dtype, torch.float32)), n=plan.n, norm="forward")
+    if scale != 1.0:
+        spectrum = spectrum * scale
+    planes = torch.view_as_real(spectrum).view(k.shape[0], plan.m2, plan.m1, plan.rows, 2).permute(0, 4, 3, 2, 1)
+    if planes.dtype == torch.float32:
+        return planes.contiguous()
+    return planes.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def wrapped_filter(k: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:

@@ -54,12 +54,13 @@ import torch.nn.functional as F
 from codegen import attention as attention_codegen
 from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
+from codegen.launching import Bound
 from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
 from runtime import library
-from runtime.dispatch import FusedOp, Kernel, _autograd_on, _recomputing, grad_like
+from runtime.dispatch import NEVER, FusedOp, Kernel, _autograd_on, _recomputing, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import NO_PLAN_YET, signature, views_between
+from runtime.plans import IDENTITY, NO_PLAN_YET, Launch, signature, views_between
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
@@ -134,15 +135,14 @@ class AttentionCall:
     reason: str | None
 
 
-@dataclass
-class _Launch:
-    """A forward kernel launch as a plan keeps it: the config is looked up on its first launch."""
+@dataclass(kw_only=True)
+class _Launch(Launch):
+    """A forward kernel launch as a plan keeps it (runtime.plans.Launch), with its spec, output shape
+    and the launcher's settings that are not tensors, made on its first launch."""
 
     spec: attention_codegen.AttentionSpec
-    module: object
-    kernel: Kernel
     out_shape: tuple  # the kernel's 4-d output
-    config: dict | None = None
+    settings: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,25 @@ class _AttentionPlan:
     launch: _Launch | None  # None when it cannot
     graph_shape: tuple | None  # the graph's output from the kernel's (None: the same)
 
+
+
+def _fast_attention(plan: _AttentionPlan, tensor_form: MaskForm | None, out_dtype: torch.dtype):
+    """AttentionOp.fast_path's function: q, k, v (and the one mask of a tensor form) -> (output, [])."""
+    views, bound, out_shape, graph_shape = plan.operand_views, plan.launch.bound, plan.launch.out_shape, plan.graph_shape
+    multiplier, mask_shape = (tensor_form.multiplier, plan.mask_shape) if tensor_form is not None else (1.0, None)
+    viewed = any(view is not IDENTITY for view in views)
+
+    def attend(*operands):
+        q, k, v, *mask = [view.of(x) for view, x in zip(views, operands)] if viewed else operands
+        out = torch.empty(out_shape, dtype=out_dtype, device=q.device)
+        if mask:
+            mask = mask[0] * multiplier if multiplier != 1.0 else mask[0]
+            bound(q, k, v, out, mask=mask.expand(mask_shape))
+        else:
+            bound(q, k, v, out)
+        return out if graph_shape is None else out.view(graph_shape), []
+
+    return attend
 
 
 def _lse_buffer(q_shape: tuple, device) -> torch.Tensor:
@@ -269,6 +288,23 @@ class AttentionOp(FusedOp):
         mask = None if mask is None else mask.expand(plan.mask_shape)
         reason = plan.reason or inexact or self._inexact_scale
         return AttentionCall(q, k, v, masks, mask, form, plan.out_batch, reason), plan
+
+    def fast_path(self, operands):
+        """For an op whose form is decided at compile time (no folded mask to compare, no scale from module
+        state, no chain of masks, no dropout) and is not saving for training: the planned views, the
+        output's allocation, the mask's scaling and the bound launch."""
+        if (self.differentiable or self.dropout_p or self.scale_exponents
+                or (self.static_form is not None and self.tensor_form is not None and not self.sync_free)):
+            return NEVER
+        form = self._choose_form(operands[3:])
+        if form.chain:
+            return NEVER
+        key = (signature(operands), torch.is_grad_enabled(), _recomputing.get(), False, form is self.static_form,
+               self._forms_version)
+        plan = self._plans.get(key)
+        if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
+            return None
+        return _fast_attention(plan, form if form is self.tensor_form else None, self.layout.out_dtype)
 
     def _plan(self, call: AttentionCall, operands: list[torch.Tensor], saving: bool) -> _AttentionPlan | None:
         """The plan of `call`'s signature (made from the call itself), or None where a view copied."""
@@ -438,30 +474,33 @@ class AttentionOp(FusedOp):
     def _causal_offset(self, q, k, form: MaskForm) -> int:
         return k.shape[-2] - q.shape[-2] if form.causal == "bottom_right" else 0
 
-    def _options(self, call: AttentionCall, seed: torch.Tensor | None) -> dict:
-        """The launch options every kernel of this call takes (forward and backward)."""
-        dropout = dict(dropout_p=self.dropout_p, seed=seed) if self.dropout_p else {}
-        return dict(scale=self.scale, mask=call.mask, fill_value=call.form.fill_value,
+    def _settings(self, call: AttentionCall) -> dict:
+        """The launch options every kernel of this call takes (forward and backward) but its tensors:
+        the same for every call of one plan (the forms and the scale are keys of it)."""
+        dropout = dict(dropout_p=self.dropout_p) if self.dropout_p else {}
+        return dict(scale=self.scale, fill_value=call.form.fill_value,
                     causal_offset=self._causal_offset(call.q, call.k, call.form), softcap=self.softcap, **dropout)
+
+    def _options(self, call: AttentionCall, seed: torch.Tensor | None) -> dict:
+        """The launch options every kernel of this call takes, its mask and dropout seed included."""
+        return self._settings(call) | dict(mask=call.mask, **({"seed": seed} if self.dropout_p else {}))
 
     def _launch_plan(self, call: AttentionCall, saving: bool) -> _Launch:
         spec = self.spec_for(call.q, call.k, call.v, call.form, lse=saving)
-        return _Launch(spec, *self.kernel_for(spec), (*call.q.shape[:-1], call.v.shape[-1]))
+        return _Launch(*self.kernel_for(spec), spec=spec, out_shape=(*call.q.shape[:-1], call.v.shape[-1]))
 
     def _launch(self, call: AttentionCall, launch: _Launch, lse: torch.Tensor | None = None,
                 seed: torch.Tensor | None = None):
         q, k, v = call.q, call.k, call.v
         out = torch.empty(launch.out_shape, dtype=self.layout.out_dtype, device=q.device)
-        options = self._options(call, seed) | ({"lse": lse} if lse is not None else {})
+        if launch.settings is None:
+            launch.settings = self._settings(call)
+        tensors = {"mask": call.mask} | ({"lse": lse} if lse is not None else {}) | ({"seed": seed} if self.dropout_p else {})
 
-        def run(config):
-            return launch.module.launch(q, k, v, out, config=config, **options)
+        def run(launcher):
+            return launcher(q, k, v, out, **tensors, **launch.settings)
 
-        if launch.config is None:
-            lengths, default, candidates = self._tuning(launch.spec, q, k)
-            launch.config = self.tuned_config(launch.kernel, lengths, q, default=default, candidates=candidates,
-                                              run=run)
-        return run(launch.config)
+        return self.run_planned(launch, lambda: self._tuning(launch.spec, q, k), q, run)
 
     @staticmethod
     def _tuning(spec, q, k):
@@ -626,6 +665,7 @@ class MultiheadAttentionOp(AttentionOp):
 
     library_op = "multihead_attention"
     graph_output = staticmethod(library.with_no_weights)  # forward returns the output; the graph, (output, None)
+    fast_path = FusedOp.fast_path  # the projections around the attention run in PyTorch
 
     def output_like(self, *tensors):
         operands = dict(zip(self.heads.roles, tensors))

@@ -10,7 +10,7 @@ torch.ops.flashfx.<library_op>(operands, key) (runtime.library). On each call it
 
 so it never returns an answer the kernel could not compute correctly. What the call's metadata
 decides (views, reasons from shapes and dtypes, spec, config, output shapes) each family keeps per
-call signature (runtime.plans: `plan_key`, `launch_config`). An op compiled for CUDA graphs
+call signature (runtime.plans: `plan_key`, `run_planned`). An op compiled for CUDA graphs
 (`sync_free`) makes no host synchronisation on its default path; one that must still read values
 on the host says why (`host_sync_reason`) and is called through its custom op's cudagraph_unsafe
 twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
@@ -23,6 +23,7 @@ process, since the interpreter is not thread-safe (runtime.interpret.launch_lock
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ from runtime.cache import source_hash
 from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
-from runtime.plans import Launch, Plans, signature
+from runtime.plans import NO_PLAN_YET, Launch, Plans, signature
 
+NEVER = object()  # FusedOp.fast_path: no call of this op has a fast path
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
 SPARSE_RECOMPUTED = ("backward: recomputed in PyTorch from the saved inputs (contextual sparsity is an inference "
                      "method: no backward kernels; the gradients are those of the sparse forward, as eager's)")
@@ -88,6 +90,7 @@ class FusedOp(torch.nn.Module):
         self._loaded: dict[object, tuple[object, Kernel]] = {}
         self._configs: dict[tuple, dict] = {}
         self._plans = Plans()  # per call signature (runtime.plans)
+        self._fast_paths = Plans()  # per plan_key: fast_path's function or None
 
     def __call__(self, *args, **kwargs):
         """Run the op (forward); under the interpreter while holding the process-wide launch lock."""
@@ -130,6 +133,36 @@ class FusedOp(torch.nn.Module):
     def output_like(self, *operands: torch.Tensor):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
         raise NotImplementedError
+
+    def run_op(self, operands: list[torch.Tensor]) -> tuple:
+        """What the custom op returns for `operands` (its outputs, then the residuals list): through the
+        fast path of their signature (`fast_path`) once there is one, else forward_saving."""
+        if self._fast_paths is None:
+            return self._forward_tuple(operands)
+        key = self.plan_key(operands)
+        fast = self._fast_paths.get(key, NO_PLAN_YET)
+        if fast is not NO_PLAN_YET and fast is not None:
+            return fast(*operands)
+        result = self._forward_tuple(operands)
+        if fast is NO_PLAN_YET:
+            fast = self.fast_path(operands)
+            if fast is NEVER:
+                self._fast_paths = None
+            else:
+                self._fast_paths.remember(key, fast)
+        return result
+
+    def _forward_tuple(self, operands) -> tuple:
+        outputs, residuals = self.forward_saving(*operands)
+        return (*(outputs if isinstance(outputs, tuple) else (outputs,)), residuals)
+
+    def fast_path(self, operands: list[torch.Tensor]) -> Callable | None:
+        """A function of operands of this signature returning what run_op does; None where there is none
+        for them, NEVER where there is none for any. Asked once per signature, after forward_saving ran
+        with these operands, so the plan and its bound launch (runtime.plans) exist; only a call whose
+        every decision its plan holds (no check on values, no fallback) has one. It holds the plan's
+        views, allocations and bound launch, nothing else."""
+        return NEVER
 
     def forward_saving(self, *operands: torch.Tensor) -> tuple[object, list[torch.Tensor]]:
         """(forward's outputs, the residuals its backward needs): none unless a family overrides it.
@@ -195,12 +228,16 @@ class FusedOp(torch.nn.Module):
         mode, the recompute in progress (why_not_kernel reads those), and what else the op's plan reads."""
         return signature(operands), torch.is_grad_enabled(), _recomputing.get(), *extra
 
-    def launch_config(self, launch: Launch, lengths: tuple[int, ...], like: torch.Tensor,
-                      default: Callable[[], dict], candidates: Callable[[], list[dict]], run) -> dict:
-        """The config of a planned launch: tuned_config's, looked up on its first launch."""
+    def run_planned(self, launch: Launch, tuning: Callable[[], tuple], like: torch.Tensor, run):
+        """run(launcher), launcher(*tensors, **options) being launch.start: module.launch bound after
+        its first call (runtime.plans), so every option that is not a tensor must be decided by the
+        plan's key. On the launch's first call its config is tuned (or guessed) first, calling run once
+        per candidate (run must be repeatable); tuning() gives tuned_config's (lengths, default, candidates)."""
         if launch.config is None:
-            launch.config = self.tuned_config(launch.kernel, lengths, like, default, candidates, run)
-        return launch.config
+            lengths, default, candidates = tuning()
+            launch.config = self.tuned_config(launch.kernel, lengths, like, default, candidates,
+                                              lambda config: run(functools.partial(launch.module.launch, config=config)))
+        return run(launch.start)
 
     def fell_back(self, reason: str) -> None:
         self.fallbacks[reason] += 1

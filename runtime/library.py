@@ -7,7 +7,7 @@ The lowered graph holds plain call_function nodes, one per fused op:
 
 so FakeTensor shape propagation, autograd, AOTAutograd and Inductor see an ordinary op. Each op's
 
-    implementation   OPS[op].forward_saving(*operands): the outputs of the generated kernel (or its PyTorch
+    implementation   OPS[op].run_op(operands): the outputs of the generated kernel (or its PyTorch
                      reference, runtime.dispatch), then a list of residuals its backward needs (a row
                      log-sum-exp, chunk states), empty unless the op was captured for training
     fake             OPS[op].output_like(*operands) and OPS[op].residuals_like(*operands): empty tensors of
@@ -96,8 +96,7 @@ def _run(operands: list[torch.Tensor], op: str):
     for calls in _recordings:
         calls.append((fused, list(operands)))
     with launch_lock():
-        outputs, residuals = fused.forward_saving(*operands)
-    return (*_as_tuple(outputs), residuals)
+        return fused.run_op(operands)
 
 
 def _fake(operands: list[torch.Tensor], op: str):

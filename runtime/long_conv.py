@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
+from codegen.launching import Bound
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from ir.fused import LongConvLayout, OutputLayout
-from runtime.dispatch import FusedOp, Kernel
+from runtime.dispatch import NEVER, FusedOp, Kernel
 from runtime.plans import NO_PLAN_YET, Allocation, Launch, Recomputed, View, views_between
 
 
@@ -192,14 +193,14 @@ class LongConvOp(LongConvBackward, FusedOp):
     def _launch(self, rows: Rows, out: torch.Tensor, launch: Launch) -> None:
         seqlen = rows.u.shape[-1]
         k_f = self.filter_spectrum(rows.k, seqlen)
-        plan = long_conv_codegen.plan_of(k_f, seqlen)
 
-        def run(config):
-            return launch.module.launch(rows.u, k_f, out, D=rows.D, pre_gate=rows.pre_gate, post_gate=rows.post_gate,
-                                        config=config)
+        def tuning():
+            plan = long_conv_codegen.plan_of(k_f, seqlen)
+            return ((seqlen,), lambda: long_conv_codegen.default_config(plan),
+                    lambda: long_conv_codegen.config_space(plan))
 
-        run(self.launch_config(launch, (seqlen,), rows.u, default=lambda: long_conv_codegen.default_config(plan),
-                               candidates=lambda: long_conv_codegen.config_space(plan), run=run))
+        self.run_planned(launch, tuning, rows.u, lambda launcher: launcher(
+            rows.u, k_f, out, D=rows.D, pre_gate=rows.pre_gate, post_gate=rows.post_gate))
 
     def _reference(self, rows: Rows, out_dtype: torch.dtype) -> torch.Tensor:
         """long_conv_reference, computing in at least the output's precision."""
@@ -249,6 +250,25 @@ class ShortConvOp(ShortConvBackward, FusedOp):
             out.copy_(short_conv_codegen.short_conv_reference(x, weight, bias=bias, activation=self.activation))
         return out
 
+    def fast_path(self, operands):
+        """The planned weight view and allocation, and the bound launch."""
+        if self.differentiable:
+            return NEVER
+        plan = self._plans.get(self.plan_key(operands))
+        if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
+            return None
+        weight_rows, allocation, bound = plan.weight, plan.out, plan.launch.bound
+
+        def convolve(x, weight, *bias):
+            out = allocation.new(x.device)
+            if bias:
+                bound(x, weight_rows.of(weight), out, bias=bias[0])
+            else:
+                bound(x, weight_rows.of(weight), out)
+            return out, []
+
+        return convolve
+
     def _plan(self, x, weight, *bias) -> _ShortConvPlan:
         """What calls of these operands' signature decide (runtime.plans)."""
         bias = bias[0] if bias else None
@@ -272,11 +292,11 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         self.kernel_for(self.spec_for(width))
 
     def _launch(self, x, weight, bias, out, launch: Launch) -> None:
-        def run(config):
-            return launch.module.launch(x, weight, out, bias=bias, activation=self.activation, config=config)
+        def tuning():
+            return (tuple(x.shape[1:]), lambda: short_conv_codegen.default_config(x), short_conv_codegen.config_space)
 
-        run(self.launch_config(launch, tuple(x.shape[1:]), x, default=lambda: short_conv_codegen.default_config(x),
-                               candidates=short_conv_codegen.config_space, run=run))
+        self.run_planned(launch, tuning, x, lambda launcher: launcher(x, weight, out, bias=bias,
+                                                                       activation=self.activation))
 
 
 def _filter_rows(weight: torch.Tensor) -> torch.Tensor:

@@ -247,18 +247,18 @@ class SparseMLPOp(FusedOp):
             projections += [weights.w3, weights.b3]
             options["up_activation"] = self.up_activation
 
-        def run(config):
-            return launch.module.launch(rows, *projections, w2_columns, weights.b2, idx, out,
-                                        activation=self.activation, row_mask=row_mask, config=config, checked=True,
-                                        **options)
+        def run(launcher):
+            return launcher(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
+                            row_mask=row_mask, checked=True, **options)
 
         gated = self.layout.gated
-        tuning = dict(default=lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated),
-                      candidates=lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated),
-                      run=run)
-        if self.layout.form == "masked":  # the selection's size, a key of the config, comes from values
-            return run(self.tuned_config(launch.kernel, sizes, rows, **tuning))
-        return run(self.launch_config(launch, sizes, rows, **tuning))
+        default = lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated)  # noqa: E731
+        candidates = lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated)  # noqa: E731
+        if self.layout.form == "masked":  # the selection's size, a key of the config and the grid, comes from values
+            config = self.tuned_config(launch.kernel, sizes, rows, default, candidates,
+                                       lambda config: run(functools.partial(launch.module.launch, config=config)))
+            return run(functools.partial(launch.module.launch, config=config))
+        return self.run_planned(launch, lambda: (sizes, default, candidates), rows, run)
 
     @staticmethod
     @functools.cache

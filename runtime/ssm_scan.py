@@ -33,8 +33,9 @@ import torch
 
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
+from codegen.launching import Bound
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
-from runtime.dispatch import FusedOp, Kernel, SavesChunkStates, grad_like
+from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
 from runtime.plans import NO_PLAN_YET, Allocation, Launch, View, views_between
 
@@ -113,14 +114,15 @@ class _SSMOp(FusedOp):
         return dict(batch=self.sizes["b"], dim=self.sizes["d"], groups=groups, dstate=self.sizes["n"], seqlen=seqlen)
 
     def _launch(self, spec, launch: Launch, like: torch.Tensor, run, seqlen: int = 1) -> None:
-        """Run `run(module, config)` with the planned forward kernel for `spec`, config tuned (or guessed)
-        for these sizes; `run` must be repeatable, since max-autotune calls it once per candidate."""
-        shape = self._shape(seqlen)
-        config = self.launch_config(launch, (shape["batch"], shape["dim"], shape["dstate"], shape["seqlen"]), like,
-                                    default=lambda: ssm_codegen.default_config(spec, **shape),
-                                    candidates=lambda: ssm_codegen.config_space(spec, shape["dstate"]),
-                                    run=lambda config: run(launch.module, config))
-        run(launch.module, config)
+        """run(launcher) with the planned forward kernel's launcher for `spec` (run_planned), config tuned
+        (or guessed) for these sizes."""
+        def tuning():
+            shape = self._shape(seqlen)
+            return ((shape["batch"], shape["dim"], shape["dstate"], shape["seqlen"]),
+                    lambda: ssm_codegen.default_config(spec, **shape),
+                    lambda: ssm_codegen.config_space(spec, shape["dstate"]))
+
+        self.run_planned(launch, tuning, like, run)
 
     def _planned(self, tensors, reason_of, spec_of, *extra) -> _SSMPlan:
         """The plan (runtime.plans) of these operands' signature: the kernel's views of the operands
@@ -141,6 +143,22 @@ class _SSMOp(FusedOp):
                 tuple((Allocation.like(tensor), View.between(tensor, view)) for tensor, view in allocated),
                 reason, spec, None if reason else Launch(*self.kernel_for(spec))))
         return plan
+
+    @staticmethod
+    def _fast_path(plan: _SSMPlan | None, start):
+        """fast_path's function for `plan`: the planned operand views and output allocations, then
+        start(bound launch, kernel operands by name, the kernel's views of the outputs)."""
+        if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
+            return None
+        names, views, outputs, bound = plan.names, plan.args, plan.outputs, plan.launch.bound
+
+        def run(*tensors):
+            args = {name: view.of(tensor) for name, view, tensor in zip(names, views, tensors)}
+            made = [allocation.new(tensors[0].device) for allocation, _ in outputs]
+            start(bound, args, *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
+            return *made, []
+
+        return run
 
     def _planned_arguments(self, plan: _SSMPlan, tensors) -> dict[str, torch.Tensor]:
         return {name: view.of(tensor) for name, view, tensor in zip(plan.names, plan.args, tensors)}
@@ -195,9 +213,9 @@ class SelectiveScanOp(SavesChunkStates, _SSMOp):
         (out, out_view), (state, state_view) = (self._planned_outputs(plan, tensors[0].device) + [(None, None)])[:2]
         chunk_states = self._chunk_states_like(*tensors) if save else None
         if plan.reason is None:
-            def run(module, config):
-                module.launch(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
-                              chunk_states=chunk_states, config=config)
+            def run(launcher):
+                launcher(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
+                         chunk_states=chunk_states)
 
             self._launch(plan.spec, plan.launch, args["u"], run, seqlen=self.sizes["l"])
         else:
@@ -210,6 +228,11 @@ class SelectiveScanOp(SavesChunkStates, _SSMOp):
                 chunk_states.copy_(checkpoints)
         outputs = out if state is None else (out, state)
         return outputs, [] if chunk_states is None else [chunk_states]
+
+    def fast_path(self, operands):
+        if self.differentiable:
+            return NEVER
+        return self._fast_path(self._plans.get(self.plan_key(operands, False)), _start_scan)
 
     def backward(self, operands, outputs, residuals, grads):
         """The backward kernel from the saved chunk states; where it cannot run (no chunk states,
@@ -280,6 +303,9 @@ class StateUpdateOp(_SSMOp):
     def render(self, spec) -> str:
         return ssm_codegen.render_state_update(spec)
 
+    def fast_path(self, operands):
+        return self._fast_path(self._plans.get(self.plan_key(operands)), _start_step)
+
     def forward(self, *tensors):
         plan = self._planned(tensors, lambda args, out, state: ssm_codegen.state_update_unsupported_reason(
             state, **{name: arg for name, arg in args.items() if name != "state"}, out=out), self.spec)
@@ -287,9 +313,9 @@ class StateUpdateOp(_SSMOp):
         carried = args.pop("state")
         (out, out_view), (state, state_view) = self._planned_outputs(plan, carried.device)
         if plan.reason is None:
-            def run(module, config):
+            def run(launcher):
                 state_view.copy_(carried)
-                module.launch(state_view, **args, out=out_view, dt_softplus=self.layout.softplus, config=config)
+                launcher(state_view, **args, out=out_view, dt_softplus=self.layout.softplus)
 
             self._launch(plan.spec, plan.launch, args["x"], run)
         else:
@@ -298,6 +324,20 @@ class StateUpdateOp(_SSMOp):
             out_view.copy_(y)
             state_view.copy_(h)
         return out, state
+
+
+def _start_scan(bound, args, out, state=None) -> None:
+    """SelectiveScanOp's bound launch, as _scan starts it (without training's chunk states)."""
+    if state is None:
+        bound(**args, out=out)
+    else:
+        bound(**args, out=out, last_state=state)
+
+
+def _start_step(bound, args, out, state) -> None:
+    """StateUpdateOp's bound launch, as forward starts it: the new state starts as a copy of the carried one."""
+    state.copy_(args.pop("state"))
+    bound(state, **args, out=out)
 
 
 @dataclass(frozen=True)

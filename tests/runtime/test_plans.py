@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from codegen.launching import Bound
 from runtime.library import lookup
-from runtime.plans import COPIED, IDENTITY, View
+from runtime.plans import COPIED, IDENTITY, Plans, View
 from tests.runtime.test_custom_ops import CASES, recorded_calls
 
 FAMILY_CASES = ["attention", "attention_causal_gqa", "attention_mask_state", "attention_scale_state",
@@ -52,3 +53,46 @@ def test_view_between():
     assert View.between(x, x.t().reshape(24)) is COPIED
     empty = torch.empty(0, 6)
     assert View.between(empty, empty.t()).of(empty).shape == (6, 0)
+
+
+def fresh_values(tensor: torch.Tensor) -> torch.Tensor:
+    """Other values of the same signature (floating-point operands redrawn; masks and indices kept)."""
+    return torch.randn_like(tensor) if tensor.is_floating_point() else tensor.clone()
+
+
+@pytest.mark.parametrize("name", FAMILY_CASES)
+def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
+    """Calls after the first replay their plan's bound launch (codegen.launching), through the op's fast
+    path where it has one; on fresh values they give what the launchers give with no plan made yet."""
+    torch.manual_seed(0)
+    _, calls = recorded_calls(CASES[name])
+    for _, (operands, key) in calls:
+        op = lookup(key)
+        with torch.no_grad():
+            outputs_of(op, operands)
+            other = [fresh_values(t) for t in operands]
+            replayed = outputs_of(op, other)
+            bound = [plan.launch.bound for plan in op._plans.values() if getattr(plan, "launch", None)]
+            op._plans.clear()
+            op._fast_paths = Plans()
+            launched = outputs_of(op, other)
+        if name != "sparse_mlp_masked":  # its selection's size, read from values, shapes each launch: never bound
+            assert all(isinstance(found, Bound) for found in bound), bound
+        for expected, found in zip(launched, replayed):
+            torch.testing.assert_close(found, expected, rtol=0, atol=0, equal_nan=True)
+
+
+FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "short_conv": 1, "ssm_scan_with_state": 1,
+              "ssm_state_update": 1, "attention_mask_state": 0, "attention_scale_state": 0, "sparse_mlp_masked": 0}
+
+
+@pytest.mark.parametrize("name", FAST_PATHS)
+def test_ops_whose_plans_decide_everything_take_a_fast_path(name):
+    _, calls = recorded_calls(CASES[name])
+    for _, (operands, key) in calls:
+        op = lookup(key)
+        with torch.no_grad():
+            for _ in range(2):
+                outputs_of(op, operands)
+        paths = [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
+        assert len(paths) == FAST_PATHS[name]

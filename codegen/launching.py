@@ -1,0 +1,233 @@
+"""How generated launchers start kernels and make buffers, so that a plan can bind a launch once.
+
+A generated module's `launch(...)` computes, from its operands' metadata, each kernel's grid and
+argument list, then starts the kernels. A fused op calls it many times with operands of one
+signature (runtime.plans), and all but the tensors is the same each time. So launchers write
+
+    start(kernel, grid, *args, **kwargs)     instead of kernel[grid](*args, **kwargs)
+    fresh(torch.empty, shape, ...)           for every tensor they make on each call (any function:
+                                             torch.zeros, a cached workspace, a table lookup)
+
+and `bind(launch, args, kwargs)` runs one call while recording what it started: each kernel's
+grid and arguments, each tensor argument traced back to where it came from
+
+    an operand of the call        the launcher's own tensor argument, or a view of it
+    a fresh buffer                the result of one fresh(...) call, or a view of it
+
+A Bound replays the recording for new operands of the same signature: it redoes each fresh(...)
+call, substitutes the tensors and starts the same kernels, with none of the launcher's Python.
+A recording it cannot replay exactly returns no Bound (the caller keeps calling the launcher):
+a tensor argument of any other origin (a copy, a random draw), a view whose source is ambiguous
+(two operands sharing its storage), a fresh buffer or operand written by PyTorch during the
+call (its version counter moved: a replay would skip the write), or a tensor inside a kernel's
+keyword arguments. What the launcher reads besides tensors (scale, config, lengths) must be
+decided by the plan's key; runtime.plans.Launch binds only once its config is final.
+"""
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_recording: ContextVar[_Recording | None] = ContextVar("flashfx_launch_recording", default=None)
+
+
+def start(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), recorded while bind() records."""
+    recording = _recording.get()
+    if recording is not None:
+        recording.launches.append((kernel, grid, args, kwargs))
+    kernel[grid](*args, **kwargs)
+
+
+def fresh(make: Callable, *args, **kwargs):
+    """make(*args, **kwargs): a tensor (or tuple of tensors) the launcher makes on each call."""
+    made = make(*args, **kwargs)
+    recording = _recording.get()
+    if recording is not None:
+        recording.fresh.append((make, args, kwargs, made))
+    return made
+
+
+class _Recording:
+    def __init__(self):
+        self.launches: list[tuple] = []
+        self.fresh: list[tuple] = []
+
+
+class Unbindable(Exception):
+    """A recorded launch a Bound cannot replay exactly."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a tensor comes from in a replay: tensors[index] (operands, then fresh results), or a
+    view of it (size, stride, storage offset relative to it, dtype of the same item size)."""
+
+    index: int
+    view: tuple | None = None
+
+    def of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        tensor = tensors[self.index]
+        if self.view is None:
+            return tensor
+        size, stride, offset, dtype = self.view
+        viewed = tensor.as_strided(size, stride, tensor.storage_offset() + offset)
+        return viewed if viewed.dtype == dtype else viewed.view(dtype)
+
+
+class _Tracer:
+    """Traces a recorded call's tensors back to the operands and fresh results (_Source)."""
+
+    def __init__(self, operands: list):
+        self.known: list = list(operands)  # a positional operand may be None
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.known.append(tensor)
+
+    def source(self, tensor: torch.Tensor) -> _Source:
+        for index, known in enumerate(self.known):
+            if tensor is known:
+                return _Source(index)
+        storage = _storage(tensor)
+        sharing = [index for index, known in enumerate(self.known)
+                   if isinstance(known, torch.Tensor) and _storage(known) == storage]
+        if len(sharing) != 1 or tensor.element_size() != self.known[sharing[0]].element_size():
+            raise Unbindable(f"a tensor argument of {tuple(tensor.shape)} is neither an operand, a fresh buffer "
+                             "nor a view of exactly one of them")
+        (index,) = sharing
+        offset = tensor.storage_offset() - self.known[index].storage_offset()
+        return _Source(index, (tuple(tensor.shape), tensor.stride(), offset, tensor.dtype))
+
+    def args(self, values) -> tuple[tuple, tuple[tuple[int, _Source], ...]]:
+        """(values with tensors left in place, (position, source) of each tensor)."""
+        slots = tuple((position, self.source(value)) for position, value in enumerate(values)
+                      if isinstance(value, torch.Tensor))
+        return tuple(values), slots
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _filled(values: tuple, slots, tensors: list[torch.Tensor]) -> tuple:
+    if not slots:
+        return values
+    filled = list(values)
+    for position, source in slots:
+        filled[position] = source.of(tensors)
+    return tuple(filled)
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    make: Callable
+    args: tuple
+    slots: tuple  # tensors among args
+    kwargs: dict
+    count: int  # tensors it makes: 1, or the length of the tuple it returns
+
+
+@dataclass(frozen=True)
+class _Start:
+    kernel: object
+    grid: tuple
+    args: tuple
+    slots: tuple
+    kwargs: dict
+
+
+class Bound:
+    """A recorded launch, replayed for operands of the same signature (module docstring)."""
+
+    def __init__(self, tensor_kwargs: tuple[str, ...], fresh: tuple[_Fresh, ...], starts: tuple[_Start, ...],
+                 result: object):
+        self.tensor_kwargs = tensor_kwargs
+        self.fresh = fresh
+        # per kernel: (kernel, grid, args, (position, operand index) of tensors taken as they are,
+        # (position, _Source) of views, kwargs)
+        self.starts = tuple((start.kernel, start.grid, list(start.args),
+                             tuple((position, source.index) for position, source in start.slots if source.view is None),
+                             tuple((position, source) for position, source in start.slots if source.view is not None),
+                             start.kwargs) for start in starts)
+        self.result = result  # a _Source, a tuple of them, or a constant (None)
+
+    def __call__(self, *args, **kwargs):
+        tensors = [*args, *(kwargs[name] for name in self.tensor_kwargs)] if self.tensor_kwargs else list(args)
+        for made in self.fresh:
+            result = made.make(*_filled(made.args, made.slots, tensors), **made.kwargs)
+            tensors += result if made.count != 1 else (result,)
+        for kernel, grid, values, taken, viewed, kernel_kwargs in self.starts:
+            values = values.copy()
+            for position, index in taken:
+                values[position] = tensors[index]
+            for position, source in viewed:
+                values[position] = source.of(tensors)
+            kernel[grid](*values, **kernel_kwargs)
+        return _result(self.result, tensors)
+
+
+def _result(result, tensors):
+    if isinstance(result, _Source):
+        return result.of(tensors)
+    if isinstance(result, tuple):
+        return tuple(_result(item, tensors) for item in result)
+    return result
+
+
+def bind(launch: Callable, args: tuple, kwargs: dict) -> tuple[Bound | None, object]:
+    """(a Bound replaying launch(*args, **kwargs), or None where it cannot; what this call returned).
+
+    The call runs for real. Its positional args are tensors (or None); a replay takes the same
+    positional args and keyword tensors, the rest of its keyword args being the recorded call's."""
+    recording = _Recording()
+    token = _recording.set(recording)
+    operands = [*args, *(value for value in kwargs.values() if isinstance(value, torch.Tensor))]
+    versions = [t._version for t in operands if t is not None]
+    try:
+        result = launch(*args, **kwargs)
+    finally:
+        _recording.reset(token)
+    tensor_kwargs = tuple(name for name, value in kwargs.items() if isinstance(value, torch.Tensor))
+    with contextlib.suppress(Unbindable):
+        if [t._version for t in operands if t is not None] != versions:
+            raise Unbindable("the launcher wrote an operand through PyTorch")
+        return _bound(recording, operands, tensor_kwargs, result), result
+    return None, result
+
+
+def _bound(recording: _Recording, operands: list[torch.Tensor], tensor_kwargs: tuple[str, ...], result) -> Bound:
+    tracer = _Tracer(operands)
+    fresh = []
+    for make, args, kwargs, made in recording.fresh:
+        values, slots = tracer.args(args)
+        outputs = made if isinstance(made, tuple) else (made,)
+        if any(not isinstance(t, torch.Tensor) or t._version for t in outputs) or _has_tensor(kwargs):
+            raise Unbindable("a fresh buffer was written by PyTorch, or is not a tensor")
+        fresh.append(_Fresh(make, values, slots, kwargs, len(outputs) if isinstance(made, tuple) else 1))
+        for output in outputs:
+            tracer.add(output)
+    starts = []
+    for kernel, grid, args, kwargs in recording.launches:
+        if _has_tensor(kwargs):
+            raise Unbindable("a kernel takes a tensor by keyword")
+        values, slots = tracer.args(args)
+        starts.append(_Start(kernel, grid, values, slots, kwargs))
+    return Bound(tensor_kwargs, tuple(fresh), tuple(starts), _traced_result(tracer, result))
+
+
+def _has_tensor(kwargs: dict) -> bool:
+    return any(isinstance(value, torch.Tensor) for value in kwargs.values())
+
+
+def _traced_result(tracer: _Tracer, result):
+    if isinstance(result, torch.Tensor):
+        return tracer.source(result)
+    if isinstance(result, tuple):
+        return tuple(_traced_result(tracer, item) for item in result)
+    if result is None:
+        return None
+    raise Unbindable(f"the launcher returned a {type(result).__name__}")
