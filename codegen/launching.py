@@ -19,8 +19,8 @@ call, substitutes the tensors and starts the same kernels, with none of the laun
 A recording it cannot replay exactly returns no Bound (the caller keeps calling the launcher):
 a tensor argument of any other origin (a copy, a random draw), a view whose source is ambiguous
 (two operands sharing its storage), a fresh buffer or operand written by PyTorch during the
-call (its version counter moved: a replay would skip the write), or a tensor inside a kernel's
-keyword arguments. What the launcher reads besides tensors (scale, config, lengths) must be
+call (its version counter moved: a replay would skip the write; inference tensors keep no counter),
+or a tensor inside a kernel's keyword arguments. What the launcher reads besides tensors (scale, config, lengths) must be
 decided by the plan's key; runtime.plans.Launch binds only once its config is final.
 """
 from __future__ import annotations
@@ -103,10 +103,11 @@ class _Tracer:
         return _Source(index, (tuple(tensor.shape), tensor.stride(), offset, tensor.dtype))
 
     def args(self, values) -> tuple[tuple, tuple[tuple[int, _Source], ...]]:
-        """(values with tensors left in place, (position, source) of each tensor)."""
+        """(values with None for each tensor, so that no recorded tensor is kept alive; (position,
+        source) of each tensor)."""
         slots = tuple((position, self.source(value)) for position, value in enumerate(values)
                       if isinstance(value, torch.Tensor))
-        return tuple(values), slots
+        return tuple(None if isinstance(value, torch.Tensor) else value for value in values), slots
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -186,14 +187,14 @@ def bind(launch: Callable, args: tuple, kwargs: dict) -> tuple[Bound | None, obj
     recording = _Recording()
     token = _recording.set(recording)
     operands = [*args, *(value for value in kwargs.values() if isinstance(value, torch.Tensor))]
-    versions = [t._version for t in operands if t is not None]
+    versions = [_version(t) for t in operands if t is not None]
     try:
         result = launch(*args, **kwargs)
     finally:
         _recording.reset(token)
     tensor_kwargs = tuple(name for name, value in kwargs.items() if isinstance(value, torch.Tensor))
     with contextlib.suppress(Unbindable):
-        if [t._version for t in operands if t is not None] != versions:
+        if [_version(t) for t in operands if t is not None] != versions:
             raise Unbindable("the launcher wrote an operand through PyTorch")
         return _bound(recording, operands, tensor_kwargs, result), result
     return None, result
@@ -205,7 +206,7 @@ def _bound(recording: _Recording, operands: list[torch.Tensor], tensor_kwargs: t
     for make, args, kwargs, made in recording.fresh:
         values, slots = tracer.args(args)
         outputs = made if isinstance(made, tuple) else (made,)
-        if any(not isinstance(t, torch.Tensor) or t._version for t in outputs) or _has_tensor(kwargs):
+        if any(not isinstance(t, torch.Tensor) or _version(t) for t in outputs) or _has_tensor(kwargs):
             raise Unbindable("a fresh buffer was written by PyTorch, or is not a tensor")
         fresh.append(_Fresh(make, values, slots, kwargs, len(outputs) if isinstance(made, tuple) else 1))
         for output in outputs:
@@ -217,6 +218,12 @@ def _bound(recording: _Recording, operands: list[torch.Tensor], tensor_kwargs: t
         values, slots = tracer.args(args)
         starts.append(_Start(kernel, grid, values, slots, kwargs))
     return Bound(tensor_kwargs, tuple(fresh), tuple(starts), _traced_result(tracer, result))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for an inference tensor, which keeps none (so a write to it
+    goes unseen: generated launchers write only through their kernels)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _has_tensor(kwargs: dict) -> bool:

@@ -91,3 +91,11 @@ def test_a_view_of_storage_two_operands_share_is_not_bound():
     first, second, out = base[0], base[1], torch.empty(30)
     bound, _ = bind(lambda x, y, z: scaled_plus_one(base[1], z, factor=1.0), (first, second, out), {})
     assert bound is None
+
+
+def test_a_bound_launch_keeps_no_recorded_tensor_alive():
+    x, out = torch.randn(3, 50), torch.empty(3, 50)
+    bound, _ = bind(scaled_plus_one, (x, out), {"factor": 2.0})
+    kept = [value for start in bound.starts for value in start[2]] + [value for made in bound.fresh
+                                                                      for value in made.args]
+    assert not any(isinstance(value, torch.Tensor) for value in kept)
