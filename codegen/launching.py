@@ -26,6 +26,7 @@ decided by the plan's key; runtime.plans.Launch binds only once its config is fi
 from __future__ import annotations
 
 import contextlib
+import operator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
@@ -147,6 +148,7 @@ class Bound:
     def __init__(self, tensor_kwargs: tuple[str, ...], fresh: tuple[_Fresh, ...], starts: tuple[_Start, ...],
                  result: object):
         self.tensor_kwargs = tensor_kwargs
+        self._kwarg_tensors = _getter(tensor_kwargs)
         self.fresh = fresh
         # per kernel: (kernel, grid, args, (position, operand index) of tensors taken as they are,
         # (position, _Source) of views, kwargs)
@@ -157,7 +159,7 @@ class Bound:
         self.result = result  # a _Source, a tuple of them, or a constant (None)
 
     def __call__(self, *args, **kwargs):
-        tensors = [*args, *(kwargs[name] for name in self.tensor_kwargs)] if self.tensor_kwargs else list(args)
+        tensors = [*args, *self._kwarg_tensors(kwargs)]
         for made in self.fresh:
             result = made.make(*_filled(made.args, made.slots, tensors), **made.kwargs)
             tensors += result if made.count != 1 else (result,)
@@ -169,6 +171,14 @@ class Bound:
                 values[position] = source.of(tensors)
             kernel[grid](*values, **kernel_kwargs)
         return _result(self.result, tensors)
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:
+    """A function of a dict returning the values at `names`, as a tuple."""
+    if len(names) == 1:
+        (name,) = names
+        return lambda values: (values[name],)
+    return operator.itemgetter(*names) if names else lambda values: ()
 
 
 def _result(result, tensors):

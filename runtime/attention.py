@@ -290,13 +290,14 @@ class AttentionOp(FusedOp):
         return AttentionCall(q, k, v, masks, mask, form, plan.out_batch, reason), plan
 
     def fast_path(self, operands):
-        """For an op whose form is decided at compile time (no folded mask to compare, no scale from module
-        state, no chain of masks, no dropout) and is not saving for training: the planned views, the
-        output's allocation, the mask's scaling and the bound launch."""
-        if (self.differentiable or self.dropout_p or self.scale_exponents
-                or (self.static_form is not None and self.tensor_form is not None and not self.sync_free)):
+        """For an op that is not saving for training, with no scale from module state, no chain of masks
+        and no dropout: the planned views, the output's allocation, the mask's scaling and the bound
+        launch; with a mask folded at compile time, after the compare that decides its form (the full
+        path when the mask differs)."""
+        if self.differentiable or self.dropout_p or self.scale_exponents:
             return NEVER
-        form = self._choose_form(operands[3:])
+        folded = self.static_form is not None and self.tensor_form is not None and not self.sync_free
+        form = self.static_form if folded else self._choose_form(operands[3:])
         if form.chain:
             return NEVER
         key = (signature(operands), torch.is_grad_enabled(), _recomputing.get(), False, form is self.static_form,
@@ -304,7 +305,17 @@ class AttentionOp(FusedOp):
         plan = self._plans.get(key)
         if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
             return None
-        return _fast_attention(plan, form if form is self.tensor_form else None, self.layout.out_dtype)
+        attend = _fast_attention(plan, form if form is self.tensor_form else None, self.layout.out_dtype)
+        if not folded:
+            return attend
+        folded_mask, full_path = self._folded_mask, self._forward_tuple
+
+        def attend_while_folded(*operands):
+            if torch.equal(operands[3], folded_mask):
+                return attend(*operands[:3])
+            return full_path(list(operands))
+
+        return attend_while_folded
 
     def _plan(self, call: AttentionCall, operands: list[torch.Tensor], saving: bool) -> _AttentionPlan | None:
         """The plan of `call`'s signature (made from the call itself), or None where a view copied."""

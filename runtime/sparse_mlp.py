@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
+from codegen.launching import Bound
 from ir.fused import SparseMLPLayout
-from runtime.dispatch import SPARSE_RECOMPUTED, FusedOp, Kernel
+from runtime.dispatch import NEVER, SPARSE_RECOMPUTED, FusedOp, Kernel
 from runtime.plans import NO_PLAN_YET, Launch, Recomputed, View, views_between
 
 
@@ -156,6 +157,30 @@ class SparseMLPOp(FusedOp):
             self.fell_back(reason)
             return self._reference(x, weights, selector)
         return self._launch(rows, weights, idx, row_mask, plan.launch).reshape(plan.out_shape)
+
+    def fast_path(self, operands):
+        """The gathered form with indices proven in range: the planned views, W2's column-major copy
+        (checked per call), the output's allocation and the bound launch."""
+        if self.differentiable or self.layout.form != "gathered" or not self.layout.indices_proven:
+            return NEVER
+        plan = self._plans.get(self.plan_key(operands))
+        if (plan is None or plan.reason is not None or plan.gathered_reason is not None
+                or not isinstance(plan.launch.bound, Bound)):
+            return None
+        weight_views, rows_view, out_shape, bound = plan.weights, plan.rows, plan.out_shape, plan.launch.bound
+
+        def mlp(x, *operands):
+            *raw, idx = self._by_role(operands)
+            weights = Weights(*(view.of(t) for view, t in zip(weight_views, raw)))
+            if idx.dim() == 1 and idx.stride(0) != 1:
+                idx = idx.contiguous()
+            rows = rows_view.of(x)
+            out = torch.empty_like(rows)
+            projections = [weights.w1, weights.b1] + ([weights.w3, weights.b3] if self.layout.gated else [])
+            bound(rows, *projections, self._column_major(weights.w2), weights.b2, idx, out)
+            return out.reshape(out_shape), []
+
+        return mlp
 
     def _plan(self, x, *operands) -> _SparseMLPPlan:
         """What calls of these operands' signature decide (runtime.plans): the canonical weights' and

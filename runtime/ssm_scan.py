@@ -37,7 +37,7 @@ from codegen.launching import Bound
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import NO_PLAN_YET, Allocation, Launch, View, views_between
+from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, Launch, View, views_between
 
 Labels = tuple[str | None, ...]
 
@@ -150,10 +150,13 @@ class _SSMOp(FusedOp):
         start(bound launch, kernel operands by name, the kernel's views of the outputs)."""
         if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
             return None
-        names, views, outputs, bound = plan.names, plan.args, plan.outputs, plan.launch.bound
+        names, outputs, bound = plan.names, plan.outputs, plan.launch.bound
+        viewed = [(index, name, view) for index, (name, view) in enumerate(zip(names, plan.args)) if view is not IDENTITY]
 
         def run(*tensors):
-            args = {name: view.of(tensor) for name, view, tensor in zip(names, views, tensors)}
+            args = dict(zip(names, tensors))
+            for index, name, view in viewed:
+                args[name] = view.of(tensors[index])
             made = [allocation.new(tensors[0].device) for allocation, _ in outputs]
             start(bound, args, *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
             return *made, []

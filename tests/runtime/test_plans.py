@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import compiler
 from codegen.launching import Bound
+from models import dejavu
+from runtime import library
 from runtime.library import lookup
 from runtime.plans import COPIED, IDENTITY, Plans, View
 from tests.runtime.test_custom_ops import CASES, recorded_calls
@@ -82,8 +85,10 @@ def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
             torch.testing.assert_close(found, expected, rtol=0, atol=0, equal_nan=True)
 
 
-FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "short_conv": 1, "ssm_scan_with_state": 1,
-              "ssm_state_update": 1, "attention_mask_state": 0, "attention_scale_state": 0, "sparse_mlp_masked": 0}
+FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "attention_mask_state": 1, "short_conv": 1,
+              "ssm_scan_with_state": 1, "ssm_state_update": 1, "attention_scale_state": 0, "long_conv_transposed": 0,
+              "sparse_mlp_masked": 0,  # its selection is read from values
+              "sparse_mlp_gathered": 0}  # its indices are a graph input, checked per call
 
 
 @pytest.mark.parametrize("name", FAST_PATHS)
@@ -96,3 +101,17 @@ def test_ops_whose_plans_decide_everything_take_a_fast_path(name):
                 outputs_of(op, operands)
         paths = [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
         assert len(paths) == FAST_PATHS[name]
+
+
+def test_the_gathered_sparse_mlp_with_proven_indices_takes_a_fast_path():
+    model, args = dejavu.tiny_gathered()
+    compiled = compiler.compile(model.eval())
+    with torch.no_grad():
+        for _ in range(3):
+            args = [fresh_values(arg) for arg in args]
+            with library.recording() as calls:
+                found = compiled(*args)
+            torch.testing.assert_close(found, model(*args), rtol=1e-4, atol=1e-4)
+    sparse = [op for op, _ in calls if op.pattern == "sparse_mlp"]
+    assert sparse and all(op.layout.indices_proven for op in sparse)
+    assert all(any(path is not None for path in op._fast_paths.values()) for op in sparse)
