@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 import compiler
-from models import dejavu, gpt, hyena, mamba
+from models import dejavu, gpt, hyena, mamba, mamba2
 from runtime import library
 
 MODELS = {"gpt (attention, causal buffer)": gpt.tiny_naive, "gpt (sdpa, gqa)": gpt.tiny_sdpa_gqa,
-          "hyena": hyena.tiny, "mamba": mamba.tiny, "dejavu": dejavu.tiny_gathered}
+          "hyena": hyena.tiny, "mamba": mamba.tiny, "mamba2": mamba2.tiny, "dejavu": dejavu.tiny_gathered}
 
 
 def recorded_calls(build) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:

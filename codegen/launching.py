@@ -115,15 +115,6 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _filled(values: tuple, slots, tensors: list[torch.Tensor]) -> tuple:
-    if not slots:
-        return values
-    filled = list(values)
-    for position, source in slots:
-        filled[position] = source.of(tensors)
-    return tuple(filled)
-
-
 @dataclass(frozen=True)
 class _Fresh:
     make: Callable
@@ -149,28 +140,30 @@ class Bound:
                  result: object):
         self.tensor_kwargs = tensor_kwargs
         self._kwarg_tensors = _getter(tensor_kwargs)
-        self.fresh = fresh
-        # per kernel: (kernel, grid, args, (position, operand index) of tensors taken as they are,
-        # (position, _Source) of views, kwargs)
-        self.starts = tuple((start.kernel, start.grid, list(start.args),
-                             tuple((position, source.index) for position, source in start.slots if source.view is None),
-                             tuple((position, source) for position, source in start.slots if source.view is not None),
-                             start.kwargs) for start in starts)
+        self.fresh = tuple((made.make, _arguments(made.args, made.slots), made.kwargs, made.count) for made in fresh)
+        self.starts = tuple((start.kernel, start.grid, _arguments(start.args, start.slots), start.kwargs)
+                            for start in starts)
         self.result = result  # a _Source, a tuple of them, or a constant (None)
 
     def __call__(self, *args, **kwargs):
         tensors = [*args, *self._kwarg_tensors(kwargs)]
-        for made in self.fresh:
-            result = made.make(*_filled(made.args, made.slots, tensors), **made.kwargs)
-            tensors += result if made.count != 1 else (result,)
-        for kernel, grid, values, taken, viewed, kernel_kwargs in self.starts:
-            values = values.copy()
-            for position, index in taken:
-                values[position] = tensors[index]
-            for position, source in viewed:
-                values[position] = source.of(tensors)
-            kernel[grid](*values, **kernel_kwargs)
+        for make, arguments, make_kwargs, count in self.fresh:
+            made = make(*arguments(tensors), **make_kwargs)
+            tensors += made if count != 1 else (made,)
+        for kernel, grid, arguments, kernel_kwargs in self.starts:
+            kernel[grid](*arguments(tensors), **kernel_kwargs)
         return _result(self.result, tensors)
+
+
+def _arguments(values: tuple, slots) -> Callable[[list], tuple]:
+    """A function of a replay's tensors returning `values` with each slot's tensor in place: generated
+    as one tuple expression (constants[i], tensors[j] or sources[i].of(tensors) per position), so a
+    replay pays one call per kernel whatever its number of arguments."""
+    sources = dict(slots)
+    items = [f"constants[{position}]" if position not in sources
+             else f"tensors[{sources[position].index}]" if sources[position].view is None
+             else f"sources[{position}].of(tensors)" for position in range(len(values))]
+    return eval(f"lambda tensors: ({''.join(item + ', ' for item in items)})", {"constants": values, "sources": sources})
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:

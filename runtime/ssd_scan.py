@@ -34,8 +34,10 @@ import torch
 from codegen import ssd_scan as ssd_codegen
 from codegen import ssd_scan_backward as ssd_backward
 from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Operand, Result, SSDLayout
-from runtime.dispatch import FusedOp, Kernel, SavesChunkStates, grad_like
+from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
+from runtime.plans import Launch
+from runtime.scan_plans import PlannedScan
 
 Labels = tuple[str, ...]
 
@@ -82,12 +84,13 @@ def _split(x: torch.Tensor, labels: Labels, sizes: dict[str, int]) -> torch.Tens
         return x.reshape(shape)
 
 
-class _SSDOp(FusedOp):
+class _SSDOp(PlannedScan, FusedOp):
     """Shared by the scan and the decode step: operand views, outputs, kernel generation, tuning."""
 
     pattern = "ssd_scan"
     targets: dict[str, str] = {}
     out_target = ""
+    state_target = "bhpn"
 
     def __init__(self, replaced, layout: SSDLayout, mode: str = "default"):
         super().__init__(tuple(replaced), mode)
@@ -98,8 +101,11 @@ class _SSDOp(FusedOp):
         """The kernel's arguments viewed from the operands; a discrete SSD (no dt operand) steps by 1."""
         args = {operand.name: arrange(tensor, operand.labels, self.targets[operand.name], self.sizes)
                 for operand, tensor in zip(self.layout.operands, tensors)}
+        return self._completed(args, tensors[0].device)
+
+    def _completed(self, args: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         if "dt" not in args:
-            ones = torch.ones((), dtype=torch.float32, device=tensors[0].device)
+            ones = torch.ones((), dtype=torch.float32, device=device)
             args["dt"] = ones.expand([self.sizes[role] for role in self.targets["dt"]])
         return args
 
@@ -125,12 +131,21 @@ class _SSDOp(FusedOp):
     def _launch(self, like: torch.Tensor, run, seqlen: int = 1) -> None:
         """Run `run(module, config)` with the config tuned (or guessed) for these sizes; `run` must be
         repeatable, since max-autotune calls it once per candidate."""
+        _, default, candidates = self._tuning(like, seqlen)
+        self._tuned_run(self.kernel_for(self.spec()), like, run, seqlen, default=default, candidates=candidates)
+
+    def _launch_planned(self, launch: Launch, like: torch.Tensor, run, seqlen: int = 1) -> None:
+        """run(launcher) with the plan's launch (run_planned), config tuned (or guessed) for these sizes."""
+        self.run_planned(launch, lambda: self._tuning(like, seqlen), like, run)
+
+    def _tuning(self, like: torch.Tensor, seqlen: int) -> tuple:
+        """(lengths keying the forward kernel's config, default config, candidate configs)."""
         spec = self.spec()
         shape = dict(headdim=self.sizes["p"], dstate=self.sizes["n"])
         scan = dict(seqlen=seqlen) if isinstance(spec, ssd_codegen.SSDSpec) else {}
-        self._tuned_run(self.kernel_for(spec), like, run, seqlen,
-                        default=lambda: ssd_codegen.default_config(spec, **scan, **shape, itemsize=like.element_size()),
-                        candidates=lambda: ssd_codegen.config_space(spec, **scan, **shape))
+        return ((self.sizes["b"], seqlen, self.sizes["h"], self.sizes["p"], self.sizes["n"]),
+                lambda: ssd_codegen.default_config(spec, **scan, **shape, itemsize=like.element_size()),
+                lambda: ssd_codegen.config_space(spec, **scan, **shape))
 
     def _tuned_run(self, loaded: tuple[object, Kernel], like: torch.Tensor, run, seqlen: int, default,
                    candidates) -> None:
@@ -161,6 +176,11 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
     def render(self, spec) -> str:
         return ssd_codegen.render_scan(spec)
 
+    def fast_path(self, operands):
+        if self.differentiable:
+            return NEVER
+        return self._fast_path(self._plans.get(self.plan_key(operands, False)), _start_scan)
+
     def _chunk_states_like(self, *tensors) -> torch.Tensor:
         """Saved for training: the state entering each chunk of saved_chunk(L) steps, (b, chunks, h, p, n)
         in float32, from which the backward kernels start."""
@@ -172,23 +192,22 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
         return ssd_backward.saved_chunk(self.sizes["l"])
 
     def _scan(self, tensors, save: bool) -> tuple[object, list[torch.Tensor]]:
-        args = self._arguments(tensors)
-        out, out_view = self._allocate(self.layout.out, self.out_target, args["x"].device)
-        state, state_view = (self._allocate(self.layout.state, "bhpn", out.device)
-                             if self.layout.state is not None else (None, None))
+        plan = self._planned(tensors, lambda args, out, state=None: ssd_codegen.unsupported_reason(
+            **args, out=out, final_state=state), self.spec, save)
+        args = self._planned_arguments(plan, tensors)
+        (out, out_view), (state, state_view) = (self._planned_outputs(plan, tensors[0].device) + [(None, None)])[:2]
         chunk_states = self._chunk_states_like(*tensors) if save else None
-        reason = self.why_not_kernel(list(tensors)) or ssd_codegen.unsupported_reason(
-            **args, out=out_view, final_state=state_view)
-        if reason is None:
-            def run(module, config):
-                if save:  # tuned or not, the saved states are those of the backward's chunks
-                    config = _with_chunk(config, self._saved_chunk())
-                module.launch(**args, out=out_view, final_state=state_view, chunk_states=chunk_states, config=config,
-                              **self._options())
+        if plan.reason is None and save:
+            def run(module, config):  # tuned or not, the saved states are those of the backward's chunks
+                module.launch(**args, out=out_view, final_state=state_view, chunk_states=chunk_states,
+                              config=_with_chunk(config, self._saved_chunk()), **self._options())
 
             self._launch(args["x"], run, seqlen=self.sizes["l"])
+        elif plan.reason is None:
+            self._launch_planned(plan.launch, args["x"], lambda launcher: _start_scan(
+                launcher, dict(args, **self._options()), out_view, state_view), seqlen=self.sizes["l"])
         else:
-            self.fell_back(reason)
+            self.fell_back(plan.reason)
             saving = dict(chunk=self._saved_chunk(), chunk_states=True) if save else {}
             y, h, *saved = ssd_codegen.ssd_scan_reference(**args, **self._options(), **saving)
             out_view.copy_(y)
@@ -254,6 +273,19 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
         return None, torch.empty(view.shape, dtype=torch.float32, device=tensor.device)
 
 
+def _start_scan(launch, args, out, state=None) -> None:
+    """SSDScanOp's launch (a launcher or its bound replay) without training's chunk states."""
+    if state is None:
+        launch(**args, out=out)
+    else:
+        launch(**args, out=out, final_state=state)
+
+
+def _start_step(launch, args, out, state) -> None:
+    """SSDStateUpdateOp's launch (a launcher or its bound replay)."""
+    launch(**args, new_state=state, out=out)
+
+
 def _with_chunk(config: dict, chunk: int) -> dict:
     """A forward config run with chunks of `chunk` steps, its tiles no longer than a chunk."""
     return dict(config, CHUNK=chunk, BLOCK_M=min(config["BLOCK_M"], chunk), BLOCK_K=min(config["BLOCK_K"], chunk))
@@ -275,19 +307,19 @@ class SSDStateUpdateOp(_SSDOp):
     def render(self, spec) -> str:
         return ssd_codegen.render_state_update(spec)
 
-    def forward(self, *tensors):
-        args = self._arguments(tensors)
-        out, out_view = self._allocate(self.layout.out, self.out_target, args["x"].device)
-        state, state_view = self._allocate(self.layout.state, "bhpn", out.device)
-        reason = self.why_not_kernel(list(tensors)) or ssd_codegen.state_update_unsupported_reason(
-            **args, new_state=state_view, out=out_view)
-        if reason is None:
-            def run(module, config):
-                module.launch(**args, new_state=state_view, out=out_view, config=config, **self._options())
+    def fast_path(self, operands):
+        return self._fast_path(self._plans.get(self.plan_key(operands)), _start_step)
 
-            self._launch(args["x"], run)
+    def forward(self, *tensors):
+        plan = self._planned(tensors, lambda args, out, state: ssd_codegen.state_update_unsupported_reason(
+            **args, new_state=state, out=out), self.spec)
+        args = self._planned_arguments(plan, tensors)
+        (out, out_view), (state, state_view) = self._planned_outputs(plan, tensors[0].device)
+        if plan.reason is None:
+            self._launch_planned(plan.launch, args["x"], lambda launcher: _start_step(
+                launcher, dict(args, **self._options()), out_view, state_view))
         else:
-            self.fell_back(reason)
+            self.fell_back(plan.reason)
             y, h = ssd_codegen.ssd_state_update_reference(**args, **self._options())
             out_view.copy_(y)
             state_view.copy_(h)

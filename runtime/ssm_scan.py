@@ -27,17 +27,15 @@ are reduced to each operand's shape, dtype and strides (`unarrange`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
-from codegen.launching import Bound
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, Launch, View, views_between
+from runtime.plans import Launch
+from runtime.scan_plans import PlannedScan
 
 Labels = tuple[str | None, ...]
 
@@ -69,7 +67,7 @@ def _broadcasts(view: torch.Tensor) -> bool:
     return any(stride == 0 and size > 1 for stride, size in zip(view.stride(), view.shape))
 
 
-class _SSMOp(FusedOp):
+class _SSMOp(PlannedScan, FusedOp):
     """Shared by both ops: operand views, output allocation, kernel generation."""
 
     targets: dict[str, str] = {}
@@ -123,57 +121,6 @@ class _SSMOp(FusedOp):
                     lambda: ssm_codegen.config_space(spec, shape["dstate"]))
 
         self.run_planned(launch, tuning, like, run)
-
-    def _planned(self, tensors, reason_of, spec_of, *extra) -> _SSMPlan:
-        """The plan (runtime.plans) of these operands' signature: the kernel's views of the operands
-        and of the outputs (y, and the state when the op returns one), `reason_of(args, *outputs)`,
-        the spec `spec_of()` and the launch of its kernel; `extra`: what else the key holds."""
-        key = self.plan_key(tensors, *extra)
-        plan = self._plans.get(key, NO_PLAN_YET)
-        if plan is NO_PLAN_YET:
-            args = self._arguments(tensors)
-            device = tensors[0].device
-            results = [(self.layout.out, self.out_target)] + ([(self.layout.state, self.state_target)]
-                                                               if self.layout.state is not None else [])
-            allocated = [self._allocate(result, target, device) for result, target in results]
-            reason = self.why_not_kernel(list(tensors)) or reason_of(args, *(view for _, view in allocated))
-            spec = spec_of()
-            plan = self._plans.remember(key, _SSMPlan(
-                views_between(tensors, args.values()), tuple(args),
-                tuple((Allocation.like(tensor), View.between(tensor, view)) for tensor, view in allocated),
-                reason, spec, None if reason else Launch(*self.kernel_for(spec))))
-        return plan
-
-    @staticmethod
-    def _fast_path(plan: _SSMPlan | None, start):
-        """fast_path's function for `plan`: the planned operand views and output allocations, then
-        start(bound launch, kernel operands by name, the kernel's views of the outputs)."""
-        if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
-            return None
-        names, outputs, bound = plan.names, plan.outputs, plan.launch.bound
-        viewed = [(index, name, view) for index, (name, view) in enumerate(zip(names, plan.args)) if view is not IDENTITY]
-
-        def run(*tensors):
-            args = dict(zip(names, tensors))
-            for index, name, view in viewed:
-                args[name] = view.of(tensors[index])
-            made = [allocation.new(tensors[0].device) for allocation, _ in outputs]
-            start(bound, args, *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
-            return *made, []
-
-        return run
-
-    def _planned_arguments(self, plan: _SSMPlan, tensors) -> dict[str, torch.Tensor]:
-        return {name: view.of(tensor) for name, view, tensor in zip(plan.names, plan.args, tensors)}
-
-    @staticmethod
-    def _planned_outputs(plan: _SSMPlan, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(tensor, the kernel's view of it) for y, then the state if the op returns one."""
-        outputs = []
-        for allocation, view in plan.outputs:
-            tensor = allocation.new(device)
-            outputs.append((tensor, view.of(tensor)))
-        return outputs
 
     def _tuned_run(self, loaded: tuple[object, Kernel], like: torch.Tensor, run, shape: dict[str, int],
                    default, candidates) -> None:
@@ -341,13 +288,3 @@ def _start_step(bound, args, out, state) -> None:
     """StateUpdateOp's bound launch, as forward starts it: the new state starts as a copy of the carried one."""
     state.copy_(args.pop("state"))
     bound(state, **args, out=out)
-
-
-@dataclass(frozen=True)
-class _SSMPlan:
-    args: tuple  # the kernel's view of each operand
-    names: tuple[str, ...]  # the kernel's name of each operand
-    outputs: tuple  # (Allocation, the kernel's View of it) for y, then the state when the op returns one
-    reason: str | None  # why the kernel cannot take operands of this signature
-    spec: object  # of the forward kernel
-    launch: Launch | None

@@ -12,7 +12,7 @@ from models import gpt
 def test_every_family_is_timed():
     table = rows(calls=2)
     families = {op.split(" ")[0] for model, op, *_ in table if model != "reference"}
-    assert {"attention", "long_conv", "short_conv", "ssm_scan", "sparse_mlp"} <= families
+    assert {"attention", "long_conv", "short_conv", "ssm_scan", "ssd_scan", "sparse_mlp"} <= families
     assert [op for model, op, *_ in table if model == "reference"] == ["custom op returning its input", "torch.empty"]
     assert all(0 < fastest <= median for _, _, fastest, median in table)
     assert markdown(table).count("\n") == len(table) + 1

@@ -15,7 +15,8 @@ from tests.runtime.test_custom_ops import CASES, recorded_calls
 
 FAMILY_CASES = ["attention", "attention_causal_gqa", "attention_mask_state", "attention_scale_state",
                 "multihead_attention_padding", "long_conv_transposed", "long_conv_circular", "short_conv",
-                "sparse_mlp_gathered", "sparse_mlp_masked", "ssm_scan_with_state", "ssm_state_update"]
+                "sparse_mlp_gathered", "sparse_mlp_masked", "ssm_scan_with_state", "ssm_state_update", "ssd_scan",
+                "ssd_scan_with_state", "ssd_state_update"]
 
 
 def relaid(tensor: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,8 @@ def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
 
 
 FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "attention_mask_state": 1, "short_conv": 1,
-              "ssm_scan_with_state": 1, "ssm_state_update": 1, "attention_scale_state": 0, "long_conv_transposed": 0,
+              "ssm_scan_with_state": 1, "ssm_state_update": 1, "ssd_scan": 1, "ssd_scan_with_state": 1,
+              "ssd_state_update": 1, "attention_scale_state": 0, "long_conv_transposed": 0,
               "sparse_mlp_masked": 0,  # its selection is read from values
               "sparse_mlp_gathered": 0}  # its indices are a graph input, checked per call
 
