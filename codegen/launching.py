@@ -17,11 +17,12 @@ grid and arguments, each tensor argument traced back to where it came from
 A Bound replays the recording for new operands of the same signature: it redoes each fresh(...)
 call, substitutes the tensors and starts the same kernels, with none of the launcher's Python.
 A recording it cannot replay exactly returns no Bound (the caller keeps calling the launcher):
-a tensor argument of any other origin (a copy, a random draw), a view whose source is ambiguous
-(two operands sharing its storage), a fresh buffer or operand written by PyTorch during the
-call (its version counter moved: a replay would skip the write; inference tensors keep no counter),
-or a tensor inside a kernel's keyword arguments. What the launcher reads besides tensors (scale, config, lengths) must be
-decided by the plan's key; runtime.plans.Launch binds only once its config is final.
+a tensor argument of any other origin (a copy, a random draw), one whose source is ambiguous (the
+same tensor passed as two operands, or a view of storage two operands share), a fresh buffer or
+operand written by PyTorch during the call (its version counter moved: a replay would skip the
+write; inference tensors keep no counter), or a tensor inside a kernel's keyword arguments. What
+the launcher reads besides tensors (scale, config, lengths) must be decided by the plan's key;
+runtime.plans.Launch binds only once its config is final.
 """
 from __future__ import annotations
 
@@ -90,9 +91,11 @@ class _Tracer:
         self.known.append(tensor)
 
     def source(self, tensor: torch.Tensor) -> _Source:
-        for index, known in enumerate(self.known):
-            if tensor is known:
-                return _Source(index)
+        found = [index for index, known in enumerate(self.known) if tensor is known]
+        if len(found) > 1:
+            raise Unbindable("a tensor argument is passed as two operands: which one a replay should take is unknown")
+        if found:
+            return _Source(found[0])
         storage = _storage(tensor)
         sharing = [index for index, known in enumerate(self.known)
                    if isinstance(known, torch.Tensor) and _storage(known) == storage]
@@ -163,7 +166,8 @@ def _arguments(values: tuple, slots) -> Callable[[list], tuple]:
     items = [f"constants[{position}]" if position not in sources
              else f"tensors[{sources[position].index}]" if sources[position].view is None
              else f"sources[{position}].of(tensors)" for position in range(len(values))]
-    return eval(f"lambda tensors: ({''.join(item + ', ' for item in items)})", {"constants": values, "sources": sources})
+    expression = f"lambda tensors: ({''.join(item + ', ' for item in items)})"
+    return eval(expression, {"constants": values, "sources": sources})
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:

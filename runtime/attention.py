@@ -160,7 +160,8 @@ class _AttentionPlan:
 
 def _fast_attention(plan: _AttentionPlan, tensor_form: MaskForm | None, out_dtype: torch.dtype):
     """AttentionOp.fast_path's function: q, k, v (and the one mask of a tensor form) -> (output, [])."""
-    views, bound, out_shape, graph_shape = plan.operand_views, plan.launch.bound, plan.launch.out_shape, plan.graph_shape
+    views, bound, graph_shape = plan.operand_views, plan.launch.bound, plan.graph_shape
+    out_shape = plan.launch.out_shape
     multiplier, mask_shape = (tensor_form.multiplier, plan.mask_shape) if tensor_form is not None else (1.0, None)
     viewed = any(view is not IDENTITY for view in views)
 
@@ -506,7 +507,8 @@ class AttentionOp(FusedOp):
         out = torch.empty(launch.out_shape, dtype=self.layout.out_dtype, device=q.device)
         if launch.settings is None:
             launch.settings = self._settings(call)
-        tensors = {"mask": call.mask} | ({"lse": lse} if lse is not None else {}) | ({"seed": seed} if self.dropout_p else {})
+        tensors = {"mask": call.mask, **({"lse": lse} if lse is not None else {}),
+                   **({"seed": seed} if self.dropout_p else {})}
 
         def run(launcher):
             return launcher(q, k, v, out, **tensors, **launch.settings)

@@ -235,8 +235,10 @@ class FusedOp(torch.nn.Module):
         per candidate (run must be repeatable); tuning() gives tuned_config's (lengths, default, candidates)."""
         if launch.config is None:
             lengths, default, candidates = tuning()
-            launch.config = self.tuned_config(launch.kernel, lengths, like, default, candidates,
-                                              lambda config: run(functools.partial(launch.module.launch, config=config)))
+            def run_candidate(config):
+                return run(functools.partial(launch.module.launch, config=config))
+
+            launch.config = self.tuned_config(launch.kernel, lengths, like, default, candidates, run_candidate)
         return run(launch.start)
 
     def fell_back(self, reason: str) -> None:

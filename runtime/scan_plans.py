@@ -85,7 +85,8 @@ class PlannedScan:
                 or not isinstance(plan.launch.bound, Bound)):
             return None
         names, outputs, bound, completed = plan.names, plan.outputs, plan.launch.bound, self._completed
-        viewed = [(index, name, view) for index, (name, view) in enumerate(zip(names, plan.args)) if view is not IDENTITY]
+        viewed = [(index, name, view) for index, (name, view) in enumerate(zip(names, plan.args))
+                  if view is not IDENTITY]
 
         def run(*tensors):
             args = dict(zip(names, tensors))

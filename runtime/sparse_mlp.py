@@ -277,8 +277,13 @@ class SparseMLPOp(FusedOp):
                             row_mask=row_mask, checked=True, **options)
 
         gated = self.layout.gated
-        default = lambda: sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated)  # noqa: E731
-        candidates = lambda: sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated)  # noqa: E731
+
+        def default():
+            return sparse_mlp_codegen.default_config(*sizes, sm_count=sm_count, gated=gated)
+
+        def candidates():
+            return sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated)
+
         if self.layout.form == "masked":  # the selection's size, a key of the config and the grid, comes from values
             config = self.tuned_config(launch.kernel, sizes, rows, default, candidates,
                                        lambda config: run(functools.partial(launch.module.launch, config=config)))

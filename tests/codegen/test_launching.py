@@ -89,6 +89,12 @@ def test_launchers_a_replay_could_not_repeat_are_not_bound(launcher):
     torch.testing.assert_close(out, x + 1)  # the call itself ran
 
 
+def test_a_tensor_passed_as_two_operands_is_not_bound():
+    x, out = torch.randn(30), torch.empty(30)
+    bound, _ = bind(lambda first, second, y: scaled_plus_one(second, y, factor=1.0), (x, x, out), {})
+    assert bound is None
+
+
 def test_a_view_of_storage_two_operands_share_is_not_bound():
     base = torch.randn(2, 30)
     first, second, out = base[0], base[1], torch.empty(30)
