@@ -19,7 +19,9 @@ Plan, in priority order, so that a run cut short has done what matters most:
                    attention 4 (head dim 64 and 128, causal and not, L 4k; SDPA flash, cuDNN,
                    efficient, FlexAttention), decode 3 (one a tree mask), long conv 2 + short 1,
                    scan 2 (the scan at L 2048 and the decode step), SSD 3 (Mamba2-130M L 2k,
-                   Mamba2-780M L 8k, the decode step), sparse MLP 3 (one gated), GPT-2 small
+                   Mamba2-780M L 8k, the decode step), sparse MLP 3 (one gated), GPT-2 small;
+                   then each family's host time per call beyond Triton's launch (issue 19's 10 us
+                   target) and with the kernels launched, on the bundled tiny models
     4. training    fwd+bwd, suites of their own: attention fwd+bwd and bwd alone (head dim 128, L 4k,
                    causal; SDPA flash, cuDNN, efficient, FlexAttention) and a GPT-2 small training
                    step against torch.compile; the long convolution's fwd+bwd (conv_training's
@@ -46,6 +48,7 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
+    host_overhead      25   six tiny models compiled (~3 s each), 7 ops x 30 rounds of 300 calls
     attention_training 60   2 x (ours ~4 s, flex fwd+bwd compile ~10 s, 5 timings); GPT-2 small
                             training step: ours and torch.compile fwd+bwd compiles ~20 s each
     conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s
@@ -53,7 +56,7 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
                             2 calls x ~2 s
     ssd_training       25   SSD fwd+bwd, Mamba2-130M L 2048: a torch.compile of fwd+bwd ~12 s, ours
                             (capture, JIT of 10 kernels) ~5 s, eager ~12 timings
-    total             435   + ~10 s of Python start-up (the default budget shares 270 s)
+    total             460   + ~10 s of Python start-up (the default budget shares 270 s)
 
 --budget-s B (default 270) shares B seconds among the parts in proportion to these estimates
 (time a part leaves unused passes on); a part starts no config past its share and names the rest
@@ -78,6 +81,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import importlib.metadata
 import logging
 import os
 import re
@@ -88,12 +92,12 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import triton
 
-from benchmarks import (attention, attention_decode, attention_training, conv_training, end_to_end, long_conv, report,
-                        sparse_mlp, ssd_scan, ssm_scan)
+from benchmarks import (attention, attention_decode, attention_training, conv_training, end_to_end, host_overhead,
+                        long_conv, report, sparse_mlp, ssd_scan, ssm_scan)
 from benchmarks.common import (Budget, Row, device_name, measure_ceilings, rows_payload, run_pytest, run_suite,
                                write_json)
+from runtime.interpret import kernel_unavailable_reason
 
 TESTS = "GPU tests"
 
@@ -113,10 +117,10 @@ class TrainingPart:
 
 SUITES = {"attention": attention, "attention_decode": attention_decode, "long_conv": long_conv,
           "ssm_scan": ssm_scan, "ssd_scan": ssd_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
-          "attention_training": attention_training, "conv_training": conv_training,
+          "host_overhead": host_overhead, "attention_training": attention_training, "conv_training": conv_training,
           "ssm_training": TrainingPart(ssm_scan), "ssd_training": TrainingPart(ssd_scan)}  # each has grid and run
 ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
-              "sparse_mlp": 10, "end_to_end": 50, "attention_training": 60, "conv_training": 20,
+              "sparse_mlp": 10, "end_to_end": 50, "host_overhead": 25, "attention_training": 60, "conv_training": 20,
               "ssm_training": 30, "ssd_training": 25}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
 
@@ -266,7 +270,7 @@ def new_payload(quick: bool, budget_s: float) -> dict:
         "date": datetime.date.today().isoformat(),
         "device": device_name(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": importlib.metadata.version("triton"),
         "budget_s": budget_s,
         "estimates_s": ESTIMATE_S,
         "ceilings": {},
@@ -314,6 +318,9 @@ def main() -> int:
     options = parser.parse_args()
     if not (options.quick or torch.cuda.is_available()):
         parser.error("no CUDA device: the full sizes would take hours on the interpreter; use --quick")
+    unavailable = kernel_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if unavailable is not None:  # every fused op would fall back: the check would time PyTorch, not flashfx
+        parser.error(f"flashfx's kernels cannot run in this process: {unavailable}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     set_up_logging(out)

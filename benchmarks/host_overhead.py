@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import timeit
 from pathlib import Path
@@ -29,16 +30,19 @@ from pathlib import Path
 import torch
 
 import compiler
+from benchmarks.common import Row, run_configs
 from models import dejavu, gpt, hyena, mamba, mamba2
 from runtime import library
 
+CPU = torch.device("cpu")
 MODELS = {"gpt (attention, causal buffer)": gpt.tiny_naive, "gpt (sdpa, gqa)": gpt.tiny_sdpa_gqa,
           "hyena": hyena.tiny, "mamba": mamba.tiny, "mamba2": mamba2.tiny, "dejavu": dejavu.tiny_gathered}
 
 
-def recorded_calls(build) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
-    """(op, operands) of each fused-op call one forward of the compiled model makes."""
+def recorded_calls(build, device: torch.device = CPU) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
+    """(op, operands) of each fused-op call one forward of the compiled model makes on `device`."""
     model, args = build()
+    model, args = model.to(device), [arg.to(device) for arg in args]
     compiled = compiler.compile(model.eval())
     with torch.no_grad():
         compiled(*args)  # capture, generate, load
@@ -102,6 +106,50 @@ def rows(calls: int) -> list[tuple[str, str, float, float]]:
                       *timed_us(lambda: identity([tensor] * 3, ""), calls)))
         table.append(("reference", "torch.empty", *timed_us(lambda: torch.empty((2, 4, 64, 16)), calls)))
     return table
+
+
+# The GPU check's suite (benchmarks/gpu_check.py): one op of each family, on the check's device.
+GRID = [("gpt (sdpa, gqa)", "attention"), ("gpt (attention, causal buffer)", "attention"), ("hyena", "short_conv"),
+        ("hyena", "long_conv"), ("mamba", "ssm_scan"), ("mamba2", "ssd_scan"), ("dejavu", "sparse_mlp")]
+TARGET_MS = 0.010  # issue 19: at most 10 us beyond Triton's own launch
+
+
+def grid(quick: bool, headline: bool = False) -> list[dict]:
+    return [{"model": model, "op": family} for model, family in GRID]
+
+
+def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
+    """A row per GRID entry: ours_ms is flashfx's host time per call beyond Triton's launch (kernels
+    stubbed); the peers are the floor any custom op pays (an identity op) and, on a GPU, the time per
+    call with the kernels launched (host-bound at these tiny sizes: flashfx plus Triton's launch)."""
+    calls = 20 if quick else 300
+    recorded = functools.cache(lambda model: recorded_calls(MODELS[model], device))
+    tensor, identity = torch.empty(2, 4, 64, 16, device=device), _identity_op()
+    with torch.no_grad():
+        floor, _ = timed_us(lambda: identity([tensor] * 3, ""), calls)
+
+    def measure(config: dict) -> Row:
+        op, operands = next(call for call in recorded(config["model"]) if call[0].pattern == config["op"])
+        with torch.no_grad():
+            with no_kernels():
+                ours, _ = timed_us(lambda: op.custom_op(operands, op.key), calls)
+            launched = _launched_us(op, operands, calls) if device.type == "cuda" else None
+        return Row("host_overhead", config, ours / 1e3,
+                   {"identity custom op": floor / 1e3, "with Triton's launch": launched and launched / 1e3},
+                   notes=f"host ms per call; target: ours <= {TARGET_MS} ms")
+
+    return run_configs("host_overhead", grid(quick, headline), measure)
+
+
+def _launched_us(op, operands, calls: int) -> float:
+    """The fastest of 15 rounds of `calls` launches, the device synchronised after each round."""
+    def round_of_calls():
+        for _ in range(calls):
+            op.custom_op(operands, op.key)
+        torch.cuda.synchronize()
+
+    round_of_calls()
+    return min(timeit.repeat(round_of_calls, number=1, repeat=15)) / calls * 1e6
 
 
 def markdown(table) -> str:
