@@ -137,10 +137,11 @@ class FusedOp(torch.nn.Module):
     def run_op(self, operands: list[torch.Tensor]) -> tuple:
         """What the custom op returns for `operands` (its outputs, then the residuals list): through the
         fast path of their signature (`fast_path`) once there is one, else forward_saving."""
-        if self._fast_paths is None:
+        fast_paths = self._fast_paths  # read once: another thread may drop it (compiled kernels take no lock)
+        if fast_paths is None:
             return self._forward_tuple(operands)
         key = self.plan_key(operands)
-        fast = self._fast_paths.get(key, NO_PLAN_YET)
+        fast = fast_paths.get(key, NO_PLAN_YET)
         if fast is not NO_PLAN_YET and fast is not None:
             return fast(*operands)
         result = self._forward_tuple(operands)
@@ -149,7 +150,7 @@ class FusedOp(torch.nn.Module):
             if fast is NEVER:
                 self._fast_paths = None
             else:
-                self._fast_paths.remember(key, fast)
+                fast_paths.remember(key, fast)
         return result
 
     def _forward_tuple(self, operands) -> tuple:
