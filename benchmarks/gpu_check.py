@@ -48,7 +48,7 @@ Seconds on an H100/H200. These are estimates (no run has been timed yet): summar
     end_to_end         50   GPT-2 small B8 L1024: ours (with Inductor) ~15 s (estimated), torch.compile
                             ~12 s (the anchors: 11.7 s), ours with the eager rest ~5 s to their
                             first calls, then 3 timings
-    host_overhead      25   six tiny models compiled (~3 s each), 7 ops x 30 rounds of 300 calls
+    host_overhead      25   seven tiny models compiled (~3 s each), 8 ops x 30 rounds of 300 calls
     attention_training 60   2 x (ours ~4 s, flex fwd+bwd compile ~10 s, 5 timings); GPT-2 small
                             training step: ours and torch.compile fwd+bwd compiles ~20 s each
     conv_training      20   long conv fwd+bwd at L 2048: ours ~3 s, a torch.compile of fwd+bwd ~8 s

@@ -36,7 +36,8 @@ from runtime import library
 
 CPU = torch.device("cpu")
 MODELS = {"gpt (attention, causal buffer)": gpt.tiny_naive, "gpt (sdpa, gqa)": gpt.tiny_sdpa_gqa,
-          "hyena": hyena.tiny, "mamba": mamba.tiny, "mamba2": mamba2.tiny, "dejavu": dejavu.tiny_gathered}
+          "hyena": hyena.tiny, "mamba": mamba.tiny, "mamba2": mamba2.tiny, "mamba2 decode step": mamba2.step_tiny,
+          "dejavu": dejavu.tiny_gathered}
 
 
 def recorded_calls(build, device: torch.device = CPU) -> list[tuple[torch.nn.Module, list[torch.Tensor]]]:
@@ -110,7 +111,8 @@ def rows(calls: int) -> list[tuple[str, str, float, float]]:
 
 # The GPU check's suite (benchmarks/gpu_check.py): one op of each family, on the check's device.
 GRID = [("gpt (sdpa, gqa)", "attention"), ("gpt (attention, causal buffer)", "attention"), ("hyena", "short_conv"),
-        ("hyena", "long_conv"), ("mamba", "ssm_scan"), ("mamba2", "ssd_scan"), ("dejavu", "sparse_mlp")]
+        ("hyena", "long_conv"), ("mamba", "ssm_scan"), ("mamba2", "ssd_scan"), ("mamba2 decode step", "ssd_scan"),
+        ("dejavu", "sparse_mlp")]
 TARGET_MS = 0.010  # issue 19: at most 10 us beyond Triton's own launch
 
 

@@ -142,6 +142,26 @@ def ssd_step(state, x, dt, A, B, C, D, dt_bias):
     return y + D.to(x.dtype)[:, None] * x
 
 
+class Mamba2Step(nn.Module):
+    """mamba_ssm's Mamba2.step: the state is a buffer updated in place by ssd_step."""
+
+    def __init__(self, heads=4, headdim=8, dstate=8, groups=2, batch=2):
+        super().__init__()
+        self.register_buffer("state", torch.randn(batch, heads, headdim, dstate))
+        self.A_log = nn.Parameter(torch.rand(heads))
+        self.D, self.dt_bias = nn.Parameter(torch.randn(heads)), nn.Parameter(torch.rand(heads) - 4)
+        self.groups = groups
+
+    def forward(self, x, dt, B, C):
+        return ssd_step(self.state, x, dt, -torch.exp(self.A_log), B, C, self.D, self.dt_bias)
+
+
+def step_tiny() -> tuple[Mamba2Step, list[torch.Tensor]]:
+    """(a decode step of 4 heads of 8 channels, state size 8, 2 groups, batch 2; its inputs)."""
+    torch.manual_seed(0)
+    return Mamba2Step(), [torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8)]
+
+
 SCANS = {"chunked": ssd_minimal_discrete, "einops": ssd_minimal_discrete_einops, "recurrent": ssd_recurrence}
 
 

@@ -138,23 +138,9 @@ def test_plain_loop_over_time_runs_as_the_chunked_scan():
         assert_close_by_rule(out, base, ref)
 
 
-class Step(nn.Module):
-    """mamba_ssm's Mamba2.step: the state is a buffer updated in place by ssd_step."""
-
-    def __init__(self, heads=4, headdim=8, dstate=8, groups=2, batch=2):
-        super().__init__()
-        self.register_buffer("state", torch.randn(batch, heads, headdim, dstate))
-        self.A_log = nn.Parameter(torch.rand(heads))
-        self.D, self.dt_bias = nn.Parameter(torch.randn(heads)), nn.Parameter(torch.rand(heads) - 4)
-        self.groups = groups
-
-    def forward(self, x, dt, B, C):
-        return mamba2.ssd_step(self.state, x, dt, -torch.exp(self.A_log), B, C, self.D, self.dt_bias)
-
-
 def test_mamba_ssm_step_writes_its_state_in_place():
     torch.manual_seed(0)
-    module = Step()
+    module = mamba2.Mamba2Step()
     args = (torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8))
     ours_module, reference_module = copy.deepcopy(module), copy.deepcopy(module).double()
     compiled = compiler.compile(ours_module, strict=True)
@@ -189,8 +175,7 @@ def minimal_ssd_case(final_state: bool = True):
 
 
 def step_case():
-    torch.manual_seed(0)
-    return Step(), [torch.randn(2, 4, 8), torch.randn(2, 4), torch.randn(2, 2, 8), torch.randn(2, 2, 8)]
+    return mamba2.step_tiny()
 
 
 def ssd_variant(X, A, B, C, block_len: int, variant: str):
