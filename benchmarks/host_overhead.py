@@ -8,7 +8,7 @@ key), `--calls` times in each of 15 rounds, with every Triton kernel replaced by
 returns at once (`kernel[grid](...)`, however it is reached): what is timed is flashfx's own work
 per call, beyond Triton's launch. That is the dispatcher and the Autograd kernel, the plan's key
 and lookup (runtime.plans), the op's fast path or its full forward (kernel views, output
-allocation, the bound launch's replay, codegen.launching), and the checks on values that stay per
+allocation, the bound launch's replay, runtime.bound), and the checks on values that stay per
 call: attention's compare of a mask folded from module state (a torch.equal) or a chain's
 combined bias, the sparse MLP's selection. Long convolutions also compute their filter's spectrum
 per call in PyTorch (an FFT: device work on a GPU, counted here because it runs on the CPU).

@@ -54,13 +54,13 @@ import torch.nn.functional as F
 from codegen import attention as attention_codegen
 from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
-from codegen.launching import Bound
 from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
 from runtime import library
-from runtime.dispatch import NEVER, FusedOp, Kernel, _autograd_on, _recomputing, grad_like
+from runtime.bound import Bound, Launch
+from runtime.dispatch import NEVER, FusedOp, Kernel, _autograd_on, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import IDENTITY, NO_PLAN_YET, Launch, signature, views_between
+from runtime.plans import IDENTITY, NO_PLAN_YET, views_between
 
 DECODE_MAX_Q_LEN = 64
 DECODE_MIN_KV_LEN = 256
@@ -137,7 +137,7 @@ class AttentionCall:
 
 @dataclass(kw_only=True)
 class _Launch(Launch):
-    """A forward kernel launch as a plan keeps it (runtime.plans.Launch), with its spec, output shape
+    """A forward kernel launch as a plan keeps it (runtime.bound.Launch), with its spec, output shape
     and the launcher's settings that are not tensors, made on its first launch."""
 
     spec: attention_codegen.AttentionSpec
@@ -160,16 +160,15 @@ class _AttentionPlan:
 
 def _fast_attention(plan: _AttentionPlan, tensor_form: MaskForm | None, out_dtype: torch.dtype):
     """AttentionOp.fast_path's function: q, k, v (and the one mask of a tensor form) -> (output, [])."""
-    views, bound, graph_shape = plan.operand_views, plan.launch.bound, plan.graph_shape
+    views, bound, graph_shape, mask_shape = plan.operand_views, plan.launch.bound, plan.graph_shape, plan.mask_shape
     out_shape = plan.launch.out_shape
-    multiplier, mask_shape = (tensor_form.multiplier, plan.mask_shape) if tensor_form is not None else (1.0, None)
     viewed = any(view is not IDENTITY for view in views)
 
     def attend(*operands):
         q, k, v, *mask = [view.of(x) for view, x in zip(views, operands)] if viewed else operands
         out = torch.empty(out_shape, dtype=out_dtype, device=q.device)
         if mask:
-            mask = mask[0] * multiplier if multiplier != 1.0 else mask[0]
+            mask, _ = AttentionOp._mask_operand(mask, tensor_form)
             bound(q, k, v, out, mask=mask.expand(mask_shape))
         else:
             bound(q, k, v, out)
@@ -276,8 +275,7 @@ class AttentionOp(FusedOp):
         if factors:
             self._refresh_scale(factors)
         form = self._choose_form(masks)
-        key = (signature(operands), torch.is_grad_enabled(), _recomputing.get(), saving, form is self.static_form,
-               self._forms_version)
+        key = self._plan_key(operands, saving, form)
         plan = self._plans.get(key, NO_PLAN_YET)
         if plan is NO_PLAN_YET:
             call = self._call_of(q, k, v, masks, form)
@@ -290,6 +288,11 @@ class AttentionOp(FusedOp):
         reason = plan.reason or inexact or self._inexact_scale
         return AttentionCall(q, k, v, masks, mask, form, plan.out_batch, reason), plan
 
+    def _plan_key(self, operands, saving: bool, form: MaskForm) -> tuple:
+        """The key of the plan for these operands: plan_key's, with whether the call saves for training,
+        the form chosen for the masks and the forms' version (rescalings)."""
+        return self.plan_key(operands, saving, form is self.static_form, self._forms_version)
+
     def fast_path(self, operands):
         """For an op that is not saving for training, with no scale from module state, no chain of masks
         and no dropout: the planned views, the output's allocation, the mask's scaling and the bound
@@ -301,9 +304,7 @@ class AttentionOp(FusedOp):
         form = self.static_form if folded else self._choose_form(operands[3:])
         if form.chain:
             return NEVER
-        key = (signature(operands), torch.is_grad_enabled(), _recomputing.get(), False, form is self.static_form,
-               self._forms_version)
-        plan = self._plans.get(key)
+        plan = self._plans.get(self._plan_key(operands, False, form))
         if plan is None or plan.reason is not None or not isinstance(plan.launch.bound, Bound):
             return None
         attend = _fast_attention(plan, form if form is self.tensor_form else None, self.layout.out_dtype)

@@ -32,11 +32,12 @@ from typing import Callable
 import torch
 
 from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
+from runtime.bound import Launch
 from runtime.cache import source_hash
 from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
-from runtime.plans import NO_PLAN_YET, Launch, Plans, signature
+from runtime.plans import NO_PLAN_YET, Plans, signature
 
 NEVER = object()  # FusedOp.fast_path: no call of this op has a fast path
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
@@ -155,7 +156,7 @@ class FusedOp(torch.nn.Module):
 
     def _forward_tuple(self, operands) -> tuple:
         outputs, residuals = self.forward_saving(*operands)
-        return (*(outputs if isinstance(outputs, tuple) else (outputs,)), residuals)
+        return (*library.as_tuple(outputs), residuals)
 
     def fast_path(self, operands: list[torch.Tensor]) -> Callable | None:
         """A function of operands of this signature returning what run_op does; None where there is none

@@ -87,7 +87,8 @@ def recording():
         _recordings.remove(calls)
 
 
-def _as_tuple(outputs) -> tuple:
+def as_tuple(outputs) -> tuple:
+    """A forward's outputs as a tuple (one output is returned bare)."""
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
@@ -101,7 +102,7 @@ def _run(operands: list[torch.Tensor], op: str):
 
 def _fake(operands: list[torch.Tensor], op: str):
     fused = lookup(op)
-    return (*_as_tuple(fused.output_like(*operands)), fused.residuals_like(*operands))
+    return (*as_tuple(fused.output_like(*operands)), fused.residuals_like(*operands))
 
 
 def visible_outputs(result: tuple):

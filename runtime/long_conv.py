@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
-from codegen.launching import Bound
+from runtime.bound import Bound, Launch
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from ir.fused import LongConvLayout, OutputLayout
 from runtime.dispatch import NEVER, FusedOp, Kernel
-from runtime.plans import NO_PLAN_YET, Allocation, Launch, Recomputed, View, views_between
+from runtime.plans import NO_PLAN_YET, Allocation, Recomputed, View, views_between
 
 
 @dataclass

@@ -24,8 +24,6 @@ from typing import Callable
 
 import torch
 
-from codegen.launching import bind
-
 PLANS_PER_OP = 64  # a growing KV cache under dynamic shapes adds one signature per length: start afresh then
 
 
@@ -99,31 +97,6 @@ class Allocation:
 
     def new(self, device: torch.device) -> torch.Tensor:
         return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=device)
-
-
-UNBOUND = object()  # Launch.bound before the launch's first call
-
-
-@dataclass
-class Launch:
-    """A planned kernel launch: its generated module and Kernel; the config, looked up on its first
-    launch; the launcher's call bound (codegen.launching) on the first start()."""
-
-    module: object
-    kernel: object
-    config: dict | None = None
-    bound: object = UNBOUND  # a codegen.launching.Bound, or None where the launcher cannot be bound
-
-    def start(self, *tensors, **options):
-        """module.launch(*tensors, config=config, **options), replayed by a Bound after the first call:
-        positional args are tensors (or None), and the options that are not tensors are the same on
-        every call with this plan (the plan's key decides them)."""
-        if self.bound is UNBOUND:
-            self.bound, result = bind(self.module.launch, tensors, {**options, "config": self.config})
-            return result
-        if self.bound is None:
-            return self.module.launch(*tensors, config=self.config, **options)
-        return self.bound(*tensors, **options)
 
 
 NO_PLAN_YET = object()  # Plans.get's default: a signature not seen yet (None is one that has no plan)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from codegen.launching import Bound
-from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, Launch, View, views_between
+from runtime.bound import Bound, Launch
+from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, View, views_between
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
-from codegen.launching import Bound
 from ir.fused import SparseMLPLayout
+from runtime.bound import Bound, Launch
 from runtime.dispatch import NEVER, SPARSE_RECOMPUTED, FusedOp, Kernel
-from runtime.plans import NO_PLAN_YET, Launch, Recomputed, View, views_between
+from runtime.plans import NO_PLAN_YET, Recomputed, View, views_between
 
 
 @dataclass
@@ -175,10 +175,7 @@ class SparseMLPOp(FusedOp):
             if idx.dim() == 1 and idx.stride(0) != 1:
                 idx = idx.contiguous()
             rows = rows_view.of(x)
-            out = torch.empty_like(rows)
-            projections = [weights.w1, weights.b1] + ([weights.w3, weights.b3] if self.layout.gated else [])
-            bound(rows, *projections, self._column_major(weights.w2), weights.b2, idx, out)
-            return out.reshape(out_shape), []
+            return bound(*self._launch_tensors(rows, weights, idx, torch.empty_like(rows))).reshape(out_shape), []
 
         return mlp
 
@@ -265,16 +262,11 @@ class SparseMLPOp(FusedOp):
     def _launch(self, rows, weights: Weights, idx, row_mask, launch: Launch):
         sm_count = self._sm_count(rows.device)
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
-        out = torch.empty_like(rows)
-        w2_columns = self._column_major(weights.w2)
-        projections, options = [weights.w1, weights.b1], {}
-        if self.layout.gated:
-            projections += [weights.w3, weights.b3]
-            options["up_activation"] = self.up_activation
+        tensors = self._launch_tensors(rows, weights, idx, torch.empty_like(rows))
+        options = {"up_activation": self.up_activation} if self.layout.gated else {}
 
         def run(launcher):
-            return launcher(rows, *projections, w2_columns, weights.b2, idx, out, activation=self.activation,
-                            row_mask=row_mask, checked=True, **options)
+            return launcher(*tensors, activation=self.activation, row_mask=row_mask, checked=True, **options)
 
         gated = self.layout.gated
 
@@ -289,6 +281,12 @@ class SparseMLPOp(FusedOp):
                                        lambda config: run(functools.partial(launch.module.launch, config=config)))
             return run(functools.partial(launch.module.launch, config=config))
         return self.run_planned(launch, lambda: (sizes, default, candidates), rows, run)
+
+    def _launch_tensors(self, rows, weights: Weights, idx, out) -> list[torch.Tensor | None]:
+        """The launcher's positional tensors: rows, w1, b1 (w3, b3 when gated), W2 with contiguous
+        columns, b2, idx, out (which it returns)."""
+        projections = [weights.w1, weights.b1] + ([weights.w3, weights.b3] if self.layout.gated else [])
+        return [rows, *projections, self._column_major(weights.w2), weights.b2, idx, out]
 
     @staticmethod
     @functools.cache

@@ -34,9 +34,9 @@ import torch
 from codegen import ssd_scan as ssd_codegen
 from codegen import ssd_scan_backward as ssd_backward
 from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Operand, Result, SSDLayout
+from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import Launch
 from runtime.scan_plans import PlannedScan
 
 Labels = tuple[str, ...]

@@ -32,9 +32,9 @@ import torch
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
+from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.plans import Launch
 from runtime.scan_plans import PlannedScan
 
 Labels = tuple[str | None, ...]
@@ -163,11 +163,9 @@ class SelectiveScanOp(SavesChunkStates, _SSMOp):
         (out, out_view), (state, state_view) = (self._planned_outputs(plan, tensors[0].device) + [(None, None)])[:2]
         chunk_states = self._chunk_states_like(*tensors) if save else None
         if plan.reason is None:
-            def run(launcher):
-                launcher(**args, out=out_view, delta_softplus=self.layout.softplus, last_state=state_view,
-                         chunk_states=chunk_states)
-
-            self._launch(plan.spec, plan.launch, args["u"], run, seqlen=self.sizes["l"])
+            options = dict(delta_softplus=self.layout.softplus, chunk_states=chunk_states)
+            self._launch(plan.spec, plan.launch, args["u"], lambda launcher: _start_scan(
+                launcher, dict(args, **options), out_view, state_view), seqlen=self.sizes["l"])
         else:
             self.fell_back(plan.reason)
             y, h, checkpoints = ssm_codegen.selective_scan_reference(**args, delta_softplus=self.layout.softplus)
@@ -263,11 +261,8 @@ class StateUpdateOp(_SSMOp):
         carried = args.pop("state")
         (out, out_view), (state, state_view) = self._planned_outputs(plan, carried.device)
         if plan.reason is None:
-            def run(launcher):
-                state_view.copy_(carried)
-                launcher(state_view, **args, out=out_view, dt_softplus=self.layout.softplus)
-
-            self._launch(plan.spec, plan.launch, args["x"], run)
+            self._launch(plan.spec, plan.launch, args["x"], lambda launcher: _start_step(
+                launcher, dict(args, state=carried, dt_softplus=self.layout.softplus), out_view, state_view))
         else:
             self.fell_back(plan.reason)
             y, h = ssm_codegen.state_update_reference(carried, **args, dt_softplus=self.layout.softplus)
@@ -276,15 +271,16 @@ class StateUpdateOp(_SSMOp):
         return out, state
 
 
-def _start_scan(bound, args, out, state=None) -> None:
-    """SelectiveScanOp's bound launch, as _scan starts it (without training's chunk states)."""
+def _start_scan(launch, args, out, state=None) -> None:
+    """SelectiveScanOp's launch (its launcher, or the bound replay, which needs only the tensors)."""
     if state is None:
-        bound(**args, out=out)
+        launch(**args, out=out)
     else:
-        bound(**args, out=out, last_state=state)
+        launch(**args, out=out, last_state=state)
 
 
-def _start_step(bound, args, out, state) -> None:
-    """StateUpdateOp's bound launch, as forward starts it: the new state starts as a copy of the carried one."""
+def _start_step(launch, args, out, state) -> None:
+    """StateUpdateOp's launch (its launcher, or the bound replay): the new state starts as a copy of
+    the carried one, which it pops from args (a dict made for the call)."""
     state.copy_(args.pop("state"))
-    bound(state, **args, out=out)
+    launch(state, **args, out=out)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import compiler
-from codegen.launching import Bound
 from models import dejavu
 from runtime import library
+from runtime.bound import Bound
 from runtime.library import lookup
 from runtime.plans import COPIED, IDENTITY, Plans, View
 from tests.runtime.test_custom_ops import CASES, recorded_calls
@@ -66,7 +66,7 @@ def fresh_values(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
-    """Calls after the first replay their plan's bound launch (codegen.launching), through the op's fast
+    """Calls after the first replay their plan's bound launch (runtime.bound), through the op's fast
     path where it has one; on fresh values they give what the launchers give with no plan made yet."""
     torch.manual_seed(0)
     _, calls = recorded_calls(CASES[name])

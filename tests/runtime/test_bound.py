@@ -1,4 +1,4 @@
-"""codegen.launching: a bound launch replays what its launcher started, on new operands of the same
+"""runtime.bound: a bound launch replays what its launcher started, on new operands of the same
 signature, and a launcher whose call it could not replay exactly is not bound."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import runtime  # noqa: F401  (chooses Triton's interpreter on a CPU machine bef
 import triton
 import triton.language as tl
 
-from codegen.launching import Bound, bind, fresh, start
+from codegen.launching import fresh, start
+from runtime.bound import Bound, bind
 
 BLOCK = 64
 
@@ -109,3 +110,33 @@ def test_a_bound_launch_keeps_no_recorded_tensor_alive():
     del x, out, _
     gc.collect()
     assert isinstance(bound, Bound) and all(ref() is None for ref in recorded)
+
+
+def test_a_cached_buffer_written_before_the_call_still_binds():
+    cached = torch.empty(70)
+    cached.zero_()  # written before the call: its version counter is no longer 0
+
+    def through_cache(x, out):
+        buffer = fresh(lambda: cached)
+        start(_scaled, _grid(x.numel()), x, buffer, x.numel(), 1.0, BLOCK=BLOCK)
+        start(_plus_one, _grid(x.numel()), buffer, out, x.numel(), BLOCK=BLOCK)
+        return out
+
+    x, out = torch.randn(70), torch.empty(70)
+    bound, _ = bind(through_cache, (x, out), {})
+    assert isinstance(bound, Bound)
+    other = torch.randn(70)
+    torch.testing.assert_close(bound(other, out), other + 1)
+
+
+def test_a_fresh_buffer_written_through_pytorch_during_the_call_is_not_bound():
+    def zeroes_its_buffer(x, out):
+        buffer = fresh(torch.empty, x.shape)
+        buffer.zero_()  # a write a replay would skip
+        start(_plus_one, _grid(x.numel()), buffer, out, x.numel(), BLOCK=BLOCK)
+        return out
+
+    x, out = torch.randn(70), torch.empty(70)
+    bound, _ = bind(zeroes_its_buffer, (x, out), {})
+    assert bound is None
+    torch.testing.assert_close(out, torch.ones(70))
