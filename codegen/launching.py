@@ -9,7 +9,9 @@ signature (runtime.plans), and all but the tensors is the same each time. So lau
                                              torch.zeros, a cached workspace, a table lookup)
 
 and, inside `recording()`, both note what they did: runtime.bound replays a recorded call for new
-operands of the same signature, with none of the launcher's Python.
+operands of the same signature, with none of the launcher's Python. Code that calls launchers (a
+fused op's fast path, a bound launch's replay) notes the views it makes with `viewed(base, view)`,
+so that a recording of it traces each view back to the tensor it views.
 """
 from __future__ import annotations
 
@@ -23,13 +25,24 @@ import torch
 
 @dataclass
 class Recording:
-    """What a launcher did while recorded: (kernel, grid, args, kwargs) per start, in order, and
-    (make, args, kwargs, what it made, their versions then) per fresh."""
+    """What a launcher did while recorded, in order: (START, kernel, grid, args, kwargs, None) per
+    start and (FRESH, make, None, args, kwargs, what it made) per fresh; and {id(view): (view, base)}
+    per viewed."""
 
-    starts: list[tuple] = field(default_factory=list)
-    fresh: list[tuple] = field(default_factory=list)
+    steps: list[tuple] = field(default_factory=list)
+    derived: dict[int, tuple] = field(default_factory=dict)
+    replayed_depth: int = 0  # > 0 while a start's kernel or a fresh's make runs: a replay repeats its work
+
+    @contextlib.contextmanager
+    def replayed(self):
+        self.replayed_depth += 1
+        try:
+            yield
+        finally:
+            self.replayed_depth -= 1
 
 
+START, FRESH = "start", "fresh"  # the kinds of Recording.steps
 _recording: ContextVar[Recording | None] = ContextVar("flashfx_launch_recording", default=None)
 
 
@@ -44,27 +57,37 @@ def recording() -> Iterator[Recording]:
         _recording.reset(token)
 
 
+def recording_now() -> bool:
+    """Is a recording() block open in this thread (or task)?"""
+    return _recording.get() is not None
+
+
 def start(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), recorded inside recording()."""
     recorded = _recording.get()
-    if recorded is not None:
-        recorded.starts.append((kernel, grid, args, kwargs))
-    kernel[grid](*args, **kwargs)
+    if recorded is None:
+        kernel[grid](*args, **kwargs)
+        return
+    recorded.steps.append((START, kernel, grid, args, kwargs, None))
+    with recorded.replayed():
+        kernel[grid](*args, **kwargs)
 
 
 def fresh(make: Callable, *args, **kwargs):
-    """make(*args, **kwargs): a tensor (or tuple of tensors) the launcher makes on each call."""
-    made = make(*args, **kwargs)
+    """make(*args, **kwargs): what a launcher does through PyTorch on each call, making a tensor, a
+    tuple of them, or () (a buffer, a cached workspace, a carried state copied into a new one)."""
     recorded = _recording.get()
-    if recorded is not None:
-        tensors = made if isinstance(made, tuple) else (made,)
-        recorded.fresh.append((make, args, kwargs, made, [version(t) for t in tensors]))
+    if recorded is None:
+        return make(*args, **kwargs)
+    with recorded.replayed():
+        made = make(*args, **kwargs)
+    recorded.steps.append((FRESH, make, None, args, kwargs, made))
     return made
 
 
-def version(tensor) -> int | None:
-    """A tensor's version counter (what in-place writes through PyTorch move); None for an inference
-    tensor, which keeps none, or for what is not a tensor."""
-    if not isinstance(tensor, torch.Tensor) or tensor.is_inference():
-        return None
-    return tensor._version
+def viewed(base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """`view`, a view of `base`, noted as one inside recording()."""
+    recorded = _recording.get()
+    if recorded is not None:
+        recorded.derived[id(view)] = (view, base)
+    return view

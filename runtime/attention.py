@@ -56,8 +56,9 @@ from codegen import attention_backward as backward_codegen
 from codegen import attention_decode as decode_codegen
 from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
+from codegen.launching import fresh, viewed
 from runtime import library
-from runtime.bound import Bound, Launch
+from runtime.bound import Bound, FastCall, Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, _autograd_on, grad_like
 from runtime.interpret import launch_lock
 from runtime.plans import IDENTITY, NO_PLAN_YET, views_between
@@ -159,22 +160,22 @@ class _AttentionPlan:
 
 
 def _fast_attention(plan: _AttentionPlan, tensor_form: MaskForm | None, out_dtype: torch.dtype):
-    """AttentionOp.fast_path's function: q, k, v (and the one mask of a tensor form) -> (output, [])."""
+    """AttentionOp.fast_path's function: q, k, v (and the one mask of a tensor form) -> (output,)."""
     views, bound, graph_shape, mask_shape = plan.operand_views, plan.launch.bound, plan.graph_shape, plan.mask_shape
     out_shape = plan.launch.out_shape
-    viewed = any(view is not IDENTITY for view in views)
+    any_viewed = any(view is not IDENTITY for view in views)
 
     def attend(*operands):
-        q, k, v, *mask = [view.of(x) for view, x in zip(views, operands)] if viewed else operands
-        out = torch.empty(out_shape, dtype=out_dtype, device=q.device)
+        q, k, v, *mask = [view.of(x) for view, x in zip(views, operands)] if any_viewed else operands
+        out = fresh(torch.empty, out_shape, dtype=out_dtype, device=q.device)
         if mask:
             mask, _ = AttentionOp._mask_operand(mask, tensor_form)
-            bound(q, k, v, out, mask=mask.expand(mask_shape))
+            bound(q, k, v, out, mask=viewed(mask, mask.expand(mask_shape)))
         else:
             bound(q, k, v, out)
-        return out if graph_shape is None else out.view(graph_shape), []
+        return (out if graph_shape is None else out.view(graph_shape),)
 
-    return attend
+    return FastCall(attend)
 
 
 def _lse_buffer(q_shape: tuple, device) -> torch.Tensor:
@@ -315,7 +316,7 @@ class AttentionOp(FusedOp):
         def attend_while_folded(*operands):
             if torch.equal(operands[3], folded_mask):
                 return attend(*operands[:3])
-            return full_path(list(operands))
+            return full_path(list(operands))[:-1]  # (its residuals: none, as the op is not saving)
 
         return attend_while_folded
 
@@ -395,7 +396,7 @@ class AttentionOp(FusedOp):
         if form.chain:
             return combined_bias(masks, form.chain)
         mask = masks[0]
-        return (mask * form.multiplier if form.multiplier != 1.0 else mask), None
+        return (fresh(torch.mul, mask, form.multiplier) if form.multiplier != 1.0 else mask), None
 
     def _choose_form(self, masks) -> MaskForm:
         """The static form while the graph's mask is the one it was read from (one host sync), else the

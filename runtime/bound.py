@@ -1,4 +1,4 @@
-"""A plan's kernel launch, bound on its first call and replayed after it.
+"""A plan's kernel launch, bound on its first call and replayed after it; likewise a fast path.
 
 A planned Launch (one per plan, runtime.plans) calls its generated module's launcher once, recording
 what it did (codegen.launching): each kernel's grid and arguments, every tensor argument traced
@@ -7,16 +7,22 @@ back to where it came from
     an operand of the call        the launcher's own tensor argument, or a view of it
     a fresh buffer                the result of one fresh(...) call, or a view of it
 
-Later calls replay the recording (Bound) for new operands of the same signature: each fresh(...)
-call is made again, the tensors are put in place and the same kernels start, with none of the
-launcher's Python. A recording that a replay could not repeat exactly is not bound (the launcher
-then runs on every call): a tensor argument of any other origin (a copy, a random draw), one whose
-source is ambiguous (the same tensor passed as two operands, or a view of storage two operands
-share), a fresh buffer or operand written through PyTorch during the call (its version counter
-moved: a replay would skip the write; inference tensors keep no counter, and generated launchers
-write only through their kernels), a tensor among a kernel's keyword arguments, or a return value
-that is not a tensor. What the launcher reads besides tensors (scale, config, lengths) must be
-decided by the plan's key; a Launch binds only once its config is final.
+(a view noted with `viewed` is traced through the tensor it views, so views of operands that share
+storage stay apart). Later calls replay the recording (Bound) for new operands of the same
+signature: each fresh(...) call is made again, the tensors are put in place and the same kernels
+start, with none of the launcher's Python. A kernel takes a view at the start of its base, of the
+same dtype, as the base itself: it reads only the pointer (strides and sizes are its int arguments).
+
+A fused op's fast path (runtime.dispatch) is bound the same way (FastCall): its views, its
+allocations and the bound launches it calls are recorded as one call, and replayed as one.
+
+A recording that a replay could not repeat exactly is not bound (the function then runs on every
+call): a tensor argument of any other origin (a copy, a random draw), one whose source is ambiguous
+(the same tensor passed as two operands, or an unnoted view of storage two operands share), any
+PyTorch op other than a view that the call runs itself, outside its kernels and fresh(...) calls (a
+write, a compare, a copy: a replay would skip it), a tensor among a kernel's keyword arguments, or a
+return value that is not a tensor. What the launcher reads besides tensors (scale, config, lengths)
+must be decided by the plan's key; a Launch binds only once its config is final.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from codegen.launching import Recording, recording, version
+from codegen.launching import FRESH, Recording, fresh, recording, recording_now, start, viewed
 from runtime.plans import View
 
 UNBOUND = object()  # Launch.bound before the launch's first call
@@ -55,6 +62,24 @@ class Launch:
         return self.bound(*tensors, **options)
 
 
+class FastCall:
+    """A fused op's fast path (runtime.dispatch), a function of the operands made of views (noted with
+    `viewed`), fresh(...) allocations and bound launches: bound on its first call, replayed after it;
+    where it cannot be bound, the function itself runs on every call."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+        self.bound = UNBOUND
+
+    def __call__(self, *operands):
+        if self.bound is UNBOUND:
+            self.bound, result = bind(self.function, operands, {})
+            return result
+        if self.bound is None:
+            return self.function(*operands)
+        return self.bound(*operands)
+
+
 class Unbindable(Exception):
     """A recorded launch a Bound cannot replay exactly."""
 
@@ -72,49 +97,70 @@ class _Source:
         tensor = tensors[self.index]
         if self.view is None:
             return tensor
-        viewed = self.view.of(tensor)
-        return viewed if viewed.dtype == self.dtype else viewed.view(self.dtype)
+        view = self.view.of(tensor)
+        return view if view.dtype == self.dtype else viewed(tensor, view.view(self.dtype))
 
 
 class _Tracer:
     """Traces a recorded call's tensors back to the operands and fresh results (_Source)."""
 
-    def __init__(self, operands: list):
+    def __init__(self, operands: list, derived: dict[int, tuple]):
         self.known: list = list(operands)  # a positional operand may be None
+        self.derived = derived  # Recording.derived: the views noted during the call
 
     def add(self, tensor: torch.Tensor) -> None:
         self.known.append(tensor)
 
     def source(self, tensor: torch.Tensor) -> _Source:
+        index = self._index(tensor)
+        if index is not None:
+            return _Source(index)
+        index = self._noted_base(tensor)
+        if index is None:
+            index = self._storage_sharer(tensor)
+        base = self.known[index]
+        if (tensor.element_size() != base.element_size()
+                or tensor.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()):
+            raise Unbindable(f"a view of {tuple(tensor.shape)} does not view its base's storage item by item")
+        view = View(tuple(tensor.shape), tensor.stride(), tensor.storage_offset() - base.storage_offset())
+        return _Source(index, view, tensor.dtype)
+
+    def _index(self, tensor: torch.Tensor) -> int | None:
         found = [index for index, known in enumerate(self.known) if tensor is known]
         if len(found) > 1:
             raise Unbindable("a tensor argument is passed as two operands: which one a replay should take is unknown")
-        if found:
-            return _Source(found[0])
+        return found[0] if found else None
+
+    def _noted_base(self, tensor: torch.Tensor) -> int | None:
+        """The index of the known tensor a chain of noted views (`viewed`) leads from, or None."""
+        while (noted := self.derived.get(id(tensor))) is not None and noted[0] is tensor:
+            tensor = noted[1]
+            index = self._index(tensor)
+            if index is not None:
+                return index
+        return None
+
+    def _storage_sharer(self, tensor: torch.Tensor) -> int:
         storage = tensor.untyped_storage().data_ptr()
         sharing = [index for index, known in enumerate(self.known)
                    if isinstance(known, torch.Tensor) and known.untyped_storage().data_ptr() == storage]
-        if len(sharing) != 1 or tensor.element_size() != self.known[sharing[0]].element_size():
+        if len(sharing) != 1:
             raise Unbindable(f"a tensor argument of {tuple(tensor.shape)} is neither an operand, a fresh buffer "
                              "nor a view of exactly one of them")
-        (index,) = sharing
-        source = self.known[index]
-        view = View(tuple(tensor.shape), tensor.stride(), tensor.storage_offset() - source.storage_offset())
-        return _Source(index, view, tensor.dtype)
+        return sharing[0]
 
-    def arguments(self, values: tuple) -> Callable[[list], tuple]:
-        """A function of a replay's tensors returning `values` with each tensor put back in place: one
-        generated tuple expression (constants[i], tensors[j] or sources[i].of(tensors) per position),
-        so a replay pays one call per kernel whatever its number of arguments. The recorded tensors
-        themselves are not kept."""
+    def sources(self, values: tuple, pointers: bool = False) -> dict[int, _Source]:
+        """{position: _Source} of each tensor among `values`. For a kernel (`pointers`), a view at the
+        start of its base, of the base's dtype, is the base itself."""
         sources = {position: self.source(value) for position, value in enumerate(values)
                    if isinstance(value, torch.Tensor)}
-        constants = tuple(None if position in sources else value for position, value in enumerate(values))
-        items = [f"constants[{position}]" if position not in sources
-                 else f"tensors[{sources[position].index}]" if sources[position].view is None
-                 else f"sources[{position}].of(tensors)" for position in range(len(values))]
-        expression = f"lambda tensors: ({''.join(item + ', ' for item in items)})"
-        return eval(expression, {"constants": constants, "sources": sources})
+        if pointers:
+            sources = {position: _Source(source.index) if self._same_pointer(source) else source
+                       for position, source in sources.items()}
+        return sources
+
+    def _same_pointer(self, source: _Source) -> bool:
+        return source.view is not None and source.view.offset == 0 and source.dtype == self.known[source.index].dtype
 
     def result(self, result):
         """A recorded return value as _Sources (a tensor, a tuple of them) or None."""
@@ -127,23 +173,86 @@ class _Tracer:
         raise Unbindable(f"the launcher returned a {type(result).__name__}")
 
 
-class Bound:
-    """A recorded launch, replayed for operands of the same signature (module docstring)."""
+@dataclass(frozen=True)
+class _Step:
+    """One recorded start (call: the kernel) or fresh call (call: the make), with its positional
+    values (the recorded tensors' places left None), the _Sources of its tensors, and its kwargs."""
 
-    def __init__(self, tensor_kwargs: tuple[str, ...], fresh: list[tuple], starts: list[tuple], result: object):
+    kind: str
+    call: object
+    grid: object
+    values: tuple
+    sources: dict
+    kwargs: dict
+    count: int = 0  # how many tensors a fresh call makes
+
+    def arguments(self, tensors: list) -> tuple:
+        return tuple(self.sources[position].of(tensors) if position in self.sources else value
+                     for position, value in enumerate(self.values))
+
+    def run_recorded(self, tensors: list) -> None:
+        """The step through codegen.launching's start or fresh, which a live recording notes."""
+        if self.kind == FRESH:
+            made = fresh(self.call, *self.arguments(tensors), **self.kwargs)
+            tensors.extend(made if self.count != 1 else (made,))
+        else:
+            start(self.call, self.grid, *self.arguments(tensors), **self.kwargs)
+
+
+class Bound:
+    """A recorded launch, replayed for operands of the same signature (module docstring): its steps
+    in order, as one generated function (`_replay_function`) of the tensors (the operands, then
+    what fresh calls make). Inside a recording (a FastCall's first call) they go through
+    codegen.launching's start and fresh instead, so the recording notes them."""
+
+    def __init__(self, tensor_kwargs: tuple[str, ...], steps: list[_Step], result: object):
         self._kwarg_tensors = _getter(tensor_kwargs)
-        self.fresh = fresh  # (make, its arguments from the tensors, its kwargs, how many tensors it makes)
-        self.starts = starts  # (kernel, grid, its arguments from the tensors, its kwargs)
+        self.steps = steps
         self.result = result  # a _Source, a tuple of them, or None
+        self._replay = _replay_function(steps, result)
 
     def __call__(self, *args, **kwargs):
         tensors = [*args, *self._kwarg_tensors(kwargs)]
-        for make, arguments, make_kwargs, count in self.fresh:
-            made = make(*arguments(tensors), **make_kwargs)
-            tensors += made if count != 1 else (made,)
-        for kernel, grid, arguments, kernel_kwargs in self.starts:
-            kernel[grid](*arguments(tensors), **kernel_kwargs)
+        if not recording_now():
+            return self._replay(tensors)
+        for step in self.steps:
+            step.run_recorded(tensors)
         return _result(self.result, tensors)
+
+
+def _replay_function(steps: list[_Step], result) -> Callable[[list], object]:
+    """One function of the tensors running `steps` and returning `result`, generated so that a replay
+    pays one Python call per step and no argument packing: positional values and kwargs are named
+    constants, tensors t[i] or a _Source's view of one."""
+    namespace: dict[str, object] = {}
+
+    def name(value, label: str) -> str:
+        namespace[label] = value
+        return label
+
+    def tensor(source: _Source, label: str) -> str:
+        return f"t[{source.index}]" if source.view is None else f"{name(source, label)}.of(t)"
+
+    lines = ["def replay(t):"]
+    for number, step in enumerate(steps):
+        items = [tensor(step.sources[position], f"s{number}_{position}") if position in step.sources
+                 else name(value, f"c{number}_{position}") for position, value in enumerate(step.values)]
+        items += [f"{key}={name(value, f'k{number}_{key}')}" for key, value in step.kwargs.items()]
+        call = f"{name(step.call, f'call{number}')}" + (f"[{name(step.grid, f'grid{number}')}]" if step.kind != FRESH else "")
+        call += f"({', '.join(items)})"
+        lines.append(f"    {call}" if step.kind != FRESH else
+                     f"    t.append({call})" if step.count == 1 else f"    t.extend({call})")
+    lines.append(f"    return {_result_expression(result, tensor)}")
+    exec("\n".join(lines), namespace)
+    return namespace["replay"]
+
+
+def _result_expression(result, tensor, label: str = "r") -> str:
+    if isinstance(result, _Source):
+        return tensor(result, label)
+    if isinstance(result, tuple):
+        return "(" + "".join(_result_expression(item, tensor, f"{label}_{i}") + ", " for i, item in enumerate(result)) + ")"
+    return "None"
 
 
 def _getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:
@@ -162,41 +271,55 @@ def _result(result, tensors):
     return result
 
 
+class _UnreplayedOps(TorchDispatchMode):
+    """Notes each PyTorch op other than a view that a recorded call runs itself: not inside a start's
+    kernel or a fresh's make (which a replay repeats), so a replay would skip it."""
+
+    def __init__(self, recorded: Recording):
+        super().__init__()
+        self.recorded = recorded
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.recorded.replayed_depth and not func.is_view:
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def bind(launch: Callable, args: tuple, kwargs: dict) -> tuple[Bound | None, object]:
     """(a Bound replaying launch(*args, **kwargs), or None where it cannot; what this call returned).
 
     The call runs for real. Its positional args are tensors (or None); a replay takes the same
     positional args and keyword tensors, the rest of its keyword args being the recorded call's."""
     operands = [*args, *(value for value in kwargs.values() if isinstance(value, torch.Tensor))]
-    versions = [version(t) for t in operands]
-    with recording() as recorded:
+    with recording() as recorded, _UnreplayedOps(recorded) as unreplayed:
         result = launch(*args, **kwargs)
     tensor_kwargs = tuple(name for name, value in kwargs.items() if isinstance(value, torch.Tensor))
     with contextlib.suppress(Unbindable):
-        if [version(t) for t in operands] != versions:
-            raise Unbindable("the launcher wrote an operand through PyTorch")
+        if unreplayed.found:
+            raise Unbindable(f"the call ran {unreplayed.found[0]} through PyTorch itself")
         return _bound(recorded, operands, tensor_kwargs, result), result
     return None, result
 
 
 def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], result) -> Bound:
-    tracer = _Tracer(operands)
-    fresh = []
-    for make, args, kwargs, made, versions in recorded.fresh:
+    tracer = _Tracer(operands, recorded.derived)
+    steps = []
+    for kind, call, grid, args, kwargs, made in recorded.steps:
+        if _has_tensor(kwargs) or not all(key.isidentifier() for key in kwargs):
+            raise Unbindable(f"a {kind} call takes a tensor, or a name that is not an identifier, by keyword")
+        sources = tracer.sources(args, pointers=kind != FRESH)
+        values = tuple(None if position in sources else value for position, value in enumerate(args))
+        if kind != FRESH:
+            steps.append(_Step(kind, call, grid, values, sources, kwargs))
+            continue
         outputs = made if isinstance(made, tuple) else (made,)
-        if not all(isinstance(t, torch.Tensor) for t in outputs) or _has_tensor(kwargs):
-            raise Unbindable("a fresh(...) call made something other than tensors, or took a tensor by keyword")
-        if [version(t) for t in outputs] != versions:
-            raise Unbindable("a fresh buffer was written through PyTorch during the call")
-        fresh.append((make, tracer.arguments(args), kwargs, len(outputs) if isinstance(made, tuple) else 1))
+        if not all(isinstance(t, torch.Tensor) for t in outputs):
+            raise Unbindable("a fresh(...) call made something other than tensors")
+        steps.append(_Step(kind, call, None, values, sources, kwargs, len(outputs) if isinstance(made, tuple) else 1))
         for output in outputs:
             tracer.add(output)
-    starts = []
-    for kernel, grid, args, kwargs in recorded.starts:
-        if _has_tensor(kwargs):
-            raise Unbindable("a kernel takes a tensor by keyword")
-        starts.append((kernel, grid, tracer.arguments(args), kwargs))
-    return Bound(tensor_kwargs, fresh, starts, tracer.result(result))
+    return Bound(tensor_kwargs, steps, tracer.result(result))
 
 
 def _has_tensor(kwargs: dict) -> bool:

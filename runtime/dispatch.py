@@ -10,7 +10,10 @@ torch.ops.flashfx.<library_op>(operands, key) (runtime.library). On each call it
 
 so it never returns an answer the kernel could not compute correctly. What the call's metadata
 decides (views, reasons from shapes and dtypes, spec, config, output shapes) each family keeps per
-call signature (runtime.plans: `plan_key`, `run_planned`). An op compiled for CUDA graphs
+call signature (runtime.plans: `plan_key`, `run_planned`). An op whose plan decides everything
+keeps a fast path per signature (`fast_path`): a FastCall (runtime.bound) that replays the call's
+views, allocations and kernel launches as one generated function; the latest one taken is found
+again by a signature check in C++ (runtime.plans.signature_check) before any key is built. An op compiled for CUDA graphs
 (`sync_free`) makes no host synchronisation on its default path; one that must still read values
 on the host says why (`host_sync_reason`) and is called through its custom op's cudagraph_unsafe
 twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
@@ -37,7 +40,7 @@ from runtime.cache import source_hash
 from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
 from runtime.loader import load_source
-from runtime.plans import NO_PLAN_YET, Plans, signature
+from runtime.plans import NO_PLAN_YET, Plans, signature, signature_check
 
 NEVER = object()  # FusedOp.fast_path: no call of this op has a fast path
 RECOMPUTED = "backward: recomputed in PyTorch from the saved inputs (no backward kernels yet)"
@@ -92,6 +95,7 @@ class FusedOp(torch.nn.Module):
         self._configs: dict[tuple, dict] = {}
         self._plans = Plans()  # per call signature (runtime.plans)
         self._fast_paths = Plans()  # per plan_key: fast_path's function or None
+        self._latest_fast_path: tuple | None = None  # (signature_check, grad mode, function) of the latest one
 
     def __call__(self, *args, **kwargs):
         """Run the op (forward); under the interpreter while holding the process-wide launch lock."""
@@ -137,33 +141,41 @@ class FusedOp(torch.nn.Module):
 
     def run_op(self, operands: list[torch.Tensor]) -> tuple:
         """What the custom op returns for `operands` (its outputs, then the residuals list): through the
-        fast path of their signature (`fast_path`) once there is one, else forward_saving."""
+        fast path of their signature (`fast_path`) once there is one, else forward_saving. The latest
+        fast path taken is tried first, by a signature check rather than the plan key."""
+        latest = self._latest_fast_path
+        if (latest is not None and latest[1] is torch.is_grad_enabled() and _recomputing.get() is None
+                and latest[0](operands)):
+            return (*latest[2](*operands), [])
         fast_paths = self._fast_paths  # read once: another thread may drop it (compiled kernels take no lock)
         if fast_paths is None:
             return self._forward_tuple(operands)
         key = self.plan_key(operands)
         fast = fast_paths.get(key, NO_PLAN_YET)
-        if fast is not NO_PLAN_YET and fast is not None:
-            return fast(*operands)
-        result = self._forward_tuple(operands)
         if fast is NO_PLAN_YET:
+            result = self._forward_tuple(operands)
             fast = self.fast_path(operands)
             if fast is NEVER:
                 self._fast_paths = None
             else:
                 fast_paths.remember(key, fast)
-        return result
+            return result
+        if fast is None:
+            return self._forward_tuple(operands)
+        self._latest_fast_path = (signature_check(operands), torch.is_grad_enabled(), fast)
+        return (*fast(*operands), [])
 
     def _forward_tuple(self, operands) -> tuple:
         outputs, residuals = self.forward_saving(*operands)
         return (*library.as_tuple(outputs), residuals)
 
     def fast_path(self, operands: list[torch.Tensor]) -> Callable | None:
-        """A function of operands of this signature returning what run_op does; None where there is none
-        for them, NEVER where there is none for any. Asked once per signature, after forward_saving ran
-        with these operands, so the plan and its bound launch (runtime.plans) exist; only a call whose
-        every decision its plan holds (no check on values, no fallback) has one. It holds the plan's
-        views, allocations and bound launch, nothing else."""
+        """A function of operands of this signature returning the op's outputs (a tuple); None where
+        there is none for them, NEVER where there is none for any. Asked once per signature, after
+        forward_saving ran with these operands, so the plan and its bound launch (runtime.plans) exist;
+        only a call whose every decision its plan holds (no check on values, no fallback) has one. It
+        holds the plan's views, allocations and bound launch, nothing else, and is a FastCall
+        (runtime.bound) where it can be, so that they are replayed as one call."""
         return NEVER
 
     def forward_saving(self, *operands: torch.Tensor) -> tuple[object, list[torch.Tensor]]:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from codegen import long_conv as long_conv_codegen
 from codegen import short_conv as short_conv_codegen
-from runtime.bound import Bound, Launch
+from codegen.launching import fresh
+from runtime.bound import Bound, FastCall, Launch
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from ir.fused import LongConvLayout, OutputLayout
 from runtime.dispatch import NEVER, FusedOp, Kernel
@@ -89,12 +90,11 @@ class LongConvOp(LongConvBackward, FusedOp):
         plan = self._plans.get(key, NO_PLAN_YET)
         if plan is NO_PLAN_YET:
             plan = self._plans.remember(key, self._plan(u, k, *rest))
+        if plan.reason is None and plan.rows is not None:
+            return self._convolve(plan, (u, k, *rest))
         operands = [view.of(t) for view, t in zip(plan.time_last, (u, k, *rest))]
         out = plan.out.new(u.device)
-        if plan.rows is None:
-            rows = self.rows_of(*operands)
-        else:
-            rows = Rows(*(view.of(t) for view, t in zip(plan.rows, self._row_sources(operands))))
+        rows = self.rows_of(*operands) if plan.rows is None else self._planned_rows(plan, operands)
         out_rows = plan.out_rows.of(out)
         if plan.reason is None:
             self._launch(rows, out_rows, plan.launch)
@@ -102,6 +102,26 @@ class LongConvOp(LongConvBackward, FusedOp):
             self.fell_back(plan.reason)
             out_rows.copy_(self._reference(rows, out.dtype))
         return plan.graph_out.of(out)
+
+    def _convolve(self, plan: _LongConvPlan, tensors) -> torch.Tensor:
+        """The kernel's call of a plan whose rows are views: views, the output's allocation, the
+        filter's spectrum and the launch, each replayable (runtime.bound)."""
+        operands = [view.of(t) for view, t in zip(plan.time_last, tensors)]
+        out = fresh(plan.out.new, tensors[0].device)
+        self._launch(self._planned_rows(plan, operands), plan.out_rows.of(out), plan.launch)
+        return plan.graph_out.of(out)
+
+    def _planned_rows(self, plan: _LongConvPlan, operands) -> Rows:
+        return Rows(*(view.of(t) for view, t in zip(plan.rows, self._row_sources(operands))))
+
+    def fast_path(self, operands):
+        """A plan whose rows are views: `_convolve`, as one FastCall."""
+        if self.differentiable:
+            return NEVER
+        plan = self._plans.get(self.plan_key(operands))
+        if plan is None or plan.reason is not None or plan.rows is None or not isinstance(plan.launch.bound, Bound):
+            return None
+        return FastCall(lambda *tensors: (self._convolve(plan, tensors),))
 
     def output_like(self, u, k, *rest):
         time = self.layout.time
@@ -192,7 +212,7 @@ class LongConvOp(LongConvBackward, FusedOp):
 
     def _launch(self, rows: Rows, out: torch.Tensor, launch: Launch) -> None:
         seqlen = rows.u.shape[-1]
-        k_f = self.filter_spectrum(rows.k, seqlen)
+        k_f = fresh(self.filter_spectrum, rows.k, seqlen)
 
         def tuning():
             plan = long_conv_codegen.plan_of(k_f, seqlen)
@@ -260,14 +280,14 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         weight_rows, allocation, bound = plan.weight, plan.out, plan.launch.bound
 
         def convolve(x, weight, *bias):
-            out = allocation.new(x.device)
+            out = fresh(allocation.new, x.device)
             if bias:
                 bound(x, weight_rows.of(weight), out, bias=bias[0])
             else:
                 bound(x, weight_rows.of(weight), out)
-            return out, []
+            return (out,)
 
-        return convolve
+        return FastCall(convolve)
 
     def _plan(self, x, weight, *bias) -> _ShortConvPlan:
         """What calls of these operands' signature decide (runtime.plans)."""

@@ -9,6 +9,8 @@ on every call with the same signature, so each op keeps them per signature:
     plan = plans.get(key) or plans.remember(key, build(...))   # build: the op's full logic, once
     views: View.of(operand)                                    # one as_strided per operand
 
+(an op's latest fast path is found with `signature_check` instead, without building a key).
+
 Decisions that read values (a mask compared with the one folded in at compile time, a bias checked
 for rows with no visible key, a selection's indices) stay per call and exact.
 
@@ -24,12 +26,31 @@ from typing import Callable
 
 import torch
 
+from codegen.launching import viewed
+
+try:
+    from torch._C._dynamo.guards import TensorGuards
+except ImportError:  # a private class: signature_check compares signatures without it
+    TensorGuards = None
+
 PLANS_PER_OP = 64  # a growing KV cache under dynamic shapes adds one signature per length: start afresh then
 
 
 def signature(tensors) -> tuple:
     """What planned decisions read from tensors: shape, strides, dtype, device, requires_grad."""
     return tuple([(t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors])
+
+
+def signature_check(tensors) -> Callable[[list], bool]:
+    """A test that tensors have the signature of `tensors`, cheaper than comparing signature()s: the
+    tensor check TorchDynamo guards its graphs with, in C++ (shape, strides, dtype, device,
+    requires_grad and dispatch keys), where this torch has it."""
+    count, expected = len(tensors), signature(tensors)
+    if TensorGuards is None:
+        return lambda candidates: signature(candidates) == expected
+    guards = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                          dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    return lambda candidates: len(candidates) == count and guards.check(*candidates)
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,7 @@ class View:
         return IDENTITY if found == View(tuple(source.shape), source.stride(), 0) else found
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.as_strided(self.size, self.stride, tensor.storage_offset() + self.offset)
+        return viewed(tensor, tensor.as_strided(self.size, self.stride, tensor.storage_offset() + self.offset))
 
 
 class _Identity:

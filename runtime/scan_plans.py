@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.bound import Bound, Launch
+from codegen.launching import fresh
+from runtime.bound import Bound, FastCall, Launch
 from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, View, views_between
 
 
@@ -93,8 +94,8 @@ class PlannedScan:
             for index, name, view in viewed:
                 args[name] = view.of(tensors[index])
             device = tensors[0].device
-            made = [allocation.new(device) for allocation, _ in outputs]
+            made = tuple(fresh(allocation.new, device) for allocation, _ in outputs)
             start(bound, completed(args, device), *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
-            return *made, []
+            return made
 
-        return run
+        return FastCall(run)

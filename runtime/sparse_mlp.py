@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from codegen import sparse_mlp as sparse_mlp_codegen
 from ir.fused import SparseMLPLayout
-from runtime.bound import Bound, Launch
+from codegen.launching import fresh
+from runtime.bound import Bound, FastCall, Launch
 from runtime.dispatch import NEVER, SPARSE_RECOMPUTED, FusedOp, Kernel
 from runtime.plans import NO_PLAN_YET, Recomputed, View, views_between
 
@@ -159,8 +160,8 @@ class SparseMLPOp(FusedOp):
         return self._launch(rows, weights, idx, row_mask, plan.launch).reshape(plan.out_shape)
 
     def fast_path(self, operands):
-        """The gathered form with indices proven in range: the planned views, W2's column-major copy
-        (checked per call), the output's allocation and the bound launch."""
+        """The gathered form with indices proven in range: W2's column-major copy (checked per call),
+        then the planned views, the output's allocation and the bound launch (one FastCall)."""
         if self.differentiable or self.layout.form != "gathered" or not self.layout.indices_proven:
             return NEVER
         plan = self._plans.get(self.plan_key(operands))
@@ -169,13 +170,19 @@ class SparseMLPOp(FusedOp):
             return None
         weight_views, rows_view, out_shape, bound = plan.weights, plan.rows, plan.out_shape, plan.launch.bound
 
-        def mlp(x, *operands):
+        def launched(x, w2_columns, *operands):
             *raw, idx = self._by_role(operands)
             weights = Weights(*(view.of(t) for view, t in zip(weight_views, raw)))
             if idx.dim() == 1 and idx.stride(0) != 1:
                 idx = idx.contiguous()
             rows = rows_view.of(x)
-            return bound(*self._launch_tensors(rows, weights, idx, torch.empty_like(rows))).reshape(out_shape), []
+            out = fresh(torch.empty_like, rows)
+            return (bound(*self._launch_tensors(rows, weights, idx, out, w2_columns)).reshape(out_shape),)
+
+        launch, w2_view, w2_at = FastCall(launched), weight_views[2], self._w2_position()
+
+        def mlp(x, *operands):
+            return launch(x, self._column_major(w2_view.of(operands[w2_at])), *operands)
 
         return mlp
 
@@ -218,6 +225,11 @@ class SparseMLPOp(FusedOp):
         b2 = operands.pop(0) if layout.has_b2 else None
         (selector,) = operands
         return w1, b1, w2, b2, w3, b3, selector
+
+    def _w2_position(self) -> int:
+        """Where w2 is among the operands after x (`_by_role`'s order)."""
+        layout = self.layout
+        return 1 + layout.has_b1 + layout.gated + layout.has_b3
 
     def _canonical(self, w1, b1, w2, b2, w3, b3) -> Weights:
         """The weights as canonical matrices: untransposed, merged ones split into their rows."""
@@ -262,7 +274,7 @@ class SparseMLPOp(FusedOp):
     def _launch(self, rows, weights: Weights, idx, row_mask, launch: Launch):
         sm_count = self._sm_count(rows.device)
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
-        tensors = self._launch_tensors(rows, weights, idx, torch.empty_like(rows))
+        tensors = self._launch_tensors(rows, weights, idx, torch.empty_like(rows), self._column_major(weights.w2))
         options = {"up_activation": self.up_activation} if self.layout.gated else {}
 
         def run(launcher):
@@ -282,11 +294,11 @@ class SparseMLPOp(FusedOp):
             return run(functools.partial(launch.module.launch, config=config))
         return self.run_planned(launch, lambda: (sizes, default, candidates), rows, run)
 
-    def _launch_tensors(self, rows, weights: Weights, idx, out) -> list[torch.Tensor | None]:
+    def _launch_tensors(self, rows, weights: Weights, idx, out, w2_columns) -> list[torch.Tensor | None]:
         """The launcher's positional tensors: rows, w1, b1 (w3, b3 when gated), W2 with contiguous
-        columns, b2, idx, out (which it returns)."""
+        columns (`_column_major`), b2, idx, out (which it returns)."""
         projections = [weights.w1, weights.b1] + ([weights.w3, weights.b3] if self.layout.gated else [])
-        return [rows, *projections, self._column_major(weights.w2), weights.b2, idx, out]
+        return [rows, *projections, w2_columns, weights.b2, idx, out]
 
     @staticmethod
     @functools.cache

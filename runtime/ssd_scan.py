@@ -33,6 +33,7 @@ import torch
 
 from codegen import ssd_scan as ssd_codegen
 from codegen import ssd_scan_backward as ssd_backward
+from codegen.launching import fresh
 from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Operand, Result, SSDLayout
 from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
@@ -105,7 +106,7 @@ class _SSDOp(PlannedScan, FusedOp):
 
     def _completed(self, args: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         if "dt" not in args:
-            ones = torch.ones((), dtype=torch.float32, device=device)
+            ones = fresh(torch.ones, (), dtype=torch.float32, device=device)
             args["dt"] = ones.expand([self.sizes[role] for role in self.targets["dt"]])
         return args
 

@@ -31,6 +31,7 @@ import torch
 
 from codegen import ssm_scan as ssm_codegen
 from codegen import ssm_scan_backward as ssm_backward
+from codegen.launching import fresh
 from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
@@ -282,5 +283,11 @@ def _start_scan(launch, args, out, state=None) -> None:
 def _start_step(launch, args, out, state) -> None:
     """StateUpdateOp's launch (its launcher, or the bound replay): the new state starts as a copy of
     the carried one, which it pops from args (a dict made for the call)."""
-    state.copy_(args.pop("state"))
+    fresh(_copied, state, args.pop("state"))
     launch(state, **args, out=out)
+
+
+def _copied(into: torch.Tensor, source: torch.Tensor) -> tuple:
+    """A fresh(...) call that makes no tensor: `into` written with `source`."""
+    into.copy_(source)
+    return ()

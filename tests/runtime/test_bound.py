@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from codegen.launching import fresh, start
-from runtime.bound import Bound, bind
+from runtime.bound import Bound, FastCall, bind
+from runtime.plans import View
 
 BLOCK = 64
 
@@ -112,6 +113,15 @@ def test_a_bound_launch_keeps_no_recorded_tensor_alive():
     assert isinstance(bound, Bound) and all(ref() is None for ref in recorded)
 
 
+def assert_replays_plus_one(launcher):
+    """launcher(x, out) computes out = x + 1: it binds, and its replay on new values agrees."""
+    x, out = torch.randn(70), torch.empty(70)
+    bound, _ = bind(launcher, (x, out), {})
+    assert isinstance(bound, Bound)
+    other = torch.randn(70)
+    torch.testing.assert_close(bound(other, out), other + 1)
+
+
 def test_a_cached_buffer_written_before_the_call_still_binds():
     cached = torch.empty(70)
     cached.zero_()  # written before the call: its version counter is no longer 0
@@ -122,21 +132,78 @@ def test_a_cached_buffer_written_before_the_call_still_binds():
         start(_plus_one, _grid(x.numel()), buffer, out, x.numel(), BLOCK=BLOCK)
         return out
 
-    x, out = torch.randn(70), torch.empty(70)
-    bound, _ = bind(through_cache, (x, out), {})
-    assert isinstance(bound, Bound)
-    other = torch.randn(70)
-    torch.testing.assert_close(bound(other, out), other + 1)
+    assert_replays_plus_one(through_cache)
 
 
-def test_a_fresh_buffer_written_through_pytorch_during_the_call_is_not_bound():
-    def zeroes_its_buffer(x, out):
+def _copied(into, source):
+    into.copy_(source)
+    return ()
+
+
+def test_a_fresh_call_that_makes_nothing_is_replayed_in_order():
+    """A copy through fresh(...) after a kernel's start: a replay copies after the kernel too."""
+    def plus_one_then_copied(x, out):
         buffer = fresh(torch.empty, x.shape)
-        buffer.zero_()  # a write a replay would skip
-        start(_plus_one, _grid(x.numel()), buffer, out, x.numel(), BLOCK=BLOCK)
+        start(_plus_one, _grid(x.numel()), x, buffer, x.numel(), BLOCK=BLOCK)
+        fresh(_copied, out, buffer)
         return out
 
-    x, out = torch.randn(70), torch.empty(70)
-    bound, _ = bind(zeroes_its_buffer, (x, out), {})
-    assert bound is None
-    torch.testing.assert_close(out, torch.ones(70))
+    assert_replays_plus_one(plus_one_then_copied)
+
+
+def compares_first(x, out):
+    if torch.equal(x, x):  # a compare a replay would skip
+        start(_plus_one, _grid(x.numel()), x, out, x.numel(), BLOCK=BLOCK)
+    return out
+
+
+def zeroes_its_buffer(x, out):
+    buffer = fresh(torch.empty, x.shape)
+    buffer.zero_()  # a write a replay would skip
+    start(_plus_one, _grid(x.numel()), buffer, out, x.numel(), BLOCK=BLOCK)
+    return out
+
+
+@pytest.mark.parametrize("inference", [False, True])
+@pytest.mark.parametrize("launcher, expected", [(compares_first, lambda x: x + 1),
+                                                (zeroes_its_buffer, lambda x: torch.ones_like(x))])
+def test_pytorch_ops_a_replay_would_skip_leave_the_call_unbound_even_in_inference_mode(launcher, expected,
+                                                                                     inference):
+    """A write or a compare that the call runs itself is seen by the ops it dispatches, not by version
+    counters, which inference tensors do not keep."""
+    with torch.inference_mode(inference):
+        x, out = torch.randn(70), torch.empty(70)
+        bound, _ = bind(launcher, (x, out), {})
+        assert bound is None
+        torch.testing.assert_close(out, expected(x))  # the call itself ran
+
+
+def heads_as_rows(q, k, out, bound):
+    """A fast path's shape: its views of the operands (noted through View.of), a fresh buffer, and
+    a bound launch of them, then a kernel of its own."""
+    rows = View((30,), (1,), 0)
+    result = fresh(torch.empty, (2, 30))
+    bound(rows.of(q), rows.of(k), result)
+    start(_plus_one, _grid(60), result, out, 60, BLOCK=BLOCK)
+    return out
+
+
+def add_rows(q, k, result):
+    start(_scaled, _grid(30), q, result, 30, 1.0, BLOCK=BLOCK)
+    start(_scaled, _grid(30), k, result[1], 30, 2.0, BLOCK=BLOCK)
+    return result
+
+
+def test_a_fast_call_flattens_the_bound_launches_it_calls():
+    """A FastCall records its views, fresh calls and the bound launch it calls as one Bound. Its
+    operands q and k here are views of one tensor (a fused projection's), so their own views are traced
+    through the noted View.of, not by storage; a replay with q and k apart gets each right."""
+    qk, out = torch.randn(2, 30), torch.empty(2, 30)
+    inner, _ = bind(add_rows, (qk[0], qk[1], torch.empty(2, 30)), {})
+    fast = FastCall(lambda q, k, out: heads_as_rows(q, k, out, inner))
+    for call in range(3):
+        qk = torch.randn(2, 30)
+        q, k = (qk[0], qk[1]) if call == 0 else (qk[0].clone(), qk[1].clone())
+        torch.testing.assert_close(fast(q, k, out), torch.stack([q, k * 2]) + 1)
+        if call == 0:
+            assert isinstance(fast.bound, Bound) and len(fast.bound.steps) == 4  # a fresh call and 3 starts

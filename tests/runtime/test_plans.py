@@ -8,9 +8,10 @@ import torch
 import compiler
 from models import dejavu
 from runtime import library
-from runtime.bound import Bound
+from runtime import plans
+from runtime.bound import UNBOUND, Bound, FastCall
 from runtime.library import lookup
-from runtime.plans import COPIED, IDENTITY, Plans, View
+from runtime.plans import COPIED, IDENTITY, Plans, View, signature_check
 from tests.runtime.test_custom_ops import CASES, recorded_calls
 
 FAMILY_CASES = ["attention", "attention_causal_gqa", "attention_mask_state", "attention_scale_state",
@@ -59,36 +60,59 @@ def test_view_between():
     assert View.between(empty, empty.t()).of(empty).shape == (6, 0)
 
 
+@pytest.mark.parametrize("guards", ["TorchDynamo's", "none"])
+def test_signature_check_tells_every_part_of_a_signature(guards, monkeypatch):
+    if guards == "none":
+        monkeypatch.setattr(plans, "TensorGuards", None)
+    x, y = torch.randn(3, 4), torch.randn(4)
+    check = signature_check([x, y])
+    assert check([torch.randn(3, 4), torch.randn(4)])
+    for other in ([x.t().contiguous().t(), y], [torch.randn(3, 5), y], [x.double(), y],
+                  [x, y.requires_grad_(True)], [x], [x, y, y]):
+        assert not check(other)
+
+
 def fresh_values(tensor: torch.Tensor) -> torch.Tensor:
     """Other values of the same signature (floating-point operands redrawn; masks and indices kept)."""
     return torch.randn_like(tensor) if tensor.is_floating_point() else tensor.clone()
 
 
+def fast_calls(op) -> list[FastCall]:
+    """The FastCall each of the op's fast paths is, or calls (after a check of its own)."""
+    paths = [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
+    return [path if isinstance(path, FastCall) else
+            next(cell.cell_contents for cell in path.__closure__ if isinstance(cell.cell_contents, FastCall))
+            for path in paths]
+
+
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
     """Calls after the first replay their plan's bound launch (runtime.bound), through the op's fast
-    path where it has one; on fresh values they give what the launchers give with no plan made yet."""
+    path where it has one (bound itself on its first call, replayed after it); on fresh values they
+    give what the launchers give with no plan made yet."""
     torch.manual_seed(0)
     _, calls = recorded_calls(CASES[name])
     for _, (operands, key) in calls:
         op = lookup(key)
         with torch.no_grad():
-            outputs_of(op, operands)
+            for _ in range(2):
+                outputs_of(op, [fresh_values(t) for t in operands])
             other = [fresh_values(t) for t in operands]
             replayed = outputs_of(op, other)
             bound = [plan.launch.bound for plan in op._plans.values() if getattr(plan, "launch", None)]
+            flattened = [fast.bound for fast in fast_calls(op) if fast.bound is not UNBOUND]  # (one called)
             op._plans.clear()
-            op._fast_paths = Plans()
+            op._fast_paths, op._latest_fast_path = Plans(), None
             launched = outputs_of(op, other)
         if name != "sparse_mlp_masked":  # its selection's size, read from values, shapes each launch: never bound
-            assert all(isinstance(found, Bound) for found in bound), bound
+            assert all(isinstance(found, Bound) for found in bound + flattened), bound + flattened
         for expected, found in zip(launched, replayed):
             torch.testing.assert_close(found, expected, rtol=0, atol=0, equal_nan=True)
 
 
 FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "attention_mask_state": 1, "short_conv": 1,
               "ssm_scan_with_state": 1, "ssm_state_update": 1, "ssd_scan": 1, "ssd_scan_with_state": 1,
-              "ssd_state_update": 1, "attention_scale_state": 0, "long_conv_transposed": 0,
+              "ssd_state_update": 1, "long_conv_transposed": 1, "long_conv_circular": 1, "attention_scale_state": 0,
               "sparse_mlp_masked": 0,  # its selection is read from values
               "sparse_mlp_gathered": 0}  # its indices are a graph input, checked per call
 
