@@ -21,7 +21,8 @@ call): a tensor argument of any other origin (a copy, a random draw), one whose 
 (the same tensor passed as two operands, or an unnoted view of storage two operands share), any
 PyTorch op other than a view that the call runs itself, outside its kernels and fresh(...) calls (a
 write, a compare, a copy: a replay would skip it), a tensor among a kernel's keyword arguments, or a
-return value that is not a tensor. What the launcher reads besides tensors (scale, config, lengths)
+return value that is not a tensor, or a tensor inside another argument (a tuple, a TMA descriptor).
+What the launcher reads besides tensors (scale, config, lengths)
 must be decided by the plan's key; a Launch binds only once its config is final.
 """
 from __future__ import annotations
@@ -308,6 +309,8 @@ def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], 
     for kind, call, grid, args, kwargs, made in recorded.steps:
         if _has_tensor(kwargs) or not all(key.isidentifier() for key in kwargs):
             raise Unbindable(f"a {kind} call takes a tensor, or a name that is not an identifier, by keyword")
+        if any(_hides_tensor(value) for value in (*args, *kwargs.values())):
+            raise Unbindable(f"a {kind} call takes a tensor inside another value: a replay would pass the recorded one")
         sources = tracer.sources(args, pointers=kind != FRESH)
         values = tuple(None if position in sources else value for position, value in enumerate(args))
         if kind != FRESH:
@@ -324,3 +327,10 @@ def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], 
 
 def _has_tensor(kwargs: dict) -> bool:
     return any(isinstance(value, torch.Tensor) for value in kwargs.values())
+
+
+def _hides_tensor(value) -> bool:
+    """Is `value` not a tensor but holding one: a tuple or list of them, a TMA descriptor's base?"""
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(item, torch.Tensor) or _hides_tensor(item) for item in value)
+    return isinstance(getattr(value, "base", None), torch.Tensor)

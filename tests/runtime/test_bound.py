@@ -83,7 +83,13 @@ def returns_a_count(x, out):
     return x.numel()
 
 
-@pytest.mark.parametrize("launcher", [unfreshly_allocated, zeroed_first, returns_a_count])
+def in_a_tuple(x, out):
+    fresh(lambda pair: torch.empty(()), (x, out))  # a tensor inside another argument
+    start(_plus_one, _grid(x.numel()), x, out, x.numel(), BLOCK=BLOCK)
+    return out
+
+
+@pytest.mark.parametrize("launcher", [unfreshly_allocated, zeroed_first, returns_a_count, in_a_tuple])
 def test_launchers_a_replay_could_not_repeat_are_not_bound(launcher):
     x, out = torch.randn(70), torch.empty(70)
     bound, _ = bind(launcher, (x, out), {})
