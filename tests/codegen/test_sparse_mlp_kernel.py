@@ -15,6 +15,7 @@ CUDA the same cases run compiled, and the `gpu` tests add OPT-6.7B sizes (d 4096
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -246,6 +247,19 @@ def test_strided_operands_and_int32_indices(m, up_activation):
                 strided_b2, idx.to(torch.int32)]
 
     run_and_check(Case(m, 75, 203, 0.1, "relu", True, bf16, up_activation), seed=7, prepare=prepare)
+
+
+def test_split_workspaces_are_per_thread():
+    """Threads share a device's default stream, so each keeps its own workspace: two running the
+    same model at once would otherwise interleave partial sums in one buffer."""
+    module = generated("relu")
+    here = module._workspace(DEVICE, 64, 4)
+    there = []
+    thread = threading.Thread(target=lambda: there.append(module._workspace(DEVICE, 64, 4)))
+    thread.start()
+    thread.join()
+    assert module._workspace(DEVICE, 64, 4)[0] is here[0]  # reused within a thread
+    assert there[0][0] is not here[0] and there[0][1] is not here[1]
 
 
 def test_empty_batch_leaves_out_alone():
