@@ -17,19 +17,26 @@ A fused op's fast path (runtime.dispatch) is bound the same way (FastCall): its 
 allocations and the bound launches it calls are recorded as one call, and replayed as one.
 
 A recording that a replay could not repeat exactly is not bound (the function then runs on every
-call): a tensor argument of any other origin (a copy, a random draw), one whose source is ambiguous
-(the same tensor passed as two operands, or an unnoted view of storage two operands share), any
-PyTorch op other than a view that the call runs itself, outside its kernels and fresh(...) calls (a
-write, a compare, a copy: a replay would skip it), a tensor among a kernel's keyword arguments, or a
-return value that is not a tensor, or a tensor inside another argument (a tuple, a TMA descriptor).
-What the launcher reads besides tensors (scale, config, lengths)
-must be decided by the plan's key; a Launch binds only once its config is final.
+call):
+
+    a tensor argument of any other origin          a copy, a random draw
+    one whose source is ambiguous                  the same tensor passed as two operands, or an
+                                                   unnoted view of storage two operands share
+    a PyTorch op other than a view that the call   a write, a compare, a copy: a replay would skip it
+    runs itself, outside kernels and fresh calls
+    a tensor a replay could not put in place       among a kernel's keyword arguments, or inside
+                                                   another argument (a tuple, a TMA descriptor)
+    a return value that is not a tensor
+
+What the launcher reads besides tensors (scale, config, lengths) must be decided by the plan's
+key; a Launch binds only once its config is final.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -44,41 +51,44 @@ UNBOUND = object()  # Launch.bound before the launch's first call
 @dataclass
 class Launch:
     """A planned kernel launch: its generated module and Kernel; the config, looked up on its first
-    launch; the launcher's call bound on the first start()."""
+    launch; the launcher's call, a FastCall made on the first start() (bound then, replayed after)."""
 
     module: object
     kernel: object
     config: dict | None = None
-    bound: object = UNBOUND  # a Bound, or None where the launcher cannot be bound
+    _call: FastCall | None = field(default=None, init=False, repr=False)
 
     def start(self, *tensors, **options):
         """module.launch(*tensors, config=config, **options), replayed by a Bound after the first call:
         positional args are tensors (or None), and the options that are not tensors are the same on
         every call with this plan (the plan's key decides them)."""
-        if self.bound is UNBOUND:
-            self.bound, result = bind(self.module.launch, tensors, {**options, "config": self.config})
-            return result
-        if self.bound is None:
-            return self.module.launch(*tensors, config=self.config, **options)
-        return self.bound(*tensors, **options)
+        if self._call is None:
+            self._call = FastCall(functools.partial(self.module.launch, config=self.config))
+        return self._call(*tensors, **options)
+
+    @property
+    def bound(self):
+        """UNBOUND before the first start(), then a Bound, or None where the launcher cannot be bound."""
+        return UNBOUND if self._call is None else self._call.bound
 
 
 class FastCall:
-    """A fused op's fast path (runtime.dispatch), a function of the operands made of views (noted with
-    `viewed`), fresh(...) allocations and bound launches: bound on its first call, replayed after it;
-    where it cannot be bound, the function itself runs on every call."""
+    """A function of tensors (and options the same on every call) made of views (noted with
+    `viewed`), fresh(...) calls and kernel starts, directly or through Bounds it calls: a launcher, or
+    a fused op's fast path (runtime.dispatch). Bound on its first call and replayed after it; where it
+    cannot be bound, the function itself runs on every call."""
 
     def __init__(self, function: Callable):
         self.function = function
         self.bound = UNBOUND
 
-    def __call__(self, *operands):
+    def __call__(self, *args, **kwargs):
         if self.bound is UNBOUND:
-            self.bound, result = bind(self.function, operands, {})
+            self.bound, result = bind(self.function, args, kwargs)
             return result
         if self.bound is None:
-            return self.function(*operands)
-        return self.bound(*operands)
+            return self.function(*args, **kwargs)
+        return self.bound(*args, **kwargs)
 
 
 class Unbindable(Exception):
