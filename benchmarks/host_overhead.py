@@ -6,12 +6,12 @@ Each bundled model is compiled and called once; every fused op's calls are recor
 operands. Then each op is called as the lowered graph calls it, torch.ops.flashfx.<family>(operands,
 key), `--calls` times in each of 15 rounds, with every Triton kernel replaced by a function that
 returns at once (`kernel[grid](...)`, however it is reached): what is timed is flashfx's own work
-per call, beyond Triton's launch. That is the dispatcher and the Autograd kernel, the plan's key
-and lookup (runtime.plans), the op's fast path or its full forward (kernel views, output
-allocation, the bound launch's replay, runtime.bound), and the checks on values that stay per
-call: attention's compare of a mask folded from module state (a torch.equal) or a chain's
-combined bias, the sparse MLP's selection. Long convolutions also compute their filter's spectrum
-per call in PyTorch (an FFT: device work on a GPU, counted here because it runs on the CPU).
+per call, beyond Triton's launch. That is the dispatcher and the Autograd kernel, the signature
+check that finds the op's latest fast path (or the plan's key and lookup, runtime.plans), the fast
+path's replay as one call (allocations and kernel arguments, runtime.bound.FastCall) or the full
+forward, and the checks on values that stay per call: attention's compare of a mask folded from
+module state (a torch.equal) or a chain's combined bias, the sparse MLP's selection and W2's
+column-major copy. Long convolutions also compute their filter's spectrum per call in PyTorch (an FFT: device work on a GPU, counted here because it runs on the CPU).
 
 The table gives the fastest round's mean (the least disturbed by other work on the machine, as
 timeit advises) and the median round's. Two reference rows calibrate the machine: a custom op that
