@@ -76,7 +76,8 @@ class FastCall:
     """A function of tensors (and options the same on every call) made of views (noted with
     `viewed`), fresh(...) calls and kernel starts, directly or through Bounds it calls: a launcher, or
     a fused op's fast path (runtime.dispatch). Bound on its first call and replayed after it; where it
-    cannot be bound, the function itself runs on every call."""
+    cannot be bound, the function itself runs on every call. A call inside another's recording only
+    runs (its steps are the outer recording's), and the FastCall binds on a later call."""
 
     def __init__(self, function: Callable):
         self.function = function
@@ -84,6 +85,8 @@ class FastCall:
 
     def __call__(self, *args, **kwargs):
         if self.bound is UNBOUND:
+            if recording_now():  # inside another call's recording: run, so that it records this one's steps
+                return self.function(*args, **kwargs)
             self.bound, result = bind(self.function, args, kwargs)
             return result
         if self.bound is None:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from codegen.launching import fresh, start
-from runtime.bound import Bound, FastCall, bind
+from runtime.bound import UNBOUND, Bound, FastCall, bind
 from runtime.plans import View
 
 BLOCK = 64
@@ -213,3 +213,17 @@ def test_a_fast_call_flattens_the_bound_launches_it_calls():
         torch.testing.assert_close(fast(q, k, out), torch.stack([q, k * 2]) + 1)
         if call == 0:
             assert isinstance(fast.bound, Bound) and len(fast.bound.steps) == 4  # a fresh call and 3 starts
+
+
+def test_a_fast_call_first_called_inside_another_recording_leaves_its_steps_to_it():
+    """An inner FastCall not bound yet, called while an outer one records: its kernels are the outer
+    recording's steps (not hidden in a recording of its own), and it binds on a later call of its own."""
+    inner = FastCall(add_rows)
+    outer = FastCall(lambda q, k, out: heads_as_rows(q, k, out, inner))
+    for call in range(3):
+        q, k, out = torch.randn(30), torch.randn(30), torch.empty(2, 30)
+        torch.testing.assert_close(outer(q, k, out), torch.stack([q, k * 2]) + 1)
+        if call == 0:
+            assert isinstance(outer.bound, Bound) and len(outer.bound.steps) == 4 and inner.bound is UNBOUND
+    result = torch.empty(2, 30)
+    assert inner(q, k, result) is result and isinstance(inner.bound, Bound)
