@@ -495,9 +495,13 @@ class AttentionOp(FusedOp):
         return dict(scale=self.scale, fill_value=call.form.fill_value,
                     causal_offset=self._causal_offset(call.q, call.k, call.form), softcap=self.softcap, **dropout)
 
+    def _tensor_options(self, call: AttentionCall, seed: torch.Tensor | None) -> dict:
+        """The launch options every kernel of this call takes that are tensors: its mask, its dropout seed."""
+        return dict(mask=call.mask, **({"seed": seed} if self.dropout_p else {}))
+
     def _options(self, call: AttentionCall, seed: torch.Tensor | None) -> dict:
-        """The launch options every kernel of this call takes, its mask and dropout seed included."""
-        return self._settings(call) | dict(mask=call.mask, **({"seed": seed} if self.dropout_p else {}))
+        """The launch options every kernel of this call takes: `_settings` and `_tensor_options`."""
+        return self._settings(call) | self._tensor_options(call, seed)
 
     def _launch_plan(self, call: AttentionCall, saving: bool) -> _Launch:
         spec = self.spec_for(call.q, call.k, call.v, call.form, lse=saving)
@@ -509,8 +513,7 @@ class AttentionOp(FusedOp):
         out = torch.empty(launch.out_shape, dtype=self.layout.out_dtype, device=q.device)
         if launch.settings is None:
             launch.settings = self._settings(call)
-        tensors = {"mask": call.mask, **({"lse": lse} if lse is not None else {}),
-                   **({"seed": seed} if self.dropout_p else {})}
+        tensors = self._tensor_options(call, seed) | ({"lse": lse} if lse is not None else {})
 
         def run(launcher):
             return launcher(q, k, v, out, **tensors, **launch.settings)

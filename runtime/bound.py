@@ -200,45 +200,30 @@ class _Step:
     kwargs: dict
     count: int = 0  # how many tensors a fresh call makes
 
-    def arguments(self, tensors: list) -> tuple:
-        return tuple(self.sources[position].of(tensors) if position in self.sources else value
-                     for position, value in enumerate(self.values))
-
-    def run_recorded(self, tensors: list) -> None:
-        """The step through codegen.launching's start or fresh, which a live recording notes."""
-        if self.kind == FRESH:
-            made = fresh(self.call, *self.arguments(tensors), **self.kwargs)
-            tensors.extend(made if self.count != 1 else (made,))
-        else:
-            start(self.call, self.grid, *self.arguments(tensors), **self.kwargs)
-
 
 class Bound:
     """A recorded launch, replayed for operands of the same signature (module docstring): its steps
-    in order, as one generated function (`_replay_function`) of the tensors (the operands, then
-    what fresh calls make). Inside a recording (a FastCall's first call) they go through
-    codegen.launching's start and fresh instead, so the recording notes them."""
+    in order, as one generated function of the tensors (the operands, then what fresh calls make).
+    Inside a recording (a FastCall's first call) its twin runs, which goes through codegen.launching's
+    start and fresh, so that the recording notes the steps."""
 
     def __init__(self, tensor_kwargs: tuple[str, ...], steps: list[_Step], result: object):
         self._kwarg_tensors = _getter(tensor_kwargs)
+        self._replay = _replay_function(steps, result, recorded=False)
+        self._recorded_replay = _replay_function(steps, result, recorded=True)
         self.steps = steps
-        self.result = result  # a _Source, a tuple of them, or None
-        self._replay = _replay_function(steps, result)
 
     def __call__(self, *args, **kwargs):
         tensors = [*args, *self._kwarg_tensors(kwargs)]
-        if not recording_now():
-            return self._replay(tensors)
-        for step in self.steps:
-            step.run_recorded(tensors)
-        return _result(self.result, tensors)
+        return (self._recorded_replay if recording_now() else self._replay)(tensors)
 
 
-def _replay_function(steps: list[_Step], result) -> Callable[[list], object]:
-    """One function of the tensors running `steps` and returning `result`, generated so that a replay
-    pays one Python call per step and no argument packing: positional values and kwargs are named
-    constants, tensors t[i] or a _Source's view of one."""
-    namespace: dict[str, object] = {}
+def _replay_function(steps: list[_Step], result, recorded: bool) -> Callable[[list], object]:
+    """One function of the tensors running `steps` and returning `result` (a _Source, a tuple of them,
+    or None), generated so that a replay pays one Python call per step and no argument packing:
+    positional values and kwargs are named constants, tensors t[i] or a _Source's view of one. A
+    `recorded` one starts and makes through codegen.launching's start and fresh."""
+    namespace: dict[str, object] = {"start": start, "fresh": fresh}
 
     def name(value, label: str) -> str:
         namespace[label] = value
@@ -252,10 +237,14 @@ def _replay_function(steps: list[_Step], result) -> Callable[[list], object]:
         items = [tensor(step.sources[position], f"s{number}_{position}") if position in step.sources
                  else name(value, f"c{number}_{position}") for position, value in enumerate(step.values)]
         items += [f"{key}={name(value, f'k{number}_{key}')}" for key, value in step.kwargs.items()]
-        call = f"{name(step.call, f'call{number}')}" + (f"[{name(step.grid, f'grid{number}')}]" if step.kind != FRESH else "")
-        call += f"({', '.join(items)})"
-        lines.append(f"    {call}" if step.kind != FRESH else
-                     f"    t.append({call})" if step.count == 1 else f"    t.extend({call})")
+        call = name(step.call, f"call{number}")
+        if step.kind != FRESH:
+            grid = name(step.grid, f"grid{number}")
+            lines.append(f"    start({call}, {grid}, {', '.join(items)})" if recorded else
+                         f"    {call}[{grid}]({', '.join(items)})")
+            continue
+        made = f"fresh({call}, {', '.join(items)})" if recorded else f"{call}({', '.join(items)})"
+        lines.append(f"    t.append({made})" if step.count == 1 else f"    t.extend({made})")
     lines.append(f"    return {_result_expression(result, tensor)}")
     exec("\n".join(lines), namespace)
     return namespace["replay"]
@@ -275,14 +264,6 @@ def _getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:
         (name,) = names
         return lambda values: (values[name],)
     return operator.itemgetter(*names) if names else lambda values: ()
-
-
-def _result(result, tensors):
-    if isinstance(result, _Source):
-        return result.of(tensors)
-    if isinstance(result, tuple):
-        return tuple(_result(item, tensors) for item in result)
-    return result
 
 
 class _UnreplayedOps(TorchDispatchMode):

@@ -22,6 +22,18 @@ from runtime.bound import Bound, FastCall, Launch
 from runtime.plans import IDENTITY, NO_PLAN_YET, Allocation, View, views_between
 
 
+def scan_start(state_name: str):
+    """A scan op's launch from (launcher or its bound replay, kernel operands by name, the kernel's view
+    of y, of the final state or None), the final state passed as `state_name`."""
+    def start(launch, args, out, state=None) -> None:
+        if state is None:
+            launch(**args, out=out)
+        else:
+            launch(**args, out=out, **{state_name: state})
+
+    return start
+
+
 @dataclass(frozen=True)
 class ScanPlan:
     args: tuple | None  # the kernel's view of each operand; None: arranged per call

@@ -289,9 +289,10 @@ class SparseMLPOp(FusedOp):
             return sparse_mlp_codegen.config_space(*sizes, sm_count=sm_count, gated=gated)
 
         if self.layout.form == "masked":  # the selection's size, a key of the config and the grid, comes from values
-            config = self.tuned_config(launch.kernel, sizes, rows, default, candidates,
-                                       lambda config: run(functools.partial(launch.module.launch, config=config)))
-            return run(functools.partial(launch.module.launch, config=config))
+            def run_with(config):
+                return run(functools.partial(launch.module.launch, config=config))
+
+            return run_with(self.tuned_config(launch.kernel, sizes, rows, default, candidates, run_with))
         return self.run_planned(launch, lambda: (sizes, default, candidates), rows, run)
 
     def _launch_tensors(self, rows, weights: Weights, idx, out, w2_columns) -> list[torch.Tensor | None]:

@@ -38,7 +38,7 @@ from ir.fused import SSD_SCAN_DIMS, SSD_STATE_UPDATE_DIMS, Operand, Result, SSDL
 from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.scan_plans import PlannedScan
+from runtime.scan_plans import PlannedScan, scan_start
 
 Labels = tuple[str, ...]
 
@@ -274,12 +274,7 @@ class SSDScanOp(SavesChunkStates, _SSDOp):
         return None, torch.empty(view.shape, dtype=torch.float32, device=tensor.device)
 
 
-def _start_scan(launch, args, out, state=None) -> None:
-    """SSDScanOp's launch (a launcher or its bound replay) without training's chunk states."""
-    if state is None:
-        launch(**args, out=out)
-    else:
-        launch(**args, out=out, final_state=state)
+_start_scan = scan_start("final_state")  # SSDScanOp's launch
 
 
 def _start_step(launch, args, out, state) -> None:

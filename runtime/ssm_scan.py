@@ -36,7 +36,7 @@ from ir.fused import SSM_SCAN_DIMS, Operand, Result, SSMLayout
 from runtime.bound import Launch
 from runtime.dispatch import NEVER, FusedOp, Kernel, SavesChunkStates, grad_like
 from runtime.interpret import launch_lock
-from runtime.scan_plans import PlannedScan
+from runtime.scan_plans import PlannedScan, scan_start
 
 Labels = tuple[str | None, ...]
 
@@ -272,12 +272,7 @@ class StateUpdateOp(_SSMOp):
         return out, state
 
 
-def _start_scan(launch, args, out, state=None) -> None:
-    """SelectiveScanOp's launch (its launcher, or the bound replay, which needs only the tensors)."""
-    if state is None:
-        launch(**args, out=out)
-    else:
-        launch(**args, out=out, last_state=state)
+_start_scan = scan_start("last_state")  # SelectiveScanOp's launch
 
 
 def _start_step(launch, args, out, state) -> None:

@@ -27,15 +27,24 @@ def relaid(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty(tensor.shape[0] * 2, dtype=tensor.dtype)[::2].copy_(tensor) if tensor.dim() else tensor.clone()
 
 
+def fused_calls(name: str) -> list[tuple]:
+    """(FusedOp, operands) of each fused-op call the case's compiled model makes."""
+    _, calls = recorded_calls(CASES[name])
+    return [(lookup(key), operands) for _, (operands, key) in calls]
+
+
+def fast_paths(op) -> list:
+    """The op's fast paths (runtime.dispatch.FusedOp.fast_path) made so far."""
+    return [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
+
+
 def outputs_of(op, operands) -> list[torch.Tensor]:
     return list(op.custom_op(list(operands), op.key)[:-1])
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
 def test_repeat_and_relaid_calls_reuse_plans_and_agree(name):
-    _, calls = recorded_calls(CASES[name])
-    for _, (operands, key) in calls:
-        op = lookup(key)
+    for op, operands in fused_calls(name):
         with torch.no_grad():
             first = outputs_of(op, operands)
             plans = len(op._plans)
@@ -79,10 +88,9 @@ def fresh_values(tensor: torch.Tensor) -> torch.Tensor:
 
 def fast_calls(op) -> list[FastCall]:
     """The FastCall each of the op's fast paths is, or calls (after a check of its own)."""
-    paths = [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
     return [path if isinstance(path, FastCall) else
             next(cell.cell_contents for cell in path.__closure__ if isinstance(cell.cell_contents, FastCall))
-            for path in paths]
+            for path in fast_paths(op)]
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
@@ -91,9 +99,7 @@ def test_bound_launches_and_fast_paths_agree_with_the_launchers(name):
     path where it has one (bound itself on its first call, replayed after it); on fresh values they
     give what the launchers give with no plan made yet."""
     torch.manual_seed(0)
-    _, calls = recorded_calls(CASES[name])
-    for _, (operands, key) in calls:
-        op = lookup(key)
+    for op, operands in fused_calls(name):
         with torch.no_grad():
             for _ in range(2):
                 outputs_of(op, [fresh_values(t) for t in operands])
@@ -119,14 +125,11 @@ FAST_PATHS = {"attention": 1, "attention_causal_gqa": 1, "attention_mask_state":
 
 @pytest.mark.parametrize("name", FAST_PATHS)
 def test_ops_whose_plans_decide_everything_take_a_fast_path(name):
-    _, calls = recorded_calls(CASES[name])
-    for _, (operands, key) in calls:
-        op = lookup(key)
+    for op, operands in fused_calls(name):
         with torch.no_grad():
             for _ in range(2):
                 outputs_of(op, operands)
-        paths = [] if op._fast_paths is None else [path for path in op._fast_paths.values() if path is not None]
-        assert len(paths) == FAST_PATHS[name]
+        assert len(fast_paths(op)) == FAST_PATHS[name]
 
 
 def test_the_gathered_sparse_mlp_with_proven_indices_takes_a_fast_path():
