@@ -80,13 +80,16 @@ def _returns_none(*args, **kwargs):
 _REFERENCE = torch.library.Library("host_overhead", "FRAGMENT")
 
 
-def _identity_op():
-    """A custom op registered as flashfx's are, returning its first operand: the dispatcher's floor."""
+def floor_us(calls: int, device: torch.device = CPU) -> tuple[float, float]:
+    """timed_us of a custom op registered as flashfx's are, returning the first of its three operands:
+    the dispatcher's floor, which any torch.library op pays."""
     name = "identity"
     if not hasattr(torch.ops.host_overhead, name):
         _REFERENCE.define(f"{name}(Tensor[] operands, str op) -> (Tensor, Tensor[] residuals)")
         _REFERENCE.impl(name, lambda keyset, operands, op: (operands[0], []), "Autograd", with_keyset=True)
-    return getattr(torch.ops.host_overhead, name).default
+    identity, operands = getattr(torch.ops.host_overhead, name).default, [torch.empty(2, 4, 64, 16, device=device)] * 3
+    with torch.no_grad():
+        return timed_us(lambda: identity(operands, ""), calls)
 
 
 def rows(calls: int) -> list[tuple[str, str, float, float]]:
@@ -102,11 +105,8 @@ def rows(calls: int) -> list[tuple[str, str, float, float]]:
             with torch.no_grad(), no_kernels():
                 table.append((name, f"{op.library_op} ({op.label})",
                               *timed_us(lambda: custom_op(operands, op.key), calls)))
-    tensor, identity = torch.empty(2, 4, 64, 16), _identity_op()
-    with torch.no_grad():
-        table.append(("reference", "custom op returning its input",
-                      *timed_us(lambda: identity([tensor] * 3, ""), calls)))
-        table.append(("reference", "torch.empty", *timed_us(lambda: torch.empty((2, 4, 64, 16)), calls)))
+    table.append(("reference", "custom op returning its input", *floor_us(calls)))
+    table.append(("reference", "torch.empty", *timed_us(lambda: torch.empty((2, 4, 64, 16)), calls)))
     return table
 
 
@@ -127,9 +127,7 @@ def run(quick: bool, device: torch.device, headline: bool = False) -> list[Row]:
     call with the kernels launched (host-bound at these tiny sizes: flashfx plus Triton's launch)."""
     calls = 20 if quick else 300
     recorded = functools.cache(lambda model: recorded_calls(MODELS[model], device))
-    tensor, identity = torch.empty(2, 4, 64, 16, device=device), _identity_op()
-    with torch.no_grad():
-        floor, _ = timed_us(lambda: identity([tensor] * 3, ""), calls)
+    floor, _ = floor_us(calls, device)
 
     def measure(config: dict) -> Row:
         op, operands = next(call for call in recorded(config["model"]) if call[0].pattern == config["op"])

@@ -9,7 +9,8 @@ signature (runtime.plans), and all but the tensors is the same each time. So lau
                                              torch.zeros, a cached workspace, a table lookup)
 
 and, inside `recording()`, both note what they did: runtime.bound replays a recorded call for new
-operands of the same signature, with none of the launcher's Python. Code that calls launchers (a
+operands of the same signature, with none of the launcher's Python. (The backward launchers, which
+no plan binds, still allocate with torch directly: a recording of one would not be bound.) Code that calls launchers (a
 fused op's fast path, a bound launch's replay) notes the views it makes with `viewed(base, view)`,
 so that a recording of it traces each view back to the tensor it views.
 """

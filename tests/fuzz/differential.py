@@ -88,14 +88,18 @@ def differences(got: Result, expected: Result, tolerance: float, names: list[str
     return found
 
 
+CALLS = 3  # per program: planned, fast path bound, fast path replayed
+
+
 def check_source(source: str, input_shapes, seed: int = 0) -> compiler.CompiledModule:
     """Assert compiler.compile(Model())(*inputs) matches eager Model()(*inputs), outputs and writes, on
-    two calls: the second on fresh inputs of the same shapes, through what the first planned (bound
-    launches and fast paths, runtime.plans), and after what the first wrote into buffers."""
+    CALLS calls on fresh inputs of the same shapes, each after what the ones before wrote into buffers:
+    the first plans (runtime.plans), the second binds the fast paths, the third replays them
+    (runtime.bound)."""
     eager_model, compiled_model = build(source), build(source)
     compiled = compiler.compile(compiled_model, strict=True)
     names = _parameter_names(source)
-    for number in (1, 2):
+    for number in range(1, CALLS + 1):
         eager_inputs = make_inputs(input_shapes, seed + number - 1)
         compiled_inputs = make_inputs(input_shapes, seed + number - 1)
         expected = call(eager_model, eager_inputs)

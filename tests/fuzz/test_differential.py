@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import compiler
+from tests.fuzz.differential import CALLS
 from tests.fuzz.generator import BLOCKS, FUSING, SHAPE, VALUES, WRITES, Step, build, source
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
@@ -42,7 +43,7 @@ def test_compiled_matches_eager(program, seed):
     forward = build(program)
     torch._dynamo.reset()
     compiled = compiler.compile(_Module(forward))
-    for call_seed in (seed, seed + 1):  # the second call runs through what the first planned (runtime.plans)
+    for call_seed in range(seed, seed + CALLS):  # planned, fast path bound, then replayed (check_source)
         eager_inputs, ours_inputs = _inputs(call_seed), _inputs(call_seed)
         try:
             eager = forward(*eager_inputs)
