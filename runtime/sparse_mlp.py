@@ -43,7 +43,7 @@ from ir.fused import SparseMLPLayout
 from codegen.launching import fresh
 from runtime.bound import Bound, FastCall, Launch
 from runtime.dispatch import NEVER, SPARSE_RECOMPUTED, FusedOp, Kernel
-from runtime.plans import NO_PLAN_YET, Recomputed, View, views_between
+from runtime.plans import NO_PLAN_YET, Allocation, Recomputed, View, views_between
 
 
 @dataclass
@@ -117,7 +117,8 @@ class _SparseMLPPlan:
     reason: str | None  # why the kernels cannot take operands of this signature
     gathered_reason: str | None  # the gathered form: why not, from the operands' metadata and idx's
     launch: Launch
-    out_shape: tuple  # the graph's output
+    out: Allocation  # the graph's output
+    out_rows: View  # the output as the kernels' (M, D) rows
 
 
 class SparseMLPOp(FusedOp):
@@ -157,7 +158,9 @@ class SparseMLPOp(FusedOp):
         if reason is not None:
             self.fell_back(reason)
             return self._reference(x, weights, selector)
-        return self._launch(rows, weights, idx, row_mask, plan.launch).reshape(plan.out_shape)
+        out = plan.out.new(x.device)
+        self._launch(rows, weights, idx, row_mask, plan.out_rows.of(out), plan.launch)
+        return out
 
     def fast_path(self, operands):
         """The gathered form with indices proven in range: W2's column-major copy (checked per call),
@@ -168,16 +171,17 @@ class SparseMLPOp(FusedOp):
         if (plan is None or plan.reason is not None or plan.gathered_reason is not None
                 or not isinstance(plan.launch.bound, Bound)):
             return None
-        weight_views, rows_view, out_shape, bound = plan.weights, plan.rows, plan.out_shape, plan.launch.bound
+        weight_views, rows_view, allocation, out_rows, bound = (plan.weights, plan.rows, plan.out, plan.out_rows,
+                                                                plan.launch.bound)
 
         def launched(x, w2_columns, *operands):
             *raw, idx = self._by_role(operands)
             weights = Weights(*(view.of(t) for view, t in zip(weight_views, raw)))
             if idx.dim() == 1 and idx.stride(0) != 1:
                 idx = idx.contiguous()
-            rows = rows_view.of(x)
-            out = fresh(torch.empty_like, rows)
-            return (bound(*self._launch_tensors(rows, weights, idx, out, w2_columns)).reshape(out_shape),)
+            out = fresh(allocation.new, x.device)
+            bound(*self._launch_tensors(rows_view.of(x), weights, idx, out_rows.of(out), w2_columns))
+            return (out,)
 
         launch, w2_view, w2_at = FastCall(launched), weight_views[2], self._w2_position()
 
@@ -196,8 +200,11 @@ class SparseMLPOp(FusedOp):
         gathered = None if reason or self.layout.form == "masked" else self._unsupported_reason(
             rows, weights, selector, None)
         fields = [weights.w1, weights.b1, weights.w2, weights.b2, weights.w3, weights.b3]
+        out_rows = torch.empty((rows.shape[0], weights.w2.shape[0]), dtype=x.dtype, device=x.device)
+        out = out_rows.view(*x.shape[:-1], out_rows.shape[1])
         return _SparseMLPPlan(views_between(raw, fields), View.between(x, rows) or Recomputed(_rows_of), reason,
-                              gathered, Launch(*self.kernel_for(self.spec())), (*x.shape[:-1], weights.w2.shape[0]))
+                              gathered, Launch(*self.kernel_for(self.spec())), Allocation.like(out),
+                              View.between(out, out_rows))
 
     def _unsupported_reason(self, rows, weights: Weights, idx, row_mask) -> str | None:
         return sparse_mlp_codegen.unsupported_reason(
@@ -271,10 +278,10 @@ class SparseMLPOp(FusedOp):
         """Generate (render, store, load) the kernels this op launches."""
         self.kernel_for(self.spec())
 
-    def _launch(self, rows, weights: Weights, idx, row_mask, launch: Launch):
+    def _launch(self, rows, weights: Weights, idx, row_mask, out_rows, launch: Launch):
         sm_count = self._sm_count(rows.device)
         sizes = (rows.shape[0], rows.shape[1], idx.shape[0])
-        tensors = self._launch_tensors(rows, weights, idx, torch.empty_like(rows), self._column_major(weights.w2))
+        tensors = self._launch_tensors(rows, weights, idx, out_rows, self._column_major(weights.w2))
         options = {"up_activation": self.up_activation} if self.layout.gated else {}
 
         def run(launcher):
