@@ -15,7 +15,8 @@ matrix products (FlashFFTConv's Monarch decomposition) so that it runs on tensor
     out = (y + D * v) * post_gate
 
 k_f = filter_spectrum(k, L, scale) holds DFT_N(k) * scale / N with its bins in the kernel's order;
-it is computed once per call with torch.fft and shared by every batch row. A plan with P = 1 keeps
+it is computed once per call and shared by every batch row: by torch.fft here, or by the generated
+module's spectrum kernel (the convolution's forward half on the filter alone, one launch). A plan with P = 1 keeps
 the whole row in registers; P > 1 passes the columns through a per-program scratch buffer.
 
 This module does not import triton: loading a generated module does, after runtime.interpret
@@ -186,9 +187,9 @@ def program_count(plan: FFTPlan, n_pairs: int) -> int:
 
 
 def scratch_buffer(plan: FFTPlan, programs: int, device: torch.device) -> torch.Tensor:
-    """Each program's (2, P, M) fp32 planes for its current row pair's columns; one unused
-    element when P == 1 (the row stays in registers)."""
-    return torch.empty(programs * 2 * plan.n if plan.rows > 1 else 1, dtype=torch.float32, device=device)
+    """Each program's (2, P, M) fp32 planes for its current row pair's columns (P > 1; with P == 1
+    the row stays in registers)."""
+    return torch.empty(programs * 2 * plan.n, dtype=torch.float32, device=device)
 
 
 # -- launch configurations -------------------------------------------------------------------

@@ -299,7 +299,7 @@ def bind(launch: Callable, args: tuple, kwargs: dict) -> tuple[Bound | None, obj
 
 def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], result) -> Bound:
     tracer = _Tracer(operands, recorded.derived)
-    steps = []
+    steps, made_by = [], []  # made_by: (fresh step, what it made)
     for kind, call, grid, args, kwargs, made in recorded.steps:
         if _has_tensor(kwargs) or not all(key.isidentifier() for key in kwargs):
             raise Unbindable(f"a {kind} call takes a tensor, or a name that is not an identifier, by keyword")
@@ -313,7 +313,11 @@ def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], 
         outputs = made if isinstance(made, tuple) else (made,)
         if not all(isinstance(t, torch.Tensor) for t in outputs):
             raise Unbindable("a fresh(...) call made something other than tensors")
-        steps.append(_Step(kind, call, None, values, sources, kwargs, len(outputs) if isinstance(made, tuple) else 1))
+        step = _Step(kind, call, None, values, sources, kwargs, len(outputs) if isinstance(made, tuple) else 1)
+        if any(step == earlier and all(map(operator.is_, outputs, made)) for earlier, made in made_by):
+            continue  # a cached make (FFT tables) called again, returning the same tensors: made once on a replay
+        steps.append(step)
+        made_by.append((step, outputs))
         for output in outputs:
             tracer.add(output)
     return Bound(tensor_kwargs, steps, tracer.result(result))

@@ -14,8 +14,9 @@ them (`filter_dims`) and broadcast over them (a copy of the filter). With a `per
 filter of a circular convolution of that period (a filter longer than L, a bidirectional one, or
 any spectrum's inverse transform). Graphs that hold time at another dim (time-major (B, L, H)
 code) get views with it moved last. At run time the op views u, the gates and the output as
-(B, H, L) rows and k as (H, Lk), computes the filter's spectrum once per call
-(codegen.long_conv.filter_spectrum, shared by all batch rows) and launches the kernel, or runs
+(B, H, L) rows and k as (H, Lk), computes the filter's spectrum once per call (shared by all batch
+rows: the generated module's spectrum kernel, or codegen.long_conv.filter_spectrum's torch.fft for
+circular and fp64 filters and in the backward, under autograd) and launches the kernel, or runs
 codegen.long_conv.long_conv_reference.
 
 The short_conv pass proves that a subgraph computes act(bias + causal depthwise conv1d(x, w))
@@ -40,6 +41,7 @@ from codegen.launching import fresh
 from runtime.bound import Bound, FastCall, Launch
 from runtime.conv_backward import LongConvBackward, ShortConvBackward, time_last
 from ir.fused import LongConvLayout, OutputLayout
+from ir.limits import KERNEL_DTYPES
 from runtime.dispatch import NEVER, FusedOp, Kernel
 from runtime.plans import NO_PLAN_YET, Allocation, Recomputed, View, views_between
 
@@ -210,9 +212,19 @@ class LongConvOp(LongConvBackward, FusedOp):
         """The spectrum of k (H, Lk) the kernels multiply by, forward and (conjugated) backward."""
         return long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale, circular=self.circular)
 
+    def _spectrum(self, rows: Rows, launch: Launch) -> torch.Tensor:
+        """The forward's filter spectrum: by the generated module's spectrum kernel (one launch, at the
+        precision of the convolution's own transforms) for a causal filter of a kernel dtype; else by
+        filter_spectrum (torch.fft, in fp64 for fp64 k)."""
+        k, seqlen = rows.k, rows.u.shape[-1]
+        if self.circular or k.dtype not in KERNEL_DTYPES:
+            return fresh(self.filter_spectrum, k, seqlen)
+        return launch.module.spectrum(k, seqlen, scale=self.scale,
+                                      precision=long_conv_codegen.dot_precision(rows.u.dtype))
+
     def _launch(self, rows: Rows, out: torch.Tensor, launch: Launch) -> None:
         seqlen = rows.u.shape[-1]
-        k_f = fresh(self.filter_spectrum, rows.k, seqlen)
+        k_f = self._spectrum(rows, launch)
 
         def tuning():
             plan = long_conv_codegen.plan_of(k_f, seqlen)

@@ -232,6 +232,41 @@ def test_filter_spectrum_holds_scaled_bins_in_kernel_order():
         torch.testing.assert_close(k_f[:, 1, k1, a, b].double(), expected.imag, atol=1e-7, rtol=1e-5)
 
 
+SPECTRUM_CASES = [  # (channels, L, taps, max_cols, dtype, scale, layout): P = 1, 8 and 32, short filters
+    (3, 1, 1, MAX_FFT_COLS, fp32, 1.0, "rows"),
+    (3, 1000, 1000, MAX_FFT_COLS, fp32, 1.0, "rows"),
+    (5, 100, 17, MAX_FFT_COLS, bf16, 0.5, "columns"),
+    (2, 2048, 2048, MAX_FFT_COLS, fp16, 1.0, "rows"),
+    (3, 1000, 999, 256, fp32, 0.25, "columns"),
+    (2, 4096, 4000, 256, bf16, 1.0, "rows"),
+]
+
+
+@pytest.mark.parametrize("channels, seqlen, taps, max_cols, dtype, scale, layout", SPECTRUM_CASES,
+                         ids=lambda value: str(value).removeprefix("torch."))
+def test_spectrum_kernel_matches_filter_spectrum(channels, seqlen, taps, max_cols, dtype, scale, layout):
+    """The generated module's spectrum kernel against filter_spectrum's torch.fft in fp32, both held
+    to the fp64 transform (in units of one unscaled bin, where eps is small beside the values)."""
+    k = torch.randn(channels, taps, device=DEVICE).to(dtype)
+    k = k.t().contiguous().t() if layout == "columns" else k
+    ours = load_kernel(LongConvSpec()).spectrum(k, seqlen, scale=scale, max_cols=max_cols)
+    baseline = filter_spectrum(k, seqlen, scale=scale, max_cols=max_cols)
+    plan = plan_of(ours, seqlen)
+    assert plan == fft_plan(seqlen, max_cols)
+    exact = torch.fft.fft(k.double(), n=plan.n)
+    exact = torch.view_as_real(exact).view(channels, plan.m2, plan.m1, plan.rows, 2).permute(0, 4, 3, 2, 1)
+    unit = plan.n / scale
+    assert_close_by_rule(ours * unit, baseline * unit, exact)
+
+
+def test_spectrum_kernel_refuses_filters_it_does_not_compute():
+    module = load_kernel(LongConvSpec())
+    for k, seqlen in ((torch.randn(3, 100, dtype=torch.float64), 100), (torch.randn(3, 101), 100),
+                      (torch.randn(3, 0), 100), (torch.randn(2, 3, 100), 100)):
+        with pytest.raises(ValueError, match="spectrum takes a filter"):
+            module.spectrum(k.to(DEVICE), seqlen)
+
+
 def test_program_count():
     assert program_count(FFTPlan(1, 64, 64), 10_000) == 10_000
     assert program_count(FFTPlan(2, 64, 64), 10_000) == codegen.long_conv.SCRATCH_L2_BYTES // (8 * 8192)

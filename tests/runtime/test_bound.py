@@ -141,6 +141,24 @@ def test_a_cached_buffer_written_before_the_call_still_binds():
     assert_replays_plus_one(through_cache)
 
 
+def test_a_cached_make_called_twice_binds_and_is_made_once_on_a_replay():
+    """Two fresh calls of one cached make with the same arguments return the same tensor (the long
+    conv's FFT tables, made by its spectrum and its convolution): one source, made once per replay."""
+    cached, makes = torch.empty(70), []
+
+    def cache(n):
+        makes.append(n)
+        return cached
+
+    def through_cache_twice(x, out):
+        start(_scaled, _grid(x.numel()), x, fresh(cache, x.numel()), x.numel(), 1.0, BLOCK=BLOCK)
+        start(_plus_one, _grid(x.numel()), fresh(cache, x.numel()), out, x.numel(), BLOCK=BLOCK)
+        return out
+
+    assert_replays_plus_one(through_cache_twice)
+    assert makes == [70, 70, 70]  # the recorded call's two, the replay's one
+
+
 def _copied(into, source):
     into.copy_(source)
     return ()
