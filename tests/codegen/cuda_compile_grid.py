@@ -162,7 +162,7 @@ def _long_conv_backward(dtype, seqlen, fused, batch=8, channels=768):
     spec = long_conv.LongConvSpec(has_D=fused, has_pre_gate=fused, has_post_gate=fused)
     module = load(long_conv_backward.kernel_name, long_conv_backward.render_long_conv_backward, spec)
     u = meta(batch, channels, seqlen, dtype=dtype)
-    k_f = module.spectrum(meta(channels, seqlen, dtype=dtype), seqlen, precision=long_conv.dot_precision(dtype))
+    k_f = long_conv.filter_spectrum(meta(channels, seqlen, dtype=FP32), seqlen)
     dk_f = long_conv_backward.spectrum_grad_buffer(long_conv_backward.batch_splits(batch, channels), k_f)
     extras = dict(D=meta(channels, dtype=FP32), pre_gate=torch.empty_like(u), post_gate=torch.empty_like(u),
                   dpre=torch.empty_like(u), dpost=torch.empty_like(u))
