@@ -119,7 +119,7 @@ SUITES = {"attention": attention, "attention_decode": attention_decode, "long_co
           "ssm_scan": ssm_scan, "ssd_scan": ssd_scan, "sparse_mlp": sparse_mlp, "end_to_end": end_to_end,
           "host_overhead": host_overhead, "attention_training": attention_training, "conv_training": conv_training,
           "ssm_training": TrainingPart(ssm_scan), "ssd_training": TrainingPart(ssd_scan)}  # each has grid and run
-ESTIMATE_S = {TESTS: 80, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
+ESTIMATE_S = {TESTS: 90, "attention": 50, "attention_decode": 10, "long_conv": 35, "ssm_scan": 30, "ssd_scan": 30,
               "sparse_mlp": 10, "end_to_end": 50, "host_overhead": 25, "attention_training": 60, "conv_training": 20,
               "ssm_training": 30, "ssd_training": 25}  # H100/H200
 NOT_REACHED = "not run: the check stopped before it"  # what a run killed at its limit leaves named
@@ -189,10 +189,13 @@ GPU_TESTS = [
     "tests/compiler/test_sparse_mlp_pass.py::test_relu_llama_2_7b_mlp_bf16[1]",
     # eight threads calling one compiled model (kernels run concurrently, not serialised as on the interpreter)
     "tests/reliability/test_threads.py::test_threads_share_one_compiled_model_on_the_gpu",
-    # mode="reduce-overhead": a decode step captured and replayed under Inductor's CUDA graphs, and a folded
+    # mode="reduce-overhead": a decode step captured and replayed under Inductor's CUDA graphs, a folded
     # causal buffer written through .data between replays
     "tests/runtime/test_cuda_graphs.py::test_decode_step_is_captured_and_replayed",
     "tests/runtime/test_cuda_graphs.py::test_folded_causal_buffer_under_cuda_graphs_follows_data_writes",
+    # ... and models whose ops keep FFT tables and workspaces across calls (made outside the graphs' pool)
+    "tests/runtime/test_cuda_graphs.py::test_tensors_kept_across_calls_stay_out_of_the_graphs_pool[hyena]",
+    "tests/runtime/test_cuda_graphs.py::test_tensors_kept_across_calls_stay_out_of_the_graphs_pool[dejavu]",
 ]
 OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 TEST_ID = re.compile(r"tests/\S+\.py::\S+")

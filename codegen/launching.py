@@ -13,10 +13,16 @@ operands of the same signature, with none of the launcher's Python. (The backwar
 no plan binds, still allocate with torch directly: a recording of one would not be bound.) Code that calls launchers (a
 fused op's fast path, a bound launch's replay) notes the views it makes with `viewed(base, view)`,
 so that a recording of it traces each view back to the tensor it views.
+
+Tensors kept across calls (FFT tables, split-reduction workspaces) are made with
+`persistent(make, ...)`, on a helper thread: a CUDA graph's warm-up and capture route the calling
+thread's allocations into the graph's private pool, where a tensor kept past the call does not belong.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -92,3 +98,29 @@ def viewed(base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     if recorded is not None:
         recorded.derived[id(view)] = (view, base)
     return view
+
+
+_MAKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashfx-persistent")
+_making = threading.local()  # .active: this thread is the maker, running a make
+
+
+def persistent(make: Callable, *args):
+    """make(*args): tensors a cache keeps across calls, made on a helper thread (and, on CUDA, with its
+    work finished before they are returned). Inductor's CUDA graph trees send the calling thread's
+    allocations to a graph's private pool while they warm up and record it, check afterwards that
+    nothing made there stayed alive, and reuse that memory on replays; the helper's allocations come
+    from the ordinary pool. A make that itself calls persistent runs it inline."""
+    if getattr(_making, "active", False):
+        return make(*args)
+    return _MAKER.submit(_made, make, args).result()
+
+
+def _made(make: Callable, args: tuple):
+    _making.active = True
+    try:
+        made = make(*args)
+        for device in {t.device for t in (made if isinstance(made, tuple) else (made,)) if t.is_cuda}:
+            torch.cuda.synchronize(device)
+        return made
+    finally:
+        _making.active = False

@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import torch
 
+from codegen.launching import persistent
 from codegen.render import render
 from ir.limits import KERNEL_DTYPES
 
@@ -137,7 +138,11 @@ def _roots(rows: int, cols: int, n: int) -> torch.Tensor:
 @lru_cache(maxsize=None)
 def fft_tables(plan: FFTPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(DFT_m1, DFT_m2, twiddles W_M^(a n2) (m1, m2), DFT_rows, twiddles W_N^(k1 m) (rows, M)), each
-    as (2, r, c) fp32 planes on `device`; built in fp64 once per plan and device."""
+    as (2, r, c) fp32 planes on `device`; built in fp64 once per plan and device (`persistent`)."""
+    return persistent(_tables, plan, device)
+
+
+def _tables(plan: FFTPlan, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(_roots(*shape).to(device) for shape in (
         (plan.m1, plan.m1, plan.m1), (plan.m2, plan.m2, plan.m2), (plan.m1, plan.m2, plan.cols),
         (plan.rows, plan.rows, plan.rows), (plan.rows, plan.cols, plan.n)))

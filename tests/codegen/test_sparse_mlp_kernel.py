@@ -262,6 +262,17 @@ def test_split_workspaces_are_per_thread():
     assert there[0][0] is not here[0] and there[0][1] is not here[1]
 
 
+def test_outgrown_workspaces_are_kept_zeroed_and_growth_doubles():
+    """A CUDA graph captured with a workspace replays into it, so one outgrown stays alive; growth
+    doubles, so what is kept stays within the newest pair's size."""
+    module = generated("relu")
+    small = module._workspace(DEVICE, 64, 4)
+    grown = module._workspace(DEVICE, small[0].numel() + 1, 4)
+    assert grown[0].numel() == 2 * small[0].numel() and grown[1].numel() == 2 * small[1].numel()
+    assert any(kept[0] is small[0] for kept in module._workspaces.outgrown)
+    assert not grown[0].any() and not grown[1].any()
+
+
 def test_empty_batch_leaves_out_alone():
     ops = cast(operands(Case(1, 33, 65, 0.1), seed=3), fp32)
     out = torch.empty(0, 33, device=DEVICE)

@@ -7,7 +7,7 @@ write through `.data` still gives eager's answer; ops that must read values on t
 from module state, chained masks) call their custom op's cudagraph_unsafe twin, stay exact, and
 report() says they run outside CUDA graphs; run-time fallbacks are still reported. On a GPU: a
 decode step is captured and replayed (no fused op's Python runs on a replay) and matches eager,
-step after step.
+step after step; so are models whose ops keep device tensors across calls (FFT tables, workspaces).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import compiler
-from models import dejavu, gpt
+from models import dejavu, gpt, hyena
 from runtime import library
 from runtime.interpret import launch_lock
 from tests.compiler.test_attention_pass import CausalThenPadding, padding_masks, qkv
@@ -223,3 +223,26 @@ def test_folded_causal_buffer_under_cuda_graphs_follows_data_writes():
         assert_replayed(compiled, lambda: torch.testing.assert_close(compiled(ids).clone(), model(ids),
                                                                      rtol=1e-4, atol=1e-4))
     assert set(compiled.patterns) == {"attention"}
+
+
+# models whose fused ops keep device tensors across calls: the long conv's FFT tables, the sparse MLP's workspace
+CACHING_MODELS = {"hyena": hyena.tiny, "dejavu": dejavu.tiny_gathered}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("build", CACHING_MODELS.values(), ids=CACHING_MODELS.keys())
+def test_tensors_kept_across_calls_stay_out_of_the_graphs_pool(build):
+    """Made on the first call, Inductor's warm-up, they come from the ordinary pool
+    (codegen.launching.persistent): the check Inductor runs after a warm-up finds nothing of ours
+    left alive in the graphs' pool, and the replays match eager."""
+    model, args = build()
+    model, args = model.cuda().eval(), [arg.cuda() for arg in args]
+    compiled = fresh_compile(model)
+    with torch.no_grad():
+        expected = model(*args)
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            torch.testing.assert_close(compiled(*args).clone(), expected, rtol=1e-4, atol=1e-4)
+        torch.compiler.cudagraph_mark_step_begin()
+        assert_replayed(compiled, lambda: compiled(*args))
+    assert compiled.patterns and "outside CUDA graphs" not in compiled.report()
