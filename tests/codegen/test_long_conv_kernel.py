@@ -232,13 +232,15 @@ def test_filter_spectrum_holds_scaled_bins_in_kernel_order():
         torch.testing.assert_close(k_f[:, 1, k1, a, b].double(), expected.imag, atol=1e-7, rtol=1e-5)
 
 
-SPECTRUM_CASES = [  # (channels, L, taps, max_cols, dtype, scale, layout): P = 1, 8 and 32, short filters
+SPECTRUM_CASES = [  # (channels, L, taps, max_cols, dtype, scale, layout): P = 1, 8 and 32, short filters,
+    # strided ones (k as a transposed copy; one filter broadcast over the channels, stride 0)
     (3, 1, 1, MAX_FFT_COLS, fp32, 1.0, "rows"),
     (3, 1000, 1000, MAX_FFT_COLS, fp32, 1.0, "rows"),
     (5, 100, 17, MAX_FFT_COLS, bf16, 0.5, "columns"),
     (2, 2048, 2048, MAX_FFT_COLS, fp16, 1.0, "rows"),
     (3, 1000, 999, 256, fp32, 0.25, "columns"),
     (2, 4096, 4000, 256, bf16, 1.0, "rows"),
+    (4, 1000, 1000, 256, fp32, 1.0, "broadcast"),
 ]
 
 
@@ -248,7 +250,7 @@ def test_spectrum_kernel_matches_filter_spectrum(channels, seqlen, taps, max_col
     """The generated module's spectrum kernel against filter_spectrum's torch.fft in fp32, both held
     to the fp64 transform (in units of one unscaled bin, where eps is small beside the values)."""
     k = torch.randn(channels, taps, device=DEVICE).to(dtype)
-    k = k.t().contiguous().t() if layout == "columns" else k
+    k = {"rows": k, "columns": k.t().contiguous().t(), "broadcast": k[:1].expand(channels, taps)}[layout]
     ours = load_kernel(LongConvSpec()).spectrum(k, seqlen, scale=scale, max_cols=max_cols)
     baseline = filter_spectrum(k, seqlen, scale=scale, max_cols=max_cols)
     plan = plan_of(ours, seqlen)
