@@ -47,6 +47,9 @@ MIN_PERSISTENT_PROGRAMS = 264
 # fp16 keeps as many mantissa bits as tf32: one tf32 rounding per DFT stage would cost more than
 # the output's own fp16 rounding, so fp16 uses 3xTF32; bf16 has 3 bits fewer and tf32 suffices.
 DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32"}
+# The filter's spectrum (the module's spectrum kernel) keeps fp32 accuracy, on tensor cores (3xTF32)
+# for 16-bit convolutions: one transform per channel, shared by the batch, so it costs little.
+SPECTRUM_PRECISION = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "tf32x3"}
 
 
 @dataclass(frozen=True)

@@ -213,14 +213,14 @@ class LongConvOp(LongConvBackward, FusedOp):
         return long_conv_codegen.filter_spectrum(k, seqlen, scale=self.scale, circular=self.circular)
 
     def _spectrum(self, rows: Rows, launch: Launch) -> torch.Tensor:
-        """The forward's filter spectrum: by the generated module's spectrum kernel (one launch, at the
-        precision of the convolution's own transforms) for a causal filter of a kernel dtype; else by
-        filter_spectrum (torch.fft, in fp64 for fp64 k)."""
+        """The forward's filter spectrum: by the generated module's spectrum kernel (one launch, with
+        fp32 accuracy: SPECTRUM_PRECISION) for a causal filter of a kernel dtype; else by filter_spectrum
+        (torch.fft, in fp64 for fp64 k)."""
         k, seqlen = rows.k, rows.u.shape[-1]
         if self.circular or k.dtype not in KERNEL_DTYPES:
             return fresh(self.filter_spectrum, k, seqlen)
         return launch.module.spectrum(k, seqlen, scale=self.scale,
-                                      precision=long_conv_codegen.dot_precision(rows.u.dtype))
+                                      precision=long_conv_codegen.SPECTRUM_PRECISION[rows.u.dtype])
 
     def _launch(self, rows: Rows, out: torch.Tensor, launch: Launch) -> None:
         seqlen = rows.u.shape[-1]

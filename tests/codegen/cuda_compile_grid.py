@@ -146,7 +146,7 @@ def _long_conv(dtype, seqlen, fused, batch=64, channels=768):
     spec = long_conv.LongConvSpec(has_D=fused, has_pre_gate=fused, has_post_gate=fused)
     module = load(long_conv.kernel_name, long_conv.render_long_conv, spec)
     u = meta(batch, channels, seqlen, dtype=dtype)
-    k_f = module.spectrum(meta(channels, seqlen, dtype=dtype), seqlen, precision=long_conv.dot_precision(dtype))
+    k_f = module.spectrum(meta(channels, seqlen, dtype=dtype), seqlen, precision=long_conv.SPECTRUM_PRECISION[dtype])
     extras = dict(D=meta(channels, dtype=FP32), pre_gate=torch.empty_like(u), post_gate=torch.empty_like(u))
     module.launch(u, k_f, torch.empty_like(u), **(extras if fused else {}))
 
