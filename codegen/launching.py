@@ -20,7 +20,6 @@ thread's allocations into the graph's private pool, where a tensor kept past the
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import threading
 from contextvars import ContextVar
@@ -100,8 +99,7 @@ def viewed(base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     return view
 
 
-_MAKER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashfx-persistent")
-_making = threading.local()  # .active: this thread is the maker, running a make
+_making = threading.local()  # .active: this thread is a persistent() helper, running a make
 
 
 def persistent(make: Callable, *args):
@@ -109,18 +107,25 @@ def persistent(make: Callable, *args):
     work finished before they are returned). Inductor's CUDA graph trees send the calling thread's
     allocations to a graph's private pool while they warm up and record it, check afterwards that
     nothing made there stayed alive, and reuse that memory on replays; the helper's allocations come
-    from the ordinary pool. A make that itself calls persistent runs it inline."""
+    from the ordinary pool. One thread per call (caches miss rarely): no pool of threads that a
+    forked process would inherit dead. A make that itself calls persistent runs it inline."""
     if getattr(_making, "active", False):
         return make(*args)
-    return _MAKER.submit(_made, make, args).result()
+    outcome: dict = {}
+    helper = threading.Thread(target=_made, args=(make, args, outcome), name="flashfx-persistent")
+    helper.start()
+    helper.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["made"]
 
 
-def _made(make: Callable, args: tuple):
+def _made(make: Callable, args: tuple, outcome: dict) -> None:
     _making.active = True
     try:
         made = make(*args)
         for device in {t.device for t in (made if isinstance(made, tuple) else (made,)) if t.is_cuda}:
             torch.cuda.synchronize(device)
-        return made
-    finally:
-        _making.active = False
+        outcome["made"] = made
+    except BaseException as error:  # raised again in the calling thread
+        outcome["error"] = error

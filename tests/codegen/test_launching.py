@@ -22,7 +22,7 @@ def test_persistent_makes_on_a_helper_thread_and_returns_what_it_made():
 
 
 def test_persistent_inside_a_persistent_make_runs_inline():
-    """One helper thread: a nested call queued behind its caller would wait for ever."""
+    """Already off the calling thread, a nested make needs no helper of its own."""
     threads = []
 
     def inner():
@@ -43,4 +43,4 @@ def test_persistent_passes_a_make_error_on():
 
     with pytest.raises(ValueError, match="no table"):
         persistent(fails)
-    assert persistent(torch.zeros, 2).shape == (2,)  # the helper still serves
+    assert persistent(torch.zeros, 2).shape == (2,)  # and the next call is served
