@@ -16,8 +16,9 @@ matrix products (FlashFFTConv's Monarch decomposition) so that it runs on tensor
 
 k_f = filter_spectrum(k, L, scale) holds DFT_N(k) * scale / N with its bins in the kernel's order;
 it is computed once per call and shared by every batch row: by torch.fft here, or by the generated
-module's spectrum kernel (the convolution's forward half on the filter alone, one launch). A plan with P = 1 keeps
-the whole row in registers; P > 1 passes the columns through a per-program scratch buffer.
+module's spectrum kernel (the convolution's forward half on the filter alone, one launch). A plan
+with P = 1 keeps the whole row in registers; P > 1 passes the columns through a per-program scratch
+buffer.
 
 This module does not import triton: loading a generated module does, after runtime.interpret
 has chosen between compiled kernels and the interpreter.
