@@ -163,8 +163,9 @@ class SparseMLPOp(FusedOp):
         return out
 
     def fast_path(self, operands):
-        """The gathered form with indices proven in range: W2's column-major copy (checked per call),
-        then the planned views, the output's allocation and the bound launch (one FastCall)."""
+        """The gathered form with indices proven in range: the planned views, W2's column-major copy
+        where W2's strides (decided by the signature) need one (a fresh call, checked per call), the
+        output's allocation and the bound launch, as one FastCall."""
         if self.differentiable or self.layout.form != "gathered" or not self.layout.indices_proven:
             return NEVER
         plan = self._plans.get(self.plan_key(operands))
@@ -173,22 +174,20 @@ class SparseMLPOp(FusedOp):
             return None
         weight_views, rows_view, allocation, out_rows, bound = (plan.weights, plan.rows, plan.out, plan.out_rows,
                                                                 plan.launch.bound)
+        w2 = weight_views[2].of(self._by_role(operands[1:])[2])
+        copies_w2 = self._column_major(w2) is not w2
 
-        def launched(x, w2_columns, *operands):
+        def launched(x, *operands):
             *raw, idx = self._by_role(operands)
             weights = Weights(*(view.of(t) for view, t in zip(weight_views, raw)))
             if idx.dim() == 1 and idx.stride(0) != 1:
                 idx = idx.contiguous()
+            w2_columns = fresh(self._column_major, weights.w2) if copies_w2 else weights.w2
             out = fresh(allocation.new, x.device)
             bound(*self._launch_tensors(rows_view.of(x), weights, idx, out_rows.of(out), w2_columns))
             return (out,)
 
-        launch, w2_view, w2_at = FastCall(launched), weight_views[2], self._w2_position()
-
-        def mlp(x, *operands):
-            return launch(x, self._column_major(w2_view.of(operands[w2_at])), *operands)
-
-        return mlp
+        return FastCall(launched)
 
     def _plan(self, x, *operands) -> _SparseMLPPlan:
         """What calls of these operands' signature decide (runtime.plans): the canonical weights' and
@@ -232,11 +231,6 @@ class SparseMLPOp(FusedOp):
         b2 = operands.pop(0) if layout.has_b2 else None
         (selector,) = operands
         return w1, b1, w2, b2, w3, b3, selector
-
-    def _w2_position(self) -> int:
-        """Where w2 is among the operands after x (`_by_role`'s order)."""
-        layout = self.layout
-        return 1 + layout.has_b1 + layout.gated + layout.has_b3
 
     def _canonical(self, w1, b1, w2, b2, w3, b3) -> Weights:
         """The weights as canonical matrices: untransposed, merged ones split into their rows."""
@@ -325,10 +319,11 @@ class SparseMLPOp(FusedOp):
         the copy (the down kernel then reads the selected columns with stride F, uncoalesced)."""
         if w2.stride(0) == 1 or self.sync_free:
             return w2
+        owner = w2 if w2._base is None else w2._base  # a view made per call (a transpose) is new each time
         key = (w2.data_ptr(), w2._version, tuple(w2.shape), w2.stride(), w2.dtype, w2.device)
         cached = self._w2_column_major
-        if cached is None or cached[0]() is not w2 or cached[1] != key:
-            cached = (weakref.ref(w2), key, sparse_mlp_codegen.column_major(w2))
+        if cached is None or cached[0]() is not owner or cached[1] != key:
+            cached = (weakref.ref(owner), key, sparse_mlp_codegen.column_major(w2))
             self._w2_column_major = cached
         return cached[2]
 

@@ -663,6 +663,21 @@ class TopkGathered(GatheredMLP):
         return super().forward(x, scores.topk(7).indices.sort().values)
 
 
+def test_weight_updates_in_place_are_seen_by_a_replayed_fast_path():
+    """The gathered form's fast path, replayed as one call (runtime.bound), makes W2's column-major
+    copy through a fresh call: an in-place update between replays is seen too."""
+    module = TopkGathered(16, 40).eval()
+    x, scores = torch.randn(3, 16), torch.randn(40)
+    compiled = compiler.compile(module, strict=True)
+    with torch.no_grad():
+        for _ in range(3):  # plan, bind, replay
+            compiled(x, scores)
+        (op,) = compiled._report.ops
+        assert op._latest_fast_path[2].bound is not None and op._w2_column_major is not None
+        module.fc2.weight.mul_(-2.0)
+        torch.testing.assert_close(compiled(x, scores), module(x, scores))
+
+
 def test_index_range_is_proven_or_checked():
     module = GatheredMLP(16, 40).eval()
     x = torch.randn(3, 16)
