@@ -17,10 +17,12 @@ so that a recording of it traces each view back to the tensor it views.
 Tensors kept across calls (FFT tables, split-reduction workspaces) are made with
 `persistent(make, ...)`, on a helper thread: a CUDA graph's warm-up and capture route the calling
 thread's allocations into the graph's private pool, where a tensor kept past the call does not belong.
+Buffers a call's kernels use only during that call come from a `Scratch`, reused by later calls.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -129,3 +131,54 @@ def _made(make: Callable, args: tuple, outcome: dict) -> None:
         outcome["made"] = made
     except BaseException as error:  # raised again in the calling thread
         outcome["error"] = error
+
+
+class Scratch:
+    """Buffers a launcher's kernels use only while one call runs (split sums, per-chunk cumulative
+    sums), viewed in the shapes a call asks for and reused by later calls instead of made anew.
+
+    One set per thread, device, stream and key (a dtype, say): one thread's launches on one stream run
+    in order, so a later call's kernels start after this call's are done with the buffers, and threads
+    that share a device's default stream keep sets of their own. Sets grow by doubling; they are made
+    with `persistent` and kept while their thread lives, outgrown ones too (a CUDA graph captured with
+    one replays into it). A zeroed buffer starts zeroed, and the kernels must leave it so.
+    """
+
+    SHAPES_PER_SET = 64  # views kept per set, by the shapes asked for; forgotten all at once past it
+
+    def __init__(self, *buffers: tuple[torch.dtype | None, bool]):
+        """buffers: (dtype, or None for the key's; zeroed) of each buffer of a set."""
+        self.buffers = buffers
+        self._local = threading.local()  # .sets: {(device, stream, key): _ScratchSet}
+
+    def views(self, device: torch.device, key, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Each buffer of this thread's set for (device, current stream, key), viewed contiguous in its
+        shape; the same views on every call asking for the same shapes."""
+        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+        found = self._local.__dict__.setdefault("sets", {}).get((device, stream, key))
+        views = None if found is None else found.views.get(shapes)
+        return self._viewed((device, stream, key), found, shapes) if views is None else views
+
+    def _viewed(self, place: tuple, found, shapes: tuple) -> tuple[torch.Tensor, ...]:
+        device, _, key = place
+        sizes = [math.prod(shape) for shape in shapes]
+        if found is None or any(size > buffer.numel() for size, buffer in zip(sizes, found.buffers)):
+            if found is not None:
+                self._local.__dict__.setdefault("outgrown", []).append(found.buffers)
+                sizes = [max(size, 2 * buffer.numel()) for size, buffer in zip(sizes, found.buffers)]
+            found = self._local.sets[place] = _ScratchSet(persistent(self._made, device, key, sizes))
+        if len(found.views) >= self.SHAPES_PER_SET:
+            found.views.clear()
+        views = found.views[shapes] = tuple(buffer[:math.prod(shape)].view(shape)
+                                            for buffer, shape in zip(found.buffers, shapes))
+        return views
+
+    def _made(self, device: torch.device, key, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        return tuple((torch.zeros if zeroed else torch.empty)(size, dtype=dtype or key, device=device)
+                     for (dtype, zeroed), size in zip(self.buffers, sizes))
+
+
+@dataclass
+class _ScratchSet:
+    buffers: tuple[torch.Tensor, ...]
+    views: dict = field(default_factory=dict)  # {shapes: views}

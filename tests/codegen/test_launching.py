@@ -1,4 +1,5 @@
-"""codegen.launching's persistent: tensors a cache keeps across calls are made on a helper thread."""
+"""codegen.launching's persistent (tensors a cache keeps across calls, made on a helper thread) and
+Scratch (buffers a call's kernels use only while it runs, reused by later calls)."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from codegen.launching import persistent
+from codegen.launching import Scratch, persistent
 
 
 def test_persistent_makes_on_a_helper_thread_and_returns_what_it_made():
@@ -44,3 +45,36 @@ def test_persistent_passes_a_make_error_on():
     with pytest.raises(ValueError, match="no table"):
         persistent(fails)
     assert persistent(torch.zeros, 2).shape == (2,)  # and the next call is served
+
+
+def test_scratch_views_are_reused_for_the_same_shapes_and_zeroed_where_asked():
+    scratch = Scratch((torch.float32, True), (None, False))
+    views = scratch.views(torch.device("cpu"), torch.bfloat16, (6,), (2, 3))
+    sums, rows = views
+    assert sums.dtype == torch.float32 and not sums.any() and rows.dtype == torch.bfloat16
+    assert rows.shape == (2, 3) and rows.is_contiguous()
+    assert scratch.views(torch.device("cpu"), torch.bfloat16, (6,), (2, 3)) is views  # the same views
+    smaller = scratch.views(torch.device("cpu"), torch.bfloat16, (4,), (1, 3))
+    assert smaller[0].data_ptr() == sums.data_ptr()  # other shapes, the same buffers
+    assert scratch.views(torch.device("cpu"), torch.float32, (6,), (2, 3))[1].dtype == torch.float32  # a set per key
+
+
+def test_scratch_grows_by_doubling_and_keeps_what_it_outgrew():
+    """A CUDA graph captured with a set replays into it, so an outgrown set stays alive; growth
+    doubles, so what is kept stays within the newest set's size."""
+    scratch = Scratch((torch.float32, True),)
+    (small,) = scratch.views(torch.device("cpu"), None, (8,))
+    (grown,) = scratch.views(torch.device("cpu"), None, (9,))
+    assert grown.data_ptr() != small.data_ptr() and not grown.any()
+    assert scratch.views(torch.device("cpu"), None, (16,))[0].data_ptr() == grown.data_ptr()  # 2 x 8
+    assert any(kept[0].data_ptr() == small.data_ptr() for kept in scratch._local.outgrown)
+
+
+def test_scratch_is_per_thread():
+    scratch = Scratch((torch.float32, False),)
+    here = scratch.views(torch.device("cpu"), None, (8,))
+    there = []
+    thread = threading.Thread(target=lambda: there.extend(scratch.views(torch.device("cpu"), None, (8,))))
+    thread.start()
+    thread.join()
+    assert there[0].data_ptr() != here[0].data_ptr()

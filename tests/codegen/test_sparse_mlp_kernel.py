@@ -253,28 +253,13 @@ def test_split_workspaces_are_per_thread():
     """Threads share a device's default stream, so each keeps its own workspace: two running the
     same model at once would otherwise interleave partial sums in one buffer."""
     module = generated("relu")
-    here = module._workspace(DEVICE, fp32, 64, 4, 2, 3)
+    here = module._WORKSPACES.views(DEVICE, fp32, (64,), (4,), (2, 3))
     there = []
-    thread = threading.Thread(target=lambda: there.append(module._workspace(DEVICE, fp32, 64, 4, 2, 3)))
+    thread = threading.Thread(target=lambda: there.append(module._WORKSPACES.views(DEVICE, fp32, (64,), (4,), (2, 3))))
     thread.start()
     thread.join()
-    again = module._workspace(DEVICE, fp32, 64, 4, 2, 3)
-    assert again[0] is here[0] and again[2].data_ptr() == here[2].data_ptr()  # reused within a thread
+    assert module._WORKSPACES.views(DEVICE, fp32, (64,), (4,), (2, 3)) is here  # reused within a thread
     assert all(theirs.data_ptr() != ours.data_ptr() for theirs, ours in zip(there[0], here))
-
-
-def test_outgrown_workspaces_are_kept_zeroed_and_growth_doubles():
-    """A CUDA graph captured with a workspace replays into it, so one outgrown stays alive; growth
-    doubles, so what is kept stays within the newest set's size. h is a view of the set's hidden
-    buffer, of the rows' dtype."""
-    module = generated("relu")
-    small = module._workspace(DEVICE, bf16, 64, 4, 2, 3)
-    grown = module._workspace(DEVICE, bf16, small[0].numel() + 1, 4, 5, 3)
-    assert grown[0].numel() == 2 * small[0].numel() and grown[1].numel() == 2 * small[1].numel()
-    assert any(kept[0] is small[0] for kept in module._workspaces.outgrown)
-    assert not grown[0].any() and not grown[1].any()
-    assert grown[2].shape == (5, 3) and grown[2].dtype == bf16 and grown[2].is_contiguous()
-    assert module._workspace(DEVICE, fp32, 64, 4, 2, 3)[0] is not grown[0]  # a set per dtype
 
 
 def test_empty_batch_leaves_out_alone():

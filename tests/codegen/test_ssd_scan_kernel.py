@@ -131,11 +131,14 @@ def _options(case: Case) -> dict:
     return dict(dt_softplus=case.softplus, dt_limit=(2e-3, 0.05) if case.limit else None)
 
 
-def run_scan(case: Case, inputs: dict):
+def run_scan(case: Case, inputs: dict, module_only: bool = False):
+    """(out, final state) of the generated scan's launch; its module, with `module_only`."""
     options = _options(case)
     spec = SSDSpec.for_args(inputs["D"], inputs["z"], inputs["dt_bias"], initial_state=inputs["initial_state"],
                             final_state=inputs["x"] if case.final else None, **options)
     module, _ = load_source(kernel_name(spec), render_scan(spec))
+    if module_only:
+        return module
     out = poisoned_like(inputs["x"])
     b, _, h, p = inputs["x"].shape
     final = torch.full((b, h, p, case.dstate), float("nan"), dtype=case.dtype, device=DEVICE) if case.final else None
@@ -155,6 +158,19 @@ def assert_scan_matches(case: Case, inputs: dict, out, final) -> None:
 def test_scan_kernel_matches_reference(case: Case):
     inputs = scan_inputs(case)
     assert unsupported_reason(**inputs, out=inputs["x"]) is None
+    assert_scan_matches(case, inputs, *run_scan(case, inputs))
+
+
+@pytest.mark.parametrize("case", [SCAN_CASES[2], SCAN_CASES[5]], ids=str)
+def test_scan_writes_its_reused_scratch_before_reading_it(case: Case):
+    """Δ, cs and the chunk states come from buffers earlier calls used (codegen.launching.Scratch):
+    filled with NaN between two calls, they must not reach the output."""
+    inputs = scan_inputs(case)
+    module = run_scan(case, inputs, module_only=True)
+    run_scan(case, inputs)
+    for scratch in module._SCRATCH._local.sets.values():
+        for buffer in scratch.buffers:
+            buffer.fill_(float("nan"))
     assert_scan_matches(case, inputs, *run_scan(case, inputs))
 
 
