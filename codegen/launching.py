@@ -139,9 +139,10 @@ class Scratch:
 
     One set per thread, device, stream and key (a dtype, say): one thread's launches on one stream run
     in order, so a later call's kernels start after this call's are done with the buffers, and threads
-    that share a device's default stream keep sets of their own. Sets grow by doubling; they are made
-    with `persistent` and kept while their thread lives, outgrown ones too (a CUDA graph captured with
-    one replays into it). A zeroed buffer starts zeroed, and the kernels must leave it so.
+    that share a device's default stream keep sets of their own. A set is made with `persistent` (and
+    marked as used by its stream), and replaced by one as large as each buffer needs when a call asks
+    for more; a replaced set that a CUDA graph captured is kept while its thread lives, as the graph
+    replays into it. A zeroed buffer starts zeroed, and the kernels must leave it so.
     """
 
     SHAPES_PER_SET = 64  # views kept per set, by the shapes asked for; forgotten all at once past it
@@ -149,7 +150,7 @@ class Scratch:
     def __init__(self, *buffers: tuple[torch.dtype | None, bool]):
         """buffers: (dtype, or None for the key's; zeroed) of each buffer of a set."""
         self.buffers = buffers
-        self._local = threading.local()  # .sets: {(device, stream, key): _ScratchSet}
+        self._local = threading.local()  # .sets: {(device, stream, key): _ScratchSet}; .captured: replaced sets
 
     def views(self, device: torch.device, key, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Each buffer of this thread's set for (device, current stream, key), viewed contiguous in its
@@ -157,21 +158,36 @@ class Scratch:
         stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
         found = self._local.__dict__.setdefault("sets", {}).get((device, stream, key))
         views = None if found is None else found.views.get(shapes)
-        return self._viewed((device, stream, key), found, shapes) if views is None else views
+        if views is None:
+            found, views = self._viewed((device, stream, key), found, shapes)
+        if device.type == "cuda" and not found.captured and torch.cuda.is_current_stream_capturing():
+            found.captured = True
+        return views
 
-    def _viewed(self, place: tuple, found, shapes: tuple) -> tuple[torch.Tensor, ...]:
+    def _viewed(self, place: tuple, found, shapes: tuple) -> tuple:
+        """(the set, its views for `shapes`), the set replaced first where a buffer is too small."""
         device, _, key = place
         sizes = [math.prod(shape) for shape in shapes]
         if found is None or any(size > buffer.numel() for size, buffer in zip(sizes, found.buffers)):
             if found is not None:
-                self._local.__dict__.setdefault("outgrown", []).append(found.buffers)
-                sizes = [max(size, 2 * buffer.numel()) for size, buffer in zip(sizes, found.buffers)]
-            found = self._local.sets[place] = _ScratchSet(persistent(self._made, device, key, sizes))
+                sizes = [max(size, buffer.numel()) for size, buffer in zip(sizes, found.buffers)]
+                if found.captured:
+                    self._local.__dict__.setdefault("captured", []).append(found.buffers)
+            found = self._local.sets[place] = _ScratchSet(self._made_for_stream(device, key, sizes))
         if len(found.views) >= self.SHAPES_PER_SET:
             found.views.clear()
         views = found.views[shapes] = tuple(buffer[:math.prod(shape)].view(shape)
                                             for buffer, shape in zip(found.buffers, shapes))
-        return views
+        return found, views
+
+    def _made_for_stream(self, device: torch.device, key, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """A new set, made on persistent's helper thread (so on its stream) and marked as used by the
+        calling stream: freed when replaced, it is not handed out again before that stream's work on it ends."""
+        buffers = persistent(self._made, device, key, sizes)
+        if device.type == "cuda":
+            for buffer in buffers:
+                buffer.record_stream(torch.cuda.current_stream(device))
+        return buffers
 
     def _made(self, device: torch.device, key, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         return tuple((torch.zeros if zeroed else torch.empty)(size, dtype=dtype or key, device=device)
@@ -182,3 +198,4 @@ class Scratch:
 class _ScratchSet:
     buffers: tuple[torch.Tensor, ...]
     views: dict = field(default_factory=dict)  # {shapes: views}
+    captured: bool = False  # a CUDA graph captured a call using it

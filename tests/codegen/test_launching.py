@@ -59,15 +59,19 @@ def test_scratch_views_are_reused_for_the_same_shapes_and_zeroed_where_asked():
     assert scratch.views(torch.device("cpu"), torch.float32, (6,), (2, 3))[1].dtype == torch.float32  # a set per key
 
 
-def test_scratch_grows_by_doubling_and_keeps_what_it_outgrew():
-    """A CUDA graph captured with a set replays into it, so an outgrown set stays alive; growth
-    doubles, so what is kept stays within the newest set's size."""
-    scratch = Scratch((torch.float32, True),)
-    (small,) = scratch.views(torch.device("cpu"), None, (8,))
-    (grown,) = scratch.views(torch.device("cpu"), None, (9,))
-    assert grown.data_ptr() != small.data_ptr() and not grown.any()
-    assert scratch.views(torch.device("cpu"), None, (16,))[0].data_ptr() == grown.data_ptr()  # 2 x 8
-    assert any(kept[0].data_ptr() == small.data_ptr() for kept in scratch._local.outgrown)
+def test_scratch_grows_to_what_each_buffer_needs_and_keeps_only_captured_sets():
+    """A replaced set goes back to the allocator, unless a CUDA graph captured it (it replays into it)."""
+    scratch = Scratch((torch.float32, True), (torch.float32, False))
+    cpu = torch.device("cpu")
+    first = scratch.views(cpu, None, (8,), (4,))
+    second = scratch.views(cpu, None, (2,), (9,))  # the second buffer grows; the first keeps its size
+    assert second[1].data_ptr() != first[1].data_ptr() and not second[0].any()
+    assert scratch.views(cpu, None, (8,), (9,))[0].data_ptr() == second[0].data_ptr()
+    assert not getattr(scratch._local, "captured", [])
+    next(iter(scratch._local.sets.values())).captured = True  # as a capture on a CUDA stream marks it
+    grown = scratch.views(cpu, None, (16,), (9,))
+    assert [kept[0].data_ptr() for kept in scratch._local.captured] == [second[0].data_ptr()]
+    assert grown[0].data_ptr() != second[0].data_ptr()
 
 
 def test_scratch_is_per_thread():
