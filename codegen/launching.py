@@ -155,12 +155,13 @@ class Scratch:
     def views(self, device: torch.device, key, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Each buffer of this thread's set for (device, current stream, key), viewed contiguous in its
         shape; the same views on every call asking for the same shapes."""
-        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+        cuda = device.type == "cuda"
+        stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0
         found = self._local.__dict__.setdefault("sets", {}).get((device, stream, key))
         views = None if found is None else found.views.get(shapes)
         if views is None:
             found, views = self._viewed((device, stream, key), found, shapes)
-        if device.type == "cuda" and not found.captured and torch.cuda.is_current_stream_capturing():
+        if cuda and not found.captured and torch.cuda.is_current_stream_capturing():
             found.captured = True
         return views
 
