@@ -10,9 +10,9 @@ signature (runtime.plans), and all but the tensors is the same each time. So lau
 
 and, inside `recording()`, both note what they did: runtime.bound replays a recorded call for new
 operands of the same signature, with none of the launcher's Python. (The backward launchers, which
-no plan binds, still allocate with torch directly: a recording of one would not be bound.) Code that calls launchers (a
-fused op's fast path, a bound launch's replay) notes the views it makes with `viewed(base, view)`,
-so that a recording of it traces each view back to the tensor it views.
+no plan binds, mostly allocate with torch directly.) Code that calls launchers (a fused op's fast
+path, a bound launch's replay) notes the views it makes with `viewed(base, view)`, so that a
+recording of it traces each view back to the tensor it views.
 
 Tensors kept across calls (FFT tables, split-reduction workspaces) are made with
 `persistent(make, ...)`, on a helper thread: a CUDA graph's warm-up and capture route the calling
@@ -168,22 +168,24 @@ class Scratch:
     def _viewed(self, place: tuple, found, shapes: tuple) -> tuple:
         """(the set, its views for `shapes`), the set replaced first where a buffer is too small."""
         device, _, key = place
-        sizes = [math.prod(shape) for shape in shapes]
-        if found is None or any(size > buffer.numel() for size, buffer in zip(sizes, found.buffers)):
+        needed = [math.prod(shape) for shape in shapes]
+        if found is None or any(size > buffer.numel() for size, buffer in zip(needed, found.buffers)):
+            sizes = needed
             if found is not None:
-                sizes = [max(size, buffer.numel()) for size, buffer in zip(sizes, found.buffers)]
+                sizes = [max(size, buffer.numel()) for size, buffer in zip(needed, found.buffers)]
                 if found.captured:
                     self._local.__dict__.setdefault("captured", []).append(found.buffers)
             found = self._local.sets[place] = _ScratchSet(self._made_for_stream(device, key, sizes))
         if len(found.views) >= self.SHAPES_PER_SET:
             found.views.clear()
-        views = found.views[shapes] = tuple(buffer[:math.prod(shape)].view(shape)
-                                            for buffer, shape in zip(found.buffers, shapes))
+        views = found.views[shapes] = tuple(buffer[:size].view(shape)
+                                            for buffer, size, shape in zip(found.buffers, needed, shapes))
         return found, views
 
     def _made_for_stream(self, device: torch.device, key, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         """A new set, made on persistent's helper thread (so on its stream) and marked as used by the
-        calling stream: freed when replaced, it is not handed out again before that stream's work on it ends."""
+        calling stream: freed when replaced, it is not handed out again before that stream's work on
+        it ends."""
         buffers = persistent(self._made, device, key, sizes)
         if device.type == "cuda":
             for buffer in buffers:

@@ -254,7 +254,8 @@ def _result_expression(result, tensor, label: str = "r") -> str:
     if isinstance(result, _Source):
         return tensor(result, label)
     if isinstance(result, tuple):
-        return "(" + "".join(_result_expression(item, tensor, f"{label}_{i}") + ", " for i, item in enumerate(result)) + ")"
+        items = [_result_expression(item, tensor, f"{label}_{i}") for i, item in enumerate(result)]
+        return "(" + "".join(item + ", " for item in items) + ")"
     return "None"
 
 

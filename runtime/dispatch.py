@@ -13,10 +13,10 @@ decides (views, reasons from shapes and dtypes, spec, config, output shapes) eac
 call signature (runtime.plans: `plan_key`, `run_planned`). An op whose plan decides everything
 keeps a fast path per signature (`fast_path`): a FastCall (runtime.bound) that replays the call's
 views, allocations and kernel launches as one generated function; the latest one taken is found
-again by a signature check in C++ (runtime.plans.signature_check) before any key is built. An op compiled for CUDA graphs
-(`sync_free`) makes no host synchronisation on its default path; one that must still read values
-on the host says why (`host_sync_reason`) and is called through its custom op's cudagraph_unsafe
-twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
+again by a signature check in C++ (runtime.plans.signature_check) before any key is built. An op
+compiled for CUDA graphs (`sync_free`) makes no host synchronisation on its default path; one that
+must still read values on the host says why (`host_sync_reason`) and is called through its custom
+op's cudagraph_unsafe twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
 training (`differentiable`, decided at compile time from whether its output requires grad, which
 TorchDynamo guards) also returns the residuals its backward kernels need (`forward_saving`). A
 family without backward kernels, or a call they cannot take, recomputes the reference under
