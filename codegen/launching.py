@@ -150,14 +150,14 @@ class Scratch:
     def __init__(self, *buffers: tuple[torch.dtype | None, bool]):
         """buffers: (dtype, or None for the key's; zeroed) of each buffer of a set."""
         self.buffers = buffers
-        self._local = threading.local()  # .sets: {(device, stream, key): _ScratchSet}; .captured: replaced sets
+        self._local = _ScratchSets()
 
     def views(self, device: torch.device, key, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """Each buffer of this thread's set for (device, current stream, key), viewed contiguous in its
         shape; the same views on every call asking for the same shapes."""
-        cuda = device.type == "cuda"
+        cuda = _is_cuda(device)
         stream = torch._C._cuda_getCurrentRawStream(device.index) if cuda else 0
-        found = self._local.__dict__.setdefault("sets", {}).get((device, stream, key))
+        found = self._local.sets.get((device, stream, key))
         views = None if found is None else found.views.get(shapes)
         if views is None:
             found, views = self._viewed((device, stream, key), found, shapes)
@@ -174,7 +174,7 @@ class Scratch:
             if found is not None:
                 sizes = [max(size, buffer.numel()) for size, buffer in zip(needed, found.buffers)]
                 if found.captured:
-                    self._local.__dict__.setdefault("captured", []).append(found.buffers)
+                    self._local.captured.append(found.buffers)
             found = self._local.sets[place] = _ScratchSet(self._made_for_stream(device, key, sizes))
         if len(found.views) >= self.SHAPES_PER_SET:
             found.views.clear()
@@ -195,6 +195,26 @@ class Scratch:
     def _made(self, device: torch.device, key, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         return tuple((torch.zeros if zeroed else torch.empty)(size, dtype=dtype or key, device=device)
                      for (dtype, zeroed), size in zip(self.buffers, sizes))
+
+
+class _ScratchSets(threading.local):
+    """A Scratch's sets in one thread: {(device, stream, key): _ScratchSet}, and the replaced sets a
+    CUDA graph captured."""
+
+    def __init__(self):
+        self.sets: dict[tuple, _ScratchSet] = {}
+        self.captured: list[tuple[torch.Tensor, ...]] = []
+
+
+_cuda_devices: dict[torch.device, bool] = {}
+
+
+def _is_cuda(device: torch.device) -> bool:
+    """device.type == "cuda", memoised (reading device.type makes a string)."""
+    cuda = _cuda_devices.get(device)
+    if cuda is None:
+        cuda = _cuda_devices[device] = device.type == "cuda"
+    return cuda
 
 
 @dataclass

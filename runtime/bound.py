@@ -93,6 +93,12 @@ class FastCall:
             return self.function(*args, **kwargs)
         return self.bound(*args, **kwargs)
 
+    def direct(self) -> Callable:
+        """This call with no layer in between, for a caller outside any recording: the Bound's replay
+        (a function of the positional tensors) where it is bound and takes no keyword tensors, else self."""
+        bound = self.bound
+        return bound.replay if isinstance(bound, Bound) and not bound.tensor_kwargs else self
+
 
 class Unbindable(Exception):
     """A recorded launch a Bound cannot replay exactly."""
@@ -107,10 +113,8 @@ class _Source:
     view: View | None = None
     dtype: torch.dtype | None = None
 
-    def of(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        tensor = tensors[self.index]
-        if self.view is None:
-            return tensor
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This source's view of tensor, the tensor at `index`."""
         view = self.view.of(tensor)
         return view if view.dtype == self.dtype else viewed(tensor, view.view(self.dtype))
 
@@ -198,7 +202,7 @@ class _Step:
     values: tuple
     sources: dict
     kwargs: dict
-    count: int = 0  # how many tensors a fresh call makes
+    count: int | None = None  # how many tensors a fresh call's tuple holds (None: it makes one tensor)
 
 
 class Bound:
@@ -207,32 +211,34 @@ class Bound:
     Inside a recording (a FastCall's first call) its twin runs, which goes through codegen.launching's
     start and fresh, so that the recording notes the steps."""
 
-    def __init__(self, tensor_kwargs: tuple[str, ...], steps: list[_Step], result: object):
+    def __init__(self, operands: int, tensor_kwargs: tuple[str, ...], steps: list[_Step], result: object):
+        self.tensor_kwargs = tensor_kwargs
         self._kwarg_tensors = _getter(tensor_kwargs)
-        self._replay = _replay_function(steps, result, recorded=False)
-        self._recorded_replay = _replay_function(steps, result, recorded=True)
+        self.replay = _replay_function(operands, steps, result, recorded=False)
+        self._recorded_replay = _replay_function(operands, steps, result, recorded=True)
         self.steps = steps
 
     def __call__(self, *args, **kwargs):
-        tensors = [*args, *self._kwarg_tensors(kwargs)]
-        return (self._recorded_replay if recording_now() else self._replay)(tensors)
+        return (self._recorded_replay if recording_now() else self.replay)(*args, *self._kwarg_tensors(kwargs))
 
 
-def _replay_function(steps: list[_Step], result, recorded: bool) -> Callable[[list], object]:
-    """One function of the tensors running `steps` and returning `result` (a _Source, a tuple of them,
-    or None), generated so that a replay pays one Python call per step and no argument packing:
-    positional values and kwargs are named constants, tensors t[i] or a _Source's view of one. A
-    `recorded` one starts and makes through codegen.launching's start and fresh."""
+def _replay_function(operands: int, steps: list[_Step], result, recorded: bool) -> Callable[..., object]:
+    """One function of the operands (the positional tensors, then the keyword ones) running `steps` and
+    returning `result` (a _Source, a tuple of them, or None), generated so that a replay pays one
+    Python call per step and no argument packing: positional values and kwargs are named constants,
+    tensors t<index> (operands, then what fresh calls made) or a _Source's view of one. A `recorded`
+    one starts and makes through codegen.launching's start and fresh."""
     namespace: dict[str, object] = {"start": start, "fresh": fresh}
+    made = operands  # the index of the next tensor a fresh call makes
 
     def name(value, label: str) -> str:
         namespace[label] = value
         return label
 
     def tensor(source: _Source, label: str) -> str:
-        return f"t[{source.index}]" if source.view is None else f"{name(source, label)}.of(t)"
+        return f"t{source.index}" if source.view is None else f"{name(source, label)}.of(t{source.index})"
 
-    lines = ["def replay(t):"]
+    lines = [f"def replay({''.join(f't{index}, ' for index in range(operands))}):"]
     for number, step in enumerate(steps):
         items = [tensor(step.sources[position], f"s{number}_{position}") if position in step.sources
                  else name(value, f"c{number}_{position}") for position, value in enumerate(step.values)]
@@ -243,8 +249,11 @@ def _replay_function(steps: list[_Step], result, recorded: bool) -> Callable[[li
             lines.append(f"    start({call}, {grid}, {', '.join(items)})" if recorded else
                          f"    {call}[{grid}]({', '.join(items)})")
             continue
-        made = f"fresh({call}, {', '.join(items)})" if recorded else f"{call}({', '.join(items)})"
-        lines.append(f"    t.append({made})" if step.count == 1 else f"    t.extend({made})")
+        count = 1 if step.count is None else step.count
+        outputs = "".join(f"t{index}, " for index in range(made, made + count))
+        made += count
+        call = f"fresh({call}, {', '.join(items)})" if recorded else f"{call}({', '.join(items)})"
+        lines.append(f"    {outputs[:-2] if step.count is None else outputs.rstrip() or '()'} = {call}")
     lines.append(f"    return {_result_expression(result, tensor)}")
     exec("\n".join(lines), namespace)
     return namespace["replay"]
@@ -314,14 +323,14 @@ def _bound(recorded: Recording, operands: list, tensor_kwargs: tuple[str, ...], 
         outputs = made if isinstance(made, tuple) else (made,)
         if not all(isinstance(t, torch.Tensor) for t in outputs):
             raise Unbindable("a fresh(...) call made something other than tensors")
-        step = _Step(kind, call, None, values, sources, kwargs, len(outputs) if isinstance(made, tuple) else 1)
+        step = _Step(kind, call, None, values, sources, kwargs, len(outputs) if isinstance(made, tuple) else None)
         if any(step == earlier and all(map(operator.is_, outputs, made)) for earlier, made in made_by):
             continue  # a cached make (FFT tables) called again, returning the same tensors: made once on a replay
         steps.append(step)
         made_by.append((step, outputs))
         for output in outputs:
             tracer.add(output)
-    return Bound(tensor_kwargs, steps, tracer.result(result))
+    return Bound(len(operands), tensor_kwargs, steps, tracer.result(result))
 
 
 def _has_tensor(kwargs: dict) -> bool:

@@ -34,8 +34,9 @@ from typing import Callable
 
 import torch
 
+from codegen.launching import recording_now
 from runtime.autotune import TuningKey, default_autotuner, device_label, shape_bucket
-from runtime.bound import Launch
+from runtime.bound import FastCall, Launch
 from runtime.cache import source_hash
 from runtime import library
 from runtime.interpret import kernel_unavailable_reason, launch_lock
@@ -142,10 +143,11 @@ class FusedOp(torch.nn.Module):
     def run_op(self, operands: list[torch.Tensor]) -> tuple:
         """What the custom op returns for `operands` (its outputs, then the residuals list): through the
         fast path of their signature (`fast_path`) once there is one, else forward_saving. The latest
-        fast path taken is tried first, by a signature check rather than the plan key."""
+        fast path taken is tried first, by a signature check rather than the plan key, and called with
+        no layer in between (FastCall.direct)."""
         latest = self._latest_fast_path
         if (latest is not None and latest[1] is torch.is_grad_enabled() and _recomputing.get() is None
-                and latest[0](operands)):
+                and not recording_now() and latest[0](operands)):
             return (*latest[2](*operands), [])
         fast_paths = self._fast_paths  # read once: another thread may drop it (compiled kernels take no lock)
         if fast_paths is None:
@@ -162,8 +164,10 @@ class FusedOp(torch.nn.Module):
             return result
         if fast is None:
             return self._forward_tuple(operands)
-        self._latest_fast_path = (signature_check(operands), torch.is_grad_enabled(), fast)
-        return (*fast(*operands), [])
+        result = fast(*operands)
+        direct = fast.direct() if isinstance(fast, FastCall) else fast
+        self._latest_fast_path = (signature_check(operands), torch.is_grad_enabled(), direct)
+        return (*result, [])
 
     def _forward_tuple(self, operands) -> tuple:
         outputs, residuals = self.forward_saving(*operands)

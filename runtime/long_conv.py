@@ -109,7 +109,7 @@ class LongConvOp(LongConvBackward, FusedOp):
         """The kernel's call of a plan whose rows are views: views, the output's allocation, the
         filter's spectrum and the launch, each replayable (runtime.bound)."""
         operands = [view.of(t) for view, t in zip(plan.time_last, tensors)]
-        out = fresh(plan.out.new, tensors[0].device)
+        out = plan.out.fresh(tensors[0].device)
         self._launch(self._planned_rows(plan, operands), plan.out_rows.of(out), plan.launch)
         return plan.graph_out.of(out)
 
@@ -292,7 +292,7 @@ class ShortConvOp(ShortConvBackward, FusedOp):
         weight_rows, allocation, bound = plan.weight, plan.out, plan.launch.bound
 
         def convolve(x, weight, *bias):
-            out = fresh(allocation.new, x.device)
+            out = allocation.fresh(x.device)
             if bias:
                 bound(x, weight_rows.of(weight), out, bias=bias[0])
             else:

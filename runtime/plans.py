@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from codegen.launching import viewed
+from codegen.launching import fresh, viewed
 
 try:
     from torch._C._dynamo.guards import TensorGuards
@@ -119,6 +119,11 @@ class Allocation:
 
     def new(self, device: torch.device) -> torch.Tensor:
         return torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=device)
+
+    def fresh(self, device: torch.device) -> torch.Tensor:
+        """new(device) as a launcher's fresh call (codegen.launching): a replay calls torch.empty_strided
+        itself."""
+        return fresh(torch.empty_strided, self.size, self.stride, dtype=self.dtype, device=device)
 
 
 NO_PLAN_YET = object()  # Plans.get's default: a signature not seen yet (None is one that has no plan)

@@ -106,7 +106,7 @@ class PlannedScan:
             for index, name, view in viewed:
                 args[name] = view.of(tensors[index])
             device = tensors[0].device
-            made = tuple(fresh(allocation.new, device) for allocation, _ in outputs)
+            made = tuple(allocation.fresh(device) for allocation, _ in outputs)
             start(bound, completed(args, device), *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
             return made
 

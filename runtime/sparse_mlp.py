@@ -183,7 +183,7 @@ class SparseMLPOp(FusedOp):
             if idx.dim() == 1 and idx.stride(0) != 1:
                 idx = idx.contiguous()
             w2_columns = fresh(self._column_major, weights.w2) if copies_w2 else weights.w2
-            out = fresh(allocation.new, x.device)
+            out = allocation.fresh(x.device)
             bound(*self._launch_tensors(rows_view.of(x), weights, idx, out_rows.of(out), w2_columns))
             return (out,)
 
@@ -320,7 +320,7 @@ class SparseMLPOp(FusedOp):
         if w2.stride(0) == 1 or self.sync_free:
             return w2
         owner = w2 if w2._base is None else w2._base  # a view made per call (a transpose) is new each time
-        key = (w2.data_ptr(), w2._version, tuple(w2.shape), w2.stride(), w2.dtype, w2.device)
+        key = (w2.data_ptr(), w2._version, w2.shape, w2.stride(), w2.dtype)  # (the device is the owner's)
         cached = self._w2_column_major
         if cached is None or cached[0]() is not owner or cached[1] != key:
             cached = (weakref.ref(owner), key, sparse_mlp_codegen.column_major(w2))
