@@ -10,9 +10,10 @@ per call, beyond Triton's launch. That is the dispatcher and the Autograd kernel
 check that finds the op's latest fast path (or the plan's key and lookup, runtime.plans), the fast
 path's replay as one call (allocations and kernel arguments, runtime.bound.FastCall) or the full
 forward, and the checks on values that stay per call: attention's compare of a mask folded from
-module state (a torch.equal) or a chain's combined bias, the sparse MLP's selection and W2's
-column-major copy. A long convolution's filter spectrum is a kernel of its own (stubbed like the
-rest), but for circular and fp64 filters, whose torch.fft runs (and is counted) here.
+module state (a torch.equal, of int64 words where the layout allows) or a chain's combined bias,
+the sparse MLP's selection and W2's column-major copy. A long convolution's filter spectrum is a
+kernel of its own (stubbed like the rest), but for circular and fp64 filters, whose torch.fft runs
+(and is counted) here.
 
 The table gives the fastest round's mean (the least disturbed by other work on the machine, as
 timeit advises) and the median round's. Two reference rows calibrate the machine: a custom op that

@@ -3,8 +3,9 @@
 Nodes imported from fx are written back with their original call; nodes created by
 rewrites are written from LOWERINGS (canonical op -> torch function); fused nodes carry the
 runtime op compiler.lower built from their spec in `attrs["module"]` and become a call of its
-custom op, `op.custom_op([inputs], op.key)` (runtime.library), followed by `op.graph_output`, which drops the residuals the op returns for its
-backward and rebuilds what the replaced node returned. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
+custom op, `op.custom_op([inputs], op.key)` (runtime.library), followed where needed by `op.graph_output()`,
+which drops the residuals an op captured for training returns for its backward and rebuilds what the
+replaced node returned. The GraphModule keeps the ops alive in its `flashfx_ops` attribute.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def _emit(fx_graph: torch.fx.Graph, node: Node, env) -> torch.fx.Node:
         return env[node.inputs[ref.index]]
 
     args, kwargs = map_refs(call.args, resolve), map_refs(call.kwargs, resolve)
-    graph_output = getattr(node.attrs.get("module"), "graph_output", None)
-    if graph_output is not None:  # a fused op
+    graph_output = node.attrs["module"].graph_output() if "module" in node.attrs else None
+    if graph_output is not None:  # a fused op returning residuals, or MHA's (output, None)
         tensors = fx_graph.create_node(call.kind, call.target, args, kwargs, name=f"{node.name}_tensors")
         args, kwargs, call = (tensors,), {}, Call("call_function", graph_output, ())
     fx_node = fx_graph.create_node(call.kind, call.target, args, kwargs, name=node.name)

@@ -110,8 +110,9 @@ class FusedOp(torch.nn.Module):
 
     @property
     def custom_op(self):
-        """The custom op the lowered graph calls: library_op, or its twin for CUDA graphs to leave out."""
-        return library.custom_op(self.library_op + (library.HOST_SYNC if self.host_synced else ""))
+        """The custom op the lowered graph calls: library_op, or its twin returning residuals for the
+        backward (`differentiable`), or for CUDA graphs to leave out (`host_synced`)."""
+        return library.custom_op(library.twin(self.library_op, self.differentiable, self.host_synced))
 
     sync_free = False  # compiled for CUDA graphs (compiler.lower.CUDA_GRAPHS): the default path never syncs
 
@@ -125,9 +126,12 @@ class FusedOp(torch.nn.Module):
         """Compiled for CUDA graphs but reading values on the host: Inductor runs it outside them."""
         return self.sync_free and self.host_sync_reason is not None
 
-    # the custom op's result (outputs, then the residuals list) -> what the replaced node returned
-    graph_output = staticmethod(library.visible_outputs)
     differentiable = False  # captured for training: forward_saving returns the backward's residuals
+
+    def graph_output(self) -> Callable | None:
+        """What the lowered graph applies to the custom op's result to rebuild what the replaced node
+        returned, or None where that is the result itself: an op captured for training drops its residuals."""
+        return library.visible_outputs if self.differentiable else None
     saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
     recompute_reason = RECOMPUTED  # report()'s words for a backward recomputed in PyTorch
 
@@ -140,42 +144,45 @@ class FusedOp(torch.nn.Module):
         """Empty tensors shaped, typed and strided like what forward(*operands) returns (the fake kernel)."""
         raise NotImplementedError
 
-    def run_op(self, operands: list[torch.Tensor]) -> tuple:
-        """What the custom op returns for `operands` (its outputs, then the residuals list): through the
-        fast path of their signature (`fast_path`) once there is one, else forward_saving. The latest
-        fast path taken is tried first, by a signature check rather than the plan key, and called with
-        no layer in between (FastCall.direct)."""
+    def run_op(self, operands: list[torch.Tensor]):
+        """What the custom op returns for `operands` (`_result`): through the fast path of their
+        signature (`fast_path`) once there is one, else forward_saving. The latest fast path taken is
+        tried first, by a signature check rather than the plan key, and called with no layer in
+        between (FastCall.direct)."""
         latest = self._latest_fast_path
         if (latest is not None and latest[1] is torch.is_grad_enabled() and _recomputing.get() is None
                 and not recording_now() and latest[0](operands)):
-            return (*latest[2](*operands), [])
+            return latest[2](*operands)
         fast_paths = self._fast_paths  # read once: another thread may drop it (compiled kernels take no lock)
-        if fast_paths is None:
-            return self._forward_tuple(operands)
+        if fast_paths is None or recording_now():  # (a fast path calls FastCall.direct's replays: not recorded)
+            return self._result(operands)
         key = self.plan_key(operands)
         fast = fast_paths.get(key, NO_PLAN_YET)
         if fast is NO_PLAN_YET:
-            result = self._forward_tuple(operands)
-            fast = self.fast_path(operands)
+            result = self._result(operands)
+            fast = NEVER if self.differentiable else self.fast_path(operands)
             if fast is NEVER:
                 self._fast_paths = None
             else:
                 fast_paths.remember(key, fast)
             return result
         if fast is None:
-            return self._forward_tuple(operands)
+            return self._result(operands)
         result = fast(*operands)
         direct = fast.direct() if isinstance(fast, FastCall) else fast
         self._latest_fast_path = (signature_check(operands), torch.is_grad_enabled(), direct)
-        return (*result, [])
+        return result
 
-    def _forward_tuple(self, operands) -> tuple:
+    def _result(self, operands):
+        """What the custom op returns: forward_saving's outputs as forward returns them; for an op captured
+        for training (its _saving twin), as a tuple followed by the residuals list."""
         outputs, residuals = self.forward_saving(*operands)
-        return (*library.as_tuple(outputs), residuals)
+        return (*library.as_tuple(outputs), residuals) if self.differentiable else outputs
 
     def fast_path(self, operands: list[torch.Tensor]) -> Callable | None:
-        """A function of operands of this signature returning the op's outputs (a tuple); None where
-        there is none for them, NEVER where there is none for any. Asked once per signature, after
+        """A function of operands of this signature returning the op's outputs as forward does; None where
+        there is none for them, NEVER where there is none for any (nor for an op captured for training,
+        which is not asked). Called outside any launch recording. Asked once per signature, after
         forward_saving ran with these operands, so the plan and its bound launch (runtime.plans) exist;
         only a call whose every decision its plan holds (no check on values, no fallback) has one. It
         holds the plan's views, allocations and bound launch, nothing else, and is a FastCall

@@ -8,20 +8,23 @@ The lowered graph holds plain call_function nodes, one per fused op:
 so FakeTensor shape propagation, autograd, AOTAutograd and Inductor see an ordinary op. Each op's
 
     implementation   OPS[op].run_op(operands): the outputs of the generated kernel (or its PyTorch
-                     reference, runtime.dispatch), then a list of residuals its backward needs (a row
-                     log-sum-exp, chunk states), empty unless the op was captured for training
-    fake             OPS[op].output_like(*operands) and OPS[op].residuals_like(*operands): empty tensors of
-                     the real ones' shapes, dtypes and strides
+                     reference, runtime.dispatch), as the op's forward returns them; an op captured for
+                     training calls the _saving twin, which returns them as a tuple followed by a list of
+                     the residuals its backward needs (a row log-sum-exp, chunk states)
+    fake             OPS[op].output_like(*operands) (and OPS[op].residuals_like(*operands)): empty tensors
+                     of the real ones' shapes, dtypes and strides
     autograd         saves the operands, the outputs (when the op's backward reads them) and the residuals;
                      backward is torch.ops.flashfx.backward(operands, outputs, residuals, grads, op): the
                      op's backward kernels, or its PyTorch reference recomputed under autograd; it
                      returns one gradient per floating-point operand
 
-Every schema ends in `Tensor[] residuals`, which the lowered graph drops (`visible_outputs`). The
-family registry (runtime.families) defines one op per name its rows declare (`define`), and for
-each a twin, <name>_host_sync, tagged torch.Tag.cudagraph_unsafe: an op compiled for CUDA graphs
-whose default path must read tensor values on the host calls it (and its backward,
-backward_host_sync), so Inductor runs it between the captured partitions.
+A _saving twin's schema ends in `Tensor[] residuals`, which the lowered graph drops
+(`visible_outputs`); the op an inference graph calls returns no list, which the dispatcher would
+convert on every call. The family registry (runtime.families) defines, per name its rows declare,
+the op and its _saving twin (`define`), and for each of them a twin <name>_host_sync, tagged
+torch.Tag.cudagraph_unsafe: an op compiled for CUDA graphs whose default path must read tensor
+values on the host calls it (and its backward, backward_host_sync), so Inductor runs it between the
+captured partitions.
 
 The ops are registered through a torch.library.Library (define, impl, register_fake) rather than
 torch.library.custom_op, whose every call pays for a Python autograd wrapper, a redispatch, a
@@ -37,6 +40,7 @@ OPS holds each FusedOp weakly: the compiled model's report and the lowered graph
 from __future__ import annotations
 
 import contextlib
+import itertools
 import uuid
 import weakref
 
@@ -46,8 +50,9 @@ from torch._library.autograd import Info as AutogradInfo, make_autograd_impl
 from runtime.interpret import launch_lock
 
 NAMESPACE = "flashfx"
+SAVING = "_saving"  # the suffix of each op's twin that also returns its backward's residuals (`define`)
 HOST_SYNC = "_host_sync"  # the suffix of each op's twin that Inductor runs outside CUDA graphs (`define`)
-OUTPUTS: dict[str, int] = {}  # custom op -> how many tensors it returns before its residuals (`define`)
+OUTPUTS: dict[str, int] = {}  # custom op -> how many tensors it returns (a _saving twin: before its residuals)
 BACKWARD_SCHEMA = "(Tensor[] operands, Tensor[] outputs, Tensor[] residuals, Tensor[] grads, str op) -> Tensor[]"
 
 OPS: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
@@ -71,6 +76,11 @@ def lookup(key: str) -> torch.nn.Module:
 def custom_op(name: str):
     """The OpOverload torch.ops.flashfx.<name>.default."""
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def twin(name: str, saving: bool, host_synced: bool) -> str:
+    """The name of op `name`'s twin: returning residuals (`saving`), run outside CUDA graphs (`host_synced`)."""
+    return name + (SAVING if saving else "") + (HOST_SYNC if host_synced else "")
 
 
 _recordings: list[list] = []  # open recording() blocks
@@ -102,24 +112,30 @@ def _run(operands: list[torch.Tensor], op: str):
 
 def _fake(operands: list[torch.Tensor], op: str):
     fused = lookup(op)
-    return (*as_tuple(fused.output_like(*operands)), fused.residuals_like(*operands))
+    outputs = fused.output_like(*operands)
+    return (*as_tuple(outputs), fused.residuals_like(*operands)) if fused.differentiable else outputs
 
 
 def visible_outputs(result: tuple):
-    """What the replaced node returned: the custom op's outputs without the residuals list."""
+    """What the replaced node returned, from a _saving op's result: its outputs without the residuals list."""
     outputs = result[:-1]
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def with_no_weights(result: tuple) -> tuple[torch.Tensor, None]:
+def with_no_weights(output: torch.Tensor) -> tuple[torch.Tensor, None]:
     """F.multi_head_attention_forward's (output, attention weights) when the weights are not asked for."""
+    return output, None
+
+
+def saved_with_no_weights(result: tuple) -> tuple[torch.Tensor, None]:
+    """with_no_weights from a _saving op's result."""
     return result[0], None
 
 
 def _save_for_backward(ctx, inputs, output) -> None:
     operands, ctx.op = inputs
     fused = lookup(ctx.op)
-    outputs, residuals = list(output[:-1]), list(output[-1])
+    outputs, residuals = (list(output[:-1]), list(output[-1])) if fused.differentiable else (list(as_tuple(output)), [])
     outputs = outputs if fused.saves_outputs else []
     ctx.floating = [t.is_floating_point() for t in operands]
     ctx.counts = (len(operands), len(outputs))
@@ -129,9 +145,11 @@ def _save_for_backward(ctx, inputs, output) -> None:
 def _backward(ctx, *grads):
     saved = list(ctx.saved_tensors)
     operands, outputs = ctx.counts
-    backward = custom_op("backward" + (HOST_SYNC if lookup(ctx.op).host_synced else ""))
+    fused = lookup(ctx.op)
+    backward = custom_op("backward" + (HOST_SYNC if fused.host_synced else ""))
+    grads = grads[:-1] if fused.differentiable else grads  # (a _saving op's residuals get none)
     found = iter(backward(saved[:operands], saved[operands:operands + outputs], saved[operands + outputs:],
-                          list(grads[:-1]), ctx.op))
+                          list(grads), ctx.op))
     return [next(found) if floating else None for floating in ctx.floating], None
 
 
@@ -178,12 +196,15 @@ def _plain(keyset) -> bool:
 
 
 def define(name: str, outputs: int) -> None:
-    """torch.ops.flashfx.<name>: a fused op returning `outputs` tensors, then its residuals; and its
-    twin <name>_host_sync, tagged cudagraph_unsafe (a FusedOp's `host_synced` picks it)."""
-    for op_name, tags in ((name, ()), (name + HOST_SYNC, (torch.Tag.cudagraph_unsafe,))):
+    """torch.ops.flashfx.<name>: a fused op returning `outputs` tensors; its twin <name>_saving, which
+    returns them followed by its residuals (a FusedOp's `differentiable` picks it); and the twin of each
+    run outside CUDA graphs, <...>_host_sync, tagged cudagraph_unsafe (its `host_synced` picks it)."""
+    for saving, host_synced in itertools.product((False, True), (False, True)):
+        op_name = twin(name, saving, host_synced)
         OUTPUTS[op_name] = outputs
-        returns = f"({'Tensor, ' * outputs}Tensor[] residuals)"
-        _LIBRARY.define(f"{op_name}(Tensor[] operands, str op) -> {returns}", tags=tags)  # `op`: the FusedOp's key
+        returns = ", ".join(["Tensor"] * outputs + ["Tensor[] residuals"] * saving)
+        tags = (torch.Tag.cudagraph_unsafe,) if host_synced else ()
+        _LIBRARY.define(f"{op_name}(Tensor[] operands, str op) -> ({returns})", tags=tags)  # `op`: the FusedOp's key
         _LIBRARY.impl(op_name, _run, "CompositeExplicitAutograd")
         torch.library.register_fake(f"{NAMESPACE}::{op_name}", _fake, lib=_LIBRARY)
         _LIBRARY.impl(op_name, _autograd_kernel(op_name), "Autograd", with_keyset=True)

@@ -123,7 +123,7 @@ class LongConvOp(LongConvBackward, FusedOp):
         plan = self._plans.get(self.plan_key(operands))
         if plan is None or plan.reason is not None or plan.rows is None or not isinstance(plan.launch.bound, Bound):
             return None
-        return FastCall(lambda *tensors: (self._convolve(plan, tensors),))
+        return FastCall(lambda *tensors: self._convolve(plan, tensors))
 
     def output_like(self, u, k, *rest):
         time = self.layout.time
@@ -297,7 +297,7 @@ class ShortConvOp(ShortConvBackward, FusedOp):
                 bound(x, weight_rows.of(weight), out, bias=bias[0])
             else:
                 bound(x, weight_rows.of(weight), out)
-            return (out,)
+            return out
 
         return FastCall(convolve)
 

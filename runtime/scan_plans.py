@@ -108,6 +108,6 @@ class PlannedScan:
             device = tensors[0].device
             made = tuple(allocation.fresh(device) for allocation, _ in outputs)
             start(bound, completed(args, device), *[view.of(tensor) for tensor, (_, view) in zip(made, outputs)])
-            return made
+            return made if len(made) > 1 else made[0]
 
         return FastCall(run)

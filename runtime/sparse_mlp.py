@@ -185,7 +185,7 @@ class SparseMLPOp(FusedOp):
             w2_columns = fresh(self._column_major, weights.w2) if copies_w2 else weights.w2
             out = allocation.fresh(x.device)
             bound(*self._launch_tensors(rows_view.of(x), weights, idx, out_rows.of(out), w2_columns))
-            return (out,)
+            return out
 
         return FastCall(launched)
 

@@ -542,6 +542,38 @@ def test_module_state_changed_in_place_is_followed(module, folded, change):
     assert compiled.patterns == ["attention"]
 
 
+class SlicedCausalBuffer(nn.Module):
+    """GPT-2's spelling: a (1, 1, n, n) bool causal buffer sliced to the length, filled with -inf where false."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("bias", torch.ones(size, size, dtype=torch.bool).tril().view(1, 1, size, size))
+
+    def forward(self, q, k, v):
+        length = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) * 0.125
+        scores = scores.masked_fill(~self.bias[:, :, :length, :length], float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("length", [64, 29], ids=["rows of whole words", "rows of odd bytes"])
+def test_folded_buffer_written_through_data_between_replays_is_seen(length):
+    """The fast path's compare of a folded mask (as int64 words where the slice's layout allows it)
+    sees one byte written behind the version counter, after the path was planned, bound and replayed."""
+    module = SlicedCausalBuffer(96).eval()
+    compiled = compiler.compile(module, strict=True)
+    q, k, v = qkv(1, 2, length, length, 64)
+    with torch.no_grad():
+        for _ in range(3):  # plan, bind, replay
+            torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+        assert "causal (top_left) while buffers" in compiled.report()
+        module.bias.data[0, 0, length - 1, 0] = False  # the last query no longer sees the first key
+        torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+        module.bias.data[0, 0, length - 1, 0] = True
+        torch.testing.assert_close(compiled(q, k, v), module(q, k, v))
+    assert compiled.patterns == ["attention"]
+
+
 def test_kernel_sources_are_listed_and_cached():
     compiled = assert_compiles_equivalent(NaiveCausal(), qkv(1, 1, 16, 16, 32), torch.float32, "attention")
     (kernel,) = compiled.kernels
