@@ -709,11 +709,11 @@ class MultiheadAttentionOp(AttentionOp):
         self.heads = layout
 
     library_op = "multihead_attention"
+    fast_path = FusedOp.fast_path  # the projections around the attention run in PyTorch
+
     def graph_output(self):
         """forward returns the output; the graph, (output, None)."""
         return library.saved_with_no_weights if self.differentiable else library.with_no_weights
-
-    fast_path = FusedOp.fast_path  # the projections around the attention run in PyTorch
 
     def output_like(self, *tensors):
         operands = dict(zip(self.heads.roles, tensors))

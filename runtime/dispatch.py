@@ -18,9 +18,10 @@ compiled for CUDA graphs (`sync_free`) makes no host synchronisation on its defa
 must still read values on the host says why (`host_sync_reason`) and is called through its custom
 op's cudagraph_unsafe twin (`host_synced`), which Inductor runs outside the graphs. An op captured for
 training (`differentiable`, decided at compile time from whether its output requires grad, which
-TorchDynamo guards) also returns the residuals its backward kernels need (`forward_saving`). A
-family without backward kernels, or a call they cannot take, recomputes the reference under
-autograd from the saved operands instead, counted in the report like a fallback. On Triton's interpreter (CPU) fused ops run one at a time in the
+TorchDynamo guards) is called through its custom op's _saving twin and also returns the residuals
+its backward kernels need (`forward_saving`). A family without backward kernels, or a call they
+cannot take, recomputes the reference under autograd from the saved operands instead, counted in
+the report like a fallback. On Triton's interpreter (CPU) fused ops run one at a time in the
 process, since the interpreter is not thread-safe (runtime.interpret.launch_lock).
 """
 from __future__ import annotations
@@ -127,13 +128,13 @@ class FusedOp(torch.nn.Module):
         return self.sync_free and self.host_sync_reason is not None
 
     differentiable = False  # captured for training: forward_saving returns the backward's residuals
+    saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
+    recompute_reason = RECOMPUTED  # report()'s words for a backward recomputed in PyTorch
 
     def graph_output(self) -> Callable | None:
         """What the lowered graph applies to the custom op's result to rebuild what the replaced node
         returned, or None where that is the result itself: an op captured for training drops its residuals."""
         return library.visible_outputs if self.differentiable else None
-    saves_outputs = False  # the backward reads the op's outputs (saved for it by autograd)
-    recompute_reason = RECOMPUTED  # report()'s words for a backward recomputed in PyTorch
 
     def prepare(self, *example) -> None:
         """Generate (render, store, load) the kernels this op will launch; `example` is its spec's

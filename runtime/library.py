@@ -135,7 +135,10 @@ def saved_with_no_weights(result: tuple) -> tuple[torch.Tensor, None]:
 def _save_for_backward(ctx, inputs, output) -> None:
     operands, ctx.op = inputs
     fused = lookup(ctx.op)
-    outputs, residuals = (list(output[:-1]), list(output[-1])) if fused.differentiable else (list(as_tuple(output)), [])
+    if fused.differentiable:  # a _saving op's result
+        outputs, residuals = list(output[:-1]), list(output[-1])
+    else:
+        outputs, residuals = list(as_tuple(output)), []
     outputs = outputs if fused.saves_outputs else []
     ctx.floating = [t.is_floating_point() for t in operands]
     ctx.counts = (len(operands), len(outputs))
