@@ -60,7 +60,7 @@ from ir.fused import AttentionLayout, EncoderLayout, MaskForm, MultiheadLayout
 from ir.limits import MASKED_OUT
 from codegen.launching import fresh, viewed
 from runtime import library
-from runtime.bound import Bound, FastCall, Launch
+from runtime.bound import Bound, FastCall, Launch, direct_once_bound
 from runtime.dispatch import NEVER, FusedOp, Kernel, _autograd_on, grad_like
 from runtime.interpret import launch_lock
 from runtime.plans import IDENTITY, NO_PLAN_YET, views_between
@@ -334,16 +334,12 @@ class AttentionOp(FusedOp):
         if not folded:
             return attend
         holds, full_path = _same_bytes_test(operands[3], self._folded_mask), self._result
-        hot = [attend]  # attend, and once its first call bound it, its replay (FastCall.direct)
+        attend = direct_once_bound(attend)
 
         def attend_while_folded(q, k, v, *masks):
             if not holds(masks[0]):
                 return full_path([q, k, v, *masks])  # (which compares the values)
-            if hot[0] is not attend:
-                return hot[0](q, k, v)
-            result = attend(q, k, v)
-            hot[0] = attend.direct()
-            return result
+            return attend(q, k, v)
 
         return attend_while_folded
 

@@ -100,6 +100,23 @@ class FastCall:
         return bound.replay if isinstance(bound, Bound) and not bound.tensor_kwargs else self
 
 
+def direct_once_bound(fast: FastCall) -> Callable:
+    """A function calling `fast` until a call has bound it, then FastCall.direct's function with no
+    layer in between; for a caller outside any recording (a fast path wrapping a FastCall)."""
+    target = None
+
+    def call(*tensors):
+        nonlocal target
+        if target is not None:
+            return target(*tensors)
+        result = fast(*tensors)
+        if fast.bound is not UNBOUND:
+            target = fast.direct()
+        return result
+
+    return call
+
+
 class Unbindable(Exception):
     """A recorded launch a Bound cannot replay exactly."""
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from codegen.launching import fresh, start
-from runtime.bound import UNBOUND, Bound, FastCall, bind
+from runtime.bound import UNBOUND, Bound, FastCall, bind, direct_once_bound
 from runtime.plans import View
 
 BLOCK = 64
@@ -245,3 +245,16 @@ def test_a_fast_call_first_called_inside_another_recording_leaves_its_steps_to_i
             assert isinstance(outer.bound, Bound) and len(outer.bound.steps) == 4 and inner.bound is UNBOUND
     result = torch.empty(2, 30)
     assert inner(q, k, result) is result and isinstance(inner.bound, Bound)
+
+
+def test_direct_once_bound_calls_the_replay_after_the_binding_call():
+    """The function runs the FastCall (which binds on that call), then its replay itself: the same
+    results, with no FastCall in between."""
+    fast = FastCall(add_rows)
+    call = direct_once_bound(fast)
+    for number in range(3):
+        q, k, out = torch.randn(30), torch.randn(30), torch.empty(2, 30)
+        torch.testing.assert_close(call(q, k, out), torch.stack([q, k * 2]))
+        if number == 0:
+            assert isinstance(fast.bound, Bound)
+            fast.bound = fast.function = None  # from here on, a call of the FastCall itself would fail
