@@ -88,10 +88,18 @@ def fresh_values(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def fast_calls(op) -> list[FastCall]:
-    """The FastCall each of the op's fast paths is, or calls (after a check of its own)."""
-    return [path if isinstance(path, FastCall) else
-            next(cell.cell_contents for cell in path.__closure__ if isinstance(cell.cell_contents, FastCall))
-            for path in fast_paths(op)]
+    """The FastCall each of the op's fast paths is, or calls (after a check of its own, and through
+    runtime.bound.direct_once_bound)."""
+    return [_fast_call(path) for path in fast_paths(op)]
+
+
+def _fast_call(function) -> FastCall | None:
+    """`function` if a FastCall, else the first one its closure holds, looked for through the functions
+    it holds."""
+    if isinstance(function, FastCall):
+        return function
+    cells = [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
+    return next(filter(None, (_fast_call(value) for value in cells if callable(value))), None)
 
 
 @pytest.mark.parametrize("name", FAMILY_CASES)
